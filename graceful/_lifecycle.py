@@ -1,0 +1,391 @@
+"""The ``Lifecycle``: one coordinated shutdown, as a small state machine that only moves forward.
+
+RUNNING -> WRAPPING_UP -> SHUTTING_DOWN -> STOPPED. Why it is shaped like this:
+
+* Wrap-up ("stop taking new work, finish what is in flight") and shutdown ("release
+  resources") are separate phases, and the shutdown phase starts only when *every* wrap-up
+  listener has finished: no fixed one-second guess as in go-zero, and no shutdown listener
+  skipped because a wrap-up listener unblocked ``main`` early (go-zero #2191).
+* Every trigger is idempotent and every caller of ``shutdown(wait=True)`` waits for the same
+  single sequence. asynq #979: a second ``Shutdown()`` returned at once, ``main`` exited and
+  the cleanup never ran.
+* The sequence is driven by its own non-daemon thread, so the interpreter does not exit in the
+  middle of it even if ``main`` returns (go-zero #1804, #1664: "call waitForCalled yourself").
+* ``shutdown()`` from inside a listener, or from a running event loop, triggers but does not
+  block: waiting there for the sequence that is waiting for you is a deadlock.
+* A pause (``wrap_up()``, SIGTSTP) runs only the wrap-up phase and starts no deadline; a later
+  ``shutdown()`` continues from there (asynq's TSTP).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from ._clock import Clock, MonotonicClock
+from ._diagnostics import format_unfinished
+from ._force_quit import FORCED_EXIT_CODE, ForceQuitTimer, check_budget, emit_report
+from ._listeners import (
+    PENDING,
+    Listener,
+    Waiter,
+    _running_loop,
+    _set_true,
+    check_callable,
+    current_listener,
+    default_name,
+    run_soon,
+)
+from ._status import ListenerStatus, State, Status
+
+__all__ = ["Lifecycle", "ReloadHandle"]
+
+log = logging.getLogger("graceful")
+
+WRAP_UP = "wrap_up"
+SHUTDOWN = "shutdown"
+
+
+class _Phase:
+    __slots__ = ("listeners", "outstanding", "started")
+
+    def __init__(self) -> None:
+        self.listeners: list[Listener] = []
+        self.started = False
+        self.outstanding = 0
+
+
+class ReloadHandle:
+    """What ``add_reload_listener`` returns; ``remove()`` unregisters the listener."""
+
+    __slots__ = ("_fn", "_lifecycle", "name")
+
+    def __init__(self, lifecycle: Lifecycle, fn: Callable[[], object], name: str) -> None:
+        self._lifecycle = lifecycle
+        self._fn = fn
+        self.name = name
+
+    def remove(self) -> bool:
+        """Unregister; True if it was registered."""
+        return self._lifecycle._remove_reload(self)
+
+    def __repr__(self) -> str:
+        return f"<graceful.ReloadHandle {self.name!r}>"
+
+
+class Lifecycle:
+    """One process's shutdown: listener registries, the phase sequence and the deadline.
+
+    The module-level functions (``graceful.shutdown()`` and the rest) act on a default
+    instance; tests and embedders make their own.
+
+    Args:
+        force_quit: the budget in seconds, counted from the first shutdown trigger, after which
+            the process reports what is still running and exits with code 70.
+        clock: where time comes from (``graceful.testing.FakeClock`` in tests).
+        exit: called with 70 when the deadline passes; ``os._exit`` by default. A test passes
+            something that records the code instead.
+
+    Raises:
+        ValueError: ``force_quit`` is <= 0, NaN or infinite.
+    """
+
+    def __init__(
+        self,
+        force_quit: float = 25.0,
+        *,
+        clock: Clock | None = None,
+        exit: Callable[[int], object] = os._exit,
+    ) -> None:
+        budget = check_budget(force_quit, "Lifecycle(force_quit=...)")
+        self._clock: Clock = clock if clock is not None else MonotonicClock()
+        self._exit = exit
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._state = State.RUNNING
+        self._stopping = False  # read without the lock by is_stopping(): a plain attribute
+        self._reason: str | None = None
+        self._triggered_at: float | None = None
+        self._shutdown_requested = False
+        self._phases = {WRAP_UP: _Phase(), SHUTDOWN: _Phase()}
+        self._reloads: list[ReloadHandle] = []
+        self._stopped = threading.Event()
+        self._on_stopped: list[Callable[[], None]] = []
+        self._failures: list[str] = []
+        self._forced: str | None = None
+        self._driver: threading.Thread | None = None
+        self._timer = ForceQuitTimer(self._clock, budget, self._deadline_passed)
+
+    # -- registries ---------------------------------------------------------------------------
+
+    def add_wrap_up_listener(self, fn: Callable[[], object], *, name: str | None = None) -> Waiter:
+        """Run ``fn`` in the wrap-up phase ("stop taking new work, finish what is in flight").
+
+        ``fn`` is a callable with no arguments, sync or ``async def``. It runs at most once,
+        concurrently with the other wrap-up listeners. Registered after the phase began, it
+        runs at once. Returns its ``Waiter``.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+        """
+        return self._add(WRAP_UP, check_callable(fn, "add_wrap_up_listener"), name)
+
+    def add_shutdown_listener(self, fn: Callable[[], object], *, name: str | None = None) -> Waiter:
+        """Run ``fn`` in the shutdown phase ("release resources"), after every wrap-up listener.
+
+        Same rules as ``add_wrap_up_listener``.
+        """
+        return self._add(SHUTDOWN, check_callable(fn, "add_shutdown_listener"), name)
+
+    def _add(self, phase: str, fn: Callable[[], object], name: str | None) -> Waiter:
+        listener = Listener(fn, name or default_name(fn), phase, self._clock, self._finished)
+        with self._lock:
+            registry = self._phases[phase]
+            registry.listeners.append(listener)
+            late = registry.started
+            if late:
+                listener.scheduled = True
+                registry.outstanding += 1
+        if late:
+            log.info("%s listener %r registered after its phase began: running it now", phase, listener.name)
+            run_soon(listener)
+        return Waiter(listener, self._remove)
+
+    def _remove(self, listener: Listener) -> bool:
+        with self._lock:
+            return listener.remove()
+
+    def add_reload_listener(self, fn: Callable[[], object], *, name: str | None = None) -> ReloadHandle:
+        """Run ``fn`` on every reload (SIGHUP); returns a handle with ``remove()``."""
+        check_callable(fn, "add_reload_listener")
+        handle = ReloadHandle(self, fn, name or default_name(fn))
+        with self._lock:
+            self._reloads.append(handle)
+        return handle
+
+    def _remove_reload(self, handle: ReloadHandle) -> bool:
+        with self._lock:
+            if handle in self._reloads:
+                self._reloads.remove(handle)
+                return True
+            return False
+
+    def reload(self, reason: str = "requested") -> int:
+        """Run every reload listener, one after another, in this thread; returns how many ran.
+
+        A listener that raises is logged with its name and the others still run.
+        """
+        with self._lock:
+            handles = list(self._reloads)
+        log.info("reloading (%s): %d reload listener(s)", reason, len(handles))
+        for handle in handles:
+            try:
+                result = handle._fn()
+                if hasattr(result, "__await__"):
+                    import asyncio
+
+                    async def main(aw: object = result) -> object:
+                        return await aw  # type: ignore[misc]
+
+                    asyncio.run(main())
+            except Exception:  # one bad reload listener must not stop the others
+                log.exception("reload listener %r failed", handle.name)
+        return len(handles)
+
+    # -- triggers -----------------------------------------------------------------------------
+
+    def wrap_up(self, reason: str = "requested") -> None:
+        """Run the wrap-up phase only (a pause); a later ``shutdown()`` continues from there.
+
+        Starts no force-quit deadline. Idempotent; safe from any thread.
+        """
+        self._trigger(reason, shutdown=False)
+
+    def shutdown(self, reason: str = "requested", *, wait: bool = True, timeout: float | None = None) -> bool:
+        """Start the sequence (or join the one under way); True once the lifecycle is STOPPED.
+
+        With ``wait`` (the default) block until STOPPED or ``timeout`` seconds. From inside a
+        listener, or from a thread running an event loop, it does not block (that would
+        deadlock): use ``await wait_for_shutdown_async()`` there. Idempotent; safe from any
+        thread; the force-quit deadline starts at the first call.
+        """
+        self._trigger(reason, shutdown=True)
+        if not wait or current_listener() is not None or _running_loop() is not None:
+            return self._stopped.is_set()
+        return self._stopped.wait(timeout)
+
+    def _trigger(self, reason: str, *, shutdown: bool) -> None:
+        arm = start = False
+        with self._lock:
+            if self._state is State.RUNNING:
+                self._triggered_at = self._clock.monotonic()
+                self._reason = reason
+                self._stopping = True
+                self._set_state(State.WRAPPING_UP, reason)
+                start = True
+            if shutdown and not self._shutdown_requested:
+                self._shutdown_requested = True
+                arm = True
+                if not start:
+                    self._reason = reason
+                    log.info("shutdown requested (%s): continuing after the wrap-up phase", reason)
+                self._changed.notify_all()
+            driver = threading.Thread(target=self._drive, name="graceful-lifecycle") if start else None
+            self._driver = driver or self._driver
+        if arm:
+            self._timer.arm()
+        if driver is not None:
+            driver.start()
+
+    def _set_state(self, state: State, why: str) -> None:
+        self._state = state
+        log.info("%s (%s)", state.value.replace("_", " "), why)
+
+    # -- the sequence -------------------------------------------------------------------------
+
+    def _drive(self) -> None:
+        self._run_phase(WRAP_UP)
+        with self._lock:
+            # Wrap-up listeners registered late (during a pause, say) must finish first too.
+            while not self._shutdown_requested or self._phases[WRAP_UP].outstanding:
+                self._changed.wait()
+            self._set_state(State.SHUTTING_DOWN, f"wrap-up done; {self._reason}")
+        self._run_phase(SHUTDOWN)
+        with self._lock:
+            while any(phase.outstanding for phase in self._phases.values()):
+                self._changed.wait()
+            took = self._clock.monotonic() - (self._triggered_at or 0.0)
+            self._set_state(State.STOPPED, f"{took:.3f} s after {self._reason}")
+            callbacks, self._on_stopped = self._on_stopped, []
+        self._timer.disarm()
+        self._stopped.set()
+        for callback in callbacks:
+            callback()
+
+    def _run_phase(self, name: str) -> None:
+        started = self._clock.monotonic()
+        with self._lock:
+            phase = self._phases[name]
+            phase.started = True
+            batch = [item for item in phase.listeners if item.state == PENDING and not item.scheduled]
+            for item in batch:
+                item.scheduled = True
+            phase.outstanding += len(batch)
+        for item in batch:
+            run_soon(item)
+        with self._lock:
+            while phase.outstanding:
+                self._changed.wait()
+        log.info(
+            "%s phase done: %d listener(s) in %.3f s", name, len(batch), self._clock.monotonic() - started
+        )
+
+    def _finished(self, listener: Listener) -> None:
+        with self._lock:
+            self._phases[listener.phase].outstanding -= 1
+            if listener.error is not None:
+                self._failures.append(f"{listener.phase} listener {listener.name!r}")
+            self._changed.notify_all()
+
+    def record_failure(self, what: str) -> None:
+        """Note that a server (or anything else the caller runs) failed: the exit code becomes 1."""
+        with self._lock:
+            self._failures.append(what)
+
+    # -- force quit ---------------------------------------------------------------------------
+
+    def set_time_to_force_quit(self, seconds: float) -> None:
+        """Set the force-quit budget; if the deadline is running it moves (still counted from
+        the first shutdown trigger, so a budget already used up fires at once).
+
+        Raises:
+            ValueError: ``seconds`` is <= 0, NaN or infinite.
+        """
+        self._timer.set_budget(check_budget(seconds))
+
+    def _deadline_passed(self) -> None:
+        self.force_quit(f"the force-quit deadline of {self._timer.budget:g} s passed")
+
+    def force_quit(self, why: str = "requested") -> None:
+        """Report what is still running, then exit with code 70 now. Only the first call acts."""
+        with self._lock:
+            if self._forced is not None:
+                return
+            listeners = [item for phase in self._phases.values() for item in phase.listeners]
+            since = (
+                ""
+                if self._triggered_at is None
+                else (
+                    f"; shutdown began {self._clock.monotonic() - self._triggered_at:.3f} s ago ({self._reason})"
+                )
+            )
+            header = f"graceful: force quit: {why}{since}. Exiting with code {FORCED_EXIT_CODE}."
+            report = "\n".join([header, *format_unfinished(listeners, self._clock.monotonic())])
+            self._forced = report
+        emit_report(report)
+        self._exit(FORCED_EXIT_CODE)
+
+    @property
+    def forced(self) -> str | None:
+        """The force-quit report, if the lifecycle was forced (None otherwise)."""
+        return self._forced
+
+    # -- observing ----------------------------------------------------------------------------
+
+    def is_stopping(self) -> bool:
+        """True from the moment wrap-up starts. An attribute read: cheap in a hot loop."""
+        return self._stopping
+
+    def state(self) -> State:
+        """``State.RUNNING``, ``WRAPPING_UP``, ``SHUTTING_DOWN`` or ``STOPPED``."""
+        return self._state
+
+    def wait_for_shutdown(self, timeout: float | None = None) -> bool:
+        """Block until STOPPED; True if it got there within ``timeout``."""
+        return self._stopped.wait(timeout)
+
+    async def wait_for_shutdown_async(self) -> bool:
+        """``await`` until STOPPED, without blocking the event loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        with self._lock:
+            if self._stopped.is_set():
+                return True
+
+            def wake() -> None:
+                loop.call_soon_threadsafe(_set_true, future)
+
+            self._on_stopped.append(wake)
+        return await future
+
+    @property
+    def exit_code(self) -> int:
+        """70 if forced, 1 if a listener or a recorded server failed, else 0."""
+        if self._forced is not None:
+            return FORCED_EXIT_CODE
+        return 1 if self._failures else 0
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before force quit, or None while no shutdown was triggered."""
+        return self._timer.remaining()
+
+    def status(self) -> Status:
+        """A snapshot: state, reason, time since the trigger, and every listener's progress."""
+        now = self._clock.monotonic()
+        with self._lock:
+            listeners = tuple(
+                ListenerStatus(item.name, item.phase, item.state, item.duration(now))
+                for phase in self._phases.values()
+                for item in phase.listeners
+            )
+            since = None if self._triggered_at is None else now - self._triggered_at
+            return Status(
+                self._state, self._reason, since, self._timer.budget, listeners, self._forced is not None
+            )
+
+    def __repr__(self) -> str:
+        return f"<graceful.Lifecycle {self._state.value} reason={self._reason!r}>"

@@ -1,0 +1,66 @@
+"""Shared fixtures of graceful's own suite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from graceful import Lifecycle, State
+from graceful._clock import FakeClock
+
+ROOT = Path(__file__).resolve().parent.parent
+BOUND = 10.0  # seconds: the longest any test waits for an event that should come at once
+
+
+class Recorder:
+    """An ``exit`` for a Lifecycle that records the code instead of exiting."""
+
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+        self.called = threading.Event()
+
+    def __call__(self, code: int) -> None:
+        self.codes.append(code)
+        self.called.set()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def exits() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def lc(clock: FakeClock, exits: Recorder) -> Iterator[Lifecycle]:
+    """A fresh lifecycle with a fake clock and a recorded exit; its sequence ends with the test."""
+    lifecycle = Lifecycle(force_quit=25, clock=clock, exit=exits)
+    yield lifecycle
+    if lifecycle.state() is not State.RUNNING:
+        # Finish a paused sequence too: its driver thread would keep the interpreter alive.
+        lifecycle.shutdown("test teardown", wait=False)
+        assert lifecycle.wait_for_shutdown(BOUND), "the test left a listener running"
+
+
+def run_python(
+    code: str, *, timeout: float = 30, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c code`` with this checkout importable; bounded."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
