@@ -20,6 +20,10 @@ from ._default import wrap_up as wrap_up
 from ._lifecycle import Lifecycle as Lifecycle
 from ._lifecycle import ReloadHandle as ReloadHandle
 from ._listeners import Waiter as Waiter
+from ._run import run as run
+from ._service import Context as Context
+from ._service import Service as Service
+from ._signals import signal_handlers as signal_handlers
 from ._status import ListenerStatus as ListenerStatus
 from ._status import State as State
 from ._status import Status as Status
@@ -27,9 +31,11 @@ from ._status import Status as Status
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Context",
     "Lifecycle",
     "ListenerStatus",
     "ReloadHandle",
+    "Service",
     "State",
     "Status",
     "Waiter",
@@ -38,8 +44,10 @@ __all__ = [
     "add_wrap_up_listener",
     "get_lifecycle",
     "is_stopping",
+    "run",
     "set_time_to_force_quit",
     "shutdown",
+    "signal_handlers",
     "state",
     "status",
     "use",
@@ -48,6 +56,15 @@ __all__ = [
     "wrap_up",
 ]
 
-for _name in ("Lifecycle", "ListenerStatus", "ReloadHandle", "State", "Status", "Waiter"):
+for _name in (
+    "Context",
+    "Lifecycle",
+    "ListenerStatus",
+    "ReloadHandle",
+    "Service",
+    "State",
+    "Status",
+    "Waiter",
+):
     globals()[_name].__module__ = "graceful"
 del _name

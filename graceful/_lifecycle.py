@@ -44,6 +44,7 @@ __all__ = ["Lifecycle", "ReloadHandle"]
 
 log = logging.getLogger("graceful")
 
+FORCE_QUIT_HOOKS_GRACE = 2.0
 WRAP_UP = "wrap_up"
 SHUTDOWN = "shutdown"
 
@@ -116,6 +117,7 @@ class Lifecycle:
         self._failures: list[str] = []
         self._forced: str | None = None
         self._driver: threading.Thread | None = None
+        self._force_quit_hooks: list[tuple[str, Callable[[], object]]] = []
         self._timer = ForceQuitTimer(self._clock, budget, self._deadline_passed)
 
     # -- registries ---------------------------------------------------------------------------
@@ -171,6 +173,10 @@ class Lifecycle:
                 self._reloads.remove(handle)
                 return True
             return False
+
+    def reload_listener_count(self) -> int:
+        """How many reload listeners are registered."""
+        return len(self._reloads)
 
     def reload(self, reason: str = "requested") -> int:
         """Run every reload listener, one after another, in this thread; returns how many ran.
@@ -325,7 +331,37 @@ class Lifecycle:
             report = "\n".join([header, *format_unfinished(listeners, self._clock.monotonic())])
             self._forced = report
         emit_report(report)
+        self._run_force_quit_hooks()
         self._exit(FORCED_EXIT_CODE)
+
+    def on_force_quit(self, fn: Callable[[], object], *, name: str | None = None) -> None:
+        """Call ``fn()`` when the process is forced, after the report and before the exit.
+
+        For adapters that must act at the deadline: close the connections still open and log
+        each dropped request, push running jobs back on their queue, SIGKILL child processes.
+        Hooks run one after another, in registration order, in a helper thread that is given
+        ``FORCE_QUIT_HOOKS_GRACE`` seconds in all; a hook that raises is logged and skipped.
+        """
+        check_callable(fn, "on_force_quit")
+        with self._lock:
+            self._force_quit_hooks.append((name or default_name(fn), fn))
+
+    def _run_force_quit_hooks(self) -> None:
+        with self._lock:
+            hooks = list(self._force_quit_hooks)
+        if not hooks:
+            return
+
+        def run_hooks() -> None:
+            for name, fn in hooks:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("force-quit hook %r failed", name)
+
+        thread = threading.Thread(target=run_hooks, name="graceful-force-quit-hooks", daemon=True)
+        thread.start()
+        thread.join(FORCE_QUIT_HOOKS_GRACE)
 
     @property
     def forced(self) -> str | None:

@@ -230,3 +230,24 @@ def test_hung_shutdown_listener_makes_a_real_process_exit_70_with_a_report() -> 
     assert "shutdown listener 'close-db-pool': running for" in result.stderr
     assert "in hang_forever_in_close" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_force_quit_hooks_run_after_the_report_and_before_the_exit(
+    lc: Lifecycle, exits: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+
+    def bad() -> None:
+        raise RuntimeError("requeue failed")
+
+    lc.on_force_quit(
+        lambda: seen.append(f"hook sees report: {lc.forced is not None}; exited: {bool(exits.codes)}")
+    )
+    lc.on_force_quit(bad, name="requeue-jobs")
+    lc.on_force_quit(lambda: seen.append("after the bad one"))
+    lc.force_quit("SIGQUIT")
+    assert seen == ["hook sees report: True; exited: False", "after the bad one"]
+    assert exits.codes == [70]
+    assert "requeue-jobs" in caplog.text
+    with pytest.raises(TypeError, match="on_force_quit"):
+        lc.on_force_quit("nope")  # type: ignore[arg-type]

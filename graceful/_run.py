@@ -1,0 +1,275 @@
+"""``graceful.run(server)``: the entrypoint wrapper.
+
+Why: uvicorn users who run two servers in one process see it hang on shutdown (uvicorn #1773),
+asynq's ``Run()`` grabs SIGTERM from the rest of the program (#318), and most hand-written
+entrypoints forget one of the ways a process ends. ``run()`` does the whole job once: it adapts
+each server to a ``Service``, installs the signal router, starts every server, says READY=1 when
+all are up, blocks, and runs the full sequence however the process ends (a signal,
+``shutdown()`` from anywhere, a server returning, a server raising, ``KeyboardInterrupt``), then
+restores the signal handlers and returns the exit code (0, 1 or 70).
+
+Several servers are brought down together: when one stops or crashes, all stop. Within each
+phase they are stopped one after another in *reverse* list order (go-zero's ServiceGroup): with
+``[worker, api]`` the API stops accepting and drains before the worker it feeds does.
+
+When any server is asynchronous (a coroutine, uvicorn, aiohttp, grpc.aio), ``run()`` drives one
+asyncio loop in the main thread; signals still reach graceful through its own wakeup fd, and the
+loop is never given a second signal owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._default import get_lifecycle
+from ._diagnostics import forget_loop, remember_loop
+from ._listeners import Waiter
+from ._service import Context, Service
+from ._signals import signal_handlers
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ._lifecycle import Lifecycle
+
+__all__ = ["run"]
+
+log = logging.getLogger("graceful")
+
+CO_COROUTINE = 0x80
+
+
+def _is_async(fn: object) -> bool:
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return bool(code is not None and code.co_flags & CO_COROUTINE)
+
+
+def run(server: Any, *, force_quit: float | None = None, handle_signals: bool = True) -> int:
+    """Run ``server`` (or a list of servers) until shutdown; return the exit code.
+
+    Args:
+        server: anything ``graceful.adapters.adapt()`` accepts, or a list of such.
+        force_quit: the force-quit budget in seconds for this run (default: the lifecycle's,
+            25 s or ``GRACEFUL_FORCE_QUIT``).
+        handle_signals: install the signal router (main thread only). Pass False to route
+            signals yourself, e.g. when ``run()`` is not called from the main thread.
+
+    Returns:
+        0 if everything stopped gracefully, 1 if a server or a listener raised, 70 if forced.
+
+    Raises:
+        TypeError: a server graceful does not know how to run.
+        ValueError: an empty list, or a bad ``force_quit``.
+        RuntimeError: ``handle_signals`` is True and this is not the main thread.
+    """
+    from .adapters import adapt
+
+    lifecycle = get_lifecycle()
+    if force_quit is not None:
+        lifecycle.set_time_to_force_quit(force_quit)
+    items = list(server) if isinstance(server, (list, tuple)) else [server]
+    if not items:
+        raise ValueError("graceful.run() needs at least one server; it got an empty list")
+    services = [adapt(item) for item in items]
+    runner = _Runner(lifecycle, services)
+    guard = signal_handlers(lifecycle) if handle_signals else contextlib.nullcontext()
+    with guard:
+        runner.run()
+    return lifecycle.exit_code
+
+
+class _Runner:
+    def __init__(self, lifecycle: Lifecycle, services: Sequence[Service]) -> None:
+        self.lifecycle = lifecycle
+        self.services = list(services)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.contexts: list[Context] = []
+        self.threads: list[threading.Thread] = []
+        self._ready_lock = threading.Lock()
+        self._ready = 0
+
+    # -- the steps, top-down ------------------------------------------------------------------
+
+    def run(self) -> None:
+        if any(_is_async(service.serve) for service in self.services):
+            self._run_async()
+        else:
+            self._run_sync()
+        self._report_leftovers()
+
+    def _run_sync(self) -> None:
+        with self._whatever_happens():
+            self._register()
+            for service, ctx in zip(self.services, self.contexts, strict=True):
+                self._start_thread(service, ctx)
+            self._block()
+
+    def _run_async(self) -> None:
+        import asyncio
+
+        asyncio.run(self._main_async())
+
+    async def _main_async(self) -> None:
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
+        remember_loop(self.loop)
+        tasks = []
+        try:
+            with self._whatever_happens():
+                self._register()
+                for service, ctx in zip(self.services, self.contexts, strict=True):
+                    if _is_async(service.serve):
+                        tasks.append(asyncio.ensure_future(self._serve_async(service, ctx)))
+                    else:
+                        self._start_thread(service, ctx)
+                await self._block_async()
+            if tasks:
+                await asyncio.wait(tasks, timeout=self.lifecycle.time_remaining())
+        finally:
+            forget_loop(self.loop)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        """One wrap-up and one shutdown listener per service, chained in reverse list order."""
+        self.contexts = [Context(self.lifecycle, s.name, self._started, self.loop) for s in self.services]
+        pairs = list(zip(self.services, self.contexts, strict=True))[::-1]
+        previous: Waiter | None = None
+        for service, ctx in pairs:
+            previous = self.lifecycle.add_wrap_up_listener(
+                self._step(service.wrap_up, ctx, previous), name=f"wrap up {service.name}"
+            )
+        previous = None
+        for service, ctx in pairs:
+            previous = self.lifecycle.add_shutdown_listener(
+                self._step(service.close, ctx, previous), name=f"close {service.name}"
+            )
+
+    def _step(self, method: Any, ctx: Context, after: Waiter | None) -> Any:
+        def step() -> None:
+            if after is not None:
+                after.wait()
+            result = method(ctx)
+            if hasattr(result, "__await__"):
+                self._await_on_loop(result)
+
+        return step
+
+    def _await_on_loop(self, awaitable: Any) -> None:
+        import asyncio
+
+        async def main() -> object:
+            return await awaitable
+
+        if self.loop is None or self.loop.is_closed():
+            asyncio.run(main())
+        else:
+            asyncio.run_coroutine_threadsafe(main(), self.loop).result()
+
+    def _started(self, ctx: Context) -> None:
+        with self._ready_lock:
+            self._ready += 1
+            all_up = self._ready == len(self.services)
+        log.info("server %r started", ctx.name)
+        if all_up:
+            from .systemd import notify
+
+            log.info("all %d server(s) started: ready", len(self.services))
+            notify("READY=1", f"STATUS=serving ({len(self.services)} server(s))")
+
+    def _start_thread(self, service: Service, ctx: Context) -> None:
+        thread = threading.Thread(
+            target=self._serve_sync, args=(service, ctx), name=f"graceful-serve-{service.name}", daemon=True
+        )
+        self.threads.append(thread)
+        thread.start()
+
+    def _serve_sync(self, service: Service, ctx: Context) -> None:
+        try:
+            service.serve(ctx)
+        except BaseException as exc:  # noqa: BLE001 - a crashed server must stop the others, not vanish
+            self._ended(service, exc)
+        else:
+            self._ended(service, None)
+        finally:
+            ctx.served.set()
+
+    async def _serve_async(self, service: Service, ctx: Context) -> None:
+        import asyncio
+
+        try:
+            await service.serve(ctx)  # type: ignore[misc]
+        except asyncio.CancelledError:
+            self._ended(service, None)
+        except BaseException as exc:  # noqa: BLE001 - as in _serve_sync
+            self._ended(service, exc)
+        else:
+            self._ended(service, None)
+        finally:
+            ctx.served.set()
+
+    def _ended(self, service: Service, exc: BaseException | None) -> None:
+        if isinstance(exc, KeyboardInterrupt):
+            log.info("server %r was interrupted: shutting down", service.name)
+            self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
+        elif exc is not None:
+            log.error("server %r crashed: stopping everything", service.name, exc_info=exc)
+            self.lifecycle.record_failure(f"server {service.name!r}")
+            self.lifecycle.shutdown(f"server {service.name!r} crashed", wait=False)
+        elif self.lifecycle.is_stopping():
+            log.info("server %r stopped", service.name)
+        else:
+            log.info("server %r returned on its own: stopping everything", service.name)
+            self.lifecycle.shutdown(f"server {service.name!r} exited", wait=False)
+
+    def _block(self) -> None:
+        interrupted = False
+        while True:
+            try:
+                if self.lifecycle.wait_for_shutdown(None):
+                    return
+            except KeyboardInterrupt:  # only without our SIGINT handler (handle_signals=False)
+                if interrupted:
+                    self.lifecycle.force_quit("KeyboardInterrupt again while shutting down")
+                    return
+                interrupted = True
+                self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
+
+    async def _block_async(self) -> None:
+        import asyncio
+
+        interrupted = False
+        while True:
+            try:
+                await self.lifecycle.wait_for_shutdown_async()
+                return
+            except asyncio.CancelledError:  # asyncio.run's own Ctrl-C handling (handle_signals=False)
+                if interrupted:
+                    self.lifecycle.force_quit("KeyboardInterrupt again while shutting down")
+                    return
+                interrupted = True
+                self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
+
+    @contextlib.contextmanager
+    def _whatever_happens(self) -> Iterator[None]:
+        """If anything above raises, still run the whole sequence before the error propagates."""
+        try:
+            yield
+        except BaseException:
+            log.exception("graceful.run() failed: running the shutdown sequence anyway")
+            self.lifecycle.record_failure("graceful.run()")
+            self.lifecycle.shutdown("graceful.run() failed", wait=False)
+            if self.loop is None:
+                self.lifecycle.wait_for_shutdown()
+            raise
+
+    def _report_leftovers(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=1.0)
+            if thread.is_alive():
+                log.warning("server thread %r still running after shutdown", thread.name)

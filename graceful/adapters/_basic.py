@@ -1,0 +1,126 @@
+"""Adapters for the shapes every Python server comes in, with no library behind them.
+
+* ``SocketServerService``: anything with ``serve_forever()`` + ``shutdown()`` (the
+  ``socketserver`` family). Wrap-up stops the loop and closes the listening socket.
+* ``StartStopService``: anything with a non-blocking ``start()`` and a ``stop()``.
+* ``CallableService``: a blocking callable. It cannot be interrupted safely from outside, so
+  it is expected to poll ``graceful.is_stopping()`` and return; wrap-up waits for it.
+* ``CoroutineService``: a coroutine or awaitable, run as a task on the main-thread loop.
+  Wrap-up cancels it (the asyncio way to say "stop"; the coroutine may catch
+  ``CancelledError`` to finish what it is doing) and waits for it within the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .._listeners import default_name
+from .._service import Context
+
+log = logging.getLogger("graceful")
+
+__all__ = ["CallableService", "CoroutineService", "SocketServerService", "StartStopService"]
+
+
+def _wait_served(ctx: Context, what: str) -> None:
+    if not ctx.wait_served(ctx.remaining()):
+        log.error("%s %r did not return within the budget", what, ctx.name)
+
+
+class SocketServerService:
+    """``serve_forever()`` / ``shutdown()`` / ``server_close()``."""
+
+    def __init__(self, server: Any, name: str | None = None) -> None:
+        self.server = server
+        self.name = name or type(server).__name__
+
+    def serve(self, ctx: Context) -> None:
+        ctx.started()
+        self.server.serve_forever()
+
+    def wrap_up(self, ctx: Context) -> None:
+        self.server.shutdown()  # returns once serve_forever() has left its loop
+        close = getattr(self.server, "server_close", None)
+        if close is not None:
+            close()
+
+    def close(self, ctx: Context) -> None:
+        return None
+
+
+class StartStopService:
+    """A non-blocking ``start()``; ``stop()`` at wrap-up."""
+
+    def __init__(self, server: Any, name: str | None = None) -> None:
+        self.server = server
+        self.name = name or type(server).__name__
+        self._stopped = threading.Event()
+
+    def serve(self, ctx: Context) -> None:
+        self.server.start()
+        ctx.started()
+        self._stopped.wait()
+
+    def wrap_up(self, ctx: Context) -> None:
+        try:
+            self.server.stop()
+        finally:
+            self._stopped.set()
+
+    def close(self, ctx: Context) -> None:
+        return None
+
+
+class CallableService:
+    """A blocking callable that returns once ``graceful.is_stopping()`` turns True."""
+
+    def __init__(self, fn: Callable[[], object], name: str | None = None) -> None:
+        self.fn = fn
+        self.name = name or default_name(fn)
+
+    def serve(self, ctx: Context) -> None:
+        ctx.started()
+        self.fn()
+
+    def wrap_up(self, ctx: Context) -> None:
+        _wait_served(ctx, "callable")
+
+    def close(self, ctx: Context) -> None:
+        return None
+
+
+class CoroutineService:
+    """A coroutine (or awaitable) run as a task on the main-thread event loop."""
+
+    def __init__(self, awaitable: Awaitable[object], name: str | None = None) -> None:
+        self.awaitable = awaitable
+        self.name = name or getattr(awaitable, "__qualname__", None) or type(awaitable).__name__
+        self._task: Any = None
+
+    async def serve(self, ctx: Context) -> None:
+        import asyncio
+
+        self._task = asyncio.ensure_future(self.awaitable)
+        ctx.started()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            if not self._task.cancelled():
+                raise  # we were cancelled from outside, not the task by wrap-up
+
+    async def wrap_up(self, ctx: Context) -> None:
+        import asyncio
+
+        task = self._task
+        if task is None or task.done():
+            return
+        task.cancel("graceful: wrap-up")
+        done, _ = await asyncio.wait({task}, timeout=ctx.remaining())
+        if not done:
+            log.error("coroutine %r did not finish within the budget after being cancelled", self.name)
+
+    async def close(self, ctx: Context) -> None:
+        return None
