@@ -223,20 +223,23 @@ class Lifecycle:
         return self._stopped.wait(timeout)
 
     def _trigger(self, reason: str, *, shutdown: bool) -> None:
+        # Act first, log after, outside the lock: the main thread may be holding the logging
+        # lock while it waits for exactly the listeners this starts (gunicorn #3198).
         arm = start = False
+        notes: list[str] = []
         with self._lock:
             if self._state is State.RUNNING:
                 self._triggered_at = self._clock.monotonic()
                 self._reason = reason
                 self._stopping = True
-                self._set_state(State.WRAPPING_UP, reason)
+                notes.append(self._set_state(State.WRAPPING_UP, reason))
                 start = True
             if shutdown and not self._shutdown_requested:
                 self._shutdown_requested = True
                 arm = True
                 if not start:
                     self._reason = reason
-                    log.info("shutdown requested (%s): continuing after the wrap-up phase", reason)
+                    notes.append(f"shutdown requested ({reason}): continuing after the wrap-up phase")
                 self._changed.notify_all()
             driver = threading.Thread(target=self._drive, name="graceful-lifecycle") if start else None
             self._driver = driver or self._driver
@@ -244,10 +247,13 @@ class Lifecycle:
             self._timer.arm()
         if driver is not None:
             driver.start()
+        for note in notes:
+            log.info("%s", note)
 
-    def _set_state(self, state: State, why: str) -> None:
+    def _set_state(self, state: State, why: str) -> str:
+        """Move to ``state`` (the caller holds the lock); returns the line to log afterwards."""
         self._state = state
-        log.info("%s (%s)", state.value.replace("_", " "), why)
+        return f"{state.value.replace('_', ' ')} ({why})"
 
     # -- the sequence -------------------------------------------------------------------------
 
@@ -257,20 +263,22 @@ class Lifecycle:
             # Wrap-up listeners registered late (during a pause, say) must finish first too.
             while not self._shutdown_requested or self._phases[WRAP_UP].outstanding:
                 self._changed.wait()
-            self._set_state(State.SHUTTING_DOWN, f"wrap-up done; {self._reason}")
-        self._run_phase(SHUTDOWN)
+            note = self._set_state(State.SHUTTING_DOWN, f"wrap-up done; {self._reason}")
+        self._run_phase(SHUTDOWN, note)
         with self._lock:
             while any(phase.outstanding for phase in self._phases.values()):
                 self._changed.wait()
             took = self._clock.monotonic() - (self._triggered_at or 0.0)
-            self._set_state(State.STOPPED, f"{took:.3f} s after {self._reason}")
+            note = self._set_state(State.STOPPED, f"{took:.3f} s after {self._reason}")
             callbacks, self._on_stopped = self._on_stopped, []
         self._timer.disarm()
         self._stopped.set()
         for callback in callbacks:
             callback()
+        log.info("%s", note)
 
-    def _run_phase(self, name: str) -> None:
+    def _run_phase(self, name: str, note: str | None = None) -> None:
+        """Start the phase's listeners, log ``note``, then wait until every one has finished."""
         started = self._clock.monotonic()
         with self._lock:
             phase = self._phases[name]
@@ -281,6 +289,8 @@ class Lifecycle:
             phase.outstanding += len(batch)
         for item in batch:
             run_soon(item)
+        if note is not None:
+            log.info("%s", note)
         with self._lock:
             while phase.outstanding:
                 self._changed.wait()

@@ -89,6 +89,7 @@ class Router:
             log.exception("graceful: handling %s failed", name)
 
     def _route(self, signum: int, name: str) -> None:  # noqa: PLR0911 - one branch per table row
+        # Each row acts first and logs after: the main thread may hold the logging lock.
         lc = self.lifecycle
         if name == "SIGINT":
             with self._lock:
@@ -97,15 +98,15 @@ class Router:
             if again:
                 lc.force_quit(f"{name} again while shutting down")
                 return
-            log.info("received %s: shutting down gracefully (press Ctrl-C again to force)", name)
             lc.shutdown(name, wait=False)
+            log.info("received %s: shutting down gracefully (press Ctrl-C again to force)", name)
             return
         if name in ("SIGTERM", "SIGBREAK"):
             if lc._shutdown_requested:
                 log.info("received %s again: already shutting down, ignored", name)
                 return
-            log.info("received %s: shutting down gracefully", name)
             lc.shutdown(name, wait=False)
+            log.info("received %s: shutting down gracefully", name)
             return
         if name == "SIGQUIT":
             lc.force_quit(f"{name} received")
@@ -114,8 +115,8 @@ class Router:
             if lc.is_stopping():
                 log.info("received %s: already stopping, ignored", name)
                 return
-            log.info("received %s: wrapping up; the process stays up until SIGTERM", name)
             lc.wrap_up(name)
+            log.info("received %s: wrapping up; the process stays up until SIGTERM", name)
             return
         if name == "SIGUSR1":
             self._write(dump_threads(lc.status().format()))

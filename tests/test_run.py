@@ -1,0 +1,264 @@
+"""graceful.run(): every kind of server, every way it can end, handlers restored."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socketserver
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import graceful
+from graceful import Lifecycle, State
+from graceful._signals import handled_signals
+from graceful.adapters import CallableService, CoroutineService, StartStopService, adapt
+
+from .conftest import BOUND, Recorder
+
+
+@pytest.fixture
+def fresh() -> Iterator[Lifecycle]:
+    """A fresh default lifecycle for run(), with a real clock; the old default put back after."""
+    # A recorded exit: a bug that reaches the deadline fails the test instead of killing pytest.
+    lifecycle = Lifecycle(force_quit=BOUND, exit=Recorder())
+    previous = graceful.use(lifecycle)
+    yield lifecycle
+    graceful.use(previous)
+    assert lifecycle.forced is None, lifecycle.forced
+    if lifecycle.state() is not State.RUNNING:
+        lifecycle.shutdown(wait=False)
+        assert lifecycle.wait_for_shutdown(BOUND)
+
+
+def handlers() -> dict[int, object]:
+    return {s: signal.getsignal(s) for s in handled_signals()}
+
+
+@pytest.mark.timeout(30)
+def test_a_server_returning_runs_the_full_sequence_and_restores_handlers(fresh: Lifecycle) -> None:
+    before = handlers()
+    calls: list[str] = []
+    fresh.add_shutdown_listener(lambda: calls.append("closed"))
+    assert graceful.run(lambda: calls.append("served")) == 0
+    assert calls == ["served", "closed"]
+    assert fresh.state() is State.STOPPED
+    assert "exited" in (fresh.status().reason or "")
+    assert handlers() == before
+    previous_fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(previous_fd)
+    assert previous_fd == -1
+
+
+@pytest.mark.timeout(30)
+def test_a_server_raising_gives_exit_code_1_and_a_logged_traceback(
+    fresh: Lifecycle, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = threading.Event()
+    fresh.add_shutdown_listener(closed.set)
+
+    def crash() -> None:
+        raise ConnectionError("database went away")
+
+    assert graceful.run(crash) == 1
+    assert closed.is_set()
+    crashed = [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert crashed
+    assert crashed[0].exc_info is not None
+
+
+@pytest.mark.timeout(30)
+def test_keyboard_interrupt_from_a_server_is_a_graceful_shutdown(fresh: Lifecycle) -> None:
+    closed = threading.Event()
+    fresh.add_shutdown_listener(closed.set)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    assert graceful.run(interrupted) == 0
+    assert closed.is_set()
+    assert fresh.status().reason == "KeyboardInterrupt"
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_from_another_thread_stops_a_polling_callable(fresh: Lifecycle) -> None:
+    started = threading.Event()
+
+    def serve() -> None:
+        started.set()
+        while not graceful.is_stopping():
+            threading.Event().wait(0.01)
+
+    def stopper() -> None:
+        assert started.wait(BOUND)
+        assert graceful.shutdown("from a thread", timeout=BOUND)
+
+    thread = threading.Thread(target=stopper)
+    thread.start()
+    assert graceful.run(serve) == 0
+    thread.join(BOUND)
+    assert fresh.status().reason == "from a thread"
+
+
+@pytest.mark.timeout(30)
+def test_a_real_signal_during_run_is_routed(fresh: Lifecycle) -> None:
+    stopping = threading.Event()
+    fresh.add_wrap_up_listener(stopping.set)
+
+    def serve() -> None:
+        signal.raise_signal(signal.SIGTERM)
+        assert stopping.wait(BOUND)
+
+    before = handlers()
+    assert graceful.run(serve) == 0
+    assert fresh.status().reason == "SIGTERM"
+    assert handlers() == before
+
+
+@pytest.mark.timeout(30)
+def test_several_servers_one_crashes_all_stop_in_reverse_order(fresh: Lifecycle) -> None:
+    order: list[str] = []
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.stop = threading.Event()
+
+        def serve(self, ctx: graceful.Context) -> None:
+            ctx.started()
+            self.stop.wait(BOUND)
+
+        def wrap_up(self, ctx: graceful.Context) -> None:
+            order.append(f"wrap up {self.name}")
+            self.stop.set()
+
+        def close(self, ctx: graceful.Context) -> None:
+            order.append(f"close {self.name}")
+
+    def crashing() -> None:
+        raise RuntimeError("boom")
+
+    assert graceful.run([Named("a"), Named("b"), crashing]) == 1
+    assert order == ["wrap up b", "wrap up a", "close b", "close a"]
+
+
+@pytest.mark.timeout(30)
+def test_a_coroutine_runs_on_a_loop_in_the_main_thread_and_is_cancelled_at_wrap_up(fresh: Lifecycle) -> None:
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        seen["thread"] = threading.current_thread()
+        try:
+            graceful.shutdown("coroutine asked", wait=False)
+            await asyncio.sleep(BOUND)
+        except asyncio.CancelledError:
+            seen["cancelled"] = True
+            raise
+
+    async def close_async() -> None:
+        seen["closed on loop"] = asyncio.get_running_loop().is_running()
+
+    fresh.add_shutdown_listener(close_async)
+    assert graceful.run(main()) == 0
+    assert seen == {"thread": threading.main_thread(), "cancelled": True, "closed on loop": True}
+
+
+@pytest.mark.timeout(30)
+def test_a_coroutine_returning_on_its_own_stops_everything(fresh: Lifecycle) -> None:
+    async def main() -> None:
+        await asyncio.sleep(0)
+
+    assert graceful.run(main()) == 0
+    assert "exited" in (fresh.status().reason or "")
+
+
+@pytest.mark.timeout(30)
+def test_mixed_sync_and_async_servers(fresh: Lifecycle) -> None:
+    def worker() -> None:
+        while not graceful.is_stopping():
+            threading.Event().wait(0.01)
+
+    async def api() -> None:
+        graceful.shutdown(wait=False)
+        await asyncio.sleep(BOUND)
+
+    assert graceful.run([worker, api()]) == 0
+
+
+@pytest.mark.timeout(30)
+def test_socketserver_and_start_stop_objects(fresh: Lifecycle) -> None:
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            return None
+
+    server = socketserver.TCPServer(("127.0.0.1", 0), Handler)
+
+    class Engine:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def start(self) -> None:
+            self.calls.append("start")
+            graceful.shutdown(wait=False)
+
+        def stop(self) -> None:
+            self.calls.append("stop")
+
+    engine = Engine()
+    assert graceful.run([server, engine]) == 0
+    assert engine.calls == ["start", "stop"]
+    assert server.socket.fileno() == -1  # server_close() ran
+
+
+def test_adapt_picks_the_right_shape() -> None:
+    async def coro() -> None:
+        return None
+
+    c = coro()
+    assert isinstance(adapt(c), CoroutineService)
+    c.close()
+    assert isinstance(adapt(lambda: None), CallableService)
+
+    class StartStop:
+        def start(self) -> None: ...
+        def stop(self) -> None: ...
+
+    assert isinstance(adapt(StartStop()), StartStopService)
+    service = CallableService(lambda: None, name="x")
+    assert adapt(service) is service
+
+
+def test_unknown_server_is_a_type_error_that_lists_what_is_accepted(fresh: Lifecycle) -> None:
+    with pytest.raises(TypeError, match=r"does not know how to run builtins\.int"):
+        graceful.run(42)
+    with pytest.raises(ValueError, match="at least one server"):
+        graceful.run([])
+
+
+@pytest.mark.timeout(30)
+def test_off_the_main_thread_signals_need_opting_out(fresh: Lifecycle) -> None:
+    errors: list[BaseException] = []
+    codes: list[int] = []
+
+    def body() -> None:
+        try:
+            graceful.run(lambda: None)
+        except RuntimeError as exc:
+            errors.append(exc)
+        codes.append(graceful.run(lambda: None, handle_signals=False))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join(BOUND)
+    assert "main thread" in str(errors[0])
+    assert "handle_signals=False" in str(errors[0])
+    assert codes == [0]
+
+
+@pytest.mark.timeout(30)
+def test_force_quit_argument_sets_the_budget(fresh: Lifecycle) -> None:
+    assert graceful.run(lambda: None, force_quit=3) == 0
+    assert fresh.status().force_quit == 3
+    with pytest.raises(ValueError, match="greater than 0"):
+        graceful.run(lambda: None, force_quit=0)
