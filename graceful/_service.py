@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+# ``typing`` costs ~4 ms to import and the core needs it only for type checkers: mypy treats
+# any ``TYPE_CHECKING`` name as True, and at run time the protocols below are plain classes.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    from typing import Protocol
 
     from ._lifecycle import Lifecycle
+else:
+    Protocol = object
 
 __all__ = ["Context", "Service"]
 
@@ -60,7 +65,6 @@ class Context:
         return self.served.wait(timeout)
 
 
-@runtime_checkable
 class Service(Protocol):
     """An adapter: how to serve a server, wrap it up and close it.
 
@@ -81,3 +85,10 @@ class Service(Protocol):
 
     def close(self, ctx: Context) -> object:
         """Release resources."""
+
+
+def is_service(obj: object) -> bool:
+    """True if ``obj`` has what a ``Service`` has (a structural check, like a runtime protocol)."""
+    return isinstance(getattr(obj, "name", None), str) and all(
+        callable(getattr(obj, method, None)) for method in ("serve", "wrap_up", "close")
+    )
