@@ -272,10 +272,10 @@ class Lifecycle:
             note = self._set_state(State.STOPPED, f"{took:.3f} s after {self._reason}")
             callbacks, self._on_stopped = self._on_stopped, []
         self._timer.disarm()
+        log.info("%s", note)  # before waking the waiters, so the log reads in order
         self._stopped.set()
         for callback in callbacks:
             callback()
-        log.info("%s", note)
 
     def _run_phase(self, name: str, note: str | None = None) -> None:
         """Start the phase's listeners, log ``note``, then wait until every one has finished."""

@@ -272,6 +272,7 @@ class _Pool:
         self._lock = threading.Lock()
         self._jobs: deque[Callable[[], None]] = deque()
         self._ready = threading.Condition(self._lock)
+        self._left = threading.Condition(self._lock)
         self._workers = 0
         self._idle = 0
         self._finished = 0
@@ -304,11 +305,17 @@ class _Pool:
                     self._idle -= 1
                     if not woke and not self._jobs:
                         self._workers -= 1
+                        self._left.notify_all()
                         return
                 job = self._jobs.popleft()
             job()
             with self._lock:
                 self._finished += 1
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every worker has exited (idle workers leave after ``IDLE`` s)."""
+        with self._lock:
+            return self._left.wait_for(lambda: self._workers == 0, timeout)
 
     def _watch(self) -> None:
         seen = -1

@@ -424,3 +424,32 @@ def test_record_failure_makes_the_exit_code_one(lc: Lifecycle) -> None:
     assert lc.exit_code == 0
     lc.record_failure("server 'api' crashed")
     assert lc.exit_code == 1
+
+
+def test_a_hundred_blocking_listeners_all_run_at_once(lc: Lifecycle) -> None:
+    """100 listeners that each wait for all the others: the pool grows to run them together."""
+    barrier = threading.Barrier(100, timeout=BOUND)
+    waiters = [lc.add_shutdown_listener(barrier.wait) for _ in range(100)]
+    assert lc.shutdown(timeout=BOUND)
+    assert all(w.exception() is None for w in waiters)
+
+
+def test_idle_pool_threads_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OS thread is kept per idle listener: idle workers leave after the idle timeout."""
+    from graceful import _listeners
+
+    pool = _listeners._Pool()
+    monkeypatch.setattr(pool, "IDLE", 0.05)
+    barrier = threading.Barrier(8, timeout=BOUND)
+    done = threading.Semaphore(0)
+
+    def job() -> None:
+        barrier.wait()
+        done.release()
+
+    for _ in range(8):
+        pool.submit(job)
+    for _ in range(8):
+        assert done.acquire(timeout=BOUND)
+    assert pool._workers >= 8
+    assert pool.wait_idle(BOUND)

@@ -498,3 +498,40 @@ def test_signal_handlers_defaults_to_the_default_lifecycle(lc: Lifecycle) -> Non
             assert router.lifecycle is lc
     finally:
         graceful.use(previous)
+
+
+# -- the coordinator acts while the main thread stays blocked in C ------------------------------
+
+BLOCKED = """
+import os, select, socket, sys, threading, time, graceful
+graceful.add_wrap_up_listener(lambda: os.write(1, b"acted while main is blocked\\n"), name="note")
+graceful.add_shutdown_listener(lambda: (os.write(1, b"done\\n"), os._exit(0)), name="exit")
+with graceful.signal_handlers():
+    print("blocking", flush=True)
+    {block}
+print("main woke up first: the coordinator did not act", flush=True)
+"""
+
+BLOCKERS = {
+    "time.sleep": "time.sleep(60)",
+    "Event.wait": "threading.Event().wait(60)",
+    "select": "r, w = os.pipe(); select.select([r], [], [], 60)",
+    "socket.accept": (
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); s.settimeout(60)\n    "
+        "try:\n        s.accept()\n    except TimeoutError:\n        pass"
+    ),
+    "asyncio loop": "import asyncio; asyncio.run(asyncio.sleep(60))",
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("blocker", sorted(BLOCKERS))
+def test_signal_is_acted_on_while_main_is_blocked(children: list[Child], blocker: str) -> None:
+    """The wakeup fd reaches the coordinator whatever the main thread is blocked in."""
+    child = track(children, Child(BLOCKED.format(block=BLOCKERS[blocker])))
+    child.expect("blocking")
+    child.send(signal.SIGTERM)
+    child.expect("acted while main is blocked")
+    child.expect("done")
+    assert child.wait() == 0
+    assert "main woke up first" not in child.out
