@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from ._clock import Clock, MonotonicClock
 from ._diagnostics import format_unfinished
@@ -39,6 +40,11 @@ from ._listeners import (
     run_soon,
 )
 from ._status import ListenerStatus, State, Status
+
+# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._signals import Router
 
 __all__ = ["Lifecycle", "ReloadHandle"]
 
@@ -377,6 +383,20 @@ class Lifecycle:
     def forced(self) -> str | None:
         """The force-quit report, if the lifecycle was forced (None otherwise)."""
         return self._forced
+
+    # -- running servers ----------------------------------------------------------------------
+
+    def run(self, server: object, *, force_quit: float | None = None, handle_signals: bool = True) -> int:
+        """``graceful.run()`` on this lifecycle; see there."""
+        from ._run import run_with
+
+        return run_with(self, server, force_quit=force_quit, handle_signals=handle_signals)
+
+    def signal_handlers(self) -> AbstractContextManager[Router]:
+        """``graceful.signal_handlers()`` routing to this lifecycle; see there."""
+        from ._signals import signal_handlers
+
+        return signal_handlers(self)
 
     # -- observing ----------------------------------------------------------------------------
 

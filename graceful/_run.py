@@ -68,9 +68,15 @@ def run(server: Any, *, force_quit: float | None = None, handle_signals: bool = 
         ValueError: an empty list, or a bad ``force_quit``.
         RuntimeError: ``handle_signals`` is True and this is not the main thread.
     """
+    return run_with(get_lifecycle(), server, force_quit=force_quit, handle_signals=handle_signals)
+
+
+def run_with(
+    lifecycle: Lifecycle, server: Any, *, force_quit: float | None = None, handle_signals: bool = True
+) -> int:
+    """``run()`` on a given lifecycle (what ``Lifecycle.run`` calls)."""
     from .adapters import adapt
 
-    lifecycle = get_lifecycle()
     if force_quit is not None:
         lifecycle.set_time_to_force_quit(force_quit)
     items = list(server) if isinstance(server, (list, tuple)) else [server]

@@ -262,3 +262,16 @@ def test_force_quit_argument_sets_the_budget(fresh: Lifecycle) -> None:
     assert fresh.status().force_quit == 3
     with pytest.raises(ValueError, match="greater than 0"):
         graceful.run(lambda: None, force_quit=0)
+
+
+@pytest.mark.timeout(30)
+def test_run_and_signal_handlers_are_lifecycle_methods_too(exits: Recorder) -> None:
+    """Each module-level function is also a method of Lifecycle (the contract)."""
+    mine = Lifecycle(force_quit=BOUND, exit=exits)
+    ran: list[str] = []
+    mine.add_shutdown_listener(lambda: ran.append("closed"))
+    assert mine.run(lambda: ran.append("served")) == 0
+    assert ran == ["served", "closed"]
+    other = Lifecycle(force_quit=BOUND, exit=exits)
+    with other.signal_handlers() as router:
+        assert router.lifecycle is other
