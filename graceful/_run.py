@@ -99,6 +99,7 @@ class _Runner:
         self.threads: list[threading.Thread] = []
         self._ready_lock = threading.Lock()
         self._ready = 0
+        self._error: BaseException | None = None
 
     # -- the steps, top-down ------------------------------------------------------------------
 
@@ -114,7 +115,8 @@ class _Runner:
             self._register()
             for service, ctx in zip(self.services, self.contexts, strict=True):
                 self._start_thread(service, ctx)
-            self._block()
+        self._block()
+        self._reraise()
 
     def _run_async(self) -> None:
         import asyncio
@@ -135,9 +137,10 @@ class _Runner:
                         tasks.append(asyncio.ensure_future(self._serve_async(service, ctx)))
                     else:
                         self._start_thread(service, ctx)
-                await self._block_async()
+            await self._block_async()
             if tasks:
                 await asyncio.wait(tasks, timeout=self.lifecycle.time_remaining())
+            self._reraise()
         finally:
             forget_loop(self.loop)
 
@@ -150,18 +153,21 @@ class _Runner:
         previous: Waiter | None = None
         for service, ctx in pairs:
             previous = self.lifecycle.add_wrap_up_listener(
-                self._step(service.wrap_up, ctx, previous), name=f"wrap up {service.name}"
+                self._step(service.wrap_up, ctx, previous, wrap_up=True), name=f"wrap up {service.name}"
             )
         previous = None
         for service, ctx in pairs:
             previous = self.lifecycle.add_shutdown_listener(
-                self._step(service.close, ctx, previous), name=f"close {service.name}"
+                self._step(service.close, ctx, previous, wrap_up=False), name=f"close {service.name}"
             )
 
-    def _step(self, method: Any, ctx: Context, after: Waiter | None) -> Any:
+    def _step(self, method: Any, ctx: Context, after: Waiter | None, *, wrap_up: bool) -> Any:
         def step() -> None:
             if after is not None:
                 after.wait()
+            if wrap_up and not ctx.entered:  # startup was interrupted before serve() ran
+                log.info("server %r never started serving: nothing to wrap up", ctx.name)
+                return
             result = method(ctx)
             if hasattr(result, "__await__"):
                 self._await_on_loop(result)
@@ -198,6 +204,7 @@ class _Runner:
         thread.start()
 
     def _serve_sync(self, service: Service, ctx: Context) -> None:
+        ctx.entered = True
         try:
             service.serve(ctx)
         except BaseException as exc:  # noqa: BLE001 - a crashed server must stop the others, not vanish
@@ -210,6 +217,7 @@ class _Runner:
     async def _serve_async(self, service: Service, ctx: Context) -> None:
         import asyncio
 
+        ctx.entered = True
         try:
             await service.serve(ctx)  # type: ignore[misc]
         except asyncio.CancelledError:
@@ -236,45 +244,51 @@ class _Runner:
             self.lifecycle.shutdown(f"server {service.name!r} exited", wait=False)
 
     def _block(self) -> None:
-        interrupted = False
         while True:
             try:
                 if self.lifecycle.wait_for_shutdown(None):
                     return
             except KeyboardInterrupt:  # only without our SIGINT handler (handle_signals=False)
-                if interrupted:
-                    self.lifecycle.force_quit("KeyboardInterrupt again while shutting down")
+                if self._interrupted():
                     return
-                interrupted = True
-                self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
 
     async def _block_async(self) -> None:
         import asyncio
 
-        interrupted = False
         while True:
             try:
                 await self.lifecycle.wait_for_shutdown_async()
                 return
             except asyncio.CancelledError:  # asyncio.run's own Ctrl-C handling (handle_signals=False)
-                if interrupted:
-                    self.lifecycle.force_quit("KeyboardInterrupt again while shutting down")
+                if self._interrupted():
                     return
-                interrupted = True
-                self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
+
+    def _interrupted(self) -> bool:
+        """Ctrl-C as the signal table has it: the first shuts down, any later one forces."""
+        if self.lifecycle._shutdown_requested:
+            self.lifecycle.force_quit("KeyboardInterrupt again while shutting down")
+            return True
+        self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
+        return False
 
     @contextlib.contextmanager
     def _whatever_happens(self) -> Iterator[None]:
-        """If anything above raises, still run the whole sequence before the error propagates."""
+        """If starting raises, trigger the sequence; ``_reraise()`` raises it once it has run."""
         try:
             yield
-        except BaseException:
+        except KeyboardInterrupt:  # Ctrl-C while starting, without our SIGINT handler
+            log.info("interrupted while starting: shutting down")
+            self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
+        except BaseException as exc:  # kept, and raised again after the sequence
             log.exception("graceful.run() failed: running the shutdown sequence anyway")
             self.lifecycle.record_failure("graceful.run()")
             self.lifecycle.shutdown("graceful.run() failed", wait=False)
-            if self.loop is None:
-                self.lifecycle.wait_for_shutdown()
-            raise
+            self._error = exc
+
+    def _reraise(self) -> None:
+        """Raise what startup raised, now that the sequence has run."""
+        if self._error is not None:
+            raise self._error
 
     def _report_leftovers(self) -> None:
         for thread in self.threads:

@@ -44,6 +44,8 @@ class Context:
         self.loop = loop
         self._on_started = on_started
         self._started = threading.Event()
+        self.entered = False
+        """True once ``run()`` has called ``serve()``."""
         self.served = threading.Event()
         """Set once ``serve()`` has returned or raised."""
 

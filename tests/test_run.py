@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socketserver
 import threading
@@ -275,3 +276,53 @@ def test_run_and_signal_handlers_are_lifecycle_methods_too(exits: Recorder) -> N
     other = Lifecycle(force_quit=BOUND, exit=exits)
     with other.signal_handlers() as router:
         assert router.lifecycle is other
+
+
+@pytest.mark.timeout(30)
+def test_a_failure_while_starting_runs_the_sequence_then_raises(
+    fresh: Lifecycle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graceful import _run
+
+    closed = threading.Event()
+    fresh.add_shutdown_listener(closed.set)
+
+    def broken_start(self: object, service: object, ctx: object) -> None:
+        raise OSError("cannot start a thread")
+
+    monkeypatch.setattr(_run._Runner, "_start_thread", broken_start)
+    with pytest.raises(OSError, match="cannot start a thread"):
+        graceful.run(lambda: None)
+    assert closed.is_set()
+    assert fresh.exit_code == 1
+    assert fresh.state() is State.STOPPED
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_while_starting_is_a_graceful_shutdown_and_skips_unstarted_servers(
+    fresh: Lifecycle, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from graceful import _run
+
+    wrapped: list[str] = []
+
+    class Server:
+        name = "never-served"
+
+        def serve(self, ctx: graceful.Context) -> None:
+            raise AssertionError("not reached")
+
+        def wrap_up(self, ctx: graceful.Context) -> None:
+            wrapped.append("wrap_up")
+
+        def close(self, ctx: graceful.Context) -> None:
+            wrapped.append("close")
+
+    def interrupted(self: object, service: object, ctx: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_run._Runner, "_start_thread", interrupted)
+    with caplog.at_level(logging.INFO, logger="graceful"):
+        assert graceful.run(Server()) == 0
+    assert wrapped == ["close"]
+    assert "never started serving" in caplog.text
