@@ -36,79 +36,73 @@ __all__ = [
 ]
 
 
-class _Holder:
-    __slots__ = ("current",)
-
-    def __init__(self) -> None:
-        self.current = Lifecycle(budget_from_env(25.0))
-
-
-_holder = _Holder()
+_current = Lifecycle(budget_from_env(25.0))  # rebound by use(); read at each call
 
 
 def get_lifecycle() -> Lifecycle:
     """The lifecycle the module-level functions act on."""
-    return _holder.current
+    return _current
 
 
 def use(lifecycle: Lifecycle) -> Lifecycle:
     """Make ``lifecycle`` the default; returns the previous default so it can be put back."""
+    global _current
     if not isinstance(lifecycle, Lifecycle):
         raise TypeError(f"use() takes a graceful.Lifecycle, not {type(lifecycle).__name__}")
-    previous, _holder.current = _holder.current, lifecycle
+    previous, _current = _current, lifecycle
     return previous
 
 
 def add_wrap_up_listener(fn: Callable[[], object], *, name: str | None = None) -> Waiter:
     """Run ``fn`` in the wrap-up phase of the default lifecycle; see ``Lifecycle``."""
-    return _holder.current.add_wrap_up_listener(fn, name=name)
+    return _current.add_wrap_up_listener(fn, name=name)
 
 
 def add_shutdown_listener(fn: Callable[[], object], *, name: str | None = None) -> Waiter:
     """Run ``fn`` in the shutdown phase of the default lifecycle; see ``Lifecycle``."""
-    return _holder.current.add_shutdown_listener(fn, name=name)
+    return _current.add_shutdown_listener(fn, name=name)
 
 
 def add_reload_listener(fn: Callable[[], object], *, name: str | None = None) -> ReloadHandle:
     """Run ``fn`` on every SIGHUP; see ``Lifecycle.add_reload_listener``."""
-    return _holder.current.add_reload_listener(fn, name=name)
+    return _current.add_reload_listener(fn, name=name)
 
 
 def set_time_to_force_quit(seconds: float) -> None:
     """Set the force-quit budget of the default lifecycle; ``ValueError`` for <= 0, NaN, inf."""
-    _holder.current.set_time_to_force_quit(seconds)
+    _current.set_time_to_force_quit(seconds)
 
 
 def shutdown(reason: str = "requested", *, wait: bool = True, timeout: float | None = None) -> bool:
     """Start (or join) the shutdown sequence; see ``Lifecycle.shutdown``."""
-    return _holder.current.shutdown(reason, wait=wait, timeout=timeout)
+    return _current.shutdown(reason, wait=wait, timeout=timeout)
 
 
 def wrap_up(reason: str = "requested") -> None:
     """Run the wrap-up phase only (a pause); see ``Lifecycle.wrap_up``."""
-    _holder.current.wrap_up(reason)
+    _current.wrap_up(reason)
 
 
 def is_stopping() -> bool:
-    """True from the moment wrap-up starts; an attribute read, cheap in a hot loop."""
-    return _holder.current._stopping
+    """True from the moment wrap-up starts; one global and one attribute read, for hot loops."""
+    return _current._stopping
 
 
 def wait_for_shutdown(timeout: float | None = None) -> bool:
     """Block until the default lifecycle is STOPPED; True if it got there in time."""
-    return _holder.current.wait_for_shutdown(timeout)
+    return _current.wait_for_shutdown(timeout)
 
 
 async def wait_for_shutdown_async() -> bool:
     """``await`` until the default lifecycle is STOPPED."""
-    return await _holder.current.wait_for_shutdown_async()
+    return await _current.wait_for_shutdown_async()
 
 
 def state() -> State:
     """The default lifecycle's ``State``."""
-    return _holder.current._state
+    return _current._state
 
 
 def status() -> Status:
     """A snapshot of the default lifecycle; see ``Status``."""
-    return _holder.current.status()
+    return _current.status()

@@ -18,7 +18,6 @@ Why it works this way:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
@@ -31,6 +30,7 @@ __all__ = ["FORCED_EXIT_CODE", "ForceQuitTimer", "check_budget", "emit_report"]
 log = logging.getLogger("graceful")
 
 FORCED_EXIT_CODE = 70
+_INFINITY = float("inf")
 LOG_GRACE = 1.0
 
 
@@ -39,7 +39,7 @@ def check_budget(seconds: object, what: str = "set_time_to_force_quit()") -> flo
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(f"{what} takes a number of seconds, such as 25, not {seconds!r}")
     value = float(seconds)
-    if math.isnan(value) or math.isinf(value) or value <= 0:
+    if not 0 < value < _INFINITY:  # also False for NaN
         raise ValueError(
             f"{what} takes a finite number of seconds greater than 0, such as 25, not {seconds!r}"
         )

@@ -306,10 +306,12 @@ class Lifecycle:
 
     def _finished(self, listener: Listener) -> None:
         with self._lock:
-            self._phases[listener.phase].outstanding -= 1
+            phase = self._phases[listener.phase]
+            phase.outstanding -= 1
             if listener.error is not None:
                 self._failures.append(f"{listener.phase} listener {listener.name!r}")
-            self._changed.notify_all()
+            if phase.outstanding == 0:  # only then can the driver move on: one wake-up a phase
+                self._changed.notify_all()
 
     def record_failure(self, what: str) -> None:
         """Note that a server (or anything else the caller runs) failed: the exit code becomes 1."""

@@ -46,6 +46,7 @@ FAILED = "failed"
 REMOVED = "removed"
 
 _local = threading.local()
+_event_lock = threading.Lock()  # guards the lazy creation of each listener's Event
 
 
 def current_listener() -> Listener | None:
@@ -72,6 +73,7 @@ class Listener:
         "_awaiting",
         "_callbacks",
         "_clock",
+        "_done",
         "_event",
         "error",
         "finished",
@@ -106,7 +108,8 @@ class Listener:
         self.loop = _running_loop()
         self.on_finish = on_finish
         self._clock = clock
-        self._event = threading.Event()
+        self._done = False
+        self._event: threading.Event | None = None  # made on first wait: 10,000 listeners register fast
         self._callbacks: list[Callable[[], None]] = []
         self._awaiting: object = None
 
@@ -154,9 +157,28 @@ class Listener:
 
     def _finish(self, state: str) -> None:
         self.state = state
-        self._event.set()
+        with _event_lock:
+            self._done = True
+            event = self._event
+        if event is not None:
+            event.set()
         for callback in self._callbacks:
             callback()
+
+    def done(self) -> bool:
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until finished (or removed); True if it is, False on timeout."""
+        if self._done:
+            return True
+        with _event_lock:
+            if self._event is None:
+                self._event = threading.Event()
+                if self.done():  # finished between the check above and the lock
+                    self._event.set()
+            event = self._event
+        return event.wait(timeout)
 
     def remove(self) -> bool:
         """Mark as removed if it is not scheduled to run; the caller holds the registry lock."""
@@ -172,7 +194,7 @@ class Listener:
         (the only one, ``Waiter``'s async wake-up, is).
         """
         self._callbacks.append(callback)
-        if self._event.is_set() and callback in self._callbacks:
+        if self._done and callback in self._callbacks:
             self._callbacks.remove(callback)
             callback()
 
@@ -211,7 +233,7 @@ class Waiter:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the listener has finished; True if it has, False on timeout."""
-        return self._listener._event.wait(timeout)
+        return self._listener.wait(timeout)
 
     def __call__(self, timeout: float | None = None) -> bool:
         """Same as ``wait()``, for go-zero's ``waitForCalled()`` habit."""
@@ -223,7 +245,7 @@ class Waiter:
     async def _wait_async(self) -> bool:
         import asyncio
 
-        if self._listener._event.is_set():
+        if self._listener.done():
             return True
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
@@ -236,7 +258,7 @@ class Waiter:
 
     def done(self) -> bool:
         """True once the listener has finished (or was removed)."""
-        return self._listener._event.is_set()
+        return self._listener.done()
 
     def exception(self) -> BaseException | None:
         """What the listener raised, or None (also while it has not finished)."""
