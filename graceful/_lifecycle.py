@@ -124,6 +124,7 @@ class Lifecycle:
         self._forced: str | None = None
         self._driver: threading.Thread | None = None
         self._force_quit_hooks: list[tuple[str, Callable[[], object]]] = []
+        self._daemon_driver = False  # graceful.testing sets True: a stuck test must not hang pytest
         self._timer = ForceQuitTimer(self._clock, budget, self._deadline_passed)
 
     # -- registries ---------------------------------------------------------------------------
@@ -247,7 +248,13 @@ class Lifecycle:
                     self._reason = reason
                     notes.append(f"shutdown requested ({reason}): continuing after the wrap-up phase")
                 self._changed.notify_all()
-            driver = threading.Thread(target=self._drive, name="graceful-lifecycle") if start else None
+            # Explicitly non-daemon: a thread inherits its creator's flag, and the signal
+            # coordinator is a daemon; the interpreter must wait for the cleanup.
+            driver = (
+                threading.Thread(target=self._drive, name="graceful-lifecycle", daemon=self._daemon_driver)
+                if start
+                else None
+            )
             self._driver = driver or self._driver
         if arm:
             self._timer.arm()

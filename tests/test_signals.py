@@ -535,3 +535,34 @@ def test_signal_is_acted_on_while_main_is_blocked(children: list[Child], blocker
     child.expect("done")
     assert child.wait() == 0
     assert "main woke up first" not in child.out
+
+
+@pytest.mark.timeout(30)
+def test_the_sequence_started_by_a_signal_runs_on_a_non_daemon_thread(lc: Lifecycle) -> None:
+    """The coordinator is a daemon; the driver it starts must not be, or exit cuts cleanup short."""
+    seen: list[bool] = []
+    lc.add_wrap_up_listener(lambda: seen.append(lc._driver is not None and lc._driver.daemon))
+    with signal_handlers(lc):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert lc.wait_for_shutdown(BOUND)
+    assert seen == [False]
+
+
+MAIN_RETURNS = """
+import os, signal, graceful, threading
+def slow_close():
+    threading.Event().wait(0.3)
+    os.write(1, b"cleanup finished\\n")
+graceful.add_shutdown_listener(slow_close, name="slow-close")
+with graceful.signal_handlers():
+    print("ready", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+print("main returns without waiting", flush=True)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_main_returning_mid_sequence_does_not_cut_cleanup_short(children: list[Child]) -> None:
+    child = track(children, Child(MAIN_RETURNS))
+    assert child.wait() == 0
+    assert child.out.splitlines()[-1] == "cleanup finished"

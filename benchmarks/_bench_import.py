@@ -1,0 +1,156 @@
+"""1. Import cost: whole-process ``python -c "import X"`` and ``-X importtime``.
+
+Whole-process time is what a user waits for (interpreter start-up included), measured as the
+wall time of a fresh process, many times, interleaved across contenders so that the machine's
+noise falls on all of them alike; the median is reported. ``-X importtime`` splits out the cost
+of the ``import`` statement itself (its "cumulative" column, summed over the top-level lines
+that follow a marker, so the interpreter's own start-up imports are left out) and, for
+graceful, the sum of the *self* times of the ``graceful*`` lines: graceful's own modules,
+without the standard library they pull in.
+
+Bytecode caches are warmed first (one run of each statement with ``PYTHONDONTWRITEBYTECODE``
+removed), so every figure is a cached import, as in production.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from _harness import BenchError, Row, Setup, child_env, log, median, ms, ratio, wait_exit
+
+MARK = "--graceful-bench-mark--"
+STL = "signal, threading, logging"
+OWN_BUDGET = 0.005  # s: graceful's own modules
+WHOLE_RATIO = 1.15  # x the stdlib trio
+
+
+def _targets(setup: Setup) -> list[tuple[str, str]]:
+    """(contender, the statement after ``import``); None for the interpreter alone."""
+    targets = [("bare interpreter (`-c pass`)", ""), (f"`import {STL}`", STL), ("graceful", "graceful")]
+    for contender, module in (("aiomisc", "aiomisc"), ("cotyledon", "cotyledon"), ("uvicorn", "uvicorn")):
+        if setup.has(module):
+            targets.append((contender, module))
+    if setup.has("grpc"):
+        targets.append(("grpcio", "grpc"))
+    return targets
+
+
+def _code(modules: str) -> str:
+    return f"import {modules}" if modules else "pass"
+
+
+def _whole(python: str, modules: str) -> float:
+    """Wall time of one process, start to exit as seen through a pidfd.
+
+    Not ``subprocess.run(timeout=...)``: with a timeout it polls with sleeps that double up to
+    50 ms, which rounds every figure to ~115 ms.
+    """
+    env = child_env()
+    start = time.perf_counter()
+    proc = subprocess.Popen([python, "-c", _code(modules)], env=env)
+    if not wait_exit(proc, 60.0):
+        proc.kill()
+        proc.wait()
+        raise BenchError(f"python -c {_code(modules)!r} did not exit within 60 s")
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchError(f"python -c {_code(modules)!r} exited with {proc.returncode}")
+    return took
+
+
+def _importtime(python: str, modules: str) -> tuple[float, float, dict[str, float]]:
+    """(cumulative of the statement, self-sum of graceful* lines, self time per graceful module)."""
+    code = f"import sys; sys.stderr.write({MARK!r} + '\\n'); {_code(modules)}"
+    done = subprocess.run(
+        [python, "-X", "importtime", "-c", code],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    lines = done.stderr.splitlines()
+    lines = lines[lines.index(MARK) + 1 :] if MARK in lines else []
+    cumulative = 0.0
+    own: dict[str, float] = {}
+    for line in lines:
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        parts = line[len("import time:") :].split("|")
+        if not parts[0].strip().isdigit():
+            continue  # the header line
+        self_us, cumulative_us, name = int(parts[0]), int(parts[1]), parts[2]
+        module = name.strip()
+        if len(name) - len(name.lstrip()) == 1:  # depth 0: one space after the bar
+            cumulative += cumulative_us / 1e6
+        if module == "graceful" or module.startswith("graceful."):
+            own[module] = self_us / 1e6
+    return cumulative, sum(own.values()), own
+
+
+def _imports_asyncio(python: str, modules: str) -> bool:
+    code = f"import sys; {_code(modules)}; print('asyncio' in sys.modules)"
+    done = subprocess.run(
+        [python, "-c", code], env=child_env(), capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout.strip() == "True"
+
+
+def run(setup: Setup, runs: int) -> list[Row]:
+    targets = _targets(setup)
+    for _, modules in targets:  # warm the bytecode caches
+        _whole(setup.python, modules)
+    whole: dict[str, list[float]] = {m: [] for _, m in targets}
+    cumulative: dict[str, list[float]] = {m: [] for _, m in targets}
+    own: list[float] = []
+    per_module: dict[str, list[float]] = {}
+    for i in range(runs):
+        for _, modules in targets:
+            whole[modules].append(_whole(setup.python, modules))
+            total, own_sum, own_modules = _importtime(setup.python, modules)
+            cumulative[modules].append(total)
+            if modules == "graceful":
+                own.append(own_sum)
+                for name, value in own_modules.items():
+                    per_module.setdefault(name, []).append(value)
+        if i == 0:
+            log(f"imports: round 1 of {runs} done")
+    stl = median(whole[STL])
+    bare = median(whole[""])
+    rows = []
+    for contender, modules in targets:
+        w, c = median(whole[modules]), median(cumulative[modules])
+        result = f"{ms(w)} whole process"
+        if modules:
+            result += f"; `-X importtime` cumulative {ms(c)}"
+        goal = ""
+        data: dict[str, object] = {"whole_s": whole[modules], "cumulative_s": cumulative[modules]}
+        if modules == "graceful":
+            asyncio_loaded = _imports_asyncio(setup.python, modules)
+            own_median = median(own)
+            heaviest = sorted(per_module, key=lambda name: -median(per_module[name]))[:3]
+            result += (
+                f"; own modules {ms(own_median)} (heaviest: "
+                + ", ".join(f"{name} {ms(median(per_module[name]))}" for name in heaviest)
+                + f"); asyncio {'IMPORTED' if asyncio_loaded else 'not imported'}"
+            )
+            goal = _goal(own_median, w / stl, asyncio_loaded)
+            data.update(
+                own_s=own,
+                asyncio=asyncio_loaded,
+                heaviest_own={name: median(per_module[name]) for name in heaviest},
+            )
+        vs = f"{ratio(w, stl)} of `{STL}`" if modules else "-"
+        if modules and modules != STL:
+            vs += f"; {'+' if w >= bare else '-'}{ms(abs(w - bare))} over bare"
+        rows.append(Row("1. import", contender, result, vs, goal, data))
+    return rows
+
+
+def _goal(own: float, whole_ratio: float, asyncio_loaded: bool) -> str:
+    met = own < OWN_BUDGET and whole_ratio <= WHOLE_RATIO and not asyncio_loaded
+    return (
+        f"{'met' if met else 'MISSED'}: own modules < 5 ms ({ms(own)}), whole process <= {WHOLE_RATIO}x "
+        f"({whole_ratio:.2f}x), {'asyncio IMPORTED' if asyncio_loaded else 'no asyncio'}"
+    )

@@ -1,0 +1,148 @@
+"""Benchmarks of graceful side by side with the tools users would pick instead; prints one table.
+
+    python benchmarks/run.py            # full run: creates benchmarks/.peers (pip, from PyPI)
+    python benchmarks/run.py --quick    # smoke: graceful and the bare baseline, few iterations
+
+Every figure of one run is measured on the same machine, with the same interpreter, in the same
+minutes: compare the ratios within a run, not the absolute numbers across runs or machines.
+What each figure means is in benchmarks/README.md and docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _bench_drain
+import _bench_fanout
+import _bench_forcequit
+import _bench_import
+import _bench_sigterm
+from _harness import ROOT, Row, Setup, ensure_peers, log, section
+
+SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
+    "import": _bench_import.run,
+    "sigterm": _bench_sigterm.run,
+    "fanout": _bench_fanout.run,
+    "drain": _bench_drain.run,
+    "forcequit": _bench_forcequit.run,
+    "is_stopping": _bench_fanout.run_is_stopping,
+}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke mode: graceful and bare only, few runs")
+    parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 30, --quick 3)")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(SECTIONS), help="run only this section (repeatable)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write every sample here (default benchmarks/results/)"
+    )
+    return parser.parse_args(argv)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _machine(setup: Setup) -> list[str]:
+    peers = ", ".join(f"{name} {version}" for name, version in setup.peers.items()) or "none (--quick)"
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return [
+        (
+            f"machine: {os.cpu_count()} CPUs ({_cpu_model()}), {platform.system()} {platform.release()}, "
+            f"load average {load}"
+        ),
+        f"python: {platform.python_implementation()} {platform.python_version()} ({setup.python})",
+        f"peers: {peers}",
+        f"graceful: from {ROOT}",
+    ]
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("benchmark", "contender", "result", "vs", "goal")
+    cells = [
+        header,
+        *(tuple(" ".join(t.split()) for t in (r.bench, r.contender, r.result, r.vs, r.goal)) for r in rows),
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return (
+            "| "
+            + " | ".join(text.replace("|", "\\|").ljust(w) for text, w in zip(row, widths, strict=True))
+            + " |"
+        )
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in cells[1:])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    runs = args.runs or (3 if args.quick else 30)
+    started = time.perf_counter()
+    if args.quick:
+        setup = Setup(python=sys.executable, quick=True)
+    else:
+        python, versions = ensure_peers()
+        setup = Setup(python=python, quick=False, peers=versions)
+    rows: list[Row] = []
+    for name, bench in SECTIONS.items():
+        if args.only and name not in args.only:
+            continue
+        with section(name):
+            rows.extend(bench(setup, runs))
+    took = time.perf_counter() - started
+    print("\n".join(_machine(setup)))
+    print(f"command: python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    print(f"runs per figure: {runs}; whole run took {took:.0f} s\n")
+    print(format_table(rows))
+    _save(args.json, setup, rows, runs)
+    return 0
+
+
+def _save(path: Path | None, setup: Setup, rows: list[Row], runs: int) -> None:
+    if path is None:
+        if setup.quick:
+            return  # the smoke mode leaves nothing behind
+        path = ROOT / "benchmarks" / "results" / time.strftime("run-%Y%m%d-%H%M%S.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "machine": _machine(setup),
+        "runs": runs,
+        "rows": [
+            {
+                "bench": r.bench,
+                "contender": r.contender,
+                "result": r.result,
+                "vs": r.vs,
+                "goal": r.goal,
+                "data": r.data,
+            }
+            for r in rows
+        ],
+    }
+    path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    log(f"samples written to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Out-of-process testing: a real child, real signals, readiness over ``NOTIFY_SOCKET``.
+
+Why: a shutdown is only proven where it really happens, in a process that receives a real
+signal from the kernel and exits with a real code (a fake can't show the SIGTERM handler is
+installed at all, or that the process exits while a thread is stuck). And a test must not
+``sleep(1)`` and hope the server is up: the child says READY=1 over systemd's notify protocol
+(``graceful.run()`` sends it once every server accepts work) and the test waits for exactly
+that, bounded. The public names are re-exported by ``graceful.testing``; POSIX only.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+__all__ = ["GracefulProcess", "NotReadyError", "ProcessFactory", "ProcessResult", "check_seconds"]
+
+BOUND = 10.0  # seconds: waits for something that should happen at once (pipes closing, exit)
+
+
+def check_seconds(value: object, what: str) -> float:
+    """``value`` as a float if it is a finite number >= 0; ``ValueError`` with a sentence otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{what} takes a finite number of seconds >= 0, such as 10, not {value!r}")
+    return float(value)
+
+
+class NotReadyError(RuntimeError):
+    """The child exited, or stayed silent, before it sent ``READY=1``; the message has its stderr."""
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """How a child ended: ``returncode`` (negative: killed by that signal), its output as text,
+    and ``notifications``: every ``NOTIFY_SOCKET`` message it sent, one entry per line
+    (``"READY=1"``, ``"STATUS=..."``), in the order received; a datagram's lines in order."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    notifications: list[str] = field(default_factory=list)
+
+
+class _Pipe:
+    """Reads one pipe to the end in a thread, decoding UTF-8 as it comes."""
+
+    def __init__(self, stream: IO[bytes], changed: threading.Condition) -> None:
+        self.text = ""
+        self._stream = stream
+        self._changed = changed
+        self._thread = threading.Thread(target=self._pump, name="graceful-testing-pipe", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            chunk = self._stream.read1(65536)  # type: ignore[attr-defined]
+            with self._changed:
+                self.text += decoder.decode(chunk, final=not chunk)
+                self._changed.notify_all()
+            if not chunk:
+                return
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        if not self._thread.is_alive():  # else a grandchild holds the pipe open: keep what we have
+            self._stream.close()
+
+
+class GracefulProcess:
+    """A running child, started by ``ProcessFactory``; READY=1 has arrived when you get it.
+
+    ``pid``; ``send_signal(sig)``; ``wait(timeout)`` -> ``ProcessResult``;
+    ``wait_for_output(text)``; ``stdout``, ``stderr`` and ``notifications`` so far.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], what: str) -> None:
+        self.args = argv
+        self._dir = tempfile.mkdtemp(prefix="graceful-")  # short: AF_UNIX paths max ~100 bytes
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._wake_r, self._wake_w = os.pipe()
+        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._lines: list[str] = []
+        self._ready = self._exited = self._closed = False
+        self._result: ProcessResult | None = None
+        try:
+            self._sock.bind(os.path.join(self._dir, "notify"))
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={**env, "NOTIFY_SOCKET": self._sock.getsockname()},
+            )
+        except BaseException:
+            self._release()
+            raise
+        self.pid = self._proc.pid
+        self._label = f"child process ({what}, pid {self.pid})"
+        assert self._proc.stdout is not None
+        assert self._proc.stderr is not None
+        self._out = _Pipe(self._proc.stdout, self._changed)
+        self._err = _Pipe(self._proc.stderr, self._changed)
+        self._listening = True
+        self._listener = threading.Thread(target=self._listen, name="graceful-testing-notify", daemon=True)
+        self._listener.start()
+        threading.Thread(target=self._reap, name="graceful-testing-reap", daemon=True).start()
+
+    def _release(self) -> None:
+        self._sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- background ---------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        self._proc.wait()
+        with self._changed:
+            self._exited = True
+            self._changed.notify_all()
+
+    def _listen(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                ready = [key.fileobj for key, _ in selector.select()]
+                if self._wake_r in ready:
+                    return
+                self._received(self._sock.recv(65536))
+
+    def _received(self, datagram: bytes) -> None:
+        lines = [line for line in datagram.decode("utf-8", "replace").split("\n") if line]
+        with self._changed:
+            self._lines.extend(lines)
+            self._ready = self._ready or "READY=1" in lines
+            self._changed.notify_all()
+
+    def _stop_listening(self) -> None:
+        """Stop the listener thread, then read what is left: everything sent before exit."""
+        with self._lock:
+            if not self._listening:
+                return
+            self._listening = False
+            os.write(self._wake_w, b"x")
+            self._listener.join(BOUND)
+            self._sock.setblocking(False)
+            while True:
+                try:
+                    self._received(self._sock.recv(65536))
+                except OSError:  # BlockingIOError: drained
+                    return
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def _wait_ready(self, timeout: float) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._ready or self._exited, timeout)
+        if self._is_ready():
+            return
+        if self._exited:
+            self._stop_listening()  # READY=1 may have been sent just before the exit
+            if self._is_ready():
+                return
+            result = self._collect()
+            raise NotReadyError(
+                f"{self._label} exited with code {result.returncode} before it sent READY=1"
+                f"{_tail('stderr', result.stderr)}"
+            )
+        self.kill()
+        raise NotReadyError(
+            f"{self._label} sent no READY=1 within {timeout:g} s, so it was killed. graceful.run() "
+            "sends READY=1 once every server has started; a program with its own main loop calls "
+            f"graceful.systemd.notify('READY=1') itself.{_tail('stderr', self.stderr)}"
+        )
+
+    def _is_ready(self) -> bool:
+        with self._changed:
+            return self._ready
+
+    def wait(self, timeout: float = BOUND) -> ProcessResult:
+        """Wait (bounded) for the child to exit; its ``ProcessResult``. Again: the same result.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` s. It is left running (a later
+                ``wait()`` may succeed); the fixture kills it at teardown.
+        """
+        timeout = check_seconds(timeout, "wait()")
+        with self._changed:
+            exited = self._changed.wait_for(lambda: self._exited, timeout)
+        if not exited:
+            raise TimeoutError(
+                f"{self._label} was still running {timeout:g} s into wait(); it was left running"
+                f"{_tail('stderr so far', self.stderr)}"
+            )
+        return self._collect()
+
+    def wait_for_output(self, text: str, timeout: float = BOUND) -> None:
+        """Wait (bounded) until ``text`` appears on the child's stdout or stderr.
+
+        Raises:
+            TimeoutError: not within ``timeout`` s, or the child exited without writing it.
+        """
+        timeout = check_seconds(timeout, "wait_for_output()")
+        with self._changed:
+            self._changed.wait_for(lambda: self._wrote(text) or self._exited, timeout)
+        if not self._wrote(text) and self._exited:
+            self._collect()  # the pipes may still hold what it wrote just before it exited
+        if self._wrote(text):
+            return
+        raise TimeoutError(
+            f"{self._label} did not write {text!r} within {timeout:g} s"
+            f"{' (it exited)' if self._exited else ''}"
+            f"{_tail('stdout', self.stdout)}{_tail('stderr', self.stderr)}"
+        )
+
+    def _wrote(self, text: str) -> bool:
+        return text in self._out.text or text in self._err.text
+
+    def _collect(self) -> ProcessResult:
+        if self._result is None:
+            for pipe in (self._out, self._err):
+                pipe.join(BOUND)
+            self._stop_listening()
+            code = self._proc.returncode
+            assert code is not None  # the reaper has seen the exit
+            with self._changed:
+                self._result = ProcessResult(code, self._out.text, self._err.text, list(self._lines))
+        return self._result
+
+    # -- acting -------------------------------------------------------------------------------
+
+    def send_signal(self, sig: int) -> bool:
+        """Send a real signal; False (and nothing sent) if the child has already exited."""
+        if self._exited or self._proc.poll() is not None:
+            return False
+        self._proc.send_signal(sig)
+        return True
+
+    def kill(self) -> bool:
+        """SIGKILL the child if it still runs, and collect it; True if it was still running."""
+        running = self.send_signal(signal.SIGKILL)
+        with self._changed:
+            self._changed.wait_for(lambda: self._exited, BOUND)
+        self._collect()
+        return running
+
+    def close(self) -> str | None:
+        """Kill if running, release the socket; a sentence if it had to be killed. Idempotent."""
+        if self._closed:
+            return None
+        self._closed = True
+        running = self.kill() if self._result is None else False
+        self._release()
+        if not running:
+            return None
+        return (
+            f"{self._label} was still running at the end of the test: killed it{_tail('stderr', self.stderr)}"
+        )
+
+    # -- so far -------------------------------------------------------------------------------
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the child has exited, else None."""
+        return self._proc.returncode if self._exited else None
+
+    @property
+    def stdout(self) -> str:
+        return self._out.text
+
+    @property
+    def stderr(self) -> str:
+        return self._err.text
+
+    @property
+    def notifications(self) -> list[str]:
+        """The notify lines received so far (see ``ProcessResult.notifications``)."""
+        with self._changed:
+            return list(self._lines)
+
+    def __repr__(self) -> str:
+        return f"<graceful.testing.GracefulProcess {self._label} returncode={self.returncode}>"
+
+
+def _tail(what: str, text: str, limit: int = 4000) -> str:
+    if not text:
+        return f"; its {what} was empty"
+    cut = text if len(text) <= limit else "...\n" + text[-limit:]
+    return f"; its {what}:\n{cut.rstrip()}"
+
+
+class ProcessFactory:
+    """Starts children and cleans up after them; what the ``graceful_process`` fixture returns.
+
+    ``factory(code_or_path, env=None, ready_timeout=10, args=())`` starts ``python`` on a
+    script (a ``Path``, or a one-line ``str`` ending in ``.py``) or on code (any other
+    ``str``, dedented), with ``NOTIFY_SOCKET`` pointing at a datagram socket it listens on, and
+    returns a ``GracefulProcess`` once ``READY=1`` has arrived. ``env`` is added to this
+    process's environment (``PYTHONUNBUFFERED=1`` and ``PYTHONIOENCODING=utf-8`` are set
+    unless ``env`` says otherwise). ``close()`` kills whatever still runs and names it.
+    """
+
+    def __init__(self) -> None:
+        self._children: list[GracefulProcess] = []
+
+    def __call__(
+        self,
+        code_or_path: str | os.PathLike[str],
+        env: Mapping[str, str] | None = None,
+        ready_timeout: float = BOUND,
+        *,
+        args: Sequence[str] = (),
+    ) -> GracefulProcess:
+        """Start a child and wait until it is ready; see the class docstring.
+
+        Raises:
+            NotReadyError: it exited first, or sent no READY=1 within ``ready_timeout`` s
+                (it is killed then); the message carries its stderr.
+            ValueError: a script path that does not exist, a bad timeout, or ``env`` sets
+                ``NOTIFY_SOCKET`` (the factory owns it).
+            TypeError: ``code_or_path`` is neither a ``str`` nor a path.
+            RuntimeError: not on a POSIX system.
+        """
+        if not hasattr(socket, "AF_UNIX") or sys.platform == "win32":
+            raise RuntimeError("graceful_process needs POSIX (AF_UNIX datagram sockets); skip on Windows")
+        ready_timeout = check_seconds(ready_timeout, "graceful_process(ready_timeout=...)")
+        if env is not None and "NOTIFY_SOCKET" in env:
+            raise ValueError(
+                "graceful_process sets NOTIFY_SOCKET itself (to listen for READY=1): drop it from env"
+            )
+        argv, what = _command(code_or_path, list(args))
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
+        child = GracefulProcess(argv, full_env, what)
+        self._children.append(child)
+        child._wait_ready(ready_timeout)
+        return child
+
+    def close(self) -> str | None:
+        """Kill every child still running and free their sockets; a report naming them, or None."""
+        problems = [problem for child in self._children if (problem := child.close()) is not None]
+        self._children.clear()
+        return "graceful_process: " + "\ngraceful_process: ".join(problems) if problems else None
+
+
+def _command(code_or_path: object, args: list[str]) -> tuple[list[str], str]:
+    if isinstance(code_or_path, os.PathLike) or (
+        isinstance(code_or_path, str) and "\n" not in code_or_path and code_or_path.strip().endswith(".py")
+    ):
+        path = Path(os.fspath(code_or_path)).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"graceful_process: no script at {str(path)!r}; pass a path to a .py file, or code"
+            )
+        return [sys.executable, str(path), *args], path.name
+    if isinstance(code_or_path, str):
+        code = textwrap.dedent(code_or_path)
+        first = next((line.strip() for line in code.splitlines() if line.strip()), "")
+        return [sys.executable, "-c", code, *args], f"python -c {first[:40]!r}..."
+    raise TypeError(
+        f"graceful_process() takes Python code (str) or a script path, not {type(code_or_path).__name__}"
+    )

@@ -1,0 +1,79 @@
+"""``python benchmarks/run.py --quick`` still runs and prints its table, so the benchmarks never rot.
+
+The full benchmark run is not part of the test command: it takes minutes and installs the peers
+from PyPI into ``benchmarks/.peers``. Its smoke mode is: graceful and the bare baseline only,
+few iterations, no virtual environment, no network. Only the shape of the output is checked
+here, never a timing (the numbers belong to docs/performance.md, measured on a quiet run).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+BOUND = 30.0  # seconds for the whole smoke run (it takes ~10-15 s on the loaded 2-core box)
+SECTIONS = (
+    "1. import",
+    "2. SIGTERM -> exit (idle)",
+    "3. fan-out",
+    "4. drain under load",
+    "5. force quit",
+    "6. is_stopping()",
+)
+MEASURED = (  # (section, contender, a word its measured result must contain)
+    ("1. import", "graceful", "own modules"),
+    ("2. SIGTERM", "bare Python (signal.signal + sys.exit)", "exit 0"),
+    ("2. SIGTERM", "graceful.run(service)", "exit 0"),
+    ("2. SIGTERM", "graceful.run(ThreadingHTTPServer)", "exit 0"),
+    ("3. fan-out", "graceful Lifecycle", "peak RSS"),
+    ("4. drain", "graceful.run(ThreadingHTTPServer)", "accepted"),
+    ("5. force quit", "bare Python (threading.Timer + os._exit)", "exit 70"),
+    ("5. force quit", "graceful.run(service) + stuck listener", "exit 70"),
+    ("6. is_stopping()", "graceful vs threading.Event", "ns"),
+)
+
+
+def _table(stdout: str) -> tuple[str, list[list[str]]]:
+    """(the rule line under the header, every other row split into its cells)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    rule = lines.pop(1)
+    return rule, [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+
+
+@pytest.mark.timeout(BOUND + 30)
+def test_quick_run_prints_one_table_with_every_section() -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COVERAGE_")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BOUND,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rule, table = _table(result.stdout)
+    assert table[0] == ["benchmark", "contender", "result", "vs", "goal"]
+    assert re.fullmatch(r"\|(-+\|){5}", rule), rule  # Markdown: pastes into docs/performance.md
+    body = table[1:]
+    assert all(len(row) == 5 for row in body), "a cell leaked a '|' and broke the table"
+    for name in SECTIONS:
+        assert any(row[0].startswith(name) for row in body), f"section {name!r} missing"
+
+    for row in body:
+        assert not row[2].startswith(("failed", "no exit", "not run")), row
+    for section, contender, word in MEASURED:
+        rows = [row for row in body if row[0].startswith(section) and row[1] == contender]
+        assert rows, f"no row for {contender!r} in {section!r}"
+        assert all(word in row[2] for row in rows), rows
+    # --quick never touches the network nor the peers: every peer row says it was skipped
+    for row in body:
+        if row[1].split()[0] in ("aiomisc", "cotyledon", "uvicorn", "grpcio"):
+            assert row[2].startswith("skipped"), row
