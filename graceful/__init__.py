@@ -9,8 +9,10 @@ from ._default import add_shutdown_listener as add_shutdown_listener
 from ._default import add_wrap_up_listener as add_wrap_up_listener
 from ._default import get_lifecycle as get_lifecycle
 from ._default import is_stopping as is_stopping
+from ._default import run as run
 from ._default import set_time_to_force_quit as set_time_to_force_quit
 from ._default import shutdown as shutdown
+from ._default import signal_handlers as signal_handlers
 from ._default import state as state
 from ._default import status as status
 from ._default import use as use
@@ -20,6 +22,8 @@ from ._default import wrap_up as wrap_up
 from ._lifecycle import Lifecycle as Lifecycle
 from ._lifecycle import ReloadHandle as ReloadHandle
 from ._listeners import Waiter as Waiter
+from ._service import Context as Context
+from ._service import Service as Service
 from ._status import ListenerStatus as ListenerStatus
 from ._status import State as State
 from ._status import Status as Status
@@ -52,35 +56,15 @@ __all__ = [
     "wrap_up",
 ]
 
-for _name in ("Lifecycle", "ListenerStatus", "ReloadHandle", "State", "Status", "Waiter"):
+for _name in (
+    "Context",
+    "Lifecycle",
+    "ListenerStatus",
+    "ReloadHandle",
+    "Service",
+    "State",
+    "Status",
+    "Waiter",
+):
     globals()[_name].__module__ = "graceful"
 del _name
-
-# ``run()``, ``signal_handlers()`` and the adapter protocol are loaded on first use: a library
-# that only registers listeners never pays for them at import (about 2 ms).
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from ._run import run as run
-    from ._service import Context as Context
-    from ._service import Service as Service
-    from ._signals import signal_handlers as signal_handlers
-del TYPE_CHECKING
-
-_LAZY = {"run": "_run", "signal_handlers": "_signals", "Context": "_service", "Service": "_service"}
-
-
-def __getattr__(name: str) -> object:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'graceful' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"graceful.{module_name}"), name)
-    if isinstance(value, type):
-        value.__module__ = "graceful"
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))

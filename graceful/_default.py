@@ -13,11 +13,17 @@ is a ``ValueError`` on import, naming the variable), else 25 s.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from ._force_quit import budget_from_env
 from ._lifecycle import Lifecycle, ReloadHandle
 from ._listeners import Waiter
 from ._status import State, Status
+
+# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._signals import Router
 
 __all__ = [
     "add_reload_listener",
@@ -25,8 +31,10 @@ __all__ = [
     "add_wrap_up_listener",
     "get_lifecycle",
     "is_stopping",
+    "run",
     "set_time_to_force_quit",
     "shutdown",
+    "signal_handlers",
     "state",
     "status",
     "use",
@@ -106,3 +114,51 @@ def state() -> State:
 def status() -> Status:
     """A snapshot of the default lifecycle; see ``Status``."""
     return _current.status()
+
+
+def run(server: object, *, force_quit: float | None = None, handle_signals: bool = True) -> int:
+    """Run ``server`` (or a list of servers) on the default lifecycle until shutdown.
+
+    Installs the signal router (``handle_signals``), starts every server, sends ``READY=1``
+    when all are up, blocks, runs the whole sequence however the process ends, restores the
+    signal handlers and returns the exit code.
+
+    Args:
+        server: anything ``graceful.adapters.adapt()`` accepts, or a list of such.
+        force_quit: the force-quit budget in seconds for this run (default: the lifecycle's,
+            25 s or ``GRACEFUL_FORCE_QUIT``).
+        handle_signals: install the signal router (main thread only). Pass False to route
+            signals yourself, e.g. when ``run()`` is not called from the main thread.
+
+    Returns:
+        0 if everything stopped gracefully, 1 if a server or a listener raised, 70 if forced.
+
+    Raises:
+        TypeError: a server graceful does not know how to run.
+        ValueError: an empty list, or a bad ``force_quit``.
+        RuntimeError: ``handle_signals`` is True and this is not the main thread.
+    """
+    from ._run import run_with  # loaded on first use: about 1 ms that a library never pays
+
+    return run_with(_current, server, force_quit=force_quit, handle_signals=handle_signals)
+
+
+def signal_handlers(lifecycle: Lifecycle | None = None) -> AbstractContextManager[Router]:
+    """Route SIGTERM, SIGINT, SIGQUIT, SIGTSTP, SIGUSR1 and SIGHUP to ``lifecycle`` in a block.
+
+    For programs that keep their own main loop (``run()`` uses it too). Defaults to the default
+    lifecycle. The previous handlers and wakeup fd are restored when the block ends.
+
+    Raises:
+        RuntimeError: not called from the main thread (only it can install signal handlers).
+
+    Example::
+
+        with graceful.signal_handlers():
+            while not graceful.is_stopping():
+                do_some_work()
+        graceful.wait_for_shutdown()
+    """
+    from ._signals import signal_handlers as install
+
+    return install(lifecycle if lifecycle is not None else _current)

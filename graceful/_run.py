@@ -24,7 +24,6 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 
-from ._default import get_lifecycle
 from ._diagnostics import forget_loop, remember_loop
 from ._listeners import Waiter
 from ._service import Context, Service
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
 
     from ._lifecycle import Lifecycle
 
-__all__ = ["run"]
+__all__ = ["run_with"]
 
 log = logging.getLogger("graceful")
 
@@ -48,27 +47,6 @@ CO_COROUTINE = 0x80
 def _is_async(fn: object) -> bool:
     code = getattr(getattr(fn, "__func__", fn), "__code__", None)
     return bool(code is not None and code.co_flags & CO_COROUTINE)
-
-
-def run(server: Any, *, force_quit: float | None = None, handle_signals: bool = True) -> int:
-    """Run ``server`` (or a list of servers) until shutdown; return the exit code.
-
-    Args:
-        server: anything ``graceful.adapters.adapt()`` accepts, or a list of such.
-        force_quit: the force-quit budget in seconds for this run (default: the lifecycle's,
-            25 s or ``GRACEFUL_FORCE_QUIT``).
-        handle_signals: install the signal router (main thread only). Pass False to route
-            signals yourself, e.g. when ``run()`` is not called from the main thread.
-
-    Returns:
-        0 if everything stopped gracefully, 1 if a server or a listener raised, 70 if forced.
-
-    Raises:
-        TypeError: a server graceful does not know how to run.
-        ValueError: an empty list, or a bad ``force_quit``.
-        RuntimeError: ``handle_signals`` is True and this is not the main thread.
-    """
-    return run_with(get_lifecycle(), server, force_quit=force_quit, handle_signals=handle_signals)
 
 
 def run_with(
