@@ -300,8 +300,7 @@ class Lifecycle:
             for item in batch:
                 item.scheduled = True
             phase.outstanding += len(batch)
-        for item in batch:
-            run_soon(item)
+        run_soon(*batch)
         if note is not None:
             log.info("%s", note)
         with self._lock:

@@ -301,11 +301,12 @@ class _Pool:
         self._watching = False
         self._names = 0
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, *jobs: Callable[[], None]) -> None:
+        """Queue ``jobs`` (a whole phase at once: one lock round-trip, not one per listener)."""
         with self._lock:
-            self._jobs.append(job)
+            self._jobs.extend(jobs)
             if self._idle > 0:
-                self._ready.notify()
+                self._ready.notify(len(jobs))
             elif self._workers == 0:
                 self._spawn(1)
             if not self._watching:
@@ -331,8 +332,7 @@ class _Pool:
                         return
                 job = self._jobs.popleft()
             job()
-            with self._lock:
-                self._finished += 1
+            self._finished += 1  # only read as "has anything finished lately": no lock needed
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until every worker has exited (idle workers leave after ``IDLE`` s)."""
@@ -355,9 +355,9 @@ class _Pool:
 _pool = _Pool()
 
 
-def run_soon(listener: Listener) -> None:
-    """Run the listener on a pool thread."""
-    _pool.submit(listener.run)
+def run_soon(*listeners: Listener) -> None:
+    """Run the listeners on pool threads."""
+    _pool.submit(*(listener.run for listener in listeners))
 
 
 def default_name(fn: Callable[..., object]) -> str:
