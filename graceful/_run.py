@@ -53,10 +53,16 @@ def run_with(
     lifecycle: Lifecycle, server: Any, *, force_quit: float | None = None, handle_signals: bool = True
 ) -> int:
     """``run()`` on a given lifecycle (what ``Lifecycle.run`` calls)."""
+    from ._status import State
     from .adapters import adapt
 
     if force_quit is not None:
         lifecycle.set_time_to_force_quit(force_quit)
+    if lifecycle.state() is State.STOPPED:
+        raise RuntimeError(
+            "graceful.run() was given a lifecycle that has already stopped; start the servers "
+            "on a new one (graceful.use(graceful.Lifecycle()), or graceful.Lifecycle().run(...))"
+        )
     items = list(server) if isinstance(server, (list, tuple)) else [server]
     if not items:
         raise ValueError("graceful.run() needs at least one server; it got an empty list")
@@ -78,6 +84,7 @@ class _Runner:
         self._ready_lock = threading.Lock()
         self._ready = 0
         self._error: BaseException | None = None
+        self._waiters: list[Waiter] = []
 
     # -- the steps, top-down ------------------------------------------------------------------
 
@@ -94,6 +101,8 @@ class _Runner:
             for service, ctx in zip(self.services, self.contexts, strict=True):
                 self._start_thread(service, ctx)
         self._block()
+        for waiter in self._waiters:  # registered after STOPPED (a race with shutdown()): run at once
+            waiter.wait(self.lifecycle._timer.budget)
         self._reraise()
 
     def _run_async(self) -> None:
@@ -116,6 +125,10 @@ class _Runner:
                     else:
                         self._start_thread(service, ctx)
             await self._block_async()
+            # As in _run_sync.
+            await asyncio.wait(
+                [asyncio.ensure_future(w) for w in self._waiters], timeout=self.lifecycle._timer.budget
+            )
             if tasks:
                 await asyncio.wait(tasks, timeout=self.lifecycle.time_remaining())
             self._reraise()
@@ -133,11 +146,15 @@ class _Runner:
             previous = self.lifecycle.add_wrap_up_listener(
                 self._step(service.wrap_up, ctx, previous, wrap_up=True), name=f"wrap up {service.name}"
             )
+        if previous is not None:
+            self._waiters.append(previous)
         previous = None
         for service, ctx in pairs:
             previous = self.lifecycle.add_shutdown_listener(
                 self._step(service.close, ctx, previous, wrap_up=False), name=f"close {service.name}"
             )
+        if previous is not None:
+            self._waiters.append(previous)  # the last of each chain finishes after all the others
 
     def _step(self, method: Any, ctx: Context, after: Waiter | None, *, wrap_up: bool) -> Any:
         def step() -> None:

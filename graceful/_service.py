@@ -62,6 +62,10 @@ class Context:
         """Seconds left before force quit; None while no shutdown was triggered (a pause)."""
         return self.lifecycle.time_remaining()
 
+    def shutting_down(self) -> bool:
+        """True once a shutdown (not only a pause) was asked for."""
+        return self.lifecycle._shutdown_requested
+
     def wait_served(self, timeout: float | None = None) -> bool:
         """Block until ``serve()`` has returned; True if it did within ``timeout``."""
         return self.served.wait(timeout)

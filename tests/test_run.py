@@ -326,3 +326,9 @@ def test_ctrl_c_while_starting_is_a_graceful_shutdown_and_skips_unstarted_server
         assert graceful.run(Server()) == 0
     assert wrapped == ["close"]
     assert "never started serving" in caplog.text
+
+
+def test_run_refuses_a_lifecycle_that_has_already_stopped(lc: Lifecycle) -> None:
+    lc.shutdown("done before run")
+    with pytest.raises(RuntimeError, match="already stopped"):
+        lc.run(lambda: None, handle_signals=False)
