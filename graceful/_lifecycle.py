@@ -122,6 +122,8 @@ class Lifecycle:
         self._on_stopped: list[Callable[[], None]] = []
         self._failures: list[str] = []
         self._forced: str | None = None
+        self._ready = False  # graceful.readiness: set by run() once every server is up
+        self._drain_delay: float | None = None  # graceful.readiness: None until first read
         self._driver: threading.Thread | None = None
         self._force_quit_hooks: list[tuple[str, Callable[[], object]]] = []
         self._daemon_driver = False  # graceful.testing sets True: a stuck test must not hang pytest

@@ -189,6 +189,7 @@ class _Runner:
             from .systemd import notify
 
             log.info("all %d server(s) started: ready", len(self.services))
+            self.lifecycle._ready = True
             notify("READY=1", f"STATUS=serving ({len(self.services)} server(s))")
 
     def _start_thread(self, service: Service, ctx: Context) -> None:

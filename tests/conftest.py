@@ -51,6 +51,20 @@ def lc(clock: FakeClock, exits: Recorder) -> Iterator[Lifecycle]:
         assert lifecycle.wait_for_shutdown(BOUND), "the test left a listener running"
 
 
+@pytest.fixture
+def fresh() -> Iterator[Lifecycle]:
+    """A real-clock lifecycle installed as the default (``graceful.*`` lands on it); exit recorded."""
+    lifecycle = Lifecycle(force_quit=BOUND, exit=Recorder())
+    import graceful
+
+    previous = graceful.use(lifecycle)
+    yield lifecycle
+    graceful.use(previous)
+    if lifecycle.state() is not State.RUNNING:
+        lifecycle.shutdown("test teardown", wait=False)
+        assert lifecycle.wait_for_shutdown(BOUND), "the test left a listener running"
+
+
 def run_python(
     code: str, *, timeout: float = 30, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -7,29 +7,17 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import graceful
-from graceful import Lifecycle, State
+from graceful import Lifecycle
 from graceful.adapters import adapt
 from graceful.adapters.process import ProcessService
 from graceful.adapters.tasks import ExecutorService, ThreadService
 
-from .conftest import BOUND, ROOT, Recorder
-
-
-@pytest.fixture
-def fresh() -> Iterator[Lifecycle]:
-    lifecycle = Lifecycle(force_quit=BOUND, exit=Recorder())
-    previous = graceful.use(lifecycle)
-    yield lifecycle
-    graceful.use(previous)
-    if lifecycle.state() is not State.RUNNING:
-        lifecycle.shutdown(wait=False)
-        assert lifecycle.wait_for_shutdown(BOUND)
+from .conftest import BOUND, ROOT
 
 
 def test_adapt_recognises_threads_executors_and_children() -> None:
