@@ -245,7 +245,11 @@ class _Runner:
                 if self.lifecycle.wait_for_shutdown(None):
                     return
             except KeyboardInterrupt:  # only without our SIGINT handler (handle_signals=False)
-                if self._interrupted():
+                try:
+                    if self._interrupted():
+                        return
+                except KeyboardInterrupt:  # the next Ctrl-C came while handling this one
+                    self.lifecycle.force_quit("KeyboardInterrupt again while shutting down")
                     return
 
     async def _block_async(self) -> None:

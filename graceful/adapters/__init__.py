@@ -31,6 +31,7 @@ _BY_PACKAGE: dict[str, str] = {
     "concurrent": "graceful.adapters.tasks",
     "threading": "graceful.adapters.tasks",
     "http": "graceful.adapters.http",
+    "socketserver": "graceful.adapters.http",
     "wsgiref": "graceful.adapters.http",
 }
 

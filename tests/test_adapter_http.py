@@ -1,0 +1,246 @@
+"""The http.server / socketserver / wsgiref adapter against a real server and real clients."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from graceful.adapters import adapt
+from graceful.adapters.http import HTTPServerService
+
+from .child import Child
+from .conftest import BOUND
+
+# A server whose /slow/<n> requests print "in <n>" and answer once the test says "release".
+SERVER = r"""
+import logging, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import graceful
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+release = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path.startswith("/slow/"):
+            sys.stdout.write(f"in {self.path[6:]}\n")  # one write: lines from threads stay whole
+            sys.stdout.flush()
+            release.wait()
+        body = self.path.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print("port", server.server_address[1], flush=True)
+sys.exit(graceful.run(server))
+"""
+
+WSGI_SERVER = r"""
+import logging, sys, threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+import graceful
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+release = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path.startswith("/slow/"):
+        sys.stdout.write(f"in {path[6:]}\n")
+        sys.stdout.flush()
+        release.wait()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [path.encode()]
+
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+server = make_server("127.0.0.1", 0, app, server_class=ThreadingWSGIServer, handler_class=Quiet)
+print("port", server.server_address[1], flush=True)
+sys.exit(graceful.run(server))
+"""
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.kill()
+
+
+def start(children: list[Child], code: str, **env: str) -> tuple[Child, int]:
+    child = Child(code, env=env)
+    children.append(child)
+    port = int(child.expect("port").split()[1])
+    child.expect_err("ready")  # graceful.run() has its signal handlers in place
+    return child, port
+
+
+def get(port: int, path: str) -> tuple[int, str, str | None]:
+    """One request on a new connection: status, body, the Connection header."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode(), response.getheader("Connection")
+    finally:
+        conn.close()
+
+
+def refused_within(port: int) -> float:
+    """Seconds a new connection took to be refused (AssertionError if it was accepted)."""
+    started = time.monotonic()
+    with socket.socket() as sock:
+        sock.settimeout(BOUND)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            return time.monotonic() - started
+    raise AssertionError("a connection after the listening socket closed was accepted")
+
+
+def in_flight(child: Child, pool: ThreadPoolExecutor, port: int, n: int) -> list[object]:
+    futures = [pool.submit(get, port, f"/slow/{i}") for i in range(n)]
+    seen = {child.expect("in ").split()[1] for _ in range(n)}
+    assert seen == {str(i) for i in range(n)}
+    return futures  # type: ignore[return-value]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("code", [SERVER, WSGI_SERVER], ids=["http.server", "wsgiref"])
+def test_sigterm_with_50_requests_in_flight_answers_all_of_them(children: list[Child], code: str) -> None:
+    child, port = start(children, code)
+    with ThreadPoolExecutor(50) as pool:
+        futures = in_flight(child, pool, port, 50)
+        child.send(signal.SIGTERM)
+        child.expect_err("stopped accepting")
+        assert refused_within(port) < 0.1
+        child.tell("release")
+        results = [f.result(BOUND) for f in futures]  # type: ignore[attr-defined]
+    assert [(status, body) for status, body, _ in results] == [(200, f"/slow/{i}") for i in range(50)]
+    if code is SERVER:  # HTTP/1.1 keep-alive: each answer in the drain says the connection ends
+        assert {connection for _, _, connection in results} == {"close"}
+    assert child.wait() == 0
+    assert "Traceback" not in child.err
+
+
+@pytest.mark.timeout(60)
+def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(children: list[Child]) -> None:
+    child, port = start(children, SERVER, GRACEFUL_FORCE_QUIT="1")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(get, port, "/slow/stuck")
+        child.expect("in stuck")
+        child.send(signal.SIGTERM)
+        assert child.wait() == 70
+        with pytest.raises((http.client.HTTPException, OSError)):
+            future.result(BOUND)
+    assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.err
+
+
+@pytest.mark.timeout(60)
+def test_idle_keep_alive_connections_are_closed_and_do_not_hold_the_exit(children: list[Child]) -> None:
+    child, port = start(children, SERVER)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
+    conn.request("GET", "/fast")
+    response = conn.getresponse()
+    assert (response.status, response.read()) == (200, b"/fast")
+    assert conn.sock is not None
+    child.send(signal.SIGTERM)
+    assert conn.sock.recv(1) == b""  # the server closed the idle connection
+    conn.close()
+    assert child.wait() == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_server_keeps_serving_during_the_drain_delay(children: list[Child]) -> None:
+    child, port = start(children, SERVER, GRACEFUL_DRAIN_DELAY="3")
+    child.send(signal.SIGTERM)
+    child.expect_err("wrapping up")
+    assert get(port, "/during-delay")[:2] == (200, "/during-delay")
+    child.expect_err("stopped accepting")
+    assert refused_within(port) < 0.1
+    assert child.wait() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_pause_stops_accepting_and_a_later_sigterm_exits_0(children: list[Child]) -> None:
+    child, port = start(children, SERVER)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(get, port, "/slow/paused")
+        child.expect("in paused")
+        child.send(signal.SIGTSTP)
+        child.expect_err("stopped accepting")
+        assert refused_within(port) < 0.1
+        child.tell("release")
+        assert future.result(BOUND)[:2] == (200, "/slow/paused")
+    assert child.proc.poll() is None  # paused, not stopped
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0
+
+
+def test_adapt_picks_the_http_adapter_for_socketserver_servers() -> None:
+    import socketserver
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    for server in (
+        ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler),
+        socketserver.TCPServer(("127.0.0.1", 0), socketserver.StreamRequestHandler),
+    ):
+        with server:
+            assert isinstance(adapt(server), HTTPServerService)
+
+
+def test_a_handler_factory_that_is_not_a_class_is_refused_with_a_hint() -> None:
+    from http.server import ThreadingHTTPServer
+
+    with (
+        ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: None) as server,  # type: ignore[arg-type]
+        pytest.raises(TypeError, match=r"functools\.partial"),
+    ):
+        HTTPServerService(server)
+
+
+@pytest.mark.timeout(30)
+def test_a_partial_handler_is_tracked_and_a_user_shutdown_stops_everything(fresh: object) -> None:
+    import functools
+    import urllib.request
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    import graceful
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory="/"))
+    port = server.server_address[1]
+    fetched = threading.Event()
+
+    def client() -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=BOUND) as response:
+            assert response.status == 200
+        fetched.set()
+        server.shutdown()  # what a handler might do: here it asks graceful to stop
+
+    assert graceful.run([server, client]) == 0
+    assert fetched.is_set()
