@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -200,3 +201,45 @@ def test_a_pause_reaches_a_child_only_with_a_pause_signal(fresh: Lifecycle, paus
         rest = child.stdout.read()
     assert child.returncode == 0
     assert ("child wrapped up" in rest) is (pause_signal is None)  # without one, it wraps up at SIGTERM
+
+
+TREE = """
+import signal, subprocess, sys, time
+if sys.argv[1:] == ["ignore"]:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+grandchild = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; "
+    + ("signal.signal(signal.SIGTERM, signal.SIG_IGN); " if sys.argv[1:] == ["ignore"] else "")
+    + "print('up', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+grandchild.stdout.readline()
+print(grandchild.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie that is no longer ours to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] in {"Z", "X"} and int(fields[1]) != os.getpid()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("mode", "code"), [("obey", 0), ("ignore", 70)])
+def test_a_child_process_tree_is_stopped_whole(fresh: Lifecycle, mode: str, code: int) -> None:
+    """SIGTERM, and SIGKILL at force quit, reach the grandchildren of a child that leads a group."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", TREE, mode], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert child.stdout is not None
+    with child.stdout:
+        grandchild = int(child.stdout.readline())
+        fresh.set_time_to_force_quit(1)
+        assert graceful.run([child, _stop_soon(fresh)]) == code
+    assert child.returncode == (-signal.SIGTERM if mode == "obey" else -signal.SIGKILL)
+    deadline = time.monotonic() + BOUND
+    while not _gone(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling the kernel's process table: there is no event to wait on
+    assert _gone(grandchild)

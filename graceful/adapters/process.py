@@ -7,6 +7,11 @@ budget; at the deadline it is sent SIGKILL and reaped, and each escalation is lo
 with its pid and command. A child that exits on its own stops the others (``run()``'s rule);
 a non-zero exit code counts as a failure (exit code 1).
 
+A child started in its own session or process group (``start_new_session=True``,
+``process_group=0``) is signalled as a group: SIGTERM and SIGKILL reach the grandchildren it
+started too, so no part of the tree outlives the service. A child in our own group is signalled
+alone (signalling our group would signal us).
+
 A pause (SIGTSTP, ``wrap_up()``) sends nothing by default: SIGTSTP's default action *suspends*
 a process, and a suspended child would then ignore the SIGTERM that follows. A child known to
 use graceful (or to handle SIGTSTP itself) can be paused along with its parent by passing
@@ -66,10 +71,21 @@ class _Child:
         self.child.join(timeout)
         return self.returncode() is not None
 
+    def leads_group(self) -> bool:
+        """True if the child leads its own process group (``start_new_session=True``)."""
+        if self.pid is None or not hasattr(os, "getpgid"):  # Windows has no process groups
+            return False
+        try:
+            return os.getpgid(self.pid) == self.pid
+        except (ProcessLookupError, PermissionError):
+            return False
+
     def send(self, sig: int) -> None:
         if self.returncode() is None and self.pid is not None:
             with contextlib.suppress(ProcessLookupError):  # exited between the check and the kill
-                if self.is_popen:
+                if self.leads_group():  # the whole tree it started, grandchildren included
+                    os.killpg(self.pid, sig)
+                elif self.is_popen:
                     self.child.send_signal(sig)  # Popen guards against a reaped, reused pid
                 else:
                     os.kill(self.pid, sig)
@@ -89,6 +105,8 @@ class ProcessService:
         """SIGTERM once: a second one could land after a graceful child restored its handlers."""
         if not self._termed.is_set():
             self._termed.set()
+            if self._child.returncode() is None:
+                log.info("stopping %s with SIGTERM", self._child.describe())
             self._child.send(signal.SIGTERM)
 
     def serve(self, ctx: Context) -> None:
