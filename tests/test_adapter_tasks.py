@@ -16,7 +16,7 @@ import graceful
 from graceful import Lifecycle
 from graceful.adapters import adapt
 from graceful.adapters.process import ProcessService
-from graceful.adapters.tasks import ExecutorService, ThreadService
+from graceful.adapters.tasks import ExecutorService, ThreadService, cancel_at_shutdown
 
 from .conftest import BOUND, ROOT
 
@@ -243,3 +243,33 @@ def test_a_child_process_tree_is_stopped_whole(fresh: Lifecycle, mode: str, code
     while not _gone(grandchild) and time.monotonic() < deadline:
         time.sleep(0.01)  # polling the kernel's process table: there is no event to wait on
     assert _gone(grandchild)
+
+
+@pytest.mark.timeout(30)
+def test_an_asyncio_task_is_cancelled_with_a_reason_at_shutdown(fresh: Lifecycle) -> None:
+    import asyncio
+
+    reasons: list[tuple[object, ...]] = []
+
+    async def background() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError as exc:
+            reasons.append(exc.args)
+            raise
+
+    async def main() -> None:
+        task = asyncio.create_task(background(), name="refresher")
+        waiter = cancel_at_shutdown(task)
+        assert not waiter.done()
+        fresh.shutdown("test", wait=False)
+        await asyncio.Event().wait()  # the server itself is cancelled at wrap-up
+
+    assert graceful.run(main()) == 0
+    assert reasons == [("graceful: shutdown",)]
+    assert [s.state for s in fresh.status().listeners if s.name == "cancel task refresher"] == ["done"]
+
+
+def test_cancel_at_shutdown_takes_only_tasks() -> None:
+    with pytest.raises(TypeError, match=r"asyncio\.Task"):
+        cancel_at_shutdown(object())  # type: ignore[arg-type]

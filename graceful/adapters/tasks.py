@@ -1,4 +1,4 @@
-"""Threads and executors as services.
+"""Threads, executors and asyncio tasks, stopped within the budget.
 
 Why: the contract lists ``threading.Thread`` and ``concurrent.futures`` executors among the
 things ``graceful.run()`` accepts, and both are easy to lose work in. A Python thread cannot be
@@ -8,6 +8,10 @@ the log if it does not return. An executor stops taking work at wrap-up (``submi
 as ``shutdown()`` makes it), lets what is running finish within the budget, and at shutdown
 cancels what never started, with a log line that counts them (celery #3802 is about work that
 vanished silently at a warm shutdown).
+
+An asyncio task that is not a server (a background refresher, a consumer spawned by one) is
+handed to ``cancel_at_shutdown(task)``: at shutdown it is cancelled with a reason that says
+why, and awaited within the budget; one that swallows the cancellation is named in the log.
 """
 
 from __future__ import annotations
@@ -20,9 +24,18 @@ from queue import Empty
 
 from .._service import Context
 
+# No ``typing`` at run time: see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    from typing import Any
+
+    from .._lifecycle import Lifecycle
+    from .._listeners import Waiter
+
 log = logging.getLogger("graceful")
 
-__all__ = ["ExecutorService", "ThreadService", "adapt"]
+__all__ = ["ExecutorService", "ThreadService", "adapt", "cancel_at_shutdown"]
 
 
 class ThreadService:
@@ -112,3 +125,35 @@ def adapt(obj: object) -> ThreadService | ExecutorService | None:
     if isinstance(obj, Executor):
         return ExecutorService(obj)
     return None
+
+
+def cancel_at_shutdown(task: asyncio.Task[Any], *, lifecycle: Lifecycle | None = None) -> Waiter:
+    """Cancel ``task`` in the shutdown phase and await it within the budget; returns the waiter.
+
+    Call it from the task's event loop (the shutdown listener runs there). The cancellation
+    carries the message ``"graceful: shutdown"``; the task may catch ``CancelledError`` to
+    finish what it is doing.
+
+    Raises:
+        TypeError: ``task`` is not an ``asyncio.Task``.
+    """
+    import asyncio
+
+    from .._default import get_lifecycle
+
+    if not isinstance(task, asyncio.Task):
+        raise TypeError(
+            f"cancel_at_shutdown() takes an asyncio.Task (asyncio.create_task(...)), not {type(task).__name__}"
+        )
+    lc = lifecycle if lifecycle is not None else get_lifecycle()
+    name = task.get_name()
+
+    async def cancel() -> None:
+        if task.done():
+            return
+        task.cancel("graceful: shutdown")
+        done, _ = await asyncio.wait({task}, timeout=lc.time_remaining())
+        if not done:
+            log.error("asyncio task %r did not finish within the budget after being cancelled", name)
+
+    return lc.add_shutdown_listener(cancel, name=f"cancel task {name}")
