@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import signal
 import socket
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from graceful import Lifecycle
 from graceful.adapters import adapt
 from graceful.adapters.http import HTTPServerService
 
@@ -244,3 +246,49 @@ def test_a_partial_handler_is_tracked_and_a_user_shutdown_stops_everything(fresh
 
     assert graceful.run([server, client]) == 0
     assert fetched.is_set()
+
+
+@pytest.mark.timeout(30)
+def test_in_process_a_stuck_request_is_logged_by_name_at_the_deadline(
+    fresh: Lifecycle, caplog: pytest.LogCaptureFixture
+) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import graceful
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Stuck(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            entered.set()
+            release.wait(BOUND)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stuck)
+    port = server.server_address[1]
+
+    def client() -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
+            conn.request("POST", "/upload")
+            conn.getresponse()
+        release.set()
+
+    def stop_once_stuck() -> None:
+        assert entered.wait(BOUND)
+        fresh.set_time_to_force_quit(0.3)
+        fresh.shutdown("test", wait=False)
+
+    caller = threading.Thread(target=client)
+    caller.start()
+    assert graceful.run([server, stop_once_stuck]) == 70
+    caller.join(BOUND)
+    assert "dropped request POST /upload from 127.0.0.1 (running " in caplog.text
+    assert "1 request(s) still running when the budget ran out" in caplog.text
+
+
+def test_the_adapter_takes_only_socketserver_servers() -> None:
+    with pytest.raises(TypeError, match="socketserver server"):
+        HTTPServerService(object())  # type: ignore[arg-type]
