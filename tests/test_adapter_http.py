@@ -292,3 +292,34 @@ def test_in_process_a_stuck_request_is_logged_by_name_at_the_deadline(
 def test_the_adapter_takes_only_socketserver_servers() -> None:
     with pytest.raises(TypeError, match="socketserver server"):
         HTTPServerService(object())  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+def test_a_single_threaded_server_held_by_an_idle_keep_alive_client_still_stops(fresh: Lifecycle) -> None:
+    """HTTPServer answers in its accept loop: the loop only leaves once that connection closes."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import graceful
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), KeepAlive)
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=BOUND)
+
+    def client_then_stop() -> None:
+        conn.request("GET", "/")
+        assert conn.getresponse().status == 204  # the connection stays open, idle
+        fresh.shutdown("test", wait=False)
+
+    try:
+        assert graceful.run([server, client_then_stop]) == 0
+    finally:
+        conn.close()

@@ -253,32 +253,39 @@ class HTTPServerService:
 
         wait_drain_delay(ctx.lifecycle)
         self.tracker.draining = True
-        self._stop_accepting(ctx)
-        if not self._drain(ctx):
-            left = self.tracker.in_flight()
-            log.warning("%s: %d request(s) still running when the budget ran out", self.name, len(left))
-
-    def _stop_accepting(self, ctx: Context) -> None:
         self._stop.set()
         if self._wake is not None:
             with contextlib.suppress(OSError):  # closed already: the loop has left
                 self._wake[1].send(b"\0")
-        if not self._loop_left.wait(ctx.remaining()):
-            log.warning("%s: the accept loop did not stop within the budget", self.name)
-        else:
-            log.info("%s: stopped accepting; draining %d connection(s)", self.name, len(self.tracker.open))
+        if not self._drain(ctx):
+            if not self._loop_left.is_set():
+                log.warning("%s: the accept loop did not stop within the budget", self.name)
+            left = self.tracker.in_flight()
+            log.warning("%s: %d request(s) still running when the budget ran out", self.name, len(left))
 
     def _drain(self, ctx: Context) -> bool:
-        """Close idle connections as they turn idle; True once every connection is closed."""
-        started = time.monotonic()
+        """Until the accept loop has left and every connection is closed, close the idle ones.
+
+        Idle connections are closed while the loop is still leaving too: a single-threaded
+        server's loop is itself busy with a keep-alive connection until that one closes.
+        True once drained; False when the budget ran out.
+        """
+        listening_closed: float | None = None
         while True:
-            fresh_too = time.monotonic() - started >= IDLE_GRACE
+            if listening_closed is None and self._loop_left.is_set():
+                listening_closed = time.monotonic()
+                log.info(
+                    "%s: stopped accepting; draining %d connection(s)", self.name, len(self.tracker.open)
+                )
+            fresh_too = listening_closed is not None and time.monotonic() - listening_closed >= IDLE_GRACE
             for handler in self.tracker.idle(fresh_too=fresh_too):
                 if not _has_input(handler):
                     _shut(handler)
             remaining = ctx.remaining()
             step = 0.05 if remaining is None else min(0.05, max(remaining, 0.0))
-            if self.tracker.wait_empty(step):
+            if listening_closed is None:
+                self._loop_left.wait(step)
+            elif self.tracker.wait_empty(step):
                 return True
             if remaining is not None and remaining <= 0:
                 return False
