@@ -30,7 +30,15 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
 
-__all__ = ["drain_delay", "is_live", "is_ready", "set_drain_delay", "set_ready", "wait_drain_delay"]
+__all__ = [
+    "drain_delay",
+    "drain_delay_left",
+    "is_live",
+    "is_ready",
+    "set_drain_delay",
+    "set_ready",
+    "wait_drain_delay",
+]
 
 ENV_DRAIN_DELAY = "GRACEFUL_DRAIN_DELAY"
 
@@ -92,6 +100,24 @@ def drain_delay(lifecycle: Lifecycle | None = None) -> float:
     return lc._drain_delay
 
 
+def drain_delay_left(lifecycle: Lifecycle | None = None) -> float:
+    """Seconds of the drain delay still to wait (0 once over, when it is 0, or before wrap-up).
+
+    Counted from the first wrap-up trigger and bounded by the force-quit budget left; for
+    asyncio servers, ``await asyncio.sleep(drain_delay_left())`` is the drain delay.
+    """
+    lc = _lc(lifecycle)
+    delay = drain_delay(lc)
+    started = lc._triggered_at
+    if delay <= 0 or started is None:
+        return 0.0
+    left = started + delay - lc._clock.monotonic()
+    remaining = lc.time_remaining()
+    if remaining is not None:
+        left = min(left, remaining)
+    return max(left, 0.0)
+
+
 def wait_drain_delay(lifecycle: Lifecycle | None = None) -> float:
     """Block until the drain delay, counted from the first wrap-up trigger, has passed.
 
@@ -99,19 +125,12 @@ def wait_drain_delay(lifecycle: Lifecycle | None = None) -> float:
     over already, was 0, or no wrap-up has started).
     """
     lc = _lc(lifecycle)
-    delay = drain_delay(lc)
-    started = lc._triggered_at
-    if delay <= 0 or started is None:
-        return 0.0
-    now = lc._clock.monotonic()
-    until = started + delay
-    remaining = lc.time_remaining()
-    if remaining is not None:
-        until = min(until, now + remaining)
-    if until <= now:
+    left = drain_delay_left(lc)
+    if left <= 0:
         return 0.0
     passed = threading.Event()
-    handle = lc._clock.call_at(until, passed.set, name="graceful-drain-delay")
+    now = lc._clock.monotonic()
+    handle = lc._clock.call_at(now + left, passed.set, name="graceful-drain-delay")
     try:
         passed.wait()
     finally:

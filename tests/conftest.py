@@ -8,11 +8,15 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from graceful import Lifecycle, State
 from graceful._clock import FakeClock
+
+if TYPE_CHECKING:
+    from .child import Child  # child.py imports this module
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds: the longest any test waits for an event that should come at once
@@ -63,6 +67,15 @@ def fresh() -> Iterator[Lifecycle]:
     if lifecycle.state() is not State.RUNNING:
         lifecycle.shutdown("test teardown", wait=False)
         assert lifecycle.wait_for_shutdown(BOUND), "the test left a listener running"
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    """Child processes a test starts; each is killed (if still running) at teardown."""
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.kill()
 
 
 def run_python(

@@ -5,10 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import signal
-import socket
 import threading
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,6 +16,7 @@ from graceful.adapters.http import HTTPServerService
 
 from .child import Child
 from .conftest import BOUND
+from .web import get, in_flight, refused_within, start
 
 # A server whose /slow/<n> requests print "in <n>" and answer once the test says "release".
 SERVER = r"""
@@ -82,52 +80,6 @@ sys.exit(graceful.run(server))
 """
 
 
-@pytest.fixture
-def children() -> Iterator[list[Child]]:
-    started: list[Child] = []
-    yield started
-    for child in started:
-        child.kill()
-
-
-def start(children: list[Child], code: str, **env: str) -> tuple[Child, int]:
-    child = Child(code, env=env)
-    children.append(child)
-    port = int(child.expect("port").split()[1])
-    child.expect_err("ready")  # graceful.run() has its signal handlers in place
-    return child, port
-
-
-def get(port: int, path: str) -> tuple[int, str, str | None]:
-    """One request on a new connection: status, body, the Connection header."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read().decode(), response.getheader("Connection")
-    finally:
-        conn.close()
-
-
-def refused_within(port: int) -> float:
-    """Seconds a new connection took to be refused (AssertionError if it was accepted)."""
-    started = time.monotonic()
-    with socket.socket() as sock:
-        sock.settimeout(BOUND)
-        try:
-            sock.connect(("127.0.0.1", port))
-        except ConnectionRefusedError:
-            return time.monotonic() - started
-    raise AssertionError("a connection after the listening socket closed was accepted")
-
-
-def in_flight(child: Child, pool: ThreadPoolExecutor, port: int, n: int) -> list[object]:
-    futures = [pool.submit(get, port, f"/slow/{i}") for i in range(n)]
-    seen = {child.expect("in ").split()[1] for _ in range(n)}
-    assert seen == {str(i) for i in range(n)}
-    return futures  # type: ignore[return-value]
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("code", [SERVER, WSGI_SERVER], ids=["http.server", "wsgiref"])
 def test_sigterm_with_50_requests_in_flight_answers_all_of_them(children: list[Child], code: str) -> None:
@@ -138,7 +90,7 @@ def test_sigterm_with_50_requests_in_flight_answers_all_of_them(children: list[C
         child.expect_err("stopped accepting")
         assert refused_within(port) < 0.1
         child.tell("release")
-        results = [f.result(BOUND) for f in futures]  # type: ignore[attr-defined]
+        results = [f.result(BOUND) for f in futures]
     assert [(status, body) for status, body, _ in results] == [(200, f"/slow/{i}") for i in range(50)]
     if code is SERVER:  # HTTP/1.1 keep-alive: each answer in the drain says the connection ends
         assert {connection for _, _, connection in results} == {"close"}

@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler
 from socketserver import TCPServer
 
 from .._service import Context
+from ._inflight import Request
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
@@ -46,28 +47,13 @@ IDLE_GRACE = 1.0
 """Seconds a connection accepted during the drain may stay silent before it is closed."""
 
 
-class _Request:
-    __slots__ = ("client", "method", "path", "started")
-
-    def __init__(self, method: str, path: str, client: str) -> None:
-        self.method = method
-        self.path = path
-        self.client = client
-        self.started = time.monotonic()
-
-    def describe(self) -> str:
-        return (
-            f"{self.method} {self.path} from {self.client} (running {time.monotonic() - self.started:.3f} s)"
-        )
-
-
 class _Tracker:
     """Every open connection, and the request each one is answering, if any."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self.open: dict[Any, _Request | None] = {}  # handler -> its current request
+        self.open: dict[Any, Request | None] = {}  # handler -> its current request
         self.served: dict[Any, int] = {}  # handler -> requests answered so far
         self.draining = False
 
@@ -82,7 +68,7 @@ class _Tracker:
             self.served.pop(handler, None)
             self._idle.notify_all()
 
-    def begin(self, handler: Any, request: _Request) -> None:
+    def begin(self, handler: Any, request: Request) -> None:
         with self._lock:
             self.open[handler] = request
 
@@ -92,7 +78,7 @@ class _Tracker:
                 self.open[handler] = None
                 self.served[handler] = self.served.get(handler, 0) + 1
 
-    def in_flight(self) -> list[_Request]:
+    def in_flight(self) -> list[Request]:
         with self._lock:
             return [request for request in self.open.values() if request is not None]
 
@@ -150,7 +136,7 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
         def parse_request(self) -> bool:
             ok: bool = super().parse_request()
             if ok:
-                tracker.begin(self, _Request(self.command, self.path, self.address_string()))
+                tracker.begin(self, Request(self.command, self.path, self.address_string()))
             return ok
 
         def send_header(self, keyword: str, value: str) -> None:

@@ -1,0 +1,64 @@
+"""The requests a web adapter is answering, so that none is dropped without a log line naming it.
+
+Why: at the force-quit deadline a server's connections are cut; the operator must learn which
+requests were lost (method, path, client, how long each had run), not only how many. Every
+web adapter records each request here when it starts and removes it when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+__all__ = ["InFlight", "Request"]
+
+log = logging.getLogger("graceful")
+
+
+class Request:
+    """One request under way."""
+
+    __slots__ = ("client", "method", "path", "started")
+
+    def __init__(self, method: str, path: str, client: str) -> None:
+        self.method = method
+        self.path = path
+        self.client = client
+        self.started = time.monotonic()
+
+    def describe(self) -> str:
+        return (
+            f"{self.method} {self.path} from {self.client} (running {time.monotonic() - self.started:.3f} s)"
+        )
+
+
+class InFlight:
+    """A thread-safe set of requests under way, keyed by whatever the adapter likes."""
+
+    def __init__(self, server_name: str) -> None:
+        self.server_name = server_name
+        self._lock = threading.Lock()
+        self._requests: dict[object, Request] = {}
+
+    def add(self, key: object, request: Request) -> None:
+        with self._lock:
+            self._requests[key] = request
+
+    def discard(self, key: object) -> None:
+        with self._lock:
+            self._requests.pop(key, None)
+
+    def requests(self) -> list[Request]:
+        with self._lock:
+            return list(self._requests.values())
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def log_dropped(self, why: str = "at the force-quit deadline") -> int:
+        """Log one line per request still under way; returns how many."""
+        requests = self.requests()
+        for request in requests:
+            log.error("%s: dropped request %s %s", self.server_name, request.describe(), why)
+        return len(requests)

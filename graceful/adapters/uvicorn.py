@@ -1,0 +1,140 @@
+"""``uvicorn.Server`` (ASGI) under ``graceful.run``, with graceful owning the signals.
+
+Why: ``uvicorn.run()`` installs its own SIGINT/SIGTERM handlers, replacing whatever was there
+(uvicorn #1579), notices them only on its 0.1 s tick, and re-raises the signal at the end, so
+the process exits with 143 instead of 0; two servers in one process hang on shutdown (#1773).
+Here uvicorn installs no handler at all: graceful routes the signals and drives uvicorn's own
+graceful exit, so its connection handling and the ASGI lifespan shutdown still run.
+
+* serve: the app is wrapped in a small ASGI middleware that records each HTTP request under
+  way; ``Server.serve()`` runs with its ``capture_signals()`` turned into a no-op; "started"
+  is said once uvicorn's startup (lifespan startup included) has bound its sockets.
+* wrap-up: the drain delay (still serving); then uvicorn's listening sockets are closed at
+  once (a new connection is refused now, not on uvicorn's next tick) and ``should_exit`` is
+  set: uvicorn closes idle connections and closes the others once their response is sent
+  (the middleware adds ``Connection: close`` to those responses), waits for them, and runs the lifespan shutdown. Wrap-up waits for
+  all of it within the remaining budget.
+* deadline: every request still under way is logged (method, path, client, age). A request
+  that uvicorn's own ``timeout_graceful_shutdown`` cancels is logged the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import uvicorn
+
+from .._service import Context
+from ..readiness import drain_delay_left
+from ._inflight import InFlight, Request
+
+# No ``typing`` at run time: see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+log = logging.getLogger("graceful")
+
+__all__ = ["UvicornService", "adapt"]
+
+
+class _Track:
+    """ASGI middleware: each HTTP request is in ``in_flight`` while the app answers it."""
+
+    def __init__(self, app: Any, in_flight: InFlight, draining: asyncio.Event) -> None:
+        self.app = app
+        self.in_flight = in_flight
+        self.draining = draining
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client") or ("?", 0)
+        key = object()
+        request = Request(scope.get("method", "?"), scope.get("path", "?"), str(client[0]))
+        self.in_flight.add(key, request)
+        draining = self.draining
+
+        async def send_saying_close(message: Any) -> None:
+            if message["type"] == "http.response.start" and draining.is_set():
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_saying_close)
+        except asyncio.CancelledError:
+            if self.draining.is_set():  # uvicorn's own timeout_graceful_shutdown cancelled it
+                log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
+                    "%s: dropped request %s (cancelled while draining)",
+                    self.in_flight.server_name,
+                    request.describe(),
+                )
+            raise
+        finally:
+            self.in_flight.discard(key)
+
+
+class UvicornService:
+    """A ``uvicorn.Server``: uvicorn's own graceful exit, driven by graceful."""
+
+    def __init__(self, server: uvicorn.Server, name: str | None = None) -> None:
+        if not isinstance(server, uvicorn.Server):
+            raise TypeError(f"UvicornService takes a uvicorn.Server, not {type(server).__name__}")
+        self.server = server
+        config = server.config
+        self.name = name or f"uvicorn {config.host}:{config.port}"
+        self.in_flight = InFlight(self.name)
+        self._draining: asyncio.Event | None = None
+        self._done: asyncio.Event | None = None
+
+    async def serve(self, ctx: Context) -> None:
+        self._draining, self._done = asyncio.Event(), asyncio.Event()
+        ctx.lifecycle.on_force_quit(self.in_flight.log_dropped, name=f"log requests dropped by {self.name}")
+        server, config = self.server, self.server.config
+        if not config.loaded:
+            config.load()
+        config.loaded_app = _Track(config.loaded_app, self.in_flight, self._draining)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment] # graceful owns them
+        startup = server.startup
+
+        async def startup_then_say_started(sockets: Any = None) -> None:
+            await startup(sockets=sockets)
+            if server.started and not server.should_exit:
+                ctx.started()
+
+        server.startup = startup_then_say_started  # type: ignore[method-assign]
+        try:
+            await server.serve()
+        finally:
+            self._done.set()
+
+    async def wrap_up(self, ctx: Context) -> None:
+        if self._done is None or self._draining is None or self._done.is_set():
+            return
+        await asyncio.sleep(drain_delay_left(ctx.lifecycle))  # not-ready, still serving
+        self._draining.set()
+        for listener in getattr(self.server, "servers", ()):
+            listener.close()  # refuse new connections now, not at uvicorn's next 0.1 s tick
+        self.server.should_exit = True
+        log.info("%s: stopped accepting; draining %d request(s)", self.name, len(self.in_flight))
+        try:
+            await asyncio.wait_for(self._done.wait(), ctx.remaining())
+        except asyncio.TimeoutError:
+            log.warning(
+                "%s: %d request(s) still running when the budget ran out", self.name, len(self.in_flight)
+            )
+
+    async def close(self, ctx: Context) -> None:
+        return None
+
+
+def adapt(obj: object) -> UvicornService | None:
+    """The service for a ``uvicorn.Server``; None for anything else."""
+    if isinstance(obj, uvicorn.Server):
+        return UvicornService(obj)
+    return None
