@@ -1,0 +1,246 @@
+"""The generic queue worker and the Redis registration, against a real redis-server.
+
+The worker under test consumes the Redis list ``jobs`` (BRPOP; requeue = RPUSH, the end BRPOP
+takes next). A job ``kind:id`` prints ``start kind:id``; ``slow`` jobs wait until the test
+writes a line to the worker's stdin; ``iter`` jobs checkpoint and requeue themselves once
+graceful is stopping; finished jobs go to the set ``done``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import pytest
+import redis
+
+import graceful
+from graceful import Lifecycle
+from graceful.adapters.registry import Registration
+from graceful.adapters.worker import Requeue, Worker
+
+from .child import Child
+from .conftest import BOUND
+
+WORKER = r"""
+import logging, sys, threading
+import redis
+import graceful
+from graceful.adapters.registry import Registration
+from graceful.adapters.worker import Requeue, Worker
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+r = redis.Redis.from_url(sys.argv[1], decode_responses=True)
+release = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
+stopping = threading.Event()
+graceful.add_wrap_up_listener(stopping.set, name="note-stopping")
+
+def fetch(timeout):
+    item = r.brpop("jobs", timeout=timeout)
+    return item[1] if item else None
+
+def handle(job):
+    kind, _, ident = job.partition(":")
+    sys.stdout.write(f"start {job}\n")
+    sys.stdout.flush()
+    if kind == "slow":
+        release.wait()
+    elif kind == "iter":
+        stopping.wait()  # a long job that checks graceful.is_stopping() between steps
+        assert graceful.is_stopping()
+        r.set(f"checkpoint:{ident}", "step 7")
+        raise Requeue()
+    r.sadd("done", job)
+
+def requeue(job):
+    r.rpush("jobs", job)
+
+worker = Worker(fetch, handle, requeue, concurrency=2, name="mailer", poll=0.2)
+sys.exit(graceful.run([worker, Registration(r, "mailer", ttl=3)]))
+"""
+
+
+def start_worker(children: list[Child], url: str, **env: str) -> Child:
+    child = Child(f"import sys; sys.argv = ['worker', {url!r}]\n" + WORKER, env=env)
+    children.append(child)
+    child.expect_err("ready")
+    return child
+
+
+def registered(client: redis.Redis) -> list[str]:
+    return sorted(client.keys("graceful:workers:mailer:*"))
+
+
+def wait_registered(client: redis.Redis) -> list[str]:
+    """The keys, once there is one (servers start together: the registration may come second)."""
+    pause = threading.Event()
+    for _ in range(int(BOUND / 0.01)):
+        keys = registered(client)
+        if keys:
+            return keys
+        pause.wait(0.01)  # polling Redis: there is no event to wait on
+    raise AssertionError("the worker never registered")
+
+
+@pytest.mark.timeout(60)
+def test_jobs_in_flight_at_sigterm_finish_and_nothing_new_is_fetched(
+    children: list[Child],
+    rdb: redis.Redis,
+    redis_url: str,
+) -> None:
+    child = start_worker(children, redis_url)
+    assert len(registered(rdb)) == 1
+    rdb.lpush("jobs", "slow:1", "slow:2")
+    child.expect("start slow")
+    child.expect("start slow")
+    rdb.lpush("jobs", "fast:3")  # both consumers are busy: it waits in the queue
+    child.send(signal.SIGTERM)
+    child.expect_err("fetching stopped; 2 job(s) in hand")
+    assert json.loads(rdb.get(registered(rdb)[0]))["state"] == "draining"  # the heartbeat goes on
+    child.tell("release")
+    assert child.wait() == 0
+    assert rdb.smembers("done") == {"slow:1", "slow:2"}
+    assert rdb.lrange("jobs", 0, -1) == ["fast:3"]
+    assert registered(rdb) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_job_in_flight_at_the_deadline_is_requeued_and_named(
+    children: list[Child],
+    rdb: redis.Redis,
+    redis_url: str,
+) -> None:
+    child = start_worker(children, redis_url, GRACEFUL_FORCE_QUIT="1")
+    rdb.lpush("jobs", "slow:stuck")
+    child.expect("start slow:stuck")
+    child.send(signal.SIGTERM)
+    assert child.wait() == 70
+    assert rdb.lrange("jobs", 0, -1) == ["slow:stuck"]
+    assert "job 'slow:stuck' still running at the force-quit deadline: requeued" in child.err
+    assert registered(rdb) == []
+
+
+@pytest.mark.timeout(60)
+def test_sigtstp_stops_fetching_and_keeps_the_process_up_until_sigterm(
+    children: list[Child],
+    rdb: redis.Redis,
+    redis_url: str,
+) -> None:
+    child = start_worker(children, redis_url)
+    child.send(signal.SIGTSTP)
+    child.expect_err("mailer: stopped (0 done")
+    rdb.lpush("jobs", "fast:after-pause")
+    assert child.proc.poll() is None
+    assert len(registered(rdb)) == 1  # paused, still registered
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0
+    assert rdb.lrange("jobs", 0, -1) == ["fast:after-pause"]  # never fetched
+    assert registered(rdb) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_long_job_checkpoints_and_requeues_itself_when_stopping(
+    children: list[Child],
+    rdb: redis.Redis,
+    redis_url: str,
+) -> None:
+    child = start_worker(children, redis_url)
+    rdb.lpush("jobs", "iter:42")
+    child.expect("start iter:42")
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0
+    assert rdb.get("checkpoint:42") == "step 7"
+    assert rdb.lrange("jobs", 0, -1) == ["iter:42"]
+    assert "job 'iter:42' asked to be requeued: requeued" in child.err
+
+
+# -- in process: the other exit paths of the registration ----------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_the_registration_is_removed_after_shutdown_from_code(fresh: Lifecycle, rdb: redis.Redis) -> None:
+    seen: list[list[str]] = []
+
+    def stop_after_checking() -> None:
+        seen.append(wait_registered(rdb))
+        fresh.shutdown("done", wait=False)
+
+    assert graceful.run([stop_after_checking, Registration(rdb, "mailer")]) == 0
+    assert len(seen[0]) == 1
+    assert registered(rdb) == []
+
+
+@pytest.mark.timeout(30)
+def test_the_registration_is_removed_when_a_server_crashes(fresh: Lifecycle, rdb: redis.Redis) -> None:
+    def crash() -> None:
+        raise RuntimeError("boom")
+
+    assert graceful.run([crash, Registration(rdb, "mailer")]) == 1
+    assert registered(rdb) == []
+
+
+@pytest.mark.timeout(30)
+def test_the_heartbeat_refreshes_the_key(fresh: Lifecycle, rdb: redis.Redis) -> None:
+    beats = threading.Event()
+
+    def watch() -> None:
+        first = json.loads(rdb.get(wait_registered(rdb)[0]))["seen"]
+        deadline = threading.Event()
+        while not deadline.wait(0.05):  # polling Redis: there is no event to wait on
+            value = rdb.get(registered(rdb)[0])
+            if value is not None and json.loads(value)["seen"] > first:
+                beats.set()
+                break
+        fresh.shutdown("seen a heartbeat", wait=False)
+
+    timer = threading.Timer(BOUND, lambda: fresh.shutdown("no heartbeat", wait=False))
+    timer.start()
+    try:
+        assert graceful.run([watch, Registration(rdb, "mailer", ttl=1)]) == 0
+    finally:
+        timer.cancel()
+    assert beats.is_set()
+
+
+def test_bad_input_says_what_to_do(rdb: redis.Redis) -> None:
+    with pytest.raises(TypeError, match="Redis client"):
+        Registration(object(), "x")
+    with pytest.raises(ValueError, match="ttl"):
+        Registration(rdb, "x", ttl=0)
+    with pytest.raises(TypeError, match="fetch"):
+        Worker(None, print, print)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="concurrency"):
+        Worker(print, print, print, concurrency=0)
+    with pytest.raises(ValueError, match="poll"):
+        Worker(print, print, print, poll=0)
+
+
+@pytest.mark.timeout(30)
+def test_in_process_a_failing_job_is_logged_and_counted_and_the_worker_goes_on(
+    fresh: Lifecycle, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = ["bad", "good", "again"]
+    handled: list[str] = []
+
+    def fetch(timeout: float) -> str | None:
+        if jobs:
+            return jobs.pop(0)
+        fresh.shutdown("queue empty", wait=False)
+        return None
+
+    def handle(job: str) -> None:
+        if job == "bad":
+            raise ValueError("bad job")
+        if job == "again":
+            raise Requeue
+        handled.append(job)
+
+    requeued: list[str] = []
+    worker = Worker(fetch, handle, requeued.append, poll=0.05)
+    assert graceful.run(worker) == 0
+    assert (worker.done, worker.failed, worker.requeued) == (1, 1, 1)
+    assert handled == ["good"]
+    assert requeued == ["again"]
+    assert "job 'bad' failed" in caplog.text
