@@ -153,7 +153,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def rdb(redis_url: str) -> Iterator[redis.Redis]:
     """A client on a flushed database."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=3 * BOUND)
     client.flushdb()
     yield client
     client.close()
