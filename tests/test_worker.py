@@ -19,9 +19,10 @@ import graceful
 from graceful import Lifecycle
 from graceful.adapters.registry import Registration
 from graceful.adapters.worker import Requeue, Worker
+from graceful.testing import ProcessFactory
 
 from .child import Child
-from .conftest import BOUND
+from .conftest import BOUND, ROOT
 
 WORKER = r"""
 import logging, sys, threading
@@ -244,3 +245,17 @@ def test_in_process_a_failing_job_is_logged_and_counted_and_the_worker_goes_on(
     assert handled == ["good"]
     assert requeued == ["again"]
     assert "job 'bad' failed" in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_the_queue_worker_example_drains_and_deregisters(
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str
+) -> None:
+    proc = graceful_process(ROOT / "examples" / "queue_worker.py", env={"REDIS_URL": redis_url})
+    assert len(wait_registered(rdb)) == 1
+    rdb.lpush("jobs", "send-welcome-mail:1")
+    proc.send_signal(signal.SIGTERM)
+    result = proc.wait(30)
+    assert result.returncode == 0, result.stderr
+    assert registered(rdb) == []
+    assert "mailer: stopped (" in result.stderr
