@@ -122,6 +122,7 @@ class Lifecycle:
         self._on_stopped: list[Callable[[], None]] = []
         self._failures: list[str] = []
         self._forced: str | None = None
+        self._observers: list[Callable[[str, str], object]] = []  # graceful.systemd, for one
         self._ready = False  # graceful.readiness: set by run() once every server is up
         self._drain_delay: float | None = None  # graceful.readiness: None until first read
         self._driver: threading.Thread | None = None
@@ -195,6 +196,7 @@ class Lifecycle:
         with self._lock:
             handles = list(self._reloads)
         log.info("reloading (%s): %d reload listener(s)", reason, len(handles))
+        self._emit("reloading", reason)
         for handle in handles:
             try:
                 result = handle._fn()
@@ -207,6 +209,7 @@ class Lifecycle:
                     asyncio.run(main())
             except Exception:  # one bad reload listener must not stop the others
                 log.exception("reload listener %r failed", handle.name)
+        self._emit("reloaded", reason)
         return len(handles)
 
     # -- triggers -----------------------------------------------------------------------------
@@ -264,6 +267,10 @@ class Lifecycle:
             driver.start()
         for note in notes:
             log.info("%s", note)
+        if start:
+            self._emit("wrapping_up", reason)
+        if arm:
+            self._emit("shutdown", reason)
 
     def _set_state(self, state: State, why: str) -> str:
         """Move to ``state`` (the caller holds the lock); returns the line to log afterwards."""
@@ -279,6 +286,7 @@ class Lifecycle:
             while not self._shutdown_requested or self._phases[WRAP_UP].outstanding:
                 self._changed.wait()
             note = self._set_state(State.SHUTTING_DOWN, f"wrap-up done; {self._reason}")
+        self._emit("shutting_down", self._reason or "")
         self._run_phase(SHUTDOWN, note)
         with self._lock:
             while any(phase.outstanding for phase in self._phases.values()):
@@ -288,6 +296,7 @@ class Lifecycle:
             callbacks, self._on_stopped = self._on_stopped, []
         self._timer.disarm()
         log.info("%s", note)  # before waking the waiters, so the log reads in order
+        self._emit("stopped", note)
         self._stopped.set()
         for callback in callbacks:
             callback()
@@ -320,6 +329,22 @@ class Lifecycle:
                 self._failures.append(f"{listener.phase} listener {listener.name!r}")
             if phase.outstanding == 0:  # only then can the driver move on: one wake-up a phase
                 self._changed.notify_all()
+
+    def _observe(self, fn: Callable[[str, str], object]) -> Callable[[], None]:
+        """Call ``fn(event, detail)`` at each transition; returns a function that stops it.
+
+        Events: ``wrapping_up``, ``shutdown`` (the deadline starts), ``shutting_down``,
+        ``stopped``, ``reloading``, ``reloaded``. For integrations (``graceful.systemd``).
+        """
+        self._observers.append(fn)
+        return lambda: self._observers.remove(fn) if fn in self._observers else None
+
+    def _emit(self, event: str, detail: str) -> None:
+        for fn in list(self._observers):
+            try:
+                fn(event, detail)
+            except Exception:  # an integration must never break the sequence
+                log.exception("graceful observer %r failed on %s", fn, event)
 
     def record_failure(self, what: str) -> None:
         """Note that a server (or anything else the caller runs) failed: the exit code becomes 1."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -69,8 +70,17 @@ def run_with(
     services = [adapt(item) for item in items]
     runner = _Runner(lifecycle, services)
     guard = signal_handlers(lifecycle) if handle_signals else contextlib.nullcontext()
-    with guard:
-        runner.run()
+    with guard as router:
+        notifier = None
+        if os.environ.get("NOTIFY_SOCKET"):  # under systemd (or graceful_process)
+            from .systemd import SystemdNotifier
+
+            notifier = SystemdNotifier(lifecycle, router)
+        try:
+            runner.run()
+        finally:
+            if notifier is not None:
+                notifier.close()
     return lifecycle.exit_code
 
 

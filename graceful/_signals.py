@@ -42,6 +42,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
 __all__ = ["Router", "handled_signals", "signal_handlers"]
 
 log = logging.getLogger("graceful")
+
+PING = 255
+"""A byte no signal number uses: the systemd watchdog's "are you alive?" to the coordinator."""
 
 _ROUTED = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP", "SIGBREAK")
 
@@ -80,6 +84,17 @@ class Router:
         self._write = stderr or _write_stderr
         self._interrupts = 0
         self._lock = threading.Lock()
+        self.answered = 0.0
+        """When the coordinator last answered a ``ping()`` (monotonic); the systemd watchdog
+        pings only while it answers."""
+        self._ping: Callable[[], object] = self._answer  # without a coordinator: answer at once
+
+    def ping(self) -> None:
+        """Ask the coordinator thread to show it is alive (it sets ``answered``)."""
+        self._ping()
+
+    def _answer(self) -> None:
+        self.answered = time.monotonic()
 
     def dispatch(self, signum: int) -> None:
         """Act on one signal, as the coordinator thread does for a real one."""
@@ -149,6 +164,11 @@ class _Installation:
         self.saved: dict[int, object] = {}
         self.previous_wakeup = -1
         self.coordinator = threading.Thread(target=self._coordinate, name="graceful-signals", daemon=True)
+        router._ping = self._send_ping
+
+    def _send_ping(self) -> None:
+        with contextlib.suppress(OSError):  # a full or closed pipe: no answer, as for a stuck coordinator
+            os.write(self.write_fd, bytes([PING]))
 
     def handler(self, signum: int, frame: FrameType | None) -> None:
         # Re-entrant hand-off only: the C-level handler already wrote ``signum`` to the
@@ -171,6 +191,9 @@ class _Installation:
             for signum in data:
                 if signum == 0:  # our own stop byte
                     return
+                if signum == PING:
+                    self.router._answer()
+                    continue
                 if signum in self.signals:  # others' handlers write here too: theirs to handle
                     self.router.dispatch(signum)
 
