@@ -70,15 +70,24 @@ def run_with(
     services = [adapt(item) for item in items]
     runner = _Runner(lifecycle, services)
     guard = signal_handlers(lifecycle) if handle_signals else contextlib.nullcontext()
+    from .readiness import check_platform_grace, probe_port_from_env, serve_probes
+
+    check_platform_grace(lifecycle)
+    probe_port = probe_port_from_env()
     with guard as router:
-        notifier = None
+        notifier = probes = None
         if os.environ.get("NOTIFY_SOCKET"):  # under systemd (or graceful_process)
             from .systemd import SystemdNotifier
 
             notifier = SystemdNotifier(lifecycle, router)
         try:
+            if probe_port is not None:  # Kubernetes probes the pod's IP: every interface by default
+                probes = serve_probes(probe_port, os.environ.get("GRACEFUL_PROBE_HOST", "0.0.0.0"), lifecycle)
+                log.info("answering probes on port %d (/readyz, /livez)", probes.port)
             runner.run()
         finally:
+            if probes is not None:
+                probes.close()
             if notifier is not None:
                 notifier.close()
     return lifecycle.exit_code

@@ -14,10 +14,15 @@ one delay, counted from the first wrap-up trigger, covers every server in the pr
   draining).
 * drain delay: ``set_drain_delay(seconds)`` or ``GRACEFUL_DRAIN_DELAY`` (seconds, default 0),
   bounded by what is left of the force-quit budget.
+* probes: ``serve_probes(port)`` (or ``GRACEFUL_PROBE_PORT`` under ``run()``) answers
+  ``/readyz`` and ``/livez`` from a tiny stdlib HTTP server on its own thread.
+* platform grace: ``check_platform_grace()`` warns at start when the drain delay plus the
+  force-quit budget would outlast the grace Kubernetes or systemd give before SIGKILL.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -39,6 +44,8 @@ __all__ = [
     "set_ready",
     "wait_drain_delay",
 ]
+
+log = logging.getLogger("graceful")
 
 ENV_DRAIN_DELAY = "GRACEFUL_DRAIN_DELAY"
 
@@ -136,3 +143,123 @@ def wait_drain_delay(lifecycle: Lifecycle | None = None) -> float:
     finally:
         handle.cancel()
     return lc._clock.monotonic() - now
+
+
+# -- the probe endpoint ----------------------------------------------------------------------------
+
+ENV_PROBE_PORT = "GRACEFUL_PROBE_PORT"
+ENV_TERMINATION_GRACE = "GRACEFUL_TERMINATION_GRACE"
+ENV_TIMEOUT_STOP_SEC = "GRACEFUL_TIMEOUT_STOP_SEC"
+
+
+class ProbeServer:
+    """A tiny HTTP server for Kubernetes probes, on its own thread (``serve_probes()``).
+
+    ``GET /readyz``: 200 while ready, 503 from the start of wrap-up. ``GET /livez``: 200 until
+    the lifecycle has stopped. Anything else: 404.
+    """
+
+    def __init__(self, lifecycle: Lifecycle, host: str, port: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        lc = lifecycle
+
+        class Probe(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path == "/readyz":
+                    ok = is_ready(lc)
+                    body = "ready" if ok else "not ready"
+                elif path == "/livez":
+                    ok = is_live(lc)
+                    body = "live" if ok else "stopped"
+                else:
+                    self.send_error(404, "graceful probes: /readyz and /livez")
+                    return
+                data = f"{body}\n".encode()
+                self.send_response(200 if ok else 503)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None  # probes every few seconds would drown the log
+
+        self._server = ThreadingHTTPServer((host, port), Probe)
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="graceful-probes",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop answering (idempotent)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(5)
+        self._server.server_close()
+
+
+def serve_probes(port: int = 0, host: str = "127.0.0.1", lifecycle: Lifecycle | None = None) -> ProbeServer:
+    """Answer Kubernetes probes on ``host:port`` (``port=0``: any free port, see ``.port``).
+
+    ``run()`` starts one by itself when ``GRACEFUL_PROBE_PORT`` is set (on every interface,
+    since the kubelet probes the pod's IP). Returns the server; ``close()`` stops it.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"serve_probes(port=...) must be a port number 0-65535; got {port!r}")
+    return ProbeServer(_lc(lifecycle), host, port)
+
+
+def probe_port_from_env() -> int | None:
+    """``GRACEFUL_PROBE_PORT`` as a port number, or None when unset."""
+    raw = os.environ.get(ENV_PROBE_PORT, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) <= 65535:
+        raise ValueError(f"{ENV_PROBE_PORT}={raw!r} is not a port number: set it to e.g. 8086")
+    return int(raw)
+
+
+def _seconds_from_env(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return _check_delay(float(raw), name)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of seconds: set it to e.g. 30") from None
+
+
+def check_platform_grace(lifecycle: Lifecycle | None = None) -> str | None:
+    """Warn when the drain delay plus the force-quit budget outlast the platform's grace.
+
+    The platform's grace comes from ``GRACEFUL_TERMINATION_GRACE`` (Kubernetes'
+    ``terminationGracePeriodSeconds``) or ``GRACEFUL_TIMEOUT_STOP_SEC`` (systemd's
+    ``TimeoutStopSec``), the shorter if both are set. Past it, the platform sends SIGKILL and
+    graceful never writes its report (SolidQueue #653). ``run()`` calls this at start. Returns
+    the warning (also logged), or None.
+    """
+    lc = _lc(lifecycle)
+    graces = [
+        g for g in (_seconds_from_env(ENV_TERMINATION_GRACE), _seconds_from_env(ENV_TIMEOUT_STOP_SEC)) if g
+    ]
+    if not graces:
+        return None
+    grace = min(graces)
+    needed = drain_delay(lc) + lc.status().force_quit
+    if needed < grace:
+        return None
+    warning = (
+        f"the drain delay ({drain_delay(lc):g} s) plus the force-quit budget ({lc.status().force_quit:g} s) "
+        f"is {needed:g} s, not less than the platform's grace of {grace:g} s: the process would be "
+        f"SIGKILLed before graceful reports what is stuck. Lower GRACEFUL_FORCE_QUIT or "
+        f"GRACEFUL_DRAIN_DELAY, or raise terminationGracePeriodSeconds / TimeoutStopSec"
+    )
+    log.warning("%s", warning)
+    return warning
