@@ -69,13 +69,13 @@ def close_database() -> None:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)-8s %(message)s")
     port = int(os.environ.get("PORT", "8000"))
-    server = ThreadingHTTPServer(("127.0.0.1", port), Api)
+    server = ThreadingHTTPServer((os.environ.get("HOST", "127.0.0.1"), port), Api)
     for n in range(3):
         jobs.put(n)
     graceful.add_shutdown_listener(close_database, name="close-database")
     log.info(
-        "serving on http://127.0.0.1:%d (pid %d); Ctrl-C or kill to stop",
-        server.server_address[1],
+        "serving on http://%s:%d (pid %d); Ctrl-C or kill to stop",
+        *server.server_address[:2],
         os.getpid(),
     )
     return graceful.run([worker, server])

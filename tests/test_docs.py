@@ -1,0 +1,94 @@
+"""The documentation: the site builds with --strict, and every complete program in it runs.
+
+A complete program in the docs is a ```python block whose first line is ``# name.py``
+(docs/testing.md's files are run by tests/test_plugin.py, with pytest). Each one is written to
+a temporary folder, started with the ``graceful_process`` fixture (it waits for READY=1),
+stopped with SIGTERM, and must exit 0 without a traceback. The examples the docs include from
+``examples/`` (``--8<--`` lines) are run the same way.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graceful.testing import ProcessFactory
+
+from .conftest import ROOT
+
+DOCS = ROOT / "docs"
+BLOCK = re.compile(r"```python\n# (\w+\.py)\n(.*?)```", flags=re.DOTALL)
+INCLUDED = re.compile(r'--8<-- "(examples/\w+\.py)"')
+
+
+def _programs() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for page in sorted(DOCS.rglob("*.md")):
+        if page.name == "testing.md":
+            continue
+        for name, body in BLOCK.findall(page.read_text()):
+            found[f"{page.relative_to(DOCS)}:{name}"] = body
+    return found
+
+
+def _included_examples() -> list[str]:
+    return sorted({path for page in DOCS.rglob("*.md") for path in INCLUDED.findall(page.read_text())})
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+@pytest.mark.timeout(180)
+def test_the_docs_build_with_strict(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_docs_have_complete_programs_to_run() -> None:
+    assert len(_programs()) >= 6
+    assert _included_examples()
+
+
+def _run_and_stop(graceful_process: ProcessFactory, script: Path, redis_url: str) -> None:
+    env = {"PORT": _free_port(), "REDIS_URL": redis_url}  # the programs read these, if anything
+    proc = graceful_process(script, env=env, ready_timeout=20)
+    proc.send_signal(signal.SIGTERM)
+    result = proc.wait(20)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key", sorted(_programs()))
+def test_a_complete_program_in_the_docs_runs_and_stops_with_exit_0(
+    key: str, tmp_path: Path, graceful_process: ProcessFactory, redis_url: str
+) -> None:
+    name = key.rsplit(":", 1)[1]
+    script = tmp_path / name
+    script.write_text(_programs()[key])
+    _run_and_stop(graceful_process, script, redis_url)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", _included_examples())
+def test_an_example_the_docs_include_runs_and_stops_with_exit_0(
+    path: str, graceful_process: ProcessFactory, redis_url: str
+) -> None:
+    _run_and_stop(graceful_process, ROOT / path, redis_url)
