@@ -147,7 +147,9 @@ class SystemdNotifier:
                 if self.router is None or self.router.answered >= sent_ping:
                     notify("WATCHDOG=1")
                 else:
-                    log.warning("the signal coordinator has not answered for %.1f s: no WATCHDOG=1", now - sent_ping)
+                    log.warning(
+                        "the signal coordinator has not answered for %.1f s: no WATCHDOG=1", now - sent_ping
+                    )
                 sent_ping = time.monotonic()
                 if self.router is not None:
                     self.router.ping()
