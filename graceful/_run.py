@@ -296,8 +296,11 @@ class _Runner:
         try:
             yield
         except KeyboardInterrupt:  # Ctrl-C while starting, without our SIGINT handler
-            log.info("interrupted while starting: shutting down")
-            self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
+            try:
+                self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
+                log.info("interrupted while starting: shutting down")
+            except KeyboardInterrupt:  # the next Ctrl-C came while handling this one
+                self.lifecycle.force_quit("KeyboardInterrupt again while starting")
         except BaseException as exc:  # kept, and raised again after the sequence
             log.exception("graceful.run() failed: running the shutdown sequence anyway")
             self.lifecycle.record_failure("graceful.run()")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -63,9 +64,24 @@ def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
     main = threading.main_thread().ident
     assert main is not None
 
+    def main_thread_is_blocked_in_run() -> bool:
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code.co_name in {"_block", "_block_async"}:
+                return True
+            frame = frame.f_back
+        return False
+
     def interrupter() -> None:
         signal.pthread_kill(main, signal.SIGINT)  # a real Ctrl-C, aimed at the main thread
         assert wrapping.wait(BOUND)
+        # Python's KeyboardInterrupt lands wherever the main thread is: send the second one
+        # once it is back waiting in run(), as an operator's second Ctrl-C would find it.
+        pause = threading.Event()
+        for _ in range(int(BOUND / 0.005)):
+            if main_thread_is_blocked_in_run():
+                break
+            pause.wait(0.005)  # polling a stack: there is no event to wait on
         signal.pthread_kill(main, signal.SIGINT)  # the second one forces
         assert exits.called.wait(BOUND)
         release.set()
