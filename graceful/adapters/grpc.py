@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import grpc
 import grpc.aio
@@ -161,13 +162,15 @@ class GrpcService:
             )
         self.server, self.health, self.tracker = server, health, tracker
         self.name = name or "grpc"
+        self._stopped = threading.Event()
 
     def serve(self, ctx: Context) -> None:
         ctx.lifecycle.on_force_quit(self._cut, name=f"cancel RPCs of {self.name}")
         self.server.start()
         ctx.started()
-        while not self.server.wait_for_termination(timeout=3600):  # True means "timed out"
-            pass
+        # Not wait_for_termination(): after stop() it lingers for about a second (measured),
+        # and it returns True on *timeout*. Our own event is set once stop() has completed.
+        self._stopped.wait()
 
     def wrap_up(self, ctx: Context) -> None:
         if self.health is not None:
@@ -177,7 +180,9 @@ class GrpcService:
         remaining = ctx.remaining()
         stopped = self.server.stop(PAUSE_GRACE if remaining is None else remaining)
         log.info("%s: stopped accepting; waiting for the RPCs in flight", self.name)
-        if not stopped.wait(ctx.remaining()):
+        if stopped.wait(ctx.remaining()):
+            self._stopped.set()
+        else:
             log.warning("%s: RPCs still running when the budget ran out", self.name)
 
     def close(self, ctx: Context) -> None:
@@ -186,6 +191,7 @@ class GrpcService:
     def _cut(self) -> None:
         _log_dropped(self.name, self.tracker)
         self.server.stop(0)
+        self._stopped.set()
 
 
 class GrpcAioService:
