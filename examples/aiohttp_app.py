@@ -21,6 +21,7 @@ log = logging.getLogger("app")
 
 async def hello(request: web.Request) -> web.Response:
     if request.path == "/slow":
+        log.info("GET /slow: working for 2 s")
         await asyncio.sleep(2)  # some work
     return web.Response(text=f"{request.path}\n")
 

@@ -34,6 +34,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     if scope["path"] == "/slow":
+        log.info("GET /slow: working for 2 s")
         await asyncio.sleep(2)  # some work
     body = f"{scope['path']}\n".encode()
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]

@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import signal
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from aiohttp import web
 
+import graceful.adapters.aiohttp
 from graceful.adapters import adapt
 from graceful.adapters.aiohttp import AiohttpService
 
 from .child import Child
-from .conftest import BOUND
-from .web import free_port, get, in_flight, refused_within, start
+from .conftest import BOUND, ROOT
+from .web import (
+    assert_refused_fast,
+    closed_by_server,
+    free_port,
+    get,
+    idle_connection,
+    in_flight,
+    start,
+    start_script,
+)
 
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; on_shutdown
-# and on_cleanup print.
+# and on_cleanup print. AIOHTTP_GRACE sets shutdown_timeout=; AIOHTTP_RUNNER=1 passes an
+# AppRunner instead of the Application.
 SERVER = r"""
-import asyncio, logging, sys, threading
+import asyncio, logging, os, sys, threading
 from aiohttp import web
 import graceful
 from graceful.adapters.aiohttp import AiohttpService
@@ -47,26 +61,38 @@ app.add_routes([web.get("/slow/{name}", answer), web.get("/{tail:.*}", answer)])
 app.on_shutdown.append(on_shutdown)
 app.on_cleanup.append(on_cleanup)
 port = int(sys.argv[1])
+grace = float(os.environ["AIOHTTP_GRACE"]) if os.environ.get("AIOHTTP_GRACE") else None
+served = web.AppRunner(app) if os.environ.get("AIOHTTP_RUNNER") else app
 print("port", port, flush=True)
-sys.exit(graceful.run(AiohttpService(app, host="127.0.0.1", port=port)))
+sys.exit(graceful.run(AiohttpService(served, host="127.0.0.1", port=port, shutdown_timeout=grace)))
 """
 
 
-def server_code() -> str:
-    return f"import sys; sys.argv = ['server', '{free_port()}']\n" + SERVER
+def server_code(port: int | None = None) -> str:
+    return f"import sys; sys.argv = ['server', '{port or free_port()}']\n" + SERVER
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_with_50_requests_in_flight_answers_all_and_runs_the_hooks(children: list[Child]) -> None:
-    child, port = start(children, server_code())
-    with ThreadPoolExecutor(50) as pool:
-        futures = in_flight(child, pool, port, 50)
-        child.send(signal.SIGTERM)
-        child.expect_err("stopped accepting")
-        assert refused_within(port) < 0.1
-        child.expect("on_shutdown")
-        child.tell("release")
-        results = [f.result(BOUND) for f in futures]
+@pytest.mark.parametrize("served", ["Application", "AppRunner"])
+def test_sigterm_with_50_requests_in_flight_answers_all_and_runs_the_hooks(
+    children: list[Child], served: str
+) -> None:
+    env = {"AIOHTTP_RUNNER": "1"} if served == "AppRunner" else {}
+    child, port = start(children, server_code(), **env)
+    idle = idle_connection(port)
+    try:
+        with ThreadPoolExecutor(50) as pool:
+            futures = in_flight(child, pool, port, 50)
+            child.send(signal.SIGTERM)
+            child.expect_err("stopped accepting")
+            assert_refused_fast(port, within=0.1)
+            child.expect("on_shutdown")
+            assert closed_by_server(idle)  # while the 50 are still running
+            assert not any(f.done() for f in futures)
+            child.tell("release")
+            results = [f.result(BOUND) for f in futures]
+    finally:
+        idle.close()
     assert [(status, body) for status, body, _ in results] == [(200, f"/slow/{i}") for i in range(50)]
     assert {connection for _, _, connection in results} == {"close"}
     child.expect("on_cleanup")
@@ -81,31 +107,107 @@ def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(children
         future = pool.submit(get, port, "/slow/stuck")
         child.expect("in stuck")
         child.send(signal.SIGTERM)
-        assert child.wait() == 70
         with pytest.raises((http.client.HTTPException, OSError)):
-            future.result(BOUND)
+            future.result(BOUND)  # cut at the deadline, not left hanging
+        assert child.wait() == 70
     assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.err
 
 
 @pytest.mark.timeout(60)
+def test_shutdown_timeout_cancels_and_names_the_request(children: list[Child]) -> None:
+    child, port = start(children, server_code(), AIOHTTP_GRACE="0.3")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(get, port, "/slow/late")
+        child.expect("in late")
+        child.send(signal.SIGTERM)
+        child.expect_err("dropped request GET /slow/late from 127.0.0.1")
+        child.tell("release")  # frees the executor thread the cancelled request left waiting
+        with pytest.raises((http.client.HTTPException, OSError)):
+            future.result(BOUND)
+    child.expect("on_cleanup")
+    assert child.wait() == 0
+    assert "cancelled while draining" in child.err
+
+
+@pytest.mark.timeout(60)
 def test_the_server_keeps_serving_during_the_drain_delay(children: list[Child]) -> None:
-    child, port = start(children, server_code(), GRACEFUL_DRAIN_DELAY="3")
+    child, port = start(children, server_code(), GRACEFUL_DRAIN_DELAY="1")
+    signalled = time.monotonic()
     child.send(signal.SIGTERM)
     child.expect_err("wrapping up")
     assert get(port, "/during-delay")[:2] == (200, "/during-delay")
     child.expect_err("stopped accepting")
-    assert refused_within(port) < 0.1
+    assert time.monotonic() - signalled >= 0.9
+    assert_refused_fast(port, within=0.1)
     assert child.wait() == 0
 
 
-def test_adapt_picks_the_aiohttp_adapter_for_apps_and_runners() -> None:
-    assert isinstance(adapt(web.Application()), AiohttpService)
+@pytest.mark.timeout(60)
+def test_a_port_in_use_fails_the_start_and_exit_is_1(children: list[Child]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        child = Child(server_code(taken.getsockname()[1]))
+        children.append(child)
+        assert child.wait() == 1
+    assert "address already in use" in child.err
+    assert "on_cleanup" in child.out  # the runner was set up: its cleanup still ran
+
+
+@pytest.mark.timeout(60)
+def test_the_example_serves_drains_and_exits_0(children: list[Child]) -> None:
+    child, port = start_script(children, ROOT / "examples" / "aiohttp_app.py")
+    assert get(port, "/")[:2] == (200, "/\n")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(get, port, "/slow")
+        child.expect_err("GET /slow: working")
+        child.send(signal.SIGTERM)
+        assert future.result(BOUND) == (200, "/slow\n", "close")
+    assert child.wait() == 0
+    for line in ("stopped accepting", "on_shutdown: websockets told", "on_cleanup: connection pool closed"):
+        assert line in child.err
+    assert "Traceback" not in child.err
+
+
+def test_adapt_picks_the_aiohttp_adapter_for_apps_and_runners(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PORT", raising=False)
+    service = adapt(web.Application())
+    assert isinstance(service, AiohttpService)
+    assert (service.host, service.port, service.name) == (None, 8080, "aiohttp *:8080")
     assert isinstance(adapt(web.AppRunner(web.Application())), AiohttpService)
     assert AiohttpService(web.Application(), host="127.0.0.1", port=9).name == "aiohttp 127.0.0.1:9"
+    monkeypatch.setenv("PORT", "8123")
+    assert AiohttpService(web.Application()).port == 8123
+    assert AiohttpService(web.Application(), port=9).port == 9
 
 
-def test_bad_input_says_what_to_do() -> None:
+def test_the_adapter_declines_other_objects() -> None:
+    assert graceful.adapters.aiohttp.adapt(object()) is None
+    assert graceful.adapters.aiohttp.adapt(web.RouteTableDef()) is None
+
+
+def test_bad_input_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TypeError, match=r"web\.Application or web\.AppRunner"):
         AiohttpService(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="handle_signals=False"):
         AiohttpService(web.AppRunner(web.Application(), handle_signals=True))
+    frozen = web.Application()
+    frozen.freeze()
+    with pytest.raises(ValueError, match="fresh one"):
+        AiohttpService(frozen)
+    monkeypatch.setenv("PORT", "http")
+    with pytest.raises(ValueError, match="PORT='http' is not a port number"):
+        AiohttpService(web.Application())
+
+
+def test_a_runner_already_set_up_is_refused() -> None:
+    async def check() -> None:
+        runner = web.AppRunner(web.Application())
+        await runner.setup()
+        try:
+            with pytest.raises(ValueError, match=r"before setup\(\)"):
+                AiohttpService(runner)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(check())

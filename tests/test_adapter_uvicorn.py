@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import http.client
 import signal
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import uvicorn
 
+import graceful.adapters.uvicorn
 from graceful.adapters import adapt
 from graceful.adapters.uvicorn import UvicornService
 
 from .child import Child
-from .conftest import BOUND
-from .web import free_port, get, in_flight, refused_within, start
+from .conftest import BOUND, ROOT
+from .web import (
+    assert_refused_fast,
+    closed_by_server,
+    free_port,
+    get,
+    idle_connection,
+    in_flight,
+    start,
+    start_script,
+)
 
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; the lifespan
-# prints its startup and shutdown.
+# prints its startup and shutdown. UVICORN_GRACE sets uvicorn's timeout_graceful_shutdown.
 SERVER = r"""
-import asyncio, logging, sys, threading
+import asyncio, logging, os, sys, threading
 import uvicorn
 import graceful
 
@@ -48,14 +60,15 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 
 port = int(sys.argv[1])
-config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+grace = float(os.environ["UVICORN_GRACE"]) if os.environ.get("UVICORN_GRACE") else None
+config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=grace)
 print("port", port, flush=True)
 sys.exit(graceful.run(uvicorn.Server(config)))
 """
 
 
-def server_code() -> str:
-    return f"import sys; sys.argv = ['server', '{free_port()}']\n" + SERVER
+def server_code(port: int | None = None) -> str:
+    return f"import sys; sys.argv = ['server', '{port or free_port()}']\n" + SERVER
 
 
 @pytest.mark.timeout(60)
@@ -64,13 +77,19 @@ def test_sigterm_with_50_requests_in_flight_answers_all_and_runs_the_lifespan_sh
 ) -> None:
     child, port = start(children, server_code())
     child.expect("lifespan startup")
-    with ThreadPoolExecutor(50) as pool:
-        futures = in_flight(child, pool, port, 50)
-        child.send(signal.SIGTERM)
-        child.expect_err("stopped accepting")
-        assert refused_within(port) < 0.1
-        child.tell("release")
-        results = [f.result(BOUND) for f in futures]
+    idle = idle_connection(port)
+    try:
+        with ThreadPoolExecutor(50) as pool:
+            futures = in_flight(child, pool, port, 50)
+            child.send(signal.SIGTERM)
+            child.expect_err("stopped accepting")
+            assert_refused_fast(port, within=0.1)
+            assert closed_by_server(idle)  # while the 50 are still running
+            assert not any(f.done() for f in futures)
+            child.tell("release")
+            results = [f.result(BOUND) for f in futures]
+    finally:
+        idle.close()
     assert [(status, body) for status, body, _ in results] == [(200, f"/slow/{i}") for i in range(50)]
     assert {connection for _, _, connection in results} == {"close"}
     child.expect("lifespan shutdown")
@@ -85,20 +104,37 @@ def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(children
         future = pool.submit(get, port, "/slow/stuck")
         child.expect("in stuck")
         child.send(signal.SIGTERM)
-        assert child.wait() == 70
         with pytest.raises((http.client.HTTPException, OSError)):
-            future.result(BOUND)
+            future.result(BOUND)  # cut at the deadline, not left hanging
+        assert child.wait() == 70
     assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.err
 
 
 @pytest.mark.timeout(60)
+def test_uvicorns_own_graceful_timeout_cancels_and_names_the_request(children: list[Child]) -> None:
+    child, port = start(children, server_code(), UVICORN_GRACE="0.3")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(get, port, "/slow/late")
+        child.expect("in late")
+        child.send(signal.SIGTERM)
+        child.expect_err("dropped request GET /slow/late from 127.0.0.1")
+        child.tell("release")  # frees the executor thread the cancelled request left waiting
+        assert future.result(BOUND)[0] == 500  # uvicorn's answer to a cancelled app
+    child.expect("lifespan shutdown")
+    assert child.wait() == 0
+    assert "cancelled while draining" in child.err
+
+
+@pytest.mark.timeout(60)
 def test_the_server_keeps_serving_during_the_drain_delay(children: list[Child]) -> None:
-    child, port = start(children, server_code(), GRACEFUL_DRAIN_DELAY="3")
+    child, port = start(children, server_code(), GRACEFUL_DRAIN_DELAY="1")
+    signalled = time.monotonic()
     child.send(signal.SIGTERM)
     child.expect_err("wrapping up")
     assert get(port, "/during-delay")[:2] == (200, "/during-delay")
     child.expect_err("stopped accepting")
-    assert refused_within(port) < 0.1
+    assert time.monotonic() - signalled >= 0.9
+    assert_refused_fast(port, within=0.1)
     assert child.wait() == 0
 
 
@@ -118,10 +154,43 @@ def test_uvicorn_installs_no_signal_handler_of_its_own(children: list[Child]) ->
     assert child.wait() == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_port_in_use_fails_the_start_with_a_sentence_and_exit_1(children: list[Child]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        child = Child(server_code(taken.getsockname()[1]))
+        children.append(child)
+        assert child.wait() == 1
+    assert "could not start" in child.err
+    assert "address is in use" in child.err
+
+
+@pytest.mark.timeout(60)
+def test_the_example_serves_drains_and_exits_0(children: list[Child]) -> None:
+    child, port = start_script(children, ROOT / "examples" / "uvicorn_app.py")
+    assert get(port, "/")[:2] == (200, "/\n")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(get, port, "/slow")
+        child.expect_err("GET /slow: working")
+        child.send(signal.SIGTERM)
+        assert future.result(BOUND) == (200, "/slow\n", "close")
+    assert child.wait() == 0
+    for line in ("lifespan: connection pool opened", "stopped accepting", "lifespan: connection pool closed"):
+        assert line in child.err
+    assert "Traceback" not in child.err
+
+
 def test_adapt_picks_the_uvicorn_adapter() -> None:
     server = uvicorn.Server(uvicorn.Config(lambda *a: None, host="127.0.0.1", port=0))
     service = adapt(server)
     assert isinstance(service, UvicornService)
     assert service.name == "uvicorn 127.0.0.1:0"
+    assert UvicornService(server, name="api").name == "api"
+
+
+def test_the_adapter_declines_other_objects_and_rejects_them_by_name() -> None:
+    assert graceful.adapters.uvicorn.adapt(object()) is None
+    assert graceful.adapters.uvicorn.adapt(uvicorn.Config(lambda *a: None)) is None
     with pytest.raises(TypeError, match=r"uvicorn\.Server"):
         UvicornService(object())  # type: ignore[arg-type]

@@ -2,7 +2,18 @@
 
 A server under test is a ``python -c`` child (``tests.child.Child``) that prints ``port N``
 once bound and logs graceful's lines (INFO) to stderr; slow requests print ``in <id>`` once
-the app has them, and wait until the test writes a line to the child's stdin.
+the app has them, and wait until the test writes a line to the child's stdin. Every wait is
+bounded (``BOUND``); none of these helpers sleeps to synchronise.
+
+* ``start(children, code, **env)``: start a server child; its port once graceful says "ready".
+* ``start_script(children, path, **env)``: the same for a script that reads ``PORT``.
+* ``get(port, path)``: one request on a new connection: status, body, ``Connection`` header.
+* ``in_flight(child, pool, port, n)``: ``n`` slow requests, returned once the app has all.
+* ``refused_within(port)`` / ``assert_refused_fast(port, within)``: how fast a new connection
+  is refused (it must be refused, never accepted nor left hanging).
+* ``idle_connection(port)`` / ``closed_by_server(conn)``: a keep-alive connection left idle
+  after one response, and a bounded wait for the server to close it.
+* ``free_port()``: a port that was free a moment ago.
 """
 
 from __future__ import annotations
@@ -11,11 +22,22 @@ import http.client
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from .child import Child
 from .conftest import BOUND
 
-__all__ = ["free_port", "get", "in_flight", "refused_within", "start"]
+__all__ = [
+    "assert_refused_fast",
+    "closed_by_server",
+    "free_port",
+    "get",
+    "idle_connection",
+    "in_flight",
+    "refused_within",
+    "start",
+    "start_script",
+]
 
 
 def start(children: list[Child], code: str, **env: str) -> tuple[Child, int]:
@@ -24,6 +46,19 @@ def start(children: list[Child], code: str, **env: str) -> tuple[Child, int]:
     children.append(child)
     port = int(child.expect("port").split()[1])
     child.expect_err("ready")  # graceful.run() has its signal handlers in place
+    return child, port
+
+
+def start_script(children: list[Child], path: Path, **env: str) -> tuple[Child, int]:
+    """Run the script at ``path`` as ``__main__`` with ``PORT`` set to a free port.
+
+    Returns the child and its port once graceful says every server is ready.
+    """
+    port = int(env.pop("PORT", "0")) or free_port()
+    code = f"import runpy; runpy.run_path({str(path)!r}, run_name='__main__')"
+    child = Child(code, env={"PORT": str(port), **env})
+    children.append(child)
+    child.expect_err("ready")
     return child, port
 
 
@@ -50,14 +85,55 @@ def refused_within(port: int) -> float:
     raise AssertionError("a connection after the listening socket closed was accepted")
 
 
+def assert_refused_fast(port: int, within: float = 0.1) -> float:
+    """A new connection is refused (not accepted, not left hanging) within ``within`` s."""
+    took = refused_within(port)
+    assert took < within, f"a new connection took {took:.3f} s to be refused (more than {within} s)"
+    return took
+
+
 def in_flight(
     child: Child, pool: ThreadPoolExecutor, port: int, n: int
 ) -> list[Future[tuple[int, str, str | None]]]:
-    """Send ``n`` slow requests (``/slow/<i>``); return once the app has every one of them."""
+    """Send ``n`` slow requests (``/slow/<i>``); return once the app has every one of them.
+
+    Each future gives what ``get()`` returns, once the test has released the requests.
+    """
     futures = [pool.submit(get, port, f"/slow/{i}") for i in range(n)]
     seen = {child.expect("in ").split()[1] for _ in range(n)}
     assert seen == {str(i) for i in range(n)}
     return futures
+
+
+def idle_connection(port: int, path: str = "/idle") -> http.client.HTTPConnection:
+    """A keep-alive connection that has had one complete 200 response and now sits idle.
+
+    The caller closes it (``conn.close()``), whatever the server did.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        assert (response.getheader("Connection") or "").lower() != "close", "the server did not keep it alive"
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def closed_by_server(conn: http.client.HTTPConnection, timeout: float = BOUND) -> bool:
+    """Wait (bounded) until the server closes the idle ``conn``; False if it stays open."""
+    sock = conn.sock
+    assert sock is not None, "the connection is not open"
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""  # end of stream: the server closed it
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
 
 
 def free_port() -> int:

@@ -11,14 +11,19 @@ with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
 * wrap-up: the drain delay (still serving); every site stops (the listening socket closes, a
   new connection is refused at once); then ``AppRunner.cleanup()``: idle keep-alive
   connections close, ``on_shutdown`` runs, requests in flight finish (their responses say
-  ``Connection: close``), ``on_cleanup`` runs. Wrap-up waits for it within the budget.
-* deadline: each request still under way is logged (method, path, client, age).
+  ``Connection: close``), ``on_cleanup`` runs. Wrap-up waits for it within the budget; aiohttp's
+  own per-connection ``shutdown_timeout`` is off unless ``shutdown_timeout=`` is given, so one
+  deadline (graceful's) decides, and a pause (SIGTSTP) has none.
+* deadline: each request still under way is logged (method, path, client, age) and its
+  connection is closed. A request that ``shutdown_timeout=`` cancels is logged the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 
 from aiohttp import web
 
@@ -33,15 +38,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("graceful")
 
-__all__ = ["AiohttpService", "adapt"]
+__all__ = ["DEFAULT_PORT", "AiohttpService", "adapt"]
+
+DEFAULT_PORT = 8080
+"""The port when neither ``port=`` nor the ``PORT`` environment variable says (as ``run_app``)."""
+
+
+def _port_from_env() -> int:
+    raw = os.environ.get("PORT", "").strip()
+    if not raw:
+        return DEFAULT_PORT
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ValueError(f"PORT={raw!r} is not a port number: set it to e.g. 8080, or pass port=")
+    return int(raw)
 
 
 class AiohttpService:
     """An aiohttp app (or an ``AppRunner`` not yet set up) served on ``host``:``port``.
 
-    ``host=None`` listens on every interface, as ``web.run_app`` does; ``port`` defaults to
-    8080, as there. ``site_options`` go to ``web.TCPSite`` (``reuse_port=True``, ``backlog``,
-    ``ssl_context``...).
+    Args:
+        app: a ``web.Application``, or a ``web.AppRunner`` made with ``handle_signals=False``
+            and not yet set up.
+        host: the address to listen on; None (the default) is every interface, as
+            ``web.run_app``.
+        port: the port; None reads the ``PORT`` environment variable, else 8080. 0 picks a
+            free port (``service.port`` says which once started).
+        shutdown_timeout: seconds aiohttp gives each request at wrap-up before cancelling it;
+            None (the default): graceful's force-quit deadline alone bounds the drain.
+        name: the name in graceful's logs and report.
+        site_options: passed to ``web.TCPSite`` (``reuse_port=True``, ``backlog=``,
+            ``ssl_context=``...).
+
+    Raises:
+        TypeError: ``app`` is neither an Application nor an AppRunner.
+        ValueError: the runner handles signals itself, or is already set up; ``PORT`` is not
+            a port number.
     """
 
     def __init__(
@@ -49,7 +80,8 @@ class AiohttpService:
         app: web.Application | web.AppRunner,
         *,
         host: str | None = None,
-        port: int = 8080,
+        port: int | None = None,
+        shutdown_timeout: float | None = None,
         name: str | None = None,
         **site_options: Any,
     ) -> None:
@@ -59,6 +91,8 @@ class AiohttpService:
                     "this AppRunner handles signals itself (handle_signals=True); create it with "
                     "handle_signals=False so that graceful routes the signals"
                 )
+            if app.server is not None:
+                raise ValueError("this AppRunner is already set up: pass it to graceful before setup()")
             self.runner = app
         elif isinstance(app, web.Application):
             self.runner = web.AppRunner(app, handle_signals=False)
@@ -66,42 +100,65 @@ class AiohttpService:
             raise TypeError(
                 f"AiohttpService takes a web.Application or web.AppRunner, not {type(app).__name__}"
             )
-        self.host, self.port, self.site_options = host, port, site_options
-        self.name = name or f"aiohttp {host or '*'}:{port}"
+        if self.runner.app.frozen:
+            raise ValueError(
+                "this aiohttp Application is already running elsewhere (frozen): pass a fresh one"
+            )
+        self.host, self.site_options = host, site_options
+        self.port = _port_from_env() if port is None else port
+        self.shutdown_timeout = shutdown_timeout
+        self.name = name or f"aiohttp {host or '*'}:{self.port}"
         self.in_flight = InFlight(self.name)
         self._draining = False
-        self.runner.app.middlewares.insert(0, self._track)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
+        self.runner.app.middlewares.insert(0, self._track)
 
     @web.middleware
     async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
         key = object()
-        self.in_flight.add(key, Request(request.method, request.path, request.remote or "?"))
+        tracked = Request(request.method, request.path, request.remote or "?")
+        self.in_flight.add(key, tracked)
         try:
             response: web.StreamResponse = await handler(request)
             if self._draining and not response.prepared:
                 response.force_close()  # answered with Connection: close
             return response
+        except asyncio.CancelledError:
+            if self._draining:  # shutdown_timeout= cancelled it
+                log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
+                    "%s: dropped request %s (cancelled while draining)", self.name, tracked.describe()
+                )
+            raise
         finally:
             self.in_flight.discard(key)
 
     async def serve(self, ctx: Context) -> None:
+        self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
-        ctx.lifecycle.on_force_quit(self.in_flight.log_dropped, name=f"log requests dropped by {self.name}")
+        ctx.lifecycle.on_force_quit(self._forced, name=f"cut requests still running on {self.name}")
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, **self.site_options)
         await site.start()
+        addresses = self.runner.addresses
+        if addresses:
+            self.port = addresses[0][1]
+        log.info("%s: listening on %s", self.name, site.name)
         ctx.started()
         await self._done.wait()
 
     async def wrap_up(self, ctx: Context) -> None:
         if self._done is None or self._done.is_set():
             return
-        await asyncio.sleep(drain_delay_left(ctx.lifecycle))  # not-ready, still serving
+        # Not-ready, still serving. A sleep on the loop, not wait_drain_delay() in the default
+        # executor: the app's own run_in_executor() calls may have every executor thread busy.
+        await asyncio.sleep(drain_delay_left(ctx.lifecycle))
         self._draining = True
         for site in list(self.runner.sites):
             await site.stop()  # the listening socket closes: new connections are refused
         log.info("%s: stopped accepting; draining %d request(s)", self.name, len(self.in_flight))
+        # aiohttp's per-connection timeout (None: wait as long as graceful's deadline allows).
+        self.runner._shutdown_timeout = self.shutdown_timeout  # type: ignore[assignment]
         cleanup = asyncio.ensure_future(self.runner.cleanup())  # on_shutdown, drain, on_cleanup
         done, _ = await asyncio.wait({cleanup}, timeout=ctx.remaining())
         if not done:
@@ -115,9 +172,26 @@ class AiohttpService:
     async def close(self, ctx: Context) -> None:
         return None
 
+    def _forced(self) -> None:
+        """At the deadline (a helper thread): name every dropped request, then cut them."""
+        self.in_flight.log_dropped()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                loop.call_soon_threadsafe(self._cut)
+
+    def _cut(self) -> None:
+        server = self.runner.server
+        for connection in server.connections if server is not None else ():
+            connection.force_close()
+
 
 def adapt(obj: object) -> AiohttpService | None:
-    """The service for a ``web.Application`` or ``web.AppRunner``; None for anything else."""
+    """The service for a ``web.Application`` or ``web.AppRunner``; None for anything else.
+
+    It listens where ``web.run_app`` would: every interface, on ``PORT`` (else 8080); for
+    another address, pass ``AiohttpService(app, host=..., port=...)`` to ``graceful.run``.
+    """
     if isinstance(obj, (web.Application, web.AppRunner)):
         return AiohttpService(obj)
     return None
