@@ -5,7 +5,9 @@ Start a Redis (``redis-server``), run this, push jobs from another terminal:
     redis-cli LPUSH jobs send-welcome-mail:1 send-welcome-mail:2
 
 and press Ctrl-C (or ``kill -TSTP`` first to stop fetching and stay up). Jobs in hand finish;
-the worker's key in Redis (``graceful:workers:mailer:...``) disappears at exit.
+a job still running at the force-quit deadline is pushed back on the list; the worker's key in
+Redis (``graceful:workers:mailer:<host>:<pid>``) disappears at exit. ``REDIS_URL`` picks the
+Redis (default ``redis://127.0.0.1:6379/0``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def fetch(timeout: float) -> str | None:
 
 
 def handle(job: str) -> None:
-    time.sleep(0.5)  # send the mail
+    log.info("working on %s", job)
+    time.sleep(0.5)  # stands for sending the mail
     log.info("done: %s", job)
 
 

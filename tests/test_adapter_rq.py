@@ -1,13 +1,25 @@
-"""The rq adapter: a real rq worker, a real redis-server, real signals."""
+"""The rq adapter: a real rq.SimpleWorker, a real redis-server, real signals.
+
+The jobs are below (rq workers import them by name): ``slow(name)`` pushes ``name`` on the
+list ``started`` and waits for an item on ``release``; ``spin`` runs Python code until rq's
+job timeout stops it.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+from collections.abc import Iterator
 
 import pytest
 import redis
 import rq
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 
+import graceful
+from graceful import Lifecycle
+from graceful._service import Context
 from graceful.adapters import adapt
 from graceful.adapters.rq import RqService
 
@@ -18,17 +30,44 @@ WORKER = r"""
 import logging, sys
 import redis, rq
 import graceful
+from graceful.adapters.registry import Registration
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
 connection = redis.Redis.from_url(sys.argv[1])
 worker = rq.SimpleWorker([rq.Queue("default", connection=connection)], connection=connection, name="w1")
-sys.exit(graceful.run(worker))
+sys.exit(graceful.run([worker, Registration(connection, "rq-w1", ttl=3)]))
 """
+
+
+SLOW = "tests.test_adapter_rq.slow"
+
+
+def slow(name: str) -> str:
+    """Say it started (a Redis list the test waits on), then wait for the test's go-ahead."""
+    with redis.Redis.from_url(os.environ["RQ_TEST_REDIS"], socket_timeout=3 * BOUND) as client:
+        client.rpush("started", name)
+        client.blpop(["release"], timeout=2 * BOUND)
+    return f"done {name}"
+
+
+def spin() -> None:
+    """A job that runs Python code (not blocked in C) until rq's timeout stops it."""
+    tick = threading.Event()
+    while True:
+        tick.wait(0.01)
+
+
+@pytest.fixture
+def queue(rdb: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[rq.Queue]:
+    monkeypatch.setenv("RQ_TEST_REDIS", redis_url)  # for the jobs, in this process and in children
+    connection = redis.Redis.from_url(redis_url)
+    yield rq.Queue("default", connection=connection)
+    connection.close()
 
 
 def start(children: list[Child], url: str, **env: str) -> Child:
     code = f"import sys; sys.argv = ['worker', {url!r}]\n" + WORKER
-    child = Child(code, env={"RQ_TEST_REDIS": url, **env})
+    child = Child(code, env={"RQ_TEST_REDIS": url, **env})  # the jobs' Redis
     children.append(child)
     child.expect_err("server(s) started: ready")
     return child
@@ -40,54 +79,133 @@ def wait_started(client: redis.Redis, name: str, child: Child) -> None:
     assert got[1] == name
 
 
+def registered(client: redis.Redis) -> list[str]:
+    return sorted(client.keys("graceful:workers:rq-w1:*"))
+
+
+def wait_blocked_in_dequeue(client: redis.Redis) -> None:
+    """Until a client of the server (the idle worker) is blocked in BLMOVE/BLPOP."""
+    pause = threading.Event()
+    for _ in range(int(BOUND / 0.01)):
+        if any(c.get("cmd") in ("blmove", "blpop") for c in client.client_list()):
+            return
+        pause.wait(0.01)  # polling Redis: there is no event to wait on
+    raise AssertionError("the worker never blocked in its dequeue")
+
+
+def burst(fresh: Lifecycle, queue: rq.Queue) -> rq.SimpleWorker:
+    """Run an rq.SimpleWorker in this process until its queue is empty."""
+    worker = rq.SimpleWorker([queue], connection=queue.connection)
+    assert graceful.run(RqService(worker, burst=True)) == 0
+    return worker
+
+
 @pytest.mark.timeout(60)
 def test_a_job_in_flight_at_sigterm_completes(
-    children: list[Child], rdb: redis.Redis, redis_url: str
+    children: list[Child], rdb: redis.Redis, redis_url: str, queue: rq.Queue
 ) -> None:
-    queue = rq.Queue("default", connection=redis.Redis.from_url(redis_url))
     child = start(children, redis_url)
-    job = queue.enqueue("tests.rq_jobs.slow", "one")
+    job = queue.enqueue(SLOW, "one")
     wait_started(rdb, "one", child)
+    assert len(registered(rdb)) == 1
     child.send(signal.SIGTERM)
-    child.expect_err("warm shutdown: no new job; job")
+    child.expect_err(f"warm shutdown: no new job; job {job.id} in hand")
+    later = queue.enqueue(SLOW, "later")
     rdb.rpush("release", 1)
-    assert child.wait() == 0
+    assert child.wait() == 0, child.err
     job.refresh()
     assert job.get_status() == "finished"
     assert job.return_value() == "done one"
+    assert queue.job_ids == [later.id]  # not taken after the wrap-up
     assert rq.Worker.all(connection=queue.connection) == []  # rq's own registration is gone
+    assert registered(rdb) == []  # and graceful's, after the drain
 
 
 @pytest.mark.timeout(60)
-def test_a_job_in_flight_at_the_deadline_is_back_on_the_queue(
-    children: list[Child], rdb: redis.Redis, redis_url: str
+def test_a_job_in_flight_at_the_deadline_is_back_on_the_queue_and_runs_again(
+    children: list[Child], rdb: redis.Redis, redis_url: str, queue: rq.Queue, fresh: Lifecycle
 ) -> None:
-    queue = rq.Queue("default", connection=redis.Redis.from_url(redis_url))
     child = start(children, redis_url, GRACEFUL_FORCE_QUIT="1")
-    job = queue.enqueue("tests.rq_jobs.slow", "stuck")
+    first = queue.enqueue(SLOW, "first")
+    job = queue.enqueue(SLOW, "stuck")
+    rdb.rpush("release", 1)  # for "first" only
+    wait_started(rdb, "first", child)
     wait_started(rdb, "stuck", child)
     child.send(signal.SIGTERM)
     assert child.wait() == 70
-    assert queue.job_ids == [job.id]  # back at the front of its queue
-    assert job.id not in rq.registry.StartedJobRegistry("default", connection=queue.connection)
-    assert f"job {job.id} (tests.rq_jobs.slow) still running at the force-quit deadline" in child.err
+    assert queue.job_ids == [job.id]  # back on its queue
+    assert job.get_status() == "queued"
+    assert job.id not in StartedJobRegistry("default", connection=queue.connection)
+    assert job.id not in FailedJobRegistry("default", connection=queue.connection)
+    assert f"job {job.id} ({SLOW}) still running at the force-quit deadline" in child.err
     assert rq.Worker.all(connection=queue.connection) == []
+    assert registered(rdb) == []
+    assert first.get_status() == "finished"
+
+    rdb.rpush("release", 1)
+    burst(fresh, queue)  # the next worker runs it: nothing was lost
+    assert job.get_status() == "finished"
+    assert job.return_value() == "done stuck"
 
 
 @pytest.mark.timeout(60)
-def test_an_idle_worker_stops_within_a_second_of_sigterm(children: list[Child], redis_url: str) -> None:
+def test_an_idle_worker_blocked_in_its_dequeue_stops_within_a_second_or_two(
+    children: list[Child], rdb: redis.Redis, redis_url: str
+) -> None:
     child = start(children, redis_url)
+    wait_blocked_in_dequeue(rdb)
     child.send(signal.SIGTERM)
     child.expect_err("warm shutdown: no new job; idle")
     assert child.wait(5) == 0, child.err
 
 
-def test_adapt_picks_the_rq_adapter(redis_url: str) -> None:
-    connection = redis.Redis.from_url(redis_url)
-    worker = rq.SimpleWorker([rq.Queue("default", connection=connection)], connection=connection)
+@pytest.mark.timeout(60)
+def test_sigtstp_stops_taking_jobs_and_keeps_the_process_up_until_sigterm(
+    children: list[Child], rdb: redis.Redis, redis_url: str, queue: rq.Queue
+) -> None:
+    child = start(children, redis_url)
+    child.send(signal.SIGTSTP)
+    child.expect_err("server 'rq w1' stopped")
+    job = queue.enqueue(SLOW, "during-the-pause")
+    assert child.proc.poll() is None
+    assert len(registered(rdb)) == 1  # paused, still here
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0, child.err
+    assert queue.job_ids == [job.id]  # never taken
+
+
+@pytest.mark.timeout(30)
+def test_job_timeouts_work_in_the_worker_thread(fresh: Lifecycle, queue: rq.Queue) -> None:
+    job = queue.enqueue(spin, job_timeout=1)
+    burst(fresh, queue)
+    assert job.get_status() == "failed"
+    result = job.latest_result()
+    assert result is not None
+    assert result.exc_string is not None
+    assert "JobTimeoutException" in result.exc_string  # not "signal only works in main thread"
+
+
+@pytest.mark.timeout(30)
+def test_a_stop_that_came_before_serve_is_not_lost(fresh: Lifecycle, queue: rq.Queue) -> None:
+    job = queue.enqueue(spin)
+    service = RqService(rq.SimpleWorker([queue], connection=queue.connection))
+    fresh.wrap_up("paused while starting")
+    service.serve(Context(fresh, service.name))  # returns without taking a job
+    assert queue.job_ids == [job.id]
+    assert rq.Worker.all(connection=queue.connection) == []
+
+
+def test_adapt_picks_the_rq_adapter_for_a_simple_worker_and_explains_the_rest(queue: rq.Queue) -> None:
+    connection = queue.connection
+    worker = rq.SimpleWorker([queue], connection=connection)
     service = adapt(worker)
     assert isinstance(service, RqService)
-    assert type(worker) is rq.SimpleWorker  # its class is pickled for rq's horses: left alone
-    with pytest.raises(TypeError, match="rq worker"):
+    assert type(worker) is rq.SimpleWorker  # only the instance is adjusted
+    with pytest.raises(TypeError, match=r"graceful runs rq\.SimpleWorker, not Worker.*rq worker"):
+        adapt(rq.Worker([queue], connection=connection))
+    with pytest.raises(TypeError, match="SimpleWorker"):
         RqService(object())  # type: ignore[arg-type]
-    connection.close()
+    with pytest.raises(ValueError, match="scheduler"):
+        RqService(rq.SimpleWorker([queue], connection=connection), with_scheduler=True)
+    with pytest.raises(TypeError, match="unknown work"):
+        RqService(rq.SimpleWorker([queue], connection=connection), bust=True)

@@ -2,27 +2,32 @@
 
 The worker under test consumes the Redis list ``jobs`` (BRPOP; requeue = RPUSH, the end BRPOP
 takes next). A job ``kind:id`` prints ``start kind:id``; ``slow`` jobs wait until the test
-writes a line to the worker's stdin; ``iter`` jobs checkpoint and requeue themselves once
-graceful is stopping; finished jobs go to the set ``done``.
+writes a line to the worker's stdin; ``iter`` jobs work step by step until graceful is
+stopping, then requeue themselves with their checkpoint; finished jobs go to the set ``done``.
+Setting the key ``break-fetch`` makes ``fetch`` raise, as if the queue were gone.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import redis
 
 import graceful
 from graceful import Lifecycle
+from graceful._service import Context
 from graceful.adapters.registry import Registration
 from graceful.adapters.worker import Requeue, Worker
 from graceful.testing import ProcessFactory
 
 from .child import Child
 from .conftest import BOUND, ROOT
+from .redis_server import RedisServer
 
 WORKER = r"""
 import logging, sys, threading
@@ -35,10 +40,10 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message
 r = redis.Redis.from_url(sys.argv[1], decode_responses=True)
 release = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
-stopping = threading.Event()
-graceful.add_wrap_up_listener(stopping.set, name="note-stopping")
 
 def fetch(timeout):
+    if r.exists("break-fetch"):
+        raise redis.ConnectionError("the queue is gone")
     item = r.brpop("jobs", timeout=timeout)
     return item[1] if item else None
 
@@ -49,10 +54,12 @@ def handle(job):
     if kind == "slow":
         release.wait()
     elif kind == "iter":
-        stopping.wait()  # a long job that checks graceful.is_stopping() between steps
-        assert graceful.is_stopping()
-        r.set(f"checkpoint:{ident}", "step 7")
-        raise Requeue()
+        step = 0
+        one_step = threading.Event()
+        while not graceful.is_stopping():  # a long job checks between steps
+            step += 1
+            one_step.wait(0.01)  # the work of one step
+        raise Requeue(f"iter:{ident}@{step}")  # the checkpoint travels with the job
     r.sadd("done", job)
 
 def requeue(job):
@@ -74,6 +81,12 @@ def registered(client: redis.Redis) -> list[str]:
     return sorted(client.keys("graceful:workers:mailer:*"))
 
 
+def state(client: redis.Redis) -> str:
+    (key,) = registered(client)
+    value: str = json.loads(client.get(key))["state"]
+    return value
+
+
 def wait_registered(client: redis.Redis) -> list[str]:
     """The keys, once there is one (servers start together: the registration may come second)."""
     pause = threading.Event()
@@ -85,11 +98,12 @@ def wait_registered(client: redis.Redis) -> list[str]:
     raise AssertionError("the worker never registered")
 
 
+# -- the generic worker, in a real process, with real signals -----------------------------------
+
+
 @pytest.mark.timeout(60)
 def test_jobs_in_flight_at_sigterm_finish_and_nothing_new_is_fetched(
-    children: list[Child],
-    rdb: redis.Redis,
-    redis_url: str,
+    children: list[Child], rdb: redis.Redis, redis_url: str
 ) -> None:
     child = start_worker(children, redis_url)
     assert len(registered(rdb)) == 1
@@ -98,20 +112,19 @@ def test_jobs_in_flight_at_sigterm_finish_and_nothing_new_is_fetched(
     child.expect("start slow")
     rdb.lpush("jobs", "fast:3")  # both consumers are busy: it waits in the queue
     child.send(signal.SIGTERM)
-    child.expect_err("fetching stopped; 2 job(s) in hand")
-    assert json.loads(rdb.get(registered(rdb)[0]))["state"] == "draining"  # the heartbeat goes on
+    child.expect_err("shutting down: fetching stopped; 2 job(s) in hand")
+    assert state(rdb) == "draining"  # registered (and beating) while the jobs finish
     child.tell("release")
     assert child.wait() == 0
     assert rdb.smembers("done") == {"slow:1", "slow:2"}
-    assert rdb.lrange("jobs", 0, -1) == ["fast:3"]
+    assert rdb.lrange("jobs", 0, -1) == ["fast:3"]  # never fetched after the wrap-up
     assert registered(rdb) == []
+    assert "mailer: stopped (2 done, 0 failed, 0 requeued)" in child.err
 
 
 @pytest.mark.timeout(60)
 def test_a_job_in_flight_at_the_deadline_is_requeued_and_named(
-    children: list[Child],
-    rdb: redis.Redis,
-    redis_url: str,
+    children: list[Child], rdb: redis.Redis, redis_url: str
 ) -> None:
     child = start_worker(children, redis_url, GRACEFUL_FORCE_QUIT="1")
     rdb.lpush("jobs", "slow:stuck")
@@ -119,22 +132,21 @@ def test_a_job_in_flight_at_the_deadline_is_requeued_and_named(
     child.send(signal.SIGTERM)
     assert child.wait() == 70
     assert rdb.lrange("jobs", 0, -1) == ["slow:stuck"]
-    assert "job 'slow:stuck' still running at the force-quit deadline: requeued" in child.err
+    assert "mailer: job 'slow:stuck' still running at the force-quit deadline (for " in child.err
     assert registered(rdb) == []
 
 
 @pytest.mark.timeout(60)
 def test_sigtstp_stops_fetching_and_keeps_the_process_up_until_sigterm(
-    children: list[Child],
-    rdb: redis.Redis,
-    redis_url: str,
+    children: list[Child], rdb: redis.Redis, redis_url: str
 ) -> None:
     child = start_worker(children, redis_url)
     child.send(signal.SIGTSTP)
-    child.expect_err("mailer: stopped (0 done")
+    child.expect_err("mailer: paused: fetching stopped")
+    child.expect_err("mailer: stopped (0 done")  # every consumer has left fetch()
     rdb.lpush("jobs", "fast:after-pause")
     assert child.proc.poll() is None
-    assert len(registered(rdb)) == 1  # paused, still registered
+    assert state(rdb) == "paused"  # still registered while paused
     child.send(signal.SIGTERM)
     assert child.wait() == 0
     assert rdb.lrange("jobs", 0, -1) == ["fast:after-pause"]  # never fetched
@@ -143,21 +155,35 @@ def test_sigtstp_stops_fetching_and_keeps_the_process_up_until_sigterm(
 
 @pytest.mark.timeout(60)
 def test_a_long_job_checkpoints_and_requeues_itself_when_stopping(
-    children: list[Child],
-    rdb: redis.Redis,
-    redis_url: str,
+    children: list[Child], rdb: redis.Redis, redis_url: str
 ) -> None:
     child = start_worker(children, redis_url)
     rdb.lpush("jobs", "iter:42")
     child.expect("start iter:42")
     child.send(signal.SIGTERM)
     assert child.wait() == 0
-    assert rdb.get("checkpoint:42") == "step 7"
-    assert rdb.lrange("jobs", 0, -1) == ["iter:42"]
-    assert "job 'iter:42' asked to be requeued: requeued" in child.err
+    (requeued,) = rdb.lrange("jobs", 0, -1)
+    assert requeued.startswith("iter:42@")  # back on the queue with its checkpoint
+    assert f"job {requeued!r} asked to be requeued: requeued" in child.err
 
 
-# -- in process: the other exit paths of the registration ----------------------------------------
+@pytest.mark.timeout(60)
+def test_a_fetch_that_raises_drains_the_jobs_in_hand_and_exits_1(
+    children: list[Child], rdb: redis.Redis, redis_url: str
+) -> None:
+    child = start_worker(children, redis_url)
+    rdb.lpush("jobs", "slow:in-hand")
+    child.expect("start slow:in-hand")
+    rdb.set("break-fetch", 1)  # the other consumer's next fetch raises
+    child.expect_err("shutting down: fetching stopped; 1 job(s) in hand: 'slow:in-hand'")
+    child.tell("release")
+    assert child.wait() == 1
+    assert rdb.smembers("done") == {"slow:in-hand"}
+    assert "mailer: fetch() failed" in child.err
+    assert registered(rdb) == []  # the crash path removes the registration too
+
+
+# -- in process: the other exit paths of the registration, and the worker's rules ---------------
 
 
 @pytest.mark.timeout(30)
@@ -176,6 +202,7 @@ def test_the_registration_is_removed_after_shutdown_from_code(fresh: Lifecycle, 
 @pytest.mark.timeout(30)
 def test_the_registration_is_removed_when_a_server_crashes(fresh: Lifecycle, rdb: redis.Redis) -> None:
     def crash() -> None:
+        wait_registered(rdb)
         raise RuntimeError("boom")
 
     assert graceful.run([crash, Registration(rdb, "mailer")]) == 1
@@ -203,6 +230,16 @@ def test_the_heartbeat_refreshes_the_key(fresh: Lifecycle, rdb: redis.Redis) -> 
     finally:
         timer.cancel()
     assert beats.is_set()
+    assert registered(rdb) == []
+
+
+def test_a_heartbeat_never_writes_the_key_back_after_its_removal(rdb: redis.Redis) -> None:
+    registration = Registration(rdb, "mailer")
+    registration._write()
+    assert 0 < rdb.pttl(registration.key) <= 15_000
+    registration._remove()
+    registration._write()  # a heartbeat that lost the race with the force-quit hook
+    assert registered(rdb) == []
 
 
 def test_bad_input_says_what_to_do(rdb: redis.Redis) -> None:
@@ -210,19 +247,23 @@ def test_bad_input_says_what_to_do(rdb: redis.Redis) -> None:
         Registration(object(), "x")
     with pytest.raises(ValueError, match="ttl"):
         Registration(rdb, "x", ttl=0)
+    with pytest.raises(ValueError, match="name"):
+        Registration(rdb, "")
     with pytest.raises(TypeError, match="fetch"):
         Worker(None, print, print)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="concurrency"):
         Worker(print, print, print, concurrency=0)
     with pytest.raises(ValueError, match="poll"):
         Worker(print, print, print, poll=0)
+    with pytest.raises(ValueError, match="poll"):
+        Worker(print, print, print, poll=float("inf"))
 
 
 @pytest.mark.timeout(30)
 def test_in_process_a_failing_job_is_logged_and_counted_and_the_worker_goes_on(
     fresh: Lifecycle, caplog: pytest.LogCaptureFixture
 ) -> None:
-    jobs = ["bad", "good", "again"]
+    jobs = ["bad", "good", "again", "checkpoint"]
     handled: list[str] = []
 
     def fetch(timeout: float) -> str | None:
@@ -236,15 +277,36 @@ def test_in_process_a_failing_job_is_logged_and_counted_and_the_worker_goes_on(
             raise ValueError("bad job")
         if job == "again":
             raise Requeue
+        if job == "checkpoint":
+            raise Requeue("checkpoint@3")
         handled.append(job)
 
+    def describe(job: str) -> str:
+        raise KeyError(job)  # a broken describe: the log falls back to repr
+
     requeued: list[str] = []
-    worker = Worker(fetch, handle, requeued.append, poll=0.05)
-    assert graceful.run(worker) == 0
-    assert (worker.done, worker.failed, worker.requeued) == (1, 1, 1)
+    worker = Worker(fetch, handle, requeued.append, poll=0.05, describe=describe)
+    assert graceful.run(worker) == 0  # a failed job is the queue's business, not a crash
+    assert (worker.done, worker.failed, worker.requeued) == (1, 1, 2)
     assert handled == ["good"]
-    assert requeued == ["again"]
+    assert requeued == ["again", "checkpoint@3"]
     assert "job 'bad' failed" in caplog.text
+
+
+def test_a_stop_that_came_before_serve_is_not_lost(fresh: Lifecycle) -> None:
+    fetched: list[float] = []
+    worker = Worker(fetched.append, print, print, poll=0.05)
+    fresh.wrap_up("paused while starting")
+    worker.serve(Context(fresh, worker.name))  # returns: nothing to fetch once stopping
+    assert fetched == []
+
+
+def test_the_redis_fixture_fails_clearly_without_redis_server(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"redis-server is not installed.*apt-get install redis-server"):
+        RedisServer(tmp_path, binary=str(tmp_path / "redis-server"))
+
+
+# -- the example ---------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
@@ -254,8 +316,13 @@ def test_the_queue_worker_example_drains_and_deregisters(
     proc = graceful_process(ROOT / "examples" / "queue_worker.py", env={"REDIS_URL": redis_url})
     assert len(wait_registered(rdb)) == 1
     rdb.lpush("jobs", "send-welcome-mail:1")
+    proc.wait_for_output("working on send-welcome-mail:1")
     proc.send_signal(signal.SIGTERM)
     result = proc.wait(30)
     assert result.returncode == 0, result.stderr
+    assert "fetching stopped; 1 job(s) in hand: 'send-welcome-mail:1'" in result.stderr
+    assert "done: send-welcome-mail:1" in result.stderr
+    assert "mailer: stopped (1 done, 0 failed, 0 requeued)" in result.stderr
+    assert re.search(r"registration mailer: graceful:workers:mailer:\S+ removed", result.stderr)
     assert registered(rdb) == []
-    assert "mailer: stopped (" in result.stderr
+    assert rdb.llen("jobs") == 0

@@ -1,95 +1,145 @@
-"""rq workers (``rq.SimpleWorker``, ``rq.Worker``) coordinated by graceful.
+"""rq workers (``rq.SimpleWorker``) coordinated by graceful.
 
-Why: ``Worker.work()`` installs its own SIGINT/SIGTERM handlers (they raise inside whatever the
-main thread is doing, celery #7339's failure mode) and can only run in the main thread; its
-cold shutdown kills the job in hand and leaves it to be marked failed, not put back. Here the
-worker runs in a thread with its signal handling off, and graceful drives it:
+Why: ``Worker.work()`` installs its own SIGINT/SIGTERM handlers, which raise inside whatever the
+main thread is doing (celery #7339's failure mode) and only work in the main thread; an idle
+worker blocked in its dequeue loop does not look at a stop request until a job arrives; and
+rq's cold shutdown kills the job in hand and leaves it to be marked failed, not put back
+(celery #3802's lost ``acks_late`` tasks, in another library). Here the worker runs in a thread
+with its own signal handling off, and graceful drives it:
 
-* serve: ``work()``; "started" once the worker has registered itself in Redis. An idle worker
-  checks for a stop every second (rq blocks in BLPOP for ``worker_ttl - 15`` s, so
-  ``worker_ttl`` becomes 16 s); a ``SimpleWorker`` times its jobs out with rq's
-  ``TimerDeathPenalty``, since SIGALRM only reaches the main thread.
-* wrap-up (SIGTSTP or SIGTERM): rq's warm shutdown: no new job is taken, the job in hand
-  finishes (in the horse, for ``rq.Worker``), and rq deregisters the worker.
-* deadline: the job still running is put back at the *front* of its queue (removed from the
-  started-job registry first, so rq's cleanup cannot later mark it failed) and logged by id,
-  the horse of an ``rq.Worker`` is killed, and the worker is deregistered.
+* serve: ``work()``; "started" once rq has registered the worker in Redis. An idle worker
+  looks for a stop every second (its dequeue is cut into 1 s waits; ``worker_ttl`` and the
+  ``max_idle_time`` you pass keep their meaning). Jobs are timed out with rq's
+  ``TimerDeathPenalty``: SIGALRM, rq's default, only reaches the main thread.
+* wrap-up (SIGTSTP or SIGTERM; also ``rq shutdown``, which sends this process SIGINT): rq's warm
+  shutdown: no new job is taken, the job in hand finishes, rq deregisters the worker.
+* deadline: the job still running is taken out of rq's started-job registry (so that rq's
+  cleanup cannot later mark it failed) and put back at the *front* of its queue, logged by
+  id, and the worker is deregistered.
+
+Only ``rq.SimpleWorker`` (and its subclasses) is run: it performs each job in its own thread,
+which graceful can wait for and requeue. ``rq.Worker`` forks a "horse" per job and watches it
+with SIGALRM, which does not work from a thread, and a fork of a threaded process may inherit
+held locks; run it as a child process instead (``graceful.run(subprocess.Popen(["rq",
+"worker"]))``: rq's own warm shutdown answers the SIGTERM graceful sends it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 
 import rq
-from rq.registry import StartedJobRegistry
+from rq.exceptions import StopRequested
 from rq.timeouts import TimerDeathPenalty, UnixSignalDeathPenalty
 
 from .._service import Context
+
+# No ``typing`` at run time: see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("graceful")
 
 __all__ = ["RqService", "adapt"]
 
 IDLE_POLL = 1
-"""Seconds an idle worker waits for a job before it checks for a stop (rq's BLPOP timeout)."""
+"""Seconds an idle worker waits for a job before it looks for a stop (rq takes whole seconds)."""
 
-
-def _coordinate(worker: rq.worker.BaseWorker) -> None:
-    """Turn rq's own signal handling off, on this worker only (its class is pickled for horses)."""
-    worker._install_signal_handlers = lambda: None  # type: ignore[method-assign] # graceful routes them
-    worker.worker_ttl = min(worker.worker_ttl, IDLE_POLL + 15)  # rq's dequeue timeout: worker_ttl - 15
-    if isinstance(worker, rq.SimpleWorker) and worker.death_penalty_class is UnixSignalDeathPenalty:
-        # The job runs in the worker's thread, not the main thread: SIGALRM cannot time it out.
-        worker.death_penalty_class = TimerDeathPenalty
+WORK_OPTIONS = (
+    "burst",
+    "logging_level",
+    "date_format",
+    "log_format",
+    "max_jobs",
+    "max_idle_time",
+    "dequeue_strategy",
+)
+"""What ``RqService`` passes on to ``work()``; ``with_scheduler`` forks from a thread (refused)."""
 
 
 class RqService:
-    """An ``rq`` worker; see the module docstring."""
+    """An ``rq.SimpleWorker`` run by graceful; see the module docstring.
 
-    def __init__(
-        self, worker: rq.worker.BaseWorker, *, name: str | None = None, **work_options: object
-    ) -> None:
-        if not isinstance(worker, rq.worker.BaseWorker):
-            raise TypeError(
-                f"RqService takes an rq worker (rq.SimpleWorker, rq.Worker), not {type(worker).__name__}"
+    Args:
+        worker: the ``rq.SimpleWorker``; its signal handling, dequeue wait and (default) death
+            penalty are replaced on this instance only.
+        name: the service's name in the log (default ``"rq <worker name>"``).
+        **work_options: passed to ``worker.work()``: ``burst``, ``max_jobs``,
+            ``max_idle_time``, ``dequeue_strategy``, ``logging_level``, ``date_format``,
+            ``log_format``.
+    """
+
+    def __init__(self, worker: rq.SimpleWorker, *, name: str | None = None, **work_options: Any) -> None:
+        _check(worker)
+        unknown = sorted(set(work_options) - set(WORK_OPTIONS))
+        if "with_scheduler" in unknown:
+            raise ValueError(
+                "RqService does not start rq's scheduler (it forks from a thread): run it as its own "
+                "process, e.g. graceful.run(subprocess.Popen(['rq', 'worker', '--with-scheduler', ...]))"
             )
-        _coordinate(worker)
+        if unknown:
+            raise TypeError(f"RqService got unknown work() options {unknown}; it takes {list(WORK_OPTIONS)}")
         self.worker = worker
         self.name = name or f"rq {worker.name}"
         self.work_options = work_options
-        self._registered = threading.Event()
+        self._asked = threading.Event()  # wrap-up asked rq to stop (else work() returning is a crash)
+        _coordinate(worker, self._asked)
 
     def serve(self, ctx: Context) -> None:
         ctx.lifecycle.on_force_quit(self._put_back, name=f"requeue the job of {self.name}")
-        register_birth = self.worker.register_birth
+        worker = self.worker
+        register_birth = worker.register_birth
 
         def register_then_say_started() -> None:
             register_birth()  # type: ignore[no-untyped-call]
             ctx.started()
 
-        self.worker.register_birth = register_then_say_started  # type: ignore[method-assign]
-        self.worker.work(**self.work_options)  # type: ignore[arg-type]
+        worker.register_birth = register_then_say_started  # type: ignore[method-assign]
+        if ctx.lifecycle.is_stopping():  # a stop that came while we were starting is not lost
+            self._asked.set()
+            worker._stop_requested = True
+        worker.work(**self.work_options)
+        finite = any(self.work_options.get(k) for k in ("burst", "max_jobs", "max_idle_time"))
+        if not self._asked.is_set() and not finite:
+            raise RuntimeError(f"{self.name}: rq's work() returned on its own (see rq's log above)")
 
     def wrap_up(self, ctx: Context) -> None:
         from rq.utils import now
 
-        self.worker._shutdown_requested_date = now()
-        self.worker._stop_requested = True
-        job = self.worker.get_current_job_id()
+        worker = self.worker
+        self._asked.set()
+        worker._shutdown_requested_date = now()
+        worker._stop_requested = True
+        if not ctx.served.is_set():
+            worker.handle_warm_shutdown_request()  # type: ignore[no-untyped-call] # rq's hook (its log line)
+        job = worker.get_current_job_id()
         log.info("%s: warm shutdown: no new job; %s", self.name, f"job {job} in hand" if job else "idle")
         if not ctx.wait_served(ctx.remaining()):
-            log.warning("%s: job still running when the budget ran out", self.name)
+            log.warning("%s: job %s still running when the budget ran out", self.name, job)
 
     def close(self, ctx: Context) -> None:
         return None
 
     def _put_back(self) -> None:
+        """Force-quit hook: the job in hand goes back to the front of its queue, by id."""
         worker = self.worker
+        execution = worker.execution
         job = worker.get_current_job()
         if job is not None:
-            StartedJobRegistry(job.origin, connection=worker.connection).remove_executions(job)
-            queue = rq.Queue(job.origin, connection=worker.connection, serializer=worker.serializer)
+            with worker.connection.pipeline() as pipeline:
+                if execution is not None:  # out of StartedJobRegistry: rq will not fail it later
+                    worker.cleanup_execution(job, pipeline, execution)
+                pipeline.execute()
+            queue = worker.queue_class(
+                job.origin,
+                connection=worker.connection,
+                job_class=worker.job_class,
+                serializer=worker.serializer,
+            )
             queue.enqueue_job(job, at_front=True)
             log.error(
                 "%s: job %s (%s) still running at the force-quit deadline: put back at the front of %r",
@@ -98,14 +148,51 @@ class RqService:
                 job.func_name,
                 job.origin,
             )
-        if getattr(worker, "horse_pid", 0):
-            worker.kill_horse()
-            worker.wait_for_horse()
         worker.register_death()  # type: ignore[no-untyped-call]
 
 
+def _check(worker: object) -> None:
+    if not isinstance(worker, rq.SimpleWorker):
+        if isinstance(worker, rq.worker.BaseWorker):
+            raise TypeError(
+                f"graceful runs rq.SimpleWorker, not {type(worker).__qualname__}: forking a horse per "
+                "job from a thread is unsafe and rq watches it with SIGALRM, which only the main thread "
+                "gets. Use rq.SimpleWorker(queues, connection=...), or run `rq worker` as a child "
+                "process: graceful.run(subprocess.Popen(['rq', 'worker', ...]))"
+            )
+        raise TypeError(f"RqService takes an rq.SimpleWorker, not {type(worker).__name__}")
+
+
+def _coordinate(worker: rq.SimpleWorker, asked: threading.Event) -> None:
+    """Hand rq's stop to graceful, on this worker instance only."""
+    worker._install_signal_handlers = lambda: None  # type: ignore[method-assign] # graceful routes them
+    if worker.death_penalty_class is UnixSignalDeathPenalty:
+        # The job runs in the worker's thread, not the main thread: SIGALRM cannot time it out.
+        worker.death_penalty_class = TimerDeathPenalty
+    dequeue = worker.dequeue_job_and_maintain_ttl
+
+    def dequeue_until_stopped(timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """rq's dequeue, cut into ``IDLE_POLL`` waits so that an idle worker sees a stop."""
+        if timeout is None:  # burst mode: rq does not block
+            return dequeue(timeout, max_idle_time)
+        idle_since = time.monotonic()
+        while not asked.is_set():
+            wait = IDLE_POLL
+            if max_idle_time is not None:
+                left = max_idle_time - (time.monotonic() - idle_since)
+                if left <= 0:
+                    return None  # work() logs "idle for N seconds, quitting"
+                wait = max(1, min(wait, math.ceil(left)))
+            result = dequeue(min(timeout, wait), wait)  # rq returns None after ``wait`` idle seconds
+            if result is not None:
+                return result
+        raise StopRequested  # work() ends its loop, deregisters the worker, returns
+
+    worker.dequeue_job_and_maintain_ttl = dequeue_until_stopped  # type: ignore[method-assign]
+
+
 def adapt(obj: object) -> RqService | None:
-    """The service for an rq worker; None for anything else."""
+    """The service for an ``rq.SimpleWorker``; TypeError for other rq workers; else None."""
     if isinstance(obj, rq.worker.BaseWorker):
-        return RqService(obj)
+        return RqService(obj)  # type: ignore[arg-type] # _check raises the clear TypeError
     return None

@@ -1,0 +1,160 @@
+"""A real ``redis-server`` for the queue-worker tests: 127.0.0.1, a free port, no persistence.
+
+``RedisServer`` starts the binary with ``--save '' --appendonly no`` (nothing written to disk),
+waits for its own "Ready to accept connections" line and a PING (bounded), and stops it. The
+fixtures ``redis_url`` (session-wide) and ``rdb`` (a client on a flushed database) are built on
+it. Nothing is skipped: CI installs redis-server (.ci/run), so a missing binary fails the test
+with a sentence that says how to install it.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+BOUND = 10.0  # seconds: as in conftest (not imported from there: conftest may import this module)
+READY = "Ready to accept connections"
+IN_USE = "Address already in use"
+
+__all__ = ["RedisServer", "rdb", "redis_url"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One ``redis-server`` process; ``start()`` returns once it answers PING."""
+
+    def __init__(self, folder: Path, *, binary: str | None = None) -> None:
+        found = binary or shutil.which("redis-server")
+        if found is None or shutil.which(found) is None:
+            raise RuntimeError(
+                f"redis-server is not installed (looked for {binary or 'redis-server on PATH'}): the queue "
+                "worker tests need a real one; install it with `apt-get install redis-server` (.ci/run does)"
+            )
+        self.binary = found
+        self.folder = folder
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._pump: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> str:
+        """Start on a free port (another if that one was taken meanwhile); the URL."""
+        for _ in range(3):
+            self.port = free_port()
+            if self._start_on(self.port):
+                self._ping()
+                return self.url
+        raise RuntimeError(f"redis-server found no free port on 127.0.0.1 in 3 tries; last port {self.port}")
+
+    def _start_on(self, port: int) -> bool:
+        """True once it says it is ready; False if the port was taken; RuntimeError otherwise."""
+        command = [
+            self.binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self._lines = queue.Queue()
+        self.proc = subprocess.Popen(
+            [*command, "--dir", str(self.folder)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._pump = threading.Thread(target=self._read, args=(self.proc, self._lines), daemon=True)
+        self._pump.start()
+        said: list[str] = []
+        while True:
+            try:
+                line = self._lines.get(timeout=BOUND)
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(
+                    f"redis-server was not ready within {BOUND} s; it said:\n{''.join(said)}"
+                ) from None
+            if line is None:
+                self.stop()
+                if any(IN_USE in text for text in said):
+                    return False
+                raise RuntimeError(f"redis-server exited at start; it said:\n{''.join(said)}")
+            said.append(line)
+            if READY in line:
+                return True
+
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # read to the end: a full pipe would block the server's log
+            lines.put(line)
+        lines.put(None)
+
+    def _ping(self) -> None:
+        client = redis.Redis.from_url(self.url, socket_timeout=BOUND)
+        try:
+            if not client.ping():
+                raise RuntimeError(f"redis-server on port {self.port} said it was ready but PING failed")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM; SIGKILL if it does not exit within the bound); idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(BOUND)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(BOUND)
+        if self._pump is not None:
+            self._pump.join(BOUND)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server for the whole session; its URL (``redis://127.0.0.1:<port>/0``)."""
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+        url = server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    """A client (``decode_responses=True``) on a flushed database."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=3 * BOUND)
+    client.flushdb()
+    yield client
+    client.close()
