@@ -6,7 +6,6 @@ import asyncio
 import http.client
 import signal
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,6 +19,8 @@ from .child import Child
 from .conftest import BOUND, ROOT
 from .web import (
     assert_refused_fast,
+    check_a_stuck_request_is_named_at_the_deadline,
+    check_serving_during_the_drain_delay,
     closed_by_server,
     free_port,
     get,
@@ -102,15 +103,7 @@ def test_sigterm_with_50_requests_in_flight_answers_all_and_runs_the_hooks(
 
 @pytest.mark.timeout(60)
 def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(children: list[Child]) -> None:
-    child, port = start(children, server_code(), GRACEFUL_FORCE_QUIT="1")
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(get, port, "/slow/stuck")
-        child.expect("in stuck")
-        child.send(signal.SIGTERM)
-        with pytest.raises((http.client.HTTPException, OSError)):
-            future.result(BOUND)  # cut at the deadline, not left hanging
-        assert child.wait() == 70
-    assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.err
+    check_a_stuck_request_is_named_at_the_deadline(children, server_code())
 
 
 @pytest.mark.timeout(60)
@@ -131,15 +124,7 @@ def test_shutdown_timeout_cancels_and_names_the_request(children: list[Child]) -
 
 @pytest.mark.timeout(60)
 def test_the_server_keeps_serving_during_the_drain_delay(children: list[Child]) -> None:
-    child, port = start(children, server_code(), GRACEFUL_DRAIN_DELAY="1")
-    signalled = time.monotonic()
-    child.send(signal.SIGTERM)
-    child.expect_err("wrapping up")
-    assert get(port, "/during-delay")[:2] == (200, "/during-delay")
-    child.expect_err("stopped accepting")
-    assert time.monotonic() - signalled >= 0.9
-    assert_refused_fast(port, within=0.1)
-    assert child.wait() == 0
+    check_serving_during_the_drain_delay(children, server_code())
 
 
 @pytest.mark.timeout(60)

@@ -104,16 +104,26 @@ def _code(server: str) -> str:
     return f"import sys; sys.argv = ['server', '{free_port()}']\n" + (SYNC if server == "sync" else AIO)
 
 
-def _stream(port: int, got: list[bytes], ended: threading.Event, errors: list[BaseException]) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_stream("/test.Svc/Stream")
-        try:
-            for message in call(b"stream-1", timeout=BOUND):
-                got.append(message)
-        except grpc.RpcError as exc:
-            errors.append(exc)
-        finally:
-            ended.set()
+class Stream:
+    """A server-streaming call on its own thread, collecting its messages or its error."""
+
+    def __init__(self, port: int) -> None:
+        self.got: list[bytes] = []
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._call, args=(port,))
+        self._thread.start()
+
+    def _call(self, port: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_stream("/test.Svc/Stream")
+            try:
+                self.got.extend(call(b"stream-1", timeout=BOUND))
+            except grpc.RpcError as exc:
+                self.errors.append(exc)
+
+    def join(self) -> None:
+        self._thread.join(BOUND)
+        assert not self._thread.is_alive(), "the streaming call never ended"
 
 
 def _health(port: int) -> int:
@@ -143,11 +153,7 @@ def test_a_stream_in_flight_at_sigterm_completes_and_health_says_not_serving_fir
 ) -> None:
     child, port = start(children, _code(server), GRACEFUL_DRAIN_DELAY="2")
     assert _health(port) == health_pb2.HealthCheckResponse.SERVING
-    got: list[bytes] = []
-    ended = threading.Event()
-    errors: list[BaseException] = []
-    caller = threading.Thread(target=_stream, args=(port, got, ended, errors))
-    caller.start()
+    stream = Stream(port)
     child.expect("in stream-1")
     child.send(signal.SIGTERM)
     child.expect_err("health service NOT_SERVING")
@@ -155,10 +161,9 @@ def test_a_stream_in_flight_at_sigterm_completes_and_health_says_not_serving_fir
     child.expect_err("stopped accepting")
     assert _echo_refused_within(port) < 1.0
     child.tell("release")
-    assert ended.wait(BOUND)
-    caller.join(BOUND)
-    assert errors == []
-    assert got == [b"0", b"1", b"2", b"3", b"4"]
+    stream.join()
+    assert stream.errors == []
+    assert stream.got == [b"0", b"1", b"2", b"3", b"4"]
     assert child.wait() == 0
     assert "echo late" not in child.out
     assert "Traceback" not in child.err
@@ -170,17 +175,12 @@ def test_an_rpc_that_outlives_the_budget_is_named_and_the_exit_is_70(
     children: list[Child], server: str
 ) -> None:
     child, port = start(children, _code(server), GRACEFUL_FORCE_QUIT="1")
-    got: list[bytes] = []
-    ended = threading.Event()
-    errors: list[BaseException] = []
-    caller = threading.Thread(target=_stream, args=(port, got, ended, errors))
-    caller.start()
+    stream = Stream(port)
     child.expect("in stream-1")
     child.send(signal.SIGTERM)
     assert child.wait() == 70
-    assert ended.wait(BOUND)
-    caller.join(BOUND)
-    assert len(errors) == 1
+    stream.join()
+    assert len(stream.errors) == 1
     assert "dropped request RPC /test.Svc/Stream from ipv4:127.0.0.1:" in child.err
 
 

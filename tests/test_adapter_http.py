@@ -16,7 +16,14 @@ from graceful.adapters.http import HTTPServerService
 
 from .child import Child
 from .conftest import BOUND
-from .web import get, in_flight, refused_within, start
+from .web import (
+    check_a_stuck_request_is_named_at_the_deadline,
+    check_serving_during_the_drain_delay,
+    get,
+    in_flight,
+    refused_within,
+    start,
+)
 
 # A server whose /slow/<n> requests print "in <n>" and answer once the test says "release".
 SERVER = r"""
@@ -100,15 +107,7 @@ def test_sigterm_with_50_requests_in_flight_answers_all_of_them(children: list[C
 
 @pytest.mark.timeout(60)
 def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(children: list[Child]) -> None:
-    child, port = start(children, SERVER, GRACEFUL_FORCE_QUIT="1")
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(get, port, "/slow/stuck")
-        child.expect("in stuck")
-        child.send(signal.SIGTERM)
-        assert child.wait() == 70
-        with pytest.raises((http.client.HTTPException, OSError)):
-            future.result(BOUND)
-    assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.err
+    check_a_stuck_request_is_named_at_the_deadline(children, SERVER)
 
 
 @pytest.mark.timeout(60)
@@ -127,13 +126,7 @@ def test_idle_keep_alive_connections_are_closed_and_do_not_hold_the_exit(childre
 
 @pytest.mark.timeout(60)
 def test_the_server_keeps_serving_during_the_drain_delay(children: list[Child]) -> None:
-    child, port = start(children, SERVER, GRACEFUL_DRAIN_DELAY="3")
-    child.send(signal.SIGTERM)
-    child.expect_err("wrapping up")
-    assert get(port, "/during-delay")[:2] == (200, "/during-delay")
-    child.expect_err("stopped accepting")
-    assert refused_within(port) < 0.1
-    assert child.wait() == 0
+    check_serving_during_the_drain_delay(children, SERVER)
 
 
 @pytest.mark.timeout(60)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 
 import pytest
 
 from .child import Child
 from .conftest import BOUND
+from .web import free_port
 
 pytestmark = [pytest.mark.load, pytest.mark.timeout(120)]
 
@@ -77,30 +77,13 @@ sys.exit(graceful.run(uvicorn.Server(config)))
 """
 
 
-@pytest.fixture
-def children() -> Iterator[list[Child]]:
-    started: list[Child] = []
-    yield started
-    for child in started:
-        child.kill()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.mark.parametrize("server", ["stdlib", "uvicorn"])
 def test_no_accepted_request_fails_when_sigterm_arrives_under_load(
     children: list[Child], server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if server == "uvicorn":
         pytest.importorskip("graceful.adapters.uvicorn", reason="the uvicorn adapter has not landed")
-        code = f"import sys; sys.argv = ['server', '{_free_port()}']\n" + UVICORN
+        code = f"import sys; sys.argv = ['server', '{free_port()}']\n" + UVICORN
     else:
         code = STDLIB
     service = Child(code)

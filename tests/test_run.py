@@ -20,17 +20,10 @@ from .conftest import BOUND, Recorder
 
 
 @pytest.fixture
-def fresh() -> Iterator[Lifecycle]:
-    """A fresh default lifecycle for run(), with a real clock; the old default put back after."""
-    # A recorded exit: a bug that reaches the deadline fails the test instead of killing pytest.
-    lifecycle = Lifecycle(force_quit=BOUND, exit=Recorder())
-    previous = graceful.use(lifecycle)
-    yield lifecycle
-    graceful.use(previous)
-    assert lifecycle.forced is None, lifecycle.forced
-    if lifecycle.state() is not State.RUNNING:
-        lifecycle.shutdown(wait=False)
-        assert lifecycle.wait_for_shutdown(BOUND)
+def fresh(fresh: Lifecycle) -> Iterator[Lifecycle]:
+    """conftest's ``fresh``, and no test here may reach the force-quit deadline."""
+    yield fresh
+    assert fresh.forced is None, fresh.forced
 
 
 def handlers() -> dict[int, object]:

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import types
-from collections.abc import Iterator
 
 import pytest
 
@@ -59,14 +58,6 @@ def service(*, budget: float = 10, hold: bool = False, reload: bool = False, clo
     child = Child(code)
     child.expect("serving")
     return child
-
-
-@pytest.fixture
-def children() -> Iterator[list[Child]]:
-    started: list[Child] = []
-    yield started
-    for child in started:
-        child.kill()
 
 
 def track(children: list[Child], child: Child) -> Child:

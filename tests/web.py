@@ -19,16 +19,21 @@ bounded (``BOUND``); none of these helpers sleeps to synchronise.
 from __future__ import annotations
 
 import http.client
+import signal
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from .child import Child
 from .conftest import BOUND
 
 __all__ = [
     "assert_refused_fast",
+    "check_a_stuck_request_is_named_at_the_deadline",
+    "check_serving_during_the_drain_delay",
     "closed_by_server",
     "free_port",
     "get",
@@ -142,3 +147,32 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+# -- scenarios every web adapter must pass (each test module passes its server's code) ----------
+
+
+def check_a_stuck_request_is_named_at_the_deadline(children: list[Child], code: str) -> None:
+    """A request that outlives a 1 s budget: the client is cut, exit 70, the log names it."""
+    child, port = start(children, code, GRACEFUL_FORCE_QUIT="1")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(get, port, "/slow/stuck")
+        child.expect("in stuck")
+        child.send(signal.SIGTERM)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            future.result(BOUND)  # cut at the deadline, not left hanging
+        assert child.wait() == 70
+    assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.err
+
+
+def check_serving_during_the_drain_delay(children: list[Child], code: str) -> None:
+    """With a 1 s drain delay a request sent after SIGTERM is answered; then refusal at once."""
+    child, port = start(children, code, GRACEFUL_DRAIN_DELAY="1")
+    signalled = time.monotonic()
+    child.send(signal.SIGTERM)
+    child.expect_err("wrapping up")
+    assert get(port, "/during-delay")[:2] == (200, "/during-delay")
+    child.expect_err("stopped accepting")
+    assert time.monotonic() - signalled >= 0.9
+    assert_refused_fast(port, within=0.1)
+    assert child.wait() == 0

@@ -7,9 +7,16 @@ web adapter records each request here when it starts and removes it when it ends
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+
+# No ``typing`` at run time: see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 __all__ = ["InFlight", "Request"]
 
@@ -55,6 +62,14 @@ class InFlight:
 
     def __len__(self) -> int:
         return len(self._requests)
+
+    def cut_at_deadline(self, loop: Any, cut: Callable[[], object]) -> None:
+        """At the deadline (a helper thread): name every dropped request, then run ``cut`` on
+        ``loop``, the asyncio loop that owns the connections (skipped once it has closed)."""
+        self.log_dropped()
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                loop.call_soon_threadsafe(cut)
 
     def log_dropped(self, why: str = "at the force-quit deadline") -> int:
         """Log one line per request still under way; returns how many."""

@@ -21,7 +21,6 @@ with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 
@@ -174,11 +173,7 @@ class AiohttpService:
 
     def _forced(self) -> None:
         """At the deadline (a helper thread): name every dropped request, then cut them."""
-        self.in_flight.log_dropped()
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed in between
-                loop.call_soon_threadsafe(self._cut)
+        self.in_flight.cut_at_deadline(self._loop, self._cut)
 
     def _cut(self) -> None:
         server = self.runner.server

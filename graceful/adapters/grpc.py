@@ -8,7 +8,8 @@ traffic; ``HealthServicer.enter_graceful_shutdown()`` turns every service NOT_SE
 
 * serve: ``start()``, "started", then block until the server has terminated.
 * wrap-up: the health service (if given) turns NOT_SERVING; the drain delay (still serving,
-  already not-serving to probes); then ``stop(grace=remaining budget)`` (a day during a pause),
+  already not-serving to probes); then ``stop(grace=remaining budget + GRACE_MARGIN)`` (a day
+  during a pause),
   *waited for*: new RPCs are refused, RPCs in flight, streaming ones included, complete.
 * deadline: each RPC still running is logged (method, age) when the server was built with
   ``RpcTracker``'s interceptor (gRPC offers no other way to see them), then ``stop(0)``
@@ -40,6 +41,10 @@ __all__ = ["GrpcAioService", "GrpcService", "RpcTracker", "adapt"]
 
 PAUSE_GRACE = 24 * 3600.0
 """The grace a pause gives RPCs in flight: no deadline runs during a pause."""
+
+GRACE_MARGIN = 1.0
+"""Seconds grpc's own grace outlasts graceful's deadline: the deadline comes first, so the RPCs
+still running are named in the log before ``stop(0)`` cancels them."""
 
 _BEHAVIOURS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
@@ -178,7 +183,7 @@ class GrpcService:
             log.info("%s: health service NOT_SERVING", self.name)
         wait_drain_delay(ctx.lifecycle)
         remaining = ctx.remaining()
-        stopped = self.server.stop(PAUSE_GRACE if remaining is None else remaining)
+        stopped = self.server.stop(PAUSE_GRACE if remaining is None else remaining + GRACE_MARGIN)
         log.info("%s: stopped accepting; waiting for the RPCs in flight", self.name)
         if stopped.wait(ctx.remaining()):
             self._stopped.set()
@@ -247,7 +252,7 @@ class GrpcAioService:
             log.info("%s: health service NOT_SERVING", self.name)
         await asyncio.sleep(drain_delay_left(ctx.lifecycle))
         remaining = ctx.remaining()
-        stopping = asyncio.ensure_future(self.server.stop(PAUSE_GRACE if remaining is None else remaining))
+        stopping = asyncio.ensure_future(self.server.stop(PAUSE_GRACE if remaining is None else remaining + GRACE_MARGIN))
         log.info("%s: stopped accepting; waiting for the RPCs in flight", self.name)
         done, _ = await asyncio.wait({stopping}, timeout=ctx.remaining())
         if not done:

@@ -176,11 +176,7 @@ class UvicornService:
 
     def _forced(self) -> None:
         """At the deadline (a helper thread): name every dropped request, then cut them."""
-        self.in_flight.log_dropped()
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed in between
-                loop.call_soon_threadsafe(self._cut)
+        self.in_flight.cut_at_deadline(self._loop, self._cut)
 
     def _cut(self) -> None:
         self.server.force_exit = True  # uvicorn stops waiting and skips the lifespan shutdown
