@@ -334,7 +334,7 @@ class Lifecycle:
         """Call ``fn(event, detail)`` at each transition; returns a function that stops it.
 
         Events: ``wrapping_up``, ``shutdown`` (the deadline starts), ``shutting_down``,
-        ``stopped``, ``reloading``, ``reloaded``. For integrations (``graceful.systemd``).
+        ``stopped``, ``forced``, ``reloading``, ``reloaded``. For integrations (``graceful.systemd``).
         """
         self._observers.append(fn)
         return lambda: self._observers.remove(fn) if fn in self._observers else None
@@ -382,6 +382,7 @@ class Lifecycle:
             report = "\n".join([header, *format_unfinished(listeners, self._clock.monotonic())])
             self._forced = report
         emit_report(report)
+        self._emit("forced", why)
         self._run_force_quit_hooks()
         self._exit(FORCED_EXIT_CODE)
 

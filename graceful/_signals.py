@@ -139,6 +139,8 @@ class Router:
             return
         if name == "SIGHUP":
             if lc.reload_listener_count() == 0:
+                lc._emit("reloading", name)  # Type=notify-reload waits for RELOADING=1 and READY=1
+                lc._emit("reloaded", name)
                 log.info("received %s: no reload listener registered, ignored", name)
                 return
             lc.reload(name)

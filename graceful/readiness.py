@@ -28,6 +28,7 @@ import os
 import threading
 
 from ._default import get_lifecycle
+from ._platform import platform_grace
 from ._status import State
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -36,10 +37,14 @@ if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
 
 __all__ = [
+    "ProbeServer",
+    "check_platform_grace",
     "drain_delay",
     "drain_delay_left",
     "is_live",
     "is_ready",
+    "probe_port_from_env",
+    "serve_probes",
     "set_drain_delay",
     "set_ready",
     "wait_drain_delay",
@@ -148,15 +153,16 @@ def wait_drain_delay(lifecycle: Lifecycle | None = None) -> float:
 # -- the probe endpoint ----------------------------------------------------------------------------
 
 ENV_PROBE_PORT = "GRACEFUL_PROBE_PORT"
-ENV_TERMINATION_GRACE = "GRACEFUL_TERMINATION_GRACE"
-ENV_TIMEOUT_STOP_SEC = "GRACEFUL_TIMEOUT_STOP_SEC"
+PROBE_PATHS = ("/readyz", "/livez")
 
 
 class ProbeServer:
-    """A tiny HTTP server for Kubernetes probes, on its own thread (``serve_probes()``).
+    """A tiny HTTP server for Kubernetes probes, on its own daemon thread (``serve_probes()``).
 
-    ``GET /readyz``: 200 while ready, 503 from the start of wrap-up. ``GET /livez``: 200 until
-    the lifecycle has stopped. Anything else: 404.
+    ``GET /readyz`` (or ``HEAD``): 200 while ready, 503 from the start of wrap-up. ``GET
+    /livez``: 200 until the lifecycle has stopped. Anything else: 404. Each answer is computed
+    from the lifecycle at the moment of the request (two attribute reads), so it is never stale.
+    A context manager; ``close()`` is idempotent.
     """
 
     def __init__(self, lifecycle: Lifecycle, host: str, port: int) -> None:
@@ -165,30 +171,46 @@ class ProbeServer:
         lc = lifecycle
 
         class Probe(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
+            def _answer(self, *, body: bool) -> None:
                 path = self.path.split("?")[0]
                 if path == "/readyz":
                     ok = is_ready(lc)
-                    body = "ready" if ok else "not ready"
+                    text = "ready" if ok else "not ready"
                 elif path == "/livez":
                     ok = is_live(lc)
-                    body = "live" if ok else "stopped"
+                    text = "live" if ok else "stopped"
                 else:
                     self.send_error(404, "graceful probes: /readyz and /livez")
                     return
-                data = f"{body}\n".encode()
+                data = f"{text}\n".encode()
                 self.send_response(200 if ok else 503)
-                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                self.wfile.write(data)
+                if body:
+                    self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._answer(body=True)
+
+            def do_HEAD(self) -> None:
+                self._answer(body=False)
 
             def log_message(self, format: str, *args: object) -> None:
                 return None  # probes every few seconds would drown the log
 
-        self._server = ThreadingHTTPServer((host, port), Probe)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Probe)
+        except OSError as exc:
+            raise RuntimeError(
+                f"graceful cannot answer probes on {host}:{port}: {exc.strerror or exc}. Free that "
+                f"port or choose another ({ENV_PROBE_PORT}, or serve_probes(port=...))"
+            ) from exc
         self._server.daemon_threads = True
+        self.host: str = host
         self.port: int = self._server.server_address[1]
+        """The port answering (the one chosen when 0 was asked for)."""
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.1},
@@ -196,20 +218,37 @@ class ProbeServer:
             daemon=True,
         )
         self._thread.start()
+        self._closed = False
 
     def close(self) -> None:
-        """Stop answering (idempotent)."""
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(5)
+        """Stop answering: the port refuses connections from now on. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._server.shutdown()
+        self._thread.join(5)
         self._server.server_close()
+
+    def __enter__(self) -> ProbeServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<graceful.readiness.ProbeServer {self.host}:{self.port}>"
 
 
 def serve_probes(port: int = 0, host: str = "127.0.0.1", lifecycle: Lifecycle | None = None) -> ProbeServer:
     """Answer Kubernetes probes on ``host:port`` (``port=0``: any free port, see ``.port``).
 
     ``run()`` starts one by itself when ``GRACEFUL_PROBE_PORT`` is set (on every interface,
-    since the kubelet probes the pod's IP). Returns the server; ``close()`` stops it.
+    ``GRACEFUL_PROBE_HOST`` to change it, since the kubelet probes the pod's IP). Close it after
+    ``run()`` returns, not in a shutdown listener: ``/livez`` must answer until the end.
+
+    Raises:
+        ValueError: ``port`` is not a port number.
+        RuntimeError: the port cannot be bound (in use, say); the message says what to do.
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"serve_probes(port=...) must be a port number 0-65535; got {port!r}")
@@ -217,7 +256,11 @@ def serve_probes(port: int = 0, host: str = "127.0.0.1", lifecycle: Lifecycle | 
 
 
 def probe_port_from_env() -> int | None:
-    """``GRACEFUL_PROBE_PORT`` as a port number, or None when unset."""
+    """``GRACEFUL_PROBE_PORT`` as a port number, or None when unset.
+
+    Raises:
+        ValueError: it is set to something that is not a port number 1-65535.
+    """
     raw = os.environ.get(ENV_PROBE_PORT, "").strip()
     if not raw:
         return None
@@ -226,40 +269,37 @@ def probe_port_from_env() -> int | None:
     return int(raw)
 
 
-def _seconds_from_env(name: str) -> float | None:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        return _check_delay(float(raw), name)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds: set it to e.g. 30") from None
+# -- the platform's grace --------------------------------------------------------------------------
 
 
 def check_platform_grace(lifecycle: Lifecycle | None = None) -> str | None:
-    """Warn when the drain delay plus the force-quit budget outlast the platform's grace.
+    """Warn when the drain delay plus the force-quit budget would outlast the platform's grace.
 
-    The platform's grace comes from ``GRACEFUL_TERMINATION_GRACE`` (Kubernetes'
+    The grace comes from ``GRACEFUL_TERMINATION_GRACE`` (Kubernetes'
     ``terminationGracePeriodSeconds``) or ``GRACEFUL_TIMEOUT_STOP_SEC`` (systemd's
-    ``TimeoutStopSec``), the shorter if both are set. Past it, the platform sends SIGKILL and
-    graceful never writes its report (SolidQueue #653). ``run()`` calls this at start. Returns
-    the warning (also logged), or None.
+    ``TimeoutStopSec``: seconds or a systemd time span such as ``1min 30s``; 0 or
+    ``infinity`` is no limit), the shorter if both are set; neither platform tells the process
+    (see docs/kubernetes.md and docs/systemd.md). Past it the platform sends SIGKILL and
+    graceful never writes its report of what was stuck (SolidQueue #653). ``run()`` calls this
+    once at start. Returns the warning (also logged at WARNING on ``graceful``), or None.
+
+    Raises:
+        ValueError: one of the variables is not a duration.
     """
     lc = _lc(lifecycle)
-    graces = [
-        g for g in (_seconds_from_env(ENV_TERMINATION_GRACE), _seconds_from_env(ENV_TIMEOUT_STOP_SEC)) if g
-    ]
-    if not graces:
+    found = platform_grace()
+    if found is None:
         return None
-    grace = min(graces)
-    needed = drain_delay(lc) + lc.status().force_quit
+    grace, where = found
+    delay, budget = drain_delay(lc), lc.status().force_quit
+    needed = delay + budget
     if needed < grace:
         return None
     warning = (
-        f"the drain delay ({drain_delay(lc):g} s) plus the force-quit budget ({lc.status().force_quit:g} s) "
-        f"is {needed:g} s, not less than the platform's grace of {grace:g} s: the process would be "
+        f"the drain delay ({delay:g} s) plus the force-quit budget ({budget:g} s) is {needed:g} s, "
+        f"not less than the platform's grace of {grace:g} s ({where}): the process would be "
         f"SIGKILLed before graceful reports what is stuck. Lower GRACEFUL_FORCE_QUIT or "
-        f"GRACEFUL_DRAIN_DELAY, or raise terminationGracePeriodSeconds / TimeoutStopSec"
+        f"GRACEFUL_DRAIN_DELAY, or give the process more time"
     )
     log.warning("%s", warning)
     return warning

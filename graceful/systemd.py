@@ -2,27 +2,32 @@
 
 Why here: our users deploy under systemd (``Type=notify``, ``Type=notify-reload``,
 ``WatchdogSec=``). A service that says ``READY=1`` only once it accepts work, ``STOPPING=1`` as
-soon as it stops accepting, and asks for more time only while its drain is making progress,
-lets systemd order restarts correctly and kill only what is really stuck. The pytest fixture
-``graceful_process`` listens on the same protocol to know when a child is ready.
+soon as it stops, asks for more time only while its drain is making progress, and stops
+feeding the watchdog when its signal coordinator hangs, lets systemd order restarts correctly
+and kill only what is really stuck. The pytest fixture ``graceful_process`` listens on the same
+protocol to know when a child is ready.
 
 ``NOTIFY_SOCKET`` may be a filesystem path or an abstract socket (``@name``). When it is unset,
 ``notify()`` is a no-op that returns False, and ``run()`` starts no notifier.
 
-What ``run()`` sends, through ``SystemdNotifier``:
+What ``run()`` sends (``READY=1`` itself, the rest through ``SystemdNotifier``):
 
-* ``READY=1`` and ``STATUS=serving ...`` once every server has started;
-* ``STOPPING=1`` and ``STATUS=wrapping up (reason)`` when wrap-up starts (a pause included);
-* ``EXTEND_TIMEOUT_USEC=`` (the budget left plus ``EXTEND_MARGIN``) when a shutdown starts,
-  so systemd waits for graceful's own deadline and its report rather than SIGKILLing first,
-  and again every ``EXTEND_EVERY`` seconds while listeners keep finishing (progress); a drain
-  that makes no progress is not extended;
-* ``STATUS=shutting down`` and ``STATUS=stopped`` at those transitions;
+* ``READY=1`` and ``STATUS=serving (N server(s))`` once every server has started;
+* ``STOPPING=1`` and ``STATUS=wrapping up (reason)`` when a shutdown starts. A *pause*
+  (SIGTSTP, ``wrap_up()``) sends only ``STATUS=paused (reason) ...``: to systemd, ``STOPPING=1``
+  from a running service means "as if SIGTERMed", and it would SIGKILL the paused process once
+  ``TimeoutStopSec`` passed, while a pause may last as long as the operator wants.
+  ``STOPPING=1`` follows when the shutdown does;
+* ``EXTEND_TIMEOUT_USEC=`` while the drain makes progress (see ``EXTEND_EVERY``): systemd lets
+  a draining service run past ``TimeoutStopSec`` as long as it keeps asking, and kills one
+  that stopped asking (a stuck drain) when ``TimeoutStopSec`` is over;
+* ``STATUS=shutting down``, ``STATUS=stopped (...)``, ``STATUS=forced: ...`` at those moments;
 * ``RELOADING=1`` with ``MONOTONIC_USEC=`` before the reload listeners run (SIGHUP), and
-  ``READY=1`` after them (``Type=notify-reload``);
+  ``READY=1`` after them (``Type=notify-reload``), also when no reload listener is registered,
+  so ``systemctl reload`` never waits for an answer that does not come;
 * ``WATCHDOG=1`` every ``WATCHDOG_USEC / 2`` while healthy: each ping first asks graceful's
   signal coordinator thread to answer, and no ``WATCHDOG=1`` is sent until it has answered the
-  previous one, so a stuck coordinator stops the pings and systemd's watchdog acts.
+  previous ask, so a stuck coordinator stops the pings and systemd's watchdog acts.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
@@ -39,14 +45,24 @@ if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
     from ._signals import Router
 
-__all__ = ["SystemdNotifier", "notify", "watchdog_interval"]
+__all__ = ["SystemdNotifier", "notify", "report_progress", "watchdog_interval"]
 
 log = logging.getLogger("graceful")
 
 EXTEND_EVERY = 5.0
-"""Seconds between two progress checks of a running sequence (``EXTEND_TIMEOUT_USEC``)."""
+"""Seconds between two progress checks of a running shutdown.
+
+*Progress* means that since the previous check at least one wrap-up or shutdown listener
+finished (returned or raised), or something called ``report_progress()`` (a request answered,
+a job done). Each check that sees progress sends ``EXTEND_TIMEOUT_USEC=`` for twice this
+interval, so one quiet check is forgiven and two in a row are not. The very start of the
+shutdown counts as progress.
+"""
 EXTEND_MARGIN = 5.0
-"""Seconds asked for beyond graceful's own deadline, for its report and the exit."""
+"""Seconds asked for beyond graceful's own force-quit deadline, for its report and the exit: no
+extension reaches further than that."""
+
+_notifiers: weakref.WeakKeyDictionary[Lifecycle, SystemdNotifier] = weakref.WeakKeyDictionary()
 
 
 def _address(raw: str) -> str:
@@ -88,74 +104,168 @@ def watchdog_interval() -> float | None:
     return value / 2e6 if value > 0 else None
 
 
+def report_progress(lifecycle: Lifecycle | None = None) -> None:
+    """Say the drain moved forward (a request answered, a job finished): worth more time.
+
+    Cheap, thread-safe and a no-op when no ``SystemdNotifier`` watches the lifecycle (not
+    under systemd). Adapters and long wrap-up listeners call it as their in-flight work ends,
+    so one server draining many requests counts as progress before its listener returns.
+    """
+    if lifecycle is None:
+        from ._default import get_lifecycle
+
+        lifecycle = get_lifecycle()
+    notifier = _notifiers.get(lifecycle)
+    if notifier is not None:
+        notifier._reported += 1  # a lost increment under a race still leaves one: progress seen
+
+
 def _usec(seconds: float) -> int:
     return int(seconds * 1_000_000)
 
 
+def _monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
 class SystemdNotifier:
-    """Tells systemd about one lifecycle; ``run()`` starts one when ``NOTIFY_SOCKET`` is set."""
+    """Tells systemd about one lifecycle; ``run()`` starts one when ``NOTIFY_SOCKET`` is set.
+
+    It observes the lifecycle's transitions (see the module docstring for what it sends) and
+    runs one daemon thread for the watchdog pings and the progress checks. A program that
+    keeps its own main loop uses it as a context manager, inside ``signal_handlers()``::
+
+        with graceful.signal_handlers() as router, SystemdNotifier(graceful.get_lifecycle(), router):
+            graceful.systemd.notify("READY=1")
+            ...
+
+    Without a ``router`` (signals not routed by graceful) the watchdog pings while the process
+    is alive at all: there is no coordinator to ask.
+    """
 
     def __init__(self, lifecycle: Lifecycle, router: Router | None = None) -> None:
         self.lifecycle = lifecycle
         self.router = router
+        self.watchdog = watchdog_interval()
+        """Seconds between two ``WATCHDOG=1``, or None (no watchdog asked for)."""
+        self._lock = threading.Lock()  # one transition's messages at a time, in order
+        self._stopping_sent = False
         self._stop = threading.Event()
-        self._sequence = threading.Event()  # set while a shutdown runs: progress checks
-        self._finished_at_last_check = 0
+        self._draining = threading.Event()  # set once a shutdown runs: progress checks
+        self._reported = 0  # report_progress() calls
+        self._seen = (0, 0)  # (listeners finished, reports) at the last progress check
+        self._stuck = False  # the coordinator has not answered the watchdog's last ask
+        _notifiers[lifecycle] = self
         self._unobserve = lifecycle._observe(self._on_event)
         self._thread = threading.Thread(target=self._tick, name="graceful-systemd", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop observing and pinging (``run()`` does it before returning)."""
+        """Stop observing and pinging (``run()`` does it before returning). Idempotent."""
         self._unobserve()
+        if _notifiers.get(self.lifecycle) is self:
+            del _notifiers[self.lifecycle]
         self._stop.set()
-        self._thread.join(5)
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def __enter__(self) -> SystemdNotifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transitions --------------------------------------------------------------------------
 
     def _on_event(self, event: str, detail: str) -> None:
-        if event == "wrapping_up":
-            notify("STOPPING=1", f"STATUS=wrapping up ({detail})")
-        elif event == "shutdown":
-            self._extend()
-            self._finished_at_last_check = self._finished()
-            self._sequence.set()
-        elif event == "shutting_down":
-            notify("STATUS=shutting down")
-        elif event == "stopped":
-            notify(f"STATUS=stopped ({detail})")
-            self._stop.set()
-        elif event == "reloading":
-            notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-        elif event == "reloaded":
-            notify("READY=1", "STATUS=serving (reloaded)")
+        with self._lock:
+            if event == "wrapping_up":
+                if self.lifecycle._shutdown_requested:
+                    self._begin_shutdown(detail)
+                elif not self._stopping_sent:
+                    notify(f"STATUS=paused ({detail}): not taking new work; SIGTERM stops the service")
+            elif event == "shutdown":
+                self._begin_shutdown(detail)
+            elif event == "shutting_down":
+                # After a pause the driver may get here before the trigger's "shutdown" event.
+                self._begin_shutdown(detail)
+                notify("STATUS=shutting down")
+            elif event == "stopped":
+                notify(f"STATUS=stopped ({detail})")
+                self._stop.set()
+            elif event == "forced":
+                notify(f"STATUS=forced: {detail}")
+            elif event == "reloading" and not self._stopping_sent:
+                notify("RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}", f"STATUS=reloading ({detail})")
+            elif event == "reloaded" and not self._stopping_sent:
+                state = "paused" if self.lifecycle.is_stopping() else "serving"
+                notify("READY=1", f"STATUS={state} (reloaded)")
 
-    def _extend(self) -> None:
-        remaining = self.lifecycle.time_remaining()
-        if remaining is not None:
-            notify(f"EXTEND_TIMEOUT_USEC={_usec(remaining + EXTEND_MARGIN)}")
+    def _begin_shutdown(self, reason: str) -> None:
+        """``STOPPING=1``, the first extension, the progress checks: once (the caller holds the lock)."""
+        if self._stopping_sent:
+            return
+        self._stopping_sent = True
+        notify("STOPPING=1", f"STATUS=wrapping up ({reason})")
+        self._seen = (self._finished(), self._reported)
+        self._extend()  # the start of the shutdown counts as progress
+        self._draining.set()
+
+    # -- the thread: watchdog pings and progress checks ---------------------------------------
+
+    def _tick(self) -> None:
+        interval = self.watchdog
+        step = min(interval or EXTEND_EVERY, EXTEND_EVERY)
+        asked = next_check = 0.0
+        while not self._stop.wait(step):
+            if interval is not None:
+                asked = self._watchdog(asked)
+            now = time.monotonic()
+            if self._draining.is_set() and now >= next_check:
+                next_check = now + EXTEND_EVERY
+                self._check_progress()
+
+    def _watchdog(self, asked: float) -> float:
+        """One watchdog tick: if the coordinator answered the last ask, ping and ask again.
+
+        Returns when the pending ask was made (monotonic). While the coordinator does not
+        answer, no ping is sent and no new ask is queued behind the old one."""
+        router = self.router
+        if router is not None and router.answered < asked:
+            if not self._stuck:
+                self._stuck = True
+                log.warning(
+                    "the signal coordinator has not answered for %.3f s: no WATCHDOG=1 until it does "
+                    "(systemd's watchdog acts if it never does)",
+                    time.monotonic() - asked,
+                )
+            return asked
+        if self._stuck:
+            self._stuck = False
+            log.warning("the signal coordinator answers again: WATCHDOG=1 resumes")
+        notify("WATCHDOG=1")
+        asked = time.monotonic()
+        if router is not None:
+            router.ping()
+        return asked
 
     def _finished(self) -> int:
         return sum(1 for item in self.lifecycle.status().listeners if item.state in ("done", "failed"))
 
-    def _tick(self) -> None:
-        """Watchdog pings, and progress checks while a shutdown runs, on one thread."""
-        interval = watchdog_interval()
-        step = min(interval or EXTEND_EVERY, EXTEND_EVERY)
-        sent_ping = next_extend = 0.0
-        while not self._stop.wait(step):
-            now = time.monotonic()
-            if interval is not None:
-                if self.router is None or self.router.answered >= sent_ping:
-                    notify("WATCHDOG=1")
-                else:
-                    log.warning(
-                        "the signal coordinator has not answered for %.1f s: no WATCHDOG=1", now - sent_ping
-                    )
-                sent_ping = time.monotonic()
-                if self.router is not None:
-                    self.router.ping()
-            if self._sequence.is_set() and now >= next_extend:
-                next_extend = now + EXTEND_EVERY
-                done = self._finished()
-                if done > self._finished_at_last_check:  # progress since the last check
-                    self._extend()
-                self._finished_at_last_check = done
+    def _check_progress(self) -> None:
+        status = self.lifecycle.status()
+        finished = sum(1 for item in status.listeners if item.state in ("done", "failed"))
+        seen = (finished, self._reported)
+        if seen[0] > self._seen[0] or seen[1] > self._seen[1]:
+            with self._lock:
+                if not self._stop.is_set():
+                    phase = status.state.value.replace("_", " ")
+                    self._extend(f"STATUS={phase}: {finished} of {len(status.listeners)} listener(s) done")
+        self._seen = seen
+
+    def _extend(self, *more: str) -> None:
+        window = 2 * EXTEND_EVERY
+        remaining = self.lifecycle.time_remaining()
+        if remaining is not None:
+            window = min(window, remaining + EXTEND_MARGIN)
+        notify(f"EXTEND_TIMEOUT_USEC={_usec(window)}", *more)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import http.client
+import re
 import signal
+import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -13,14 +16,15 @@ from graceful import Lifecycle, readiness
 from graceful._clock import FakeClock
 
 from .child import Child
-from .conftest import BOUND, Recorder
+from .conftest import BOUND, ROOT, Recorder
 from .web import free_port, get, refused_within
 
 
-def probe(port: int, path: str) -> tuple[int, str]:
+def probe(port: int, path: str, method: str = "GET") -> tuple[int, str]:
+    """One probe on a new connection, as the kubelet sends it: status and body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
     try:
-        conn.request("GET", path)
+        conn.request(method, path)
         response = conn.getresponse()
         return response.status, response.read().decode().strip()
     finally:
@@ -139,6 +143,58 @@ def test_a_bad_drain_delay_says_what_is_accepted(bad: float) -> None:
         readiness.set_drain_delay("5", Lifecycle())  # type: ignore[arg-type]
 
 
+@pytest.mark.timeout(60)
+def test_the_probes_example_turns_not_ready_keeps_serving_through_the_delay_then_drains(
+    children: list[Child],
+) -> None:
+    code = f"import runpy; runpy.run_path({str(ROOT / 'examples' / 'probes.py')!r}, run_name='__main__')"
+    child = Child(code, env={"PORT": "0", "PROBE_PORT": "0", "DRAIN_DELAY": "2"})
+    children.append(child)
+    child.expect_err("server(s) started: ready")
+    found = re.search(r"app on http://127.0.0.1:(\d+)/, probes on http://127.0.0.1:(\d+)/readyz", child.err)
+    assert found is not None, child.err
+    port, probe_port = int(found.group(1)), int(found.group(2))
+    assert probe(probe_port, "/readyz") == (200, "ready")
+    assert probe(probe_port, "/readyz", "HEAD") == (200, "")
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(get, port, "/slow")
+        child.expect_err("working on /slow")  # in flight
+        child.send(signal.SIGTERM)
+        child.expect_err("wrapping up")
+        assert probe(probe_port, "/readyz") == (503, "not ready")  # from the start of wrap-up
+        assert probe(probe_port, "/livez") == (200, "live")
+        for _ in range(3):  # the drain delay: new connections are still answered
+            assert get(port, "/")[:2] == (200, "hello from /\n")
+        child.expect_err("stopped accepting")
+        assert refused_within(port) < 0.1
+        assert slow.result(BOUND)[:2] == (200, "hello from /slow\n")  # in flight: finished
+    assert child.wait() == 0
+    assert refused_within(probe_port) < 0.1  # closed once run() returned
+
+
+def test_probes_answer_from_the_state_at_each_request() -> None:
+    lc = Lifecycle(force_quit=BOUND, exit=Recorder())
+    with readiness.serve_probes(0, lifecycle=lc) as server:
+        assert probe(server.port, "/readyz") == (503, "not ready")  # not started yet
+        assert probe(server.port, "/livez?verbose") == (200, "live")
+        readiness.set_ready(lc)
+        assert probe(server.port, "/readyz?verbose") == (200, "ready")
+        lc.wrap_up("pause")  # a pause: not ready, alive
+        assert probe(server.port, "/readyz") == (503, "not ready")
+        assert probe(server.port, "/livez", "HEAD") == (200, "")
+        assert lc.shutdown("test", timeout=BOUND)
+        assert probe(server.port, "/livez") == (503, "stopped")
+        assert repr(server) == f"<graceful.readiness.ProbeServer 127.0.0.1:{server.port}>"
+
+
+def test_a_probe_port_in_use_is_a_runtime_error_that_says_what_to_do() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match=r"cannot answer probes on 127\.0\.0\.1:.*GRACEFUL_PROBE_PORT"):
+            readiness.serve_probes(taken.getsockname()[1])
+
+
 def test_a_grace_shorter_than_delay_plus_budget_is_warned_about(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -157,6 +213,44 @@ def test_a_grace_shorter_than_delay_plus_budget_is_warned_about(
     assert readiness.check_platform_grace(lc) is None
 
 
+@pytest.mark.parametrize(
+    ("timeout_stop_sec", "warned"),
+    [("20", True), ("1min 30s", False), ("25s", True), ("500ms", True), ("infinity", False), ("0", False)],
+)
+def test_timeout_stop_sec_takes_systemds_time_spans(
+    monkeypatch: pytest.MonkeyPatch, timeout_stop_sec: str, *, warned: bool
+) -> None:
+    monkeypatch.delenv("GRACEFUL_DRAIN_DELAY", raising=False)
+    monkeypatch.delenv("GRACEFUL_TERMINATION_GRACE", raising=False)
+    monkeypatch.setenv("GRACEFUL_TIMEOUT_STOP_SEC", timeout_stop_sec)
+    warning = readiness.check_platform_grace(Lifecycle(force_quit=25))
+    assert (warning is not None) is warned
+    if warning is not None:
+        assert "systemd's TimeoutStopSec (GRACEFUL_TIMEOUT_STOP_SEC)" in warning
+
+
+def test_a_zero_termination_grace_is_always_too_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRACEFUL_TIMEOUT_STOP_SEC", raising=False)
+    monkeypatch.setenv("GRACEFUL_TERMINATION_GRACE", "0")
+    warning = readiness.check_platform_grace(Lifecycle(force_quit=1))
+    assert warning is not None
+    assert "Kubernetes' terminationGracePeriodSeconds" in warning
+
+
+@pytest.mark.timeout(60)
+def test_run_warns_once_at_start_when_the_grace_is_too_short(children: list[Child]) -> None:
+    env = {"GRACEFUL_TERMINATION_GRACE": "20", "GRACEFUL_DRAIN_DELAY": "1", "GRACEFUL_FORCE_QUIT": "25"}
+    child = Child(SERVICE, env=env)
+    children.append(child)
+    child.expect_err("server(s) started: ready")
+    assert child.err.count("WARNING graceful the drain delay (1 s) plus the force-quit budget (25 s)") == 1
+    assert "not less than the platform's grace of 20 s" in child.err
+    assert child.err.index("platform's grace") < child.err.index("server(s) started")  # at start
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0
+    assert child.err.count("platform's grace") == 1
+
+
 def test_bad_probe_settings_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="port number"):
         readiness.serve_probes(70000)
@@ -164,7 +258,11 @@ def test_bad_probe_settings_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ValueError, match="GRACEFUL_PROBE_PORT"):
         readiness.probe_port_from_env()
     monkeypatch.setenv("GRACEFUL_TERMINATION_GRACE", "half a minute")
-    with pytest.raises(ValueError, match="GRACEFUL_TERMINATION_GRACE"):
+    with pytest.raises(ValueError, match=r"GRACEFUL_TERMINATION_GRACE.*terminationGracePeriodSeconds"):
+        readiness.check_platform_grace(Lifecycle())
+    monkeypatch.delenv("GRACEFUL_TERMINATION_GRACE")
+    monkeypatch.setenv("GRACEFUL_TIMEOUT_STOP_SEC", "90 parsecs")
+    with pytest.raises(ValueError, match=r"GRACEFUL_TIMEOUT_STOP_SEC.*1min 30s, infinity"):
         readiness.check_platform_grace(Lifecycle())
 
 
