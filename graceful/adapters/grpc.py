@@ -252,7 +252,9 @@ class GrpcAioService:
             log.info("%s: health service NOT_SERVING", self.name)
         await asyncio.sleep(drain_delay_left(ctx.lifecycle))
         remaining = ctx.remaining()
-        stopping = asyncio.ensure_future(self.server.stop(PAUSE_GRACE if remaining is None else remaining + GRACE_MARGIN))
+        stopping = asyncio.ensure_future(
+            self.server.stop(PAUSE_GRACE if remaining is None else remaining + GRACE_MARGIN)
+        )
         log.info("%s: stopped accepting; waiting for the RPCs in flight", self.name)
         done, _ = await asyncio.wait({stopping}, timeout=ctx.remaining())
         if not done:
