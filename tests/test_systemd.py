@@ -425,3 +425,32 @@ def test_an_extension_never_reaches_past_the_deadline_plus_the_margin(
 def test_report_progress_without_a_notifier_is_a_no_op(fresh: graceful.Lifecycle) -> None:
     systemd.report_progress()  # the default lifecycle, not under systemd
     systemd.report_progress(fresh)
+
+
+def test_a_request_ending_during_the_drain_is_reported_as_progress(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The web and gRPC adapters' in-flight registry tells the notifier as each request ends."""
+    from graceful.adapters._inflight import InFlight, Request
+
+    address = str(tmp_path / "progress.sock")
+    p = Peer(address)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    lifecycle = graceful.Lifecycle(force_quit=BOUND, exit=Recorder())
+    notifier = systemd.SystemdNotifier(lifecycle)
+    in_flight = InFlight("web")
+    in_flight.lifecycle = lifecycle
+    try:
+        in_flight.add("before", Request("GET", "/", "test"))
+        in_flight.discard("before")
+        assert notifier._reported == 0  # serving as usual: nothing to report
+        lifecycle.wrap_up("drain")
+        in_flight.add("during", Request("GET", "/", "test"))
+        in_flight.discard("during")
+        in_flight.discard("during")  # gone already: no second report
+        assert notifier._reported == 1
+    finally:
+        lifecycle.shutdown("test", wait=False)
+        assert lifecycle.wait_for_shutdown(BOUND)
+        notifier.close()
+        p.close()

@@ -12,11 +12,15 @@ import logging
 import threading
 import time
 
+from ..systemd import report_progress
+
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
+
+    from .._lifecycle import Lifecycle
 
 __all__ = ["InFlight", "Request"]
 
@@ -47,6 +51,8 @@ class InFlight:
         self.server_name = server_name
         self._lock = threading.Lock()
         self._requests: dict[object, Request] = {}
+        self.lifecycle: Lifecycle | None = None
+        """Set by the adapter's ``serve()``: a request ending while it stops is drain progress."""
 
     def add(self, key: object, request: Request) -> None:
         with self._lock:
@@ -54,7 +60,9 @@ class InFlight:
 
     def discard(self, key: object) -> None:
         with self._lock:
-            self._requests.pop(key, None)
+            ended = self._requests.pop(key, None)
+        if ended is not None and self.lifecycle is not None and self.lifecycle.is_stopping():
+            report_progress(self.lifecycle)  # systemd: the drain moves, worth more time
 
     def requests(self) -> list[Request]:
         with self._lock:

@@ -134,6 +134,7 @@ class AiohttpService:
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
+        self.in_flight.lifecycle = ctx.lifecycle
         self._done = asyncio.Event()
         ctx.lifecycle.on_force_quit(self._forced, name=f"cut requests still running on {self.name}")
         await self.runner.setup()

@@ -171,6 +171,8 @@ class GrpcService:
 
     def serve(self, ctx: Context) -> None:
         ctx.lifecycle.on_force_quit(self._cut, name=f"cancel RPCs of {self.name}")
+        if self.tracker is not None:
+            self.tracker.in_flight.lifecycle = ctx.lifecycle
         self.server.start()
         ctx.started()
         # Not wait_for_termination(): after stop() it lingers for about a second (measured),
@@ -230,6 +232,8 @@ class GrpcAioService:
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.tracker is not None:
+            self.tracker.in_flight.lifecycle = ctx.lifecycle
         if self._make is not None:
             self.server = self._make()
         if not isinstance(self.server, grpc.aio.Server):

@@ -32,12 +32,15 @@ from http.server import BaseHTTPRequestHandler
 from socketserver import TCPServer
 
 from .._service import Context
+from ..systemd import report_progress
 from ._inflight import Request
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from .._lifecycle import Lifecycle
 
 log = logging.getLogger("graceful")
 
@@ -56,6 +59,7 @@ class _Tracker:
         self.open: dict[Any, Request | None] = {}  # handler -> its current request
         self.served: dict[Any, int] = {}  # handler -> requests answered so far
         self.draining = False
+        self.lifecycle: Lifecycle | None = None  # set by serve()
 
     def opened(self, handler: Any) -> None:
         with self._lock:
@@ -74,9 +78,12 @@ class _Tracker:
 
     def end(self, handler: Any) -> None:
         with self._lock:
-            if self.open.get(handler) is not None:
+            ended = self.open.get(handler) is not None
+            if ended:
                 self.open[handler] = None
                 self.served[handler] = self.served.get(handler, 0) + 1
+        if ended and self.lifecycle is not None and self.lifecycle.is_stopping():
+            report_progress(self.lifecycle)  # systemd: the drain moves, worth more time
 
     def in_flight(self) -> list[Request]:
         with self._lock:
@@ -194,6 +201,7 @@ class HTTPServerService:
 
     def serve(self, ctx: Context) -> None:
         self._ctx = ctx
+        self.tracker.lifecycle = ctx.lifecycle
         ctx.lifecycle.on_force_quit(self._drop_the_rest, name=f"drop requests of {self.name}")
         self.server.shutdown = self._shutdown_asked  # type: ignore[method-assign]
         self._wake = socket.socketpair()

@@ -108,6 +108,7 @@ class UvicornService:
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
+        self.in_flight.lifecycle = ctx.lifecycle
         self._draining, self._done, self._exit = asyncio.Event(), asyncio.Event(), asyncio.Event()
         ctx.lifecycle.on_force_quit(self._forced, name=f"cut requests still running on {self.name}")
         server, config = self.server, self.server.config
