@@ -31,6 +31,7 @@ import threading
 import time
 
 from .._service import Context
+from ..systemd import report_progress
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
@@ -161,6 +162,8 @@ class Worker:
             finally:
                 with self._lock:
                     self._running.pop(index, None)
+                if self._stop.is_set():
+                    report_progress(ctx.lifecycle)  # systemd: the drain moves, worth more time
 
     def _handle(self, job: Any) -> None:
         try:
