@@ -14,7 +14,7 @@ import pytest
 import graceful
 from graceful import Lifecycle, State
 from graceful._signals import handled_signals
-from graceful.adapters import CallableService, CoroutineService, StartStopService, adapt
+from graceful.adapters import CallableService, CoroutineService, SocketServerService, StartStopService, adapt
 
 from .conftest import BOUND, Recorder
 
@@ -199,10 +199,28 @@ def test_socketserver_and_start_stop_objects(fresh: Lifecycle) -> None:
         def stop(self) -> None:
             self.calls.append("stop")
 
-    engine = Engine()
-    assert graceful.run([server, engine]) == 0
+    class Loop:
+        """Not a socketserver, but shaped like one: the generic SocketServerService runs it."""
+
+        def __init__(self) -> None:
+            self.stopped = threading.Event()
+            self.closed = False
+
+        def serve_forever(self) -> None:
+            self.stopped.wait(BOUND)
+
+        def shutdown(self) -> None:
+            self.stopped.set()
+
+        def server_close(self) -> None:
+            self.closed = True
+
+    engine, loop = Engine(), Loop()
+    assert isinstance(adapt(loop), SocketServerService)
+    assert graceful.run([server, loop, engine]) == 0
     assert engine.calls == ["start", "stop"]
     assert server.socket.fileno() == -1  # server_close() ran
+    assert loop.closed
 
 
 def test_adapt_picks_the_right_shape() -> None:
