@@ -1,149 +1,36 @@
-"""The gRPC adapters against real grpcio servers and clients, with real signals.
+"""The gRPC adapters against real grpcio servers and clients on 127.0.0.1, with real signals.
 
-The service has no generated code: bytes in, bytes out, through generic handlers.
-``/test.Svc/Stream`` prints ``in <request>``, sends one message, waits until the test writes a
-line to the server's stdin, then sends four more; ``/test.Svc/Echo`` answers at once.
+The server programs and the client helpers are in ``tests/grpc_service.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
-import threading
-import time
+from concurrent import futures
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from graceful.adapters import adapt
-from graceful.adapters.grpc import GrpcAioService, GrpcService, RpcTracker
+from graceful.adapters.grpc import (
+    AioRpcInterceptor,
+    GrpcAioService,
+    GrpcService,
+    RpcInterceptor,
+    aio_interceptor,
+    interceptor,
+)
 
 from .child import Child
-from .conftest import BOUND
-from .web import free_port, start
+from .conftest import BOUND, ROOT, run_python
+from .grpc_service import Stream, Watch, code, echo, health_status, refused
+from .web import start, start_script
 
-SYNC = r"""
-import logging, sys, threading
-from concurrent import futures
-import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-import graceful
-from graceful.adapters.grpc import GrpcService, RpcTracker
-
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-release = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
-
-def stream(request, context):
-    sys.stdout.write(f"in {request.decode()}\n")
-    sys.stdout.flush()
-    yield b"0"
-    release.wait()
-    for i in range(1, 5):
-        yield str(i).encode()
-
-def echo(request, context):
-    print("echo", request.decode(), flush=True)
-    return request
-
-tracker = RpcTracker()
-server = grpc.server(futures.ThreadPoolExecutor(60), interceptors=[tracker.interceptor])
-server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Svc", {
-    "Stream": grpc.unary_stream_rpc_method_handler(stream),
-    "Echo": grpc.unary_unary_rpc_method_handler(echo),
-})])
-checks = health.HealthServicer()
-health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-port = server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
-print("port", port, flush=True)
-sys.exit(graceful.run(GrpcService(server, health=checks, tracker=tracker)))
-"""
-
-AIO = r"""
-import asyncio, logging, sys, threading
-import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-import graceful
-from graceful.adapters.grpc import GrpcAioService, RpcTracker
-
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-release = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
-
-async def stream(request, context):
-    sys.stdout.write(f"in {request.decode()}\n")
-    sys.stdout.flush()
-    yield b"0"
-    await asyncio.get_running_loop().run_in_executor(None, release.wait)
-    for i in range(1, 5):
-        yield str(i).encode()
-
-async def echo(request, context):
-    print("echo", request.decode(), flush=True)
-    return request
-
-tracker = RpcTracker()
-checks = health.aio.HealthServicer()
-
-def make_server():  # called on graceful.run's loop: a grpc.aio server belongs to its loop
-    server = grpc.aio.server(interceptors=[tracker.aio_interceptor])
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Svc", {
-        "Stream": grpc.unary_stream_rpc_method_handler(stream),
-        "Echo": grpc.unary_unary_rpc_method_handler(echo),
-    })])
-    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-    port = server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
-    print("port", port, flush=True)
-    return server
-
-sys.exit(graceful.run(GrpcAioService(make_server, health=checks, tracker=tracker)))
-"""
-
-
-def _code(server: str) -> str:
-    return f"import sys; sys.argv = ['server', '{free_port()}']\n" + (SYNC if server == "sync" else AIO)
-
-
-class Stream:
-    """A server-streaming call on its own thread, collecting its messages or its error."""
-
-    def __init__(self, port: int) -> None:
-        self.got: list[bytes] = []
-        self.errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._call, args=(port,))
-        self._thread.start()
-
-    def _call(self, port: int) -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_stream("/test.Svc/Stream")
-            try:
-                self.got.extend(call(b"stream-1", timeout=BOUND))
-            except grpc.RpcError as exc:
-                self.errors.append(exc)
-
-    def join(self) -> None:
-        self._thread.join(BOUND)
-        assert not self._thread.is_alive(), "the streaming call never ended"
-
-
-def _health(port: int) -> int:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        status: int = (
-            health_pb2_grpc.HealthStub(channel)
-            .Check(health_pb2.HealthCheckRequest(service=""), timeout=BOUND)
-            .status
-        )
-        return status
-
-
-def _echo_refused_within(port: int) -> float:
-    started = time.monotonic()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as raised:
-        channel.unary_unary("/test.Svc/Echo")(b"late", timeout=BOUND)
-    # Refused: UNAVAILABLE on a new connection; CANCELLED when grpc.aio took the call on an
-    # open connection during its stop. Either way the handler never ran (checked by the caller).
-    assert raised.value.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}  # type: ignore[attr-defined]
-    return time.monotonic() - started
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+STREAMS = 8  # server-streaming calls in flight at SIGTERM
 
 
 @pytest.mark.timeout(60)
@@ -151,21 +38,31 @@ def _echo_refused_within(port: int) -> float:
 def test_a_stream_in_flight_at_sigterm_completes_and_health_says_not_serving_first(
     children: list[Child], server: str
 ) -> None:
-    child, port = start(children, _code(server), GRACEFUL_DRAIN_DELAY="2")
-    assert _health(port) == health_pb2.HealthCheckResponse.SERVING
-    stream = Stream(port)
-    child.expect("in stream-1")
+    """SIGTERM mid-RPC: NOT_SERVING while the port is open, then refused; RPCs in flight end whole."""
+    child, port = start(children, code(server), GRACEFUL_DRAIN_DELAY="2")
+    assert health_status(port) == SERVING
+    streams = [Stream(port, f"stream-{i}".encode()) for i in range(STREAMS)]
+    unary = Stream(port, b"slow-1", unary=True)
+    seen = {child.expect("in ").split()[1] for _ in range(STREAMS + 1)}
+    assert seen == {f"stream-{i}" for i in range(STREAMS)} | {"slow-1"}
     child.send(signal.SIGTERM)
     child.expect_err("health service NOT_SERVING")
-    assert _health(port) == health_pb2.HealthCheckResponse.NOT_SERVING  # the port is still open
+    assert health_status(port) == NOT_SERVING  # answered: the port is still open (drain delay)
+    assert echo(port, "during-delay") == b"during-delay"  # and still serving
     child.expect_err("stopped accepting")
-    assert _echo_refused_within(port) < 1.0
+    status, took = refused(port)
+    assert status == grpc.StatusCode.UNAVAILABLE
+    assert took < 1.0, f"an RPC after the stop took {took:.3f} s to be refused"
     child.tell("release")
-    stream.join()
-    assert stream.errors == []
-    assert stream.got == [b"0", b"1", b"2", b"3", b"4"]
+    for stream in streams:
+        stream.join()
+        assert stream.errors == []
+        assert stream.got == [b"0", b"1", b"2", b"3", b"4"]
+    unary.join()
+    assert unary.errors == []
+    assert unary.got == [b"done slow-1"]
     assert child.wait() == 0
-    assert "echo late" not in child.out
+    assert "echo late" not in child.out  # the refused RPC never reached its handler
     assert "Traceback" not in child.err
 
 
@@ -174,27 +71,146 @@ def test_a_stream_in_flight_at_sigterm_completes_and_health_says_not_serving_fir
 def test_an_rpc_that_outlives_the_budget_is_named_and_the_exit_is_70(
     children: list[Child], server: str
 ) -> None:
-    child, port = start(children, _code(server), GRACEFUL_FORCE_QUIT="1")
+    """A stream still running at the deadline: the client is cut, the log names the method and age."""
+    child, port = start(children, code(server), GRACEFUL_FORCE_QUIT="1")
     stream = Stream(port)
     child.expect("in stream-1")
     child.send(signal.SIGTERM)
     assert child.wait() == 70
     stream.join()
     assert len(stream.errors) == 1
+    assert stream.got == [b"0"]
     assert "dropped request RPC /test.Svc/Stream from ipv4:127.0.0.1:" in child.err
+    assert "(running 1." in child.err or "(running 0.9" in child.err
 
 
-def test_adapt_picks_the_grpc_adapters() -> None:
-    from concurrent import futures
+@pytest.mark.timeout(60)
+def test_without_the_interceptor_the_count_of_dropped_rpcs_is_logged(children: list[Child]) -> None:
+    """No interceptor on a sync server: the deadline still says how many RPCs it cancels."""
+    child, port = start(children, code("sync"), GRACEFUL_FORCE_QUIT="1", GRPC_TEST_TRACK="0")
+    stream = Stream(port)
+    child.expect("in stream-1")
+    child.send(signal.SIGTERM)
+    assert child.wait() == 70
+    stream.join()
+    assert "grpc: 1 RPC(s) still running are cancelled at the force-quit deadline" in child.err
 
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("server", ["sync", "aio"])
+def test_a_health_watch_sees_not_serving_then_ends_and_does_not_hold_the_drain(
+    children: list[Child], server: str
+) -> None:
+    """gRPC client-side health checking: a Watch stream would hold stop(grace) to the deadline."""
+    child, port = start(children, code(server), GRACEFUL_FORCE_QUIT="8")
+    watch = Watch(port)
+    assert watch.first.wait(BOUND)
+    child.send(signal.SIGTERM)
+    watch.join()
+    assert watch.errors == []  # ended with OK, not cut
+    assert watch.statuses == [SERVING, NOT_SERVING]
+    assert child.wait() == 0  # 70 if the Watch had held the drain to the deadline
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("server", ["sync", "aio"])
+def test_a_pause_turns_not_serving_keeps_serving_and_shutdown_then_stops(
+    children: list[Child], server: str
+) -> None:
+    """SIGTSTP: NOT_SERVING, RPCs still answered, no stop; a later SIGTERM stops it, exit 0."""
+    child, port = start(children, code(server))
+    child.send(signal.SIGTSTP)
+    child.expect_err("paused; still serving")
+    assert health_status(port) == NOT_SERVING
+    assert echo(port, "paused") == b"paused"
+    assert "stopped accepting" not in child.err
+    child.send(signal.SIGTERM)
+    child.expect_err("stopped accepting")
+    assert child.wait() == 0
+    assert refused(port)[0] == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.timeout(60)
+def test_a_grpc_aio_server_made_outside_run_is_served_on_its_own_loop(children: list[Child]) -> None:
+    """``grpc.aio.server()`` at module level belongs to another loop than run()'s: it still works."""
+    child, port = start(children, code("aio"), GRPC_TEST_BUILD="module")
+    child.expect_err("serving it on its own")
+    stream = Stream(port)
+    child.expect("in stream-1")
+    child.send(signal.SIGTERM)
+    child.expect_err("stopped accepting")
+    assert refused(port)[0] == grpc.StatusCode.UNAVAILABLE
+    child.tell("release")
+    stream.join()
+    assert stream.got == [b"0", b"1", b"2", b"3", b"4"]
+    assert child.wait() == 0
+    assert "Traceback" not in child.err
+
+
+@pytest.mark.timeout(60)
+def test_the_example_serves_and_stops_with_exit_0(children: list[Child]) -> None:
+    """examples/grpc_server.py: a stream in flight at SIGTERM completes; the log tells the steps."""
+    child, port = start_script(children, ROOT / "examples" / "grpc_server.py")
+    assert health_status(port) == SERVING
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        ticks = channel.unary_stream("/demo.Ticker/Ticks")(b"3", timeout=BOUND)
+        assert next(ticks) == b"0"  # the stream is under way
+        child.send(signal.SIGTERM)
+        assert list(ticks) == [b"1", b"2"]
+    assert child.wait() == 0
+    for line in ("health service NOT_SERVING", "stopped accepting", "stopped ("):
+        assert line in child.err, child.err
+
+
+def test_adapt_picks_the_grpc_adapters_and_finds_health_and_interceptor() -> None:
+    """A sync server's health servicer and interceptor are found on it; bad input is a TypeError."""
+    tracking = interceptor()
     with futures.ThreadPoolExecutor(1) as pool:
-        server = grpc.server(pool)
-        assert isinstance(adapt(server), GrpcService)
+        server = grpc.server(pool, interceptors=[tracking])
+        checks = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+        service = adapt(server)
+        assert isinstance(service, GrpcService)
+        assert service.health is checks
+        assert service.interceptor is tracking
+        bare = GrpcService(grpc.server(pool))
+        with pytest.raises(TypeError, match=r"health\.aio\.HealthServicer"):
+            GrpcService(grpc.server(pool), health=health.aio.HealthServicer())
+        assert bare.health is None
+        assert bare.interceptor is None
         server.stop(None)
+    assert isinstance(tracking, RpcInterceptor)
+    assert isinstance(tracking, grpc.ServerInterceptor)
+    assert isinstance(aio_interceptor(), AioRpcInterceptor)
+    assert isinstance(aio_interceptor(), grpc.aio.ServerInterceptor)
     with pytest.raises(TypeError, match=r"grpc\.Server"):
         GrpcService(object())
     with pytest.raises(TypeError, match=r"grpc\.aio\.Server"):
         GrpcAioService(object())
+    with pytest.raises(TypeError, match="HealthServicer"):
+        GrpcAioService(lambda: None, health=object())
     assert GrpcAioService(lambda: None).server is None  # built later, on run()'s loop
-    assert isinstance(health.HealthServicer(), health.HealthServicer)
-    assert RpcTracker().wrap(None, "/x") is None
+    assert tracking._wrap(None, "/x") is None
+
+
+def test_adapt_picks_the_aio_adapter() -> None:
+    """A ``grpc.aio.Server`` made on a running loop is a GrpcAioService."""
+
+    async def made() -> None:
+        server = grpc.aio.server()
+        assert isinstance(adapt(server), GrpcAioService)
+        await server.stop(None)
+
+    asyncio.run(made())
+
+
+def test_graceful_imports_grpc_only_when_given_a_grpc_server() -> None:
+    """``import graceful`` and adapting other servers leave grpc unimported."""
+    result = run_python(
+        "import sys, threading, graceful\n"
+        "from graceful.adapters import adapt\n"
+        "adapt(threading.Thread(target=print))\n"
+        "print('grpc' in sys.modules)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]
