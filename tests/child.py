@@ -14,6 +14,22 @@ from dataclasses import dataclass, field
 
 from .conftest import BOUND, ROOT
 
+# What the server programs of the adapter tests share: graceful's log lines on stderr, an event
+# ``release`` that the test sets by writing a line to the child's stdin (``Child.tell``), and
+# ``say(line)``, which prints one whole line even when handlers print from many threads.
+PREAMBLE = r"""
+import logging, sys, threading
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+release = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
+_printing = threading.Lock()
+
+def say(line):
+    with _printing:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+"""
+
 
 @dataclass
 class Child:

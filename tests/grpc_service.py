@@ -17,6 +17,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .child import PREAMBLE
 from .conftest import BOUND
 from .web import free_port
 
@@ -24,7 +25,9 @@ __all__ = ["AIO", "SYNC", "Stream", "Watch", "code", "echo", "health_status", "r
 
 # A sync server as a user writes it: graceful finds the health servicer and the interceptor on
 # the server. GRPC_TEST_TRACK=0 leaves the interceptor out.
-SYNC = r"""
+SYNC = (
+    PREAMBLE
+    + r"""
 import logging, os, sys, threading
 from concurrent import futures
 import grpc
@@ -32,15 +35,6 @@ from grpc_health.v1 import health, health_pb2_grpc
 import graceful
 from graceful.adapters.grpc import interceptor
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-release = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
-printing = threading.Lock()
-
-def say(line):  # one whole line at a time: handlers print from many threads
-    with printing:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
 
 def stream(request, context):
     say(f"in {request.decode()}")
@@ -69,25 +63,19 @@ health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
 say(f"port {server.add_insecure_port('127.0.0.1:' + sys.argv[1])}")
 sys.exit(graceful.run(server))
 """
+)
 
 # The same on grpc.aio, built on run()'s loop by a function (GRPC_TEST_BUILD=factory), or made
 # at module level and passed as it is (GRPC_TEST_BUILD=module: served on its own loop).
-AIO = r"""
+AIO = (
+    PREAMBLE
+    + r"""
 import asyncio, logging, os, sys, threading
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 import graceful
 from graceful.adapters.grpc import GrpcAioService, aio_interceptor
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-release = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
-printing = threading.Lock()
-
-def say(line):  # one whole line at a time: handlers print from many threads
-    with printing:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
 
 async def stream(request, context):
     say(f"in {request.decode()}")
@@ -123,6 +111,7 @@ if os.environ.get("GRPC_TEST_BUILD", "factory") == "factory":
     sys.exit(graceful.run(GrpcAioService(make_server, health=checks, interceptor=tracking)))
 sys.exit(graceful.run(GrpcAioService(make_server(), health=checks, interceptor=tracking)))
 """
+)
 
 
 def code(server: str) -> str:

@@ -15,7 +15,7 @@ import graceful.adapters.aiohttp
 from graceful.adapters import adapt
 from graceful.adapters.aiohttp import AiohttpService
 
-from .child import Child
+from .child import PREAMBLE, Child
 from .conftest import BOUND, ROOT
 from .web import (
     assert_refused_fast,
@@ -33,15 +33,14 @@ from .web import (
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; on_shutdown
 # and on_cleanup print. AIOHTTP_GRACE sets shutdown_timeout=; AIOHTTP_RUNNER=1 passes an
 # AppRunner instead of the Application.
-SERVER = r"""
+SERVER = (
+    PREAMBLE
+    + r"""
 import asyncio, logging, os, sys, threading
 from aiohttp import web
 import graceful
 from graceful.adapters.aiohttp import AiohttpService
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-release = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
 
 async def answer(request):
     name = request.match_info.get("name")
@@ -67,6 +66,7 @@ served = web.AppRunner(app) if os.environ.get("AIOHTTP_RUNNER") else app
 print("port", port, flush=True)
 sys.exit(graceful.run(AiohttpService(served, host="127.0.0.1", port=port, shutdown_timeout=grace)))
 """
+)
 
 
 def server_code(port: int | None = None) -> str:

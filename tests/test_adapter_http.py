@@ -14,7 +14,7 @@ from graceful import Lifecycle
 from graceful.adapters import adapt
 from graceful.adapters.http import HTTPServerService
 
-from .child import Child
+from .child import PREAMBLE, Child
 from .conftest import BOUND
 from .web import (
     check_a_stuck_request_is_named_at_the_deadline,
@@ -26,14 +26,13 @@ from .web import (
 )
 
 # A server whose /slow/<n> requests print "in <n>" and answer once the test says "release".
-SERVER = r"""
+SERVER = (
+    PREAMBLE
+    + r"""
 import logging, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import graceful
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-release = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -54,16 +53,16 @@ server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 print("port", server.server_address[1], flush=True)
 sys.exit(graceful.run(server))
 """
+)
 
-WSGI_SERVER = r"""
+WSGI_SERVER = (
+    PREAMBLE
+    + r"""
 import logging, sys, threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import graceful
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-release = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
 
 def app(environ, start_response):
     path = environ["PATH_INFO"]
@@ -85,6 +84,7 @@ server = make_server("127.0.0.1", 0, app, server_class=ThreadingWSGIServer, hand
 print("port", server.server_address[1], flush=True)
 sys.exit(graceful.run(server))
 """
+)
 
 
 @pytest.mark.timeout(60)

@@ -13,7 +13,7 @@ import graceful.adapters.uvicorn
 from graceful.adapters import adapt
 from graceful.adapters.uvicorn import UvicornService
 
-from .child import Child
+from .child import PREAMBLE, Child
 from .conftest import BOUND, ROOT
 from .web import (
     assert_refused_fast,
@@ -30,14 +30,13 @@ from .web import (
 
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; the lifespan
 # prints its startup and shutdown. UVICORN_GRACE sets uvicorn's timeout_graceful_shutdown.
-SERVER = r"""
+SERVER = (
+    PREAMBLE
+    + r"""
 import asyncio, logging, os, sys, threading
 import uvicorn
 import graceful
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-release = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
@@ -65,6 +64,7 @@ config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", t
 print("port", port, flush=True)
 sys.exit(graceful.run(uvicorn.Server(config)))
 """
+)
 
 
 def server_code(port: int | None = None) -> str:
