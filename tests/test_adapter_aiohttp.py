@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import signal
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,13 +20,14 @@ from .web import (
     assert_refused_fast,
     check_a_stuck_request_is_named_at_the_deadline,
     check_serving_during_the_drain_delay,
+    check_the_example_drains,
     closed_by_server,
     free_port,
     get,
     idle_connection,
     in_flight,
+    run_on_a_taken_port,
     start,
-    start_script,
 )
 
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; on_shutdown
@@ -129,29 +129,21 @@ def test_the_server_keeps_serving_during_the_drain_delay(children: list[Child]) 
 
 @pytest.mark.timeout(60)
 def test_a_port_in_use_fails_the_start_and_exit_is_1(children: list[Child]) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        child = Child(server_code(taken.getsockname()[1]))
-        children.append(child)
-        assert child.wait() == 1
+    child = run_on_a_taken_port(children, server_code)
+    assert child.proc.returncode == 1
     assert "address already in use" in child.err
     assert "on_cleanup" in child.out  # the runner was set up: its cleanup still ran
 
 
 @pytest.mark.timeout(60)
 def test_the_example_serves_drains_and_exits_0(children: list[Child]) -> None:
-    child, port = start_script(children, ROOT / "examples" / "aiohttp_app.py")
-    assert get(port, "/")[:2] == (200, "/\n")
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(get, port, "/slow")
-        child.expect_err("GET /slow: working")
-        child.send(signal.SIGTERM)
-        assert future.result(BOUND) == (200, "/slow\n", "close")
-    assert child.wait() == 0
-    for line in ("stopped accepting", "on_shutdown: websockets told", "on_cleanup: connection pool closed"):
-        assert line in child.err
-    assert "Traceback" not in child.err
+    check_the_example_drains(
+        children,
+        ROOT / "examples" / "aiohttp_app.py",
+        "stopped accepting",
+        "on_shutdown: websockets told",
+        "on_cleanup: connection pool closed",
+    )
 
 
 def test_adapt_picks_the_aiohttp_adapter_for_apps_and_runners(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,13 +18,14 @@ from .web import (
     assert_refused_fast,
     check_a_stuck_request_is_named_at_the_deadline,
     check_serving_during_the_drain_delay,
+    check_the_example_drains,
     closed_by_server,
     free_port,
     get,
     idle_connection,
     in_flight,
+    run_on_a_taken_port,
     start,
-    start_script,
 )
 
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; the lifespan
@@ -140,29 +140,21 @@ def test_uvicorn_installs_no_signal_handler_of_its_own(children: list[Child]) ->
 
 @pytest.mark.timeout(60)
 def test_a_port_in_use_fails_the_start_with_a_sentence_and_exit_1(children: list[Child]) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        child = Child(server_code(taken.getsockname()[1]))
-        children.append(child)
-        assert child.wait() == 1
+    child = run_on_a_taken_port(children, server_code)
+    assert child.proc.returncode == 1
     assert "could not start" in child.err
     assert "address is in use" in child.err
 
 
 @pytest.mark.timeout(60)
 def test_the_example_serves_drains_and_exits_0(children: list[Child]) -> None:
-    child, port = start_script(children, ROOT / "examples" / "uvicorn_app.py")
-    assert get(port, "/")[:2] == (200, "/\n")
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(get, port, "/slow")
-        child.expect_err("GET /slow: working")
-        child.send(signal.SIGTERM)
-        assert future.result(BOUND) == (200, "/slow\n", "close")
-    assert child.wait() == 0
-    for line in ("lifespan: connection pool opened", "stopped accepting", "lifespan: connection pool closed"):
-        assert line in child.err
-    assert "Traceback" not in child.err
+    check_the_example_drains(
+        children,
+        ROOT / "examples" / "uvicorn_app.py",
+        "lifespan: connection pool opened",
+        "stopped accepting",
+        "lifespan: connection pool closed",
+    )
 
 
 def test_adapt_picks_the_uvicorn_adapter() -> None:

@@ -22,6 +22,7 @@ import http.client
 import signal
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,12 +35,14 @@ __all__ = [
     "assert_refused_fast",
     "check_a_stuck_request_is_named_at_the_deadline",
     "check_serving_during_the_drain_delay",
+    "check_the_example_drains",
     "closed_by_server",
     "free_port",
     "get",
     "idle_connection",
     "in_flight",
     "refused_within",
+    "run_on_a_taken_port",
     "start",
     "start_script",
 ]
@@ -176,3 +179,29 @@ def check_serving_during_the_drain_delay(children: list[Child], code: str) -> No
     assert time.monotonic() - signalled >= 0.9
     assert_refused_fast(port, within=0.1)
     assert child.wait() == 0
+
+
+def check_the_example_drains(children: list[Child], script: Path, *log_lines: str) -> None:
+    """An example under SIGTERM mid-request: the request completes, exit 0, the lines are logged."""
+    child, port = start_script(children, script)
+    assert get(port, "/")[:2] == (200, "/\n")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(get, port, "/slow")
+        child.expect_err("GET /slow: working")
+        child.send(signal.SIGTERM)
+        assert future.result(BOUND) == (200, "/slow\n", "close")
+    assert child.wait() == 0
+    for line in log_lines:
+        assert line in child.err
+    assert "Traceback" not in child.err
+
+
+def run_on_a_taken_port(children: list[Child], server_code: Callable[[int], str]) -> Child:
+    """Start ``server_code(port)`` on a port already listened on; the child once it has exited."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        child = Child(server_code(taken.getsockname()[1]))
+        children.append(child)
+        child.wait()
+    return child
