@@ -2,29 +2,53 @@
 
 The public face is exactly what ``__all__`` lists; everything else lives in private modules.
 ``import graceful`` imports only the standard library, and not ``asyncio``.
+
+The house (docs/architecture.md has the picture): imports point down only, and a test
+(tests/test_structure.py) parses every module and fails on an import cycle or on a reach into
+another module's private attributes.
+
+* the public face: this file, ``_api`` (the module-level functions, ``run()``,
+  ``signal_handlers()``), ``testing``, ``pytest_plugin``;
+* the entry point: ``_run``, then ``adapters``, ``readiness``, ``systemd``, ``_signals``;
+* ``_current``, the default lifecycle (only the public face and the integrations above it
+  look it up);
+* the core: ``_lifecycle``, ``_phases``, ``_reload``, ``_force_quit``, ``_listeners``, ``_pool``,
+  ``_diagnostics``, ``_events``, ``_status``, ``_clock``, ``_checks``, ``_aio``, ``_platform``.
+  The core never imports anything above it.
+
+The rule for deferred imports (an ``import`` inside a function): only to keep a third-party
+library or ``asyncio`` (or another costly stdlib module, such as ``inspect`` or
+``http.server``) out of ``import graceful``, or to load the entry point (``_run`` and what it
+pulls in) only when ``run()`` is called. Never to hide a cycle: the structure test counts
+deferred imports and ``TYPE_CHECKING`` imports as arrows like any other.
 """
 
-from ._default import add_reload_listener as add_reload_listener
-from ._default import add_shutdown_listener as add_shutdown_listener
-from ._default import add_wrap_up_listener as add_wrap_up_listener
-from ._default import get_lifecycle as get_lifecycle
-from ._default import is_stopping as is_stopping
-from ._default import run as run
-from ._default import set_time_to_force_quit as set_time_to_force_quit
-from ._default import shutdown as shutdown
-from ._default import signal_handlers as signal_handlers
-from ._default import state as state
-from ._default import status as status
-from ._default import use as use
-from ._default import wait_for_shutdown as wait_for_shutdown
-from ._default import wait_for_shutdown_async as wait_for_shutdown_async
-from ._default import wrap_up as wrap_up
+from ._api import add_reload_listener as add_reload_listener
+from ._api import add_shutdown_listener as add_shutdown_listener
+from ._api import add_wrap_up_listener as add_wrap_up_listener
+from ._api import is_stopping as is_stopping
+from ._api import run as run
+from ._api import set_time_to_force_quit as set_time_to_force_quit
+from ._api import shutdown as shutdown
+from ._api import signal_handlers as signal_handlers
+from ._api import state as state
+from ._api import status as status
+from ._api import wait_for_shutdown as wait_for_shutdown
+from ._api import wait_for_shutdown_async as wait_for_shutdown_async
+from ._api import wait_for_wrap_up as wait_for_wrap_up
+from ._api import wait_for_wrap_up_async as wait_for_wrap_up_async
+from ._api import wrap_up as wrap_up
+from ._current import get_lifecycle as get_lifecycle
+from ._current import use as use
+from ._events import Event as Event
 from ._lifecycle import Lifecycle as Lifecycle
-from ._lifecycle import ReloadHandle as ReloadHandle
 from ._listeners import Waiter as Waiter
+from ._reload import ReloadHandle as ReloadHandle
 from ._service import Context as Context
 from ._service import Service as Service
+from ._status import ListenerState as ListenerState
 from ._status import ListenerStatus as ListenerStatus
+from ._status import Phase as Phase
 from ._status import State as State
 from ._status import Status as Status
 
@@ -32,8 +56,11 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Context",
+    "Event",
     "Lifecycle",
+    "ListenerState",
     "ListenerStatus",
+    "Phase",
     "ReloadHandle",
     "Service",
     "State",
@@ -53,13 +80,17 @@ __all__ = [
     "use",
     "wait_for_shutdown",
     "wait_for_shutdown_async",
+    "wait_for_wrap_up",
+    "wait_for_wrap_up_async",
     "wrap_up",
 ]
 
 for _name in (
     "Context",
     "Lifecycle",
+    "ListenerState",
     "ListenerStatus",
+    "Phase",
     "ReloadHandle",
     "Service",
     "State",

@@ -10,11 +10,15 @@ thread dump, not as a traceback, so nobody mistakes it for a crash.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import threading
 import traceback
 from collections.abc import Iterable
 from types import FrameType
+
+from ._status import ListenerState
 
 # ``typing`` costs ~4 ms to import and the core needs it only for type checkers: mypy treats
 # any ``TYPE_CHECKING`` name as True, and at run time the protocols below are plain classes.
@@ -22,7 +26,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._listeners import Listener
 
-__all__ = ["dump_threads", "format_unfinished"]
+__all__ = ["dump_threads", "emit_report", "format_report", "format_unfinished", "write_stderr"]
+
+log = logging.getLogger("graceful")
+
+LOG_GRACE = 1.0
+"""Seconds the report's logging gets (a stuck thread may hold a handler's lock)."""
 
 
 def _frame_lines(frame: FrameType | None, indent: str) -> list[str]:
@@ -57,7 +66,7 @@ def format_unfinished(listeners: Iterable[Listener], now: float) -> list[str]:
     waiting: list[str] = []
     for listener in listeners:
         label = f"{listener.phase} listener {listener.name!r}"
-        if listener.state == "running" and listener.started is not None:
+        if listener.state is ListenerState.RUNNING and listener.started is not None:
             thread = names.get(listener.thread_id, "?")
             running.append(
                 f"  - {label}: running for {now - listener.started:.3f} s "
@@ -68,7 +77,7 @@ def format_unfinished(listeners: Iterable[Listener], now: float) -> list[str]:
             if chain:
                 running.append("    awaiting:")
                 running.extend(chain)
-        elif listener.state == "pending":
+        elif listener.state is ListenerState.PENDING:
             waiting.append(f"  - {label}: never started")
     lines: list[str] = []
     if running:
@@ -80,6 +89,20 @@ def format_unfinished(listeners: Iterable[Listener], now: float) -> list[str]:
     if not lines:
         lines.append("No listener was still running.")
     return lines
+
+
+def format_report(  # noqa: PLR0917 - the report's parts, in the order they are printed
+    why: str,
+    since: float | None,
+    triggers: list[str],
+    code: int,
+    listeners: Iterable[Listener],
+    now: float,
+) -> str:
+    """The force-quit report: a header line, then every unfinished listener and where it is."""
+    began = "" if since is None else f"; shutdown began {since:.3f} s ago ({' then '.join(triggers)})"
+    header = f"graceful: force quit: {why}{began}. Exiting with code {code}."
+    return "\n".join([header, *format_unfinished(listeners, now)])
 
 
 def _task_lines() -> list[str]:
@@ -128,3 +151,68 @@ def dump_threads(status_text: str) -> str:
     lines.extend(_task_lines())
     lines.append("graceful: end of thread dump")
     return "\n".join(lines) + "\n"
+
+
+# -- getting a report out ---------------------------------------------------------------------
+
+
+def write_stderr(text: str) -> None:
+    """Write ``text`` to stderr without any lock a user thread can hold, when stderr is the
+    process's own (fd 2); to the replacement stream otherwise (a test's capture, say)."""
+    stream = sys.stderr
+    if stream is None or stream is sys.__stderr__:
+        data = text.encode("utf-8", "replace")
+        try:
+            while data:  # os.write may write part of it to a pipe
+                data = data[os.write(2, data) :]
+            return
+        except OSError:  # no usable fd 2: fall back to the stream, if any
+            if stream is None:
+                return
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):  # pragma: no cover - a closed or broken stream at exit
+        pass
+
+
+def _writes_to_stderr(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    return stream is not None and stream in (sys.stderr, sys.__stderr__)
+
+
+def _log_elsewhere(text: str) -> None:
+    """Log ``text`` at CRITICAL to every handler of the ``graceful`` logger's chain that does
+    not print to stderr (the report is there already): files, syslog, a collector."""
+    record = log.makeRecord(log.name, logging.CRITICAL, __file__, 0, "%s", (text,), None)
+    current: logging.Logger | None = log
+    while current is not None:
+        for handler in current.handlers:
+            if not _writes_to_stderr(handler) and record.levelno >= handler.level:
+                handler.handle(record)
+                handler.flush()
+        if not current.propagate:
+            break
+        current = current.parent
+
+
+def emit_report(report: str) -> None:
+    """Put the force-quit report on stderr first, then on the ``graceful`` logger, bounded.
+
+    The thread that is stuck may hold logging's module lock or a handler's lock (gunicorn
+    #3198, celery #7339 are about exactly those locks): the report goes straight to fd 2,
+    taking no lock at all, and only then to the logging handlers that do not print to stderr,
+    from a helper thread given ``LOG_GRACE`` seconds. A blocked handler costs its copy of the
+    report, never the report.
+    """
+    write_stderr(report + "\n")
+    done = threading.Event()
+
+    def log_it() -> None:
+        try:
+            _log_elsewhere(report)
+        finally:
+            done.set()
+
+    threading.Thread(target=log_it, name="graceful-force-quit-log", daemon=True).start()
+    done.wait(LOG_GRACE)

@@ -8,57 +8,45 @@ Why it works this way:
 * The default, 25 s, sits below Kubernetes' 30 s grace period so that graceful, not the
   kubelet's SIGKILL, has the last word and leaves a report behind.
 * When it fires, the report goes out *before* anything that could block. The stuck thread may
-  hold the logging lock (gunicorn #3198, celery #7339 are about exactly that lock), so the
-  report is first written straight to stderr when logging would not put it there, then logged
-  at CRITICAL from a helper thread that is given at most ``LOG_GRACE`` seconds, then the
-  process exits with code 70 whatever is still running.
+  hold the logging lock or a handler's lock (gunicorn #3198, celery #7339 are about exactly
+  those locks), so the report is first written straight to fd 2, taking no lock, then given to
+  the logging handlers that do not print to stderr from a bounded helper thread
+  (``_diagnostics.emit_report``), then the hooks run (bounded), then the process exits with
+  code 70 whatever is still running.
+* Once the deadline has passed, the force quit owns the end: the lifecycle checks the deadline
+  before it claims STOPPED, so an adapter whose own budget wait ends at the same instant can
+  never beat it to a clean-looking exit.
 * The clock and the exit action are injected: tests advance a fake clock and record the code.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 from collections.abc import Callable
 
+from ._checks import check_seconds, seconds_from_env
 from ._clock import Clock, TimerHandle
+from ._diagnostics import emit_report
 
-__all__ = ["FORCED_EXIT_CODE", "ForceQuitTimer", "check_budget", "emit_report"]
+__all__ = ["FORCED_EXIT_CODE", "ForceQuitAction", "ForceQuitTimer", "budget_from_env", "check_budget"]
 
 log = logging.getLogger("graceful")
 
 FORCED_EXIT_CODE = 70
-_INFINITY = float("inf")
-LOG_GRACE = 1.0
+HOOKS_GRACE = 2.0
+"""Seconds the force-quit hooks get, in all, between the report and the exit."""
+ENV_FORCE_QUIT = "GRACEFUL_FORCE_QUIT"
 
 
 def check_budget(seconds: object, what: str = "set_time_to_force_quit()") -> float:
-    """The budget as a float; ``ValueError``/``TypeError`` with a sentence otherwise."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"{what} takes a number of seconds, such as 25, not {seconds!r}")
-    value = float(seconds)
-    if not 0 < value < _INFINITY:  # also False for NaN
-        raise ValueError(
-            f"{what} takes a finite number of seconds greater than 0, such as 25, not {seconds!r}"
-        )
-    return value
+    """The budget as a float; ``TypeError``/``ValueError`` with a sentence otherwise."""
+    return check_seconds(seconds, what)
 
 
 def budget_from_env(default: float) -> float:
     """``GRACEFUL_FORCE_QUIT`` if set, else ``default``; a bad value is a clear error."""
-    raw = os.environ.get("GRACEFUL_FORCE_QUIT")
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(
-            f"GRACEFUL_FORCE_QUIT={raw!r} is not a number: set it to the force-quit budget in "
-            "seconds, a finite number greater than 0 such as 25, or unset it"
-        ) from None
-    return check_budget(value, "GRACEFUL_FORCE_QUIT")
+    return seconds_from_env(ENV_FORCE_QUIT, default)
 
 
 class ForceQuitTimer:
@@ -92,6 +80,11 @@ class ForceQuitTimer:
                 self._cancel()
                 self._schedule()
 
+    def passed(self) -> bool:
+        """True once the deadline is armed and its time has come (fired or about to)."""
+        deadline = self.deadline
+        return deadline is not None and self._clock.monotonic() >= deadline
+
     def remaining(self) -> float | None:
         deadline = self.deadline
         return None if deadline is None else max(0.0, deadline - self._clock.monotonic())
@@ -112,59 +105,54 @@ class ForceQuitTimer:
             self._handle = None
 
 
-def _logging_reaches_stderr(logger: logging.Logger) -> bool:
-    """True if a record logged on ``logger`` would be printed on stderr by a handler."""
-    current: logging.Logger | None = logger
-    found_any = False
-    while current is not None:
-        for handler in current.handlers:
-            found_any = True
-            stream = getattr(handler, "stream", None)
-            if stream is not None and stream in (sys.stderr, sys.__stderr__):
-                return True
-        if not current.propagate:
-            break
-        current = current.parent
-    # With no handler at all, logging's last-resort handler prints WARNING+ to stderr.
-    return not found_any and logging.lastResort is not None
+class ForceQuitAction:
+    """What happens when the process is forced: report, hooks, exit. Acts once.
 
+    The report goes out first (``emit_report``: fd 2 before anything that takes a lock), then
+    the hooks adapters registered (close connections and name each dropped request, push jobs
+    back on their queue, SIGKILL children), in one helper thread given ``HOOKS_GRACE`` seconds
+    in all, then ``exit(70)`` whatever is still running.
+    """
 
-def emit_report(report: str) -> None:
-    """Put the report on stderr exactly once and on the ``graceful`` logger, without blocking."""
-    if not _logging_reaches_stderr(log):
-        _write_stderr(report + "\n")
-    done = threading.Event()
+    def __init__(self, exit: Callable[[int], object]) -> None:
+        if not callable(exit):
+            raise TypeError(
+                f"Lifecycle(exit=...) takes a callable that ends the process with a code, such as "
+                f"os._exit (the default), not {exit!r}"
+            )
+        self._exit = exit
+        self._lock = threading.Lock()
+        self._hooks: list[tuple[str, Callable[[], object]]] = []
+        self.done = threading.Event()
+        """Set once ``exit`` has returned (it does only in tests: ``os._exit`` never returns)."""
 
-    def log_it() -> None:
-        log.critical("%s", report)
-        for handler in logging.getLogger().handlers + log.handlers:
-            handler.flush()
-        _flush_stdio()
-        done.set()
+    def add_hook(self, fn: Callable[[], object], name: str) -> None:
+        with self._lock:
+            self._hooks.append((name, fn))
 
-    # Bounded: a stuck thread may hold the logging lock or a stream's lock.
-    threading.Thread(target=log_it, name="graceful-force-quit-log", daemon=True).start()
-    done.wait(LOG_GRACE)
-
-
-def _write_stderr(text: str) -> None:
-    stream = sys.stderr
-    if stream is None:  # pragma: no cover - pythonw without a console
-        return
-    if stream is sys.__stderr__ and stream is not None:
-        # Straight to the fd: the stream's lock may be held by the thread that is stuck.
+    def execute(self, report: str, announce: Callable[[], object]) -> None:
+        """Write ``report``, call ``announce()``, run the hooks (bounded), exit with 70."""
         try:
-            os.write(stream.fileno(), text.encode("utf-8", "replace"))
+            emit_report(report)
+            announce()
+            self._run_hooks()
+            self._exit(FORCED_EXIT_CODE)
+        finally:
+            self.done.set()
+
+    def _run_hooks(self) -> None:
+        with self._lock:
+            hooks = list(self._hooks)
+        if not hooks:
             return
-        except (OSError, ValueError):  # pragma: no cover - no usable fd; fall back to the stream
-            pass
-    stream.write(text)
 
+        def run_hooks() -> None:
+            for name, fn in hooks:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("force-quit hook %r failed", name)
 
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):  # pragma: no cover - closed or broken stream at exit
-            pass
+        thread = threading.Thread(target=run_hooks, name="graceful-force-quit-hooks", daemon=True)
+        thread.start()
+        thread.join(HOOKS_GRACE)

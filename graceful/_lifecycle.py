@@ -2,10 +2,8 @@
 
 RUNNING -> WRAPPING_UP -> SHUTTING_DOWN -> STOPPED. Why it is shaped like this:
 
-* Wrap-up ("stop taking new work, finish what is in flight") and shutdown ("release
-  resources") are separate phases, and the shutdown phase starts only when *every* wrap-up
-  listener has finished: no fixed one-second guess as in go-zero, and no shutdown listener
-  skipped because a wrap-up listener unblocked ``main`` early (go-zero #2191).
+* Wrap-up and shutdown are separate phases; the shutdown phase starts only when *every*
+  wrap-up listener has finished (``_phases`` says why).
 * Every trigger is idempotent and every caller of ``shutdown(wait=True)`` waits for the same
   single sequence. asynq #979: a second ``Shutdown()`` returned at once, ``main`` exited and
   the cleanup never ran.
@@ -15,6 +13,9 @@ RUNNING -> WRAPPING_UP -> SHUTTING_DOWN -> STOPPED. Why it is shaped like this:
   block: waiting there for the sequence that is waiting for you is a deadlock.
 * A pause (``wrap_up()``, SIGTSTP) runs only the wrap-up phase and starts no deadline; a later
   ``shutdown()`` continues from there (asynq's TSTP).
+* Once the deadline has passed, the force quit owns the end (``_force_quit`` says why).
+* It knows nothing of signals, ``run()``, readiness or systemd: they sit above it and learn
+  of its transitions through ``subscribe()`` (``Event``), never by reaching in.
 """
 
 from __future__ import annotations
@@ -23,70 +24,29 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 
+from ._aio import running_loop, wait_async
+from ._checks import check_clock, check_listener, check_name, check_reason, check_timeout
 from ._clock import Clock, MonotonicClock
-from ._diagnostics import format_unfinished
-from ._force_quit import FORCED_EXIT_CODE, ForceQuitTimer, check_budget, emit_report
-from ._listeners import (
-    PENDING,
-    Listener,
-    Waiter,
-    _running_loop,
-    _set_true,
-    check_callable,
-    current_listener,
-    default_name,
-    run_soon,
-)
-from ._status import ListenerStatus, State, Status
+from ._diagnostics import format_report
+from ._events import Event, Observers
+from ._force_quit import FORCED_EXIT_CODE, ForceQuitAction, ForceQuitTimer, check_budget
+from ._listeners import Listener, Waiter, current_listener, default_name
+from ._phases import Phases
+from ._reload import ReloadHandle, Reloads
+from ._status import ListenerStatus, Phase, State, Status
 
-# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from ._signals import Router
-
-__all__ = ["Lifecycle", "ReloadHandle"]
+__all__ = ["Lifecycle"]
 
 log = logging.getLogger("graceful")
-
-FORCE_QUIT_HOOKS_GRACE = 2.0
-WRAP_UP = "wrap_up"
-SHUTDOWN = "shutdown"
-
-
-class _Phase:
-    __slots__ = ("listeners", "outstanding", "started")
-
-    def __init__(self) -> None:
-        self.listeners: list[Listener] = []
-        self.started = False
-        self.outstanding = 0
-
-
-class ReloadHandle:
-    """What ``add_reload_listener`` returns; ``remove()`` unregisters the listener."""
-
-    __slots__ = ("_fn", "_lifecycle", "name")
-
-    def __init__(self, lifecycle: Lifecycle, fn: Callable[[], object], name: str) -> None:
-        self._lifecycle = lifecycle
-        self._fn = fn
-        self.name = name
-
-    def remove(self) -> bool:
-        """Unregister; True if it was registered."""
-        return self._lifecycle._remove_reload(self)
-
-    def __repr__(self) -> str:
-        return f"<graceful.ReloadHandle {self.name!r}>"
 
 
 class Lifecycle:
     """One process's shutdown: listener registries, the phase sequence and the deadline.
 
     The module-level functions (``graceful.shutdown()`` and the rest) act on a default
-    instance; tests and embedders make their own.
+    instance; tests and embedders make their own, and pass it where needed:
+    ``graceful.run(server, lifecycle=lc)``, ``graceful.signal_handlers(lifecycle=lc)``.
 
     Args:
         force_quit: the budget in seconds, counted from the first shutdown trigger, after which
@@ -94,9 +54,12 @@ class Lifecycle:
         clock: where time comes from (``graceful.testing.FakeClock`` in tests).
         exit: called with 70 when the deadline passes; ``os._exit`` by default. A test passes
             something that records the code instead.
+        daemon: run the sequence on a daemon thread. False (the default) keeps the interpreter
+            alive until the cleanup is done; the test harness passes True so that a listener a
+            test leaves stuck cannot hang the test run at exit.
 
     Raises:
-        ValueError: ``force_quit`` is <= 0, NaN or infinite.
+        TypeError, ValueError: a bad argument (``force_quit`` must be a finite number > 0).
     """
 
     def __init__(
@@ -105,29 +68,28 @@ class Lifecycle:
         *,
         clock: Clock | None = None,
         exit: Callable[[int], object] = os._exit,
+        daemon: bool = False,
     ) -> None:
         budget = check_budget(force_quit, "Lifecycle(force_quit=...)")
-        self._clock: Clock = clock if clock is not None else MonotonicClock()
-        self._exit = exit
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        self._clock: Clock = check_clock(clock) or MonotonicClock()
+        self._action = ForceQuitAction(exit)
+        self._daemon = bool(daemon)
+        self._lock = threading.Condition(threading.Lock())
         self._state = State.RUNNING
         self._stopping = False  # read without the lock by is_stopping(): a plain attribute
+        self._wrap_up_started = threading.Event()
         self._reason: str | None = None
+        self._triggers: list[str] = []  # each trigger's reason, in order, for the final log line
         self._triggered_at: float | None = None
         self._shutdown_requested = False
-        self._phases = {WRAP_UP: _Phase(), SHUTDOWN: _Phase()}
-        self._reloads: list[ReloadHandle] = []
+        self._phases = Phases(self._lock, self._clock)
+        self._observers = Observers()
+        self._reloads = Reloads(self._observers)
         self._stopped = threading.Event()
         self._on_stopped: list[Callable[[], None]] = []
-        self._failures: list[str] = []
         self._forced: str | None = None
-        self._observers: list[Callable[[str, str], object]] = []  # graceful.systemd, for one
-        self._ready = False  # graceful.readiness: set by run() once every server is up
-        self._drain_delay: float | None = None  # graceful.readiness: None until first read
+        self._progress = 0
         self._driver: threading.Thread | None = None
-        self._force_quit_hooks: list[tuple[str, Callable[[], object]]] = []
-        self._daemon_driver = False  # graceful.testing sets True: a stuck test must not hang pytest
         self._timer = ForceQuitTimer(self._clock, budget, self._deadline_passed)
 
     # -- registries ---------------------------------------------------------------------------
@@ -140,77 +102,44 @@ class Lifecycle:
         runs at once. Returns its ``Waiter``.
 
         Raises:
-            TypeError: ``fn`` is not callable.
+            TypeError: ``fn`` is not callable with no arguments, is a generator function, or
+                ``name`` is not a str.
         """
-        return self._add(WRAP_UP, check_callable(fn, "add_wrap_up_listener"), name)
+        return self._add(Phase.WRAP_UP, fn, name, "add_wrap_up_listener")
 
     def add_shutdown_listener(self, fn: Callable[[], object], *, name: str | None = None) -> Waiter:
         """Run ``fn`` in the shutdown phase ("release resources"), after every wrap-up listener.
 
         Same rules as ``add_wrap_up_listener``.
         """
-        return self._add(SHUTDOWN, check_callable(fn, "add_shutdown_listener"), name)
+        return self._add(Phase.SHUTDOWN, fn, name, "add_shutdown_listener")
 
-    def _add(self, phase: str, fn: Callable[[], object], name: str | None) -> Waiter:
-        listener = Listener(fn, name or default_name(fn), phase, self._clock, self._finished)
-        with self._lock:
-            registry = self._phases[phase]
-            registry.listeners.append(listener)
-            late = registry.started
-            if late:
-                listener.scheduled = True
-                registry.outstanding += 1
-        if late:
-            log.info("%s listener %r registered after its phase began: running it now", phase, listener.name)
-            run_soon(listener)
-        return Waiter(listener, self._remove)
-
-    def _remove(self, listener: Listener) -> bool:
-        with self._lock:
-            return listener.remove()
+    def _add(self, phase: Phase, fn: object, name: object, what: str) -> Waiter:
+        checked = check_listener(fn, what)
+        label = check_name(name, what) or default_name(checked)
+        listener = Listener(checked, label, phase, self._clock, self._phases.finished)
+        self._phases.add(listener)
+        return Waiter(listener, self._phases.remove)
 
     def add_reload_listener(self, fn: Callable[[], object], *, name: str | None = None) -> ReloadHandle:
-        """Run ``fn`` on every reload (SIGHUP); returns a handle with ``remove()``."""
-        check_callable(fn, "add_reload_listener")
-        handle = ReloadHandle(self, fn, name or default_name(fn))
-        with self._lock:
-            self._reloads.append(handle)
-        return handle
+        """Run ``fn`` on every reload (SIGHUP); returns a handle with ``remove()``.
 
-    def _remove_reload(self, handle: ReloadHandle) -> bool:
-        with self._lock:
-            if handle in self._reloads:
-                self._reloads.remove(handle)
-                return True
-            return False
+        Raises:
+            TypeError: as for ``add_wrap_up_listener``.
+        """
+        checked = check_listener(fn, "add_reload_listener")
+        return self._reloads.add(checked, check_name(name, "add_reload_listener") or default_name(checked))
 
-    def reload_listener_count(self) -> int:
-        """How many reload listeners are registered."""
-        return len(self._reloads)
+    def reload_listener_count(self) -> int:  # how many are registered
+        return self._reloads.count()
 
     def reload(self, reason: str = "requested") -> int:
         """Run every reload listener, one after another, in this thread; returns how many ran.
 
-        A listener that raises is logged with its name and the others still run.
+        One that raises is logged and the others still run. Subscribers see
+        ``Event.RELOADING`` before and ``Event.RELOADED`` after.
         """
-        with self._lock:
-            handles = list(self._reloads)
-        log.info("reloading (%s): %d reload listener(s)", reason, len(handles))
-        self._emit("reloading", reason)
-        for handle in handles:
-            try:
-                result = handle._fn()
-                if hasattr(result, "__await__"):
-                    import asyncio
-
-                    async def main(aw: object = result) -> object:
-                        return await aw  # type: ignore[misc]
-
-                    asyncio.run(main())
-            except Exception:  # one bad reload listener must not stop the others
-                log.exception("reload listener %r failed", handle.name)
-        self._emit("reloaded", reason)
-        return len(handles)
+        return self._reloads.run_all(check_reason(reason, "reload()"))
 
     # -- triggers -----------------------------------------------------------------------------
 
@@ -219,7 +148,7 @@ class Lifecycle:
 
         Starts no force-quit deadline. Idempotent; safe from any thread.
         """
-        self._trigger(reason, shutdown=False)
+        self._trigger(check_reason(reason, "wrap_up()"), shutdown=False)
 
     def shutdown(self, reason: str = "requested", *, wait: bool = True, timeout: float | None = None) -> bool:
         """Start the sequence (or join the one under way); True once the lifecycle is STOPPED.
@@ -228,11 +157,16 @@ class Lifecycle:
         listener, or from a thread running an event loop, it does not block (that would
         deadlock): use ``await wait_for_shutdown_async()`` there. Idempotent; safe from any
         thread; the force-quit deadline starts at the first call.
+
+        Raises:
+            TypeError, ValueError: a bad ``reason`` or ``timeout``, before anything starts.
         """
+        reason = check_reason(reason, "shutdown()")
+        limit = check_timeout(timeout, "shutdown()")
         self._trigger(reason, shutdown=True)
-        if not wait or current_listener() is not None or _running_loop() is not None:
+        if not wait or current_listener() is not None or running_loop() is not None:
             return self._stopped.is_set()
-        return self._stopped.wait(timeout)
+        return self._stopped.wait(limit)
 
     def _trigger(self, reason: str, *, shutdown: bool) -> None:
         # Act first, log after, outside the lock: the main thread may be holding the logging
@@ -243,6 +177,7 @@ class Lifecycle:
             if self._state is State.RUNNING:
                 self._triggered_at = self._clock.monotonic()
                 self._reason = reason
+                self._triggers.append(reason)
                 self._stopping = True
                 notes.append(self._set_state(State.WRAPPING_UP, reason))
                 start = True
@@ -251,16 +186,19 @@ class Lifecycle:
                 arm = True
                 if not start:
                     self._reason = reason
+                    self._triggers.append(reason)
                     notes.append(f"shutdown requested ({reason}): continuing after the wrap-up phase")
-                self._changed.notify_all()
-            # Explicitly non-daemon: a thread inherits its creator's flag, and the signal
+                self._lock.notify_all()
+            # Explicitly daemon or not: a thread inherits its creator's flag, and the signal
             # coordinator is a daemon; the interpreter must wait for the cleanup.
             driver = (
-                threading.Thread(target=self._drive, name="graceful-lifecycle", daemon=self._daemon_driver)
+                threading.Thread(target=self._drive, name="graceful-lifecycle", daemon=self._daemon)
                 if start
                 else None
             )
             self._driver = driver or self._driver
+        if start:
+            self._wrap_up_started.set()
         if arm:
             self._timer.arm()
         if driver is not None:
@@ -268,9 +206,9 @@ class Lifecycle:
         for note in notes:
             log.info("%s", note)
         if start:
-            self._emit("wrapping_up", reason)
+            self._observers.emit(Event.WRAPPING_UP, reason)
         if arm:
-            self._emit("shutdown", reason)
+            self._observers.emit(Event.SHUTDOWN_REQUESTED, reason)
 
     def _set_state(self, state: State, why: str) -> str:
         """Move to ``state`` (the caller holds the lock); returns the line to log afterwards."""
@@ -280,76 +218,110 @@ class Lifecycle:
     # -- the sequence -------------------------------------------------------------------------
 
     def _drive(self) -> None:
-        self._run_phase(WRAP_UP)
+        self._run_phase(Phase.WRAP_UP)
         with self._lock:
             # Wrap-up listeners registered late (during a pause, say) must finish first too.
-            while not self._shutdown_requested or self._phases[WRAP_UP].outstanding:
-                self._changed.wait()
+            while not self._shutdown_requested or self._phases.outstanding(Phase.WRAP_UP):
+                self._lock.wait()
             note = self._set_state(State.SHUTTING_DOWN, f"wrap-up done; {self._reason}")
-        self._emit("shutting_down", self._reason or "")
-        self._run_phase(SHUTDOWN, note)
+        self._observers.emit(Event.SHUTTING_DOWN, self._reason or "")
+        self._run_phase(Phase.SHUTDOWN, note)
         with self._lock:
-            while any(phase.outstanding for phase in self._phases.values()):
-                self._changed.wait()
+            while self._phases.outstanding(Phase.WRAP_UP) or self._phases.outstanding(Phase.SHUTDOWN):
+                self._lock.wait()
+            late = self._timer.passed()
+            if not late:
+                self._timer.disarm()
+        if late:  # the deadline came first: the force quit owns the end (a no-op if it began)
+            self.force_quit(f"the force-quit deadline of {self._timer.budget:g} s passed")
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._forced is not None:
+            # The force quit owns the end: its hooks may still be naming what they cut, and
+            # its exit ends the process. Nobody is told STOPPED before it is over (in tests,
+            # where the exit returns, it is over when the recorded exit returns).
+            self._action.done.wait()
+        with self._lock:
             took = self._clock.monotonic() - (self._triggered_at or 0.0)
-            note = self._set_state(State.STOPPED, f"{took:.3f} s after {self._reason}")
+            detail = f"{took:.3f} s after {' then '.join(self._triggers)}"
+            note = self._set_state(State.STOPPED, detail)
             callbacks, self._on_stopped = self._on_stopped, []
-        self._timer.disarm()
-        log.info("%s", note)  # before waking the waiters, so the log reads in order
-        self._emit("stopped", note)
+            forced = self._forced is not None
+        if not forced:  # after a force quit nothing may claim a clean stop
+            log.info("%s", note)  # before waking the waiters, so the log reads in order
+            self._observers.emit(Event.STOPPED, detail)
         self._stopped.set()
         for callback in callbacks:
             callback()
 
-    def _run_phase(self, name: str, note: str | None = None) -> None:
+    def _run_phase(self, phase: Phase, note: str | None = None) -> None:
         """Start the phase's listeners, log ``note``, then wait until every one has finished."""
         started = self._clock.monotonic()
-        with self._lock:
-            phase = self._phases[name]
-            phase.started = True
-            batch = [item for item in phase.listeners if item.state == PENDING and not item.scheduled]
-            for item in batch:
-                item.scheduled = True
-            phase.outstanding += len(batch)
-        run_soon(*batch)
+        count = self._phases.run(phase)
         if note is not None:
             log.info("%s", note)
         with self._lock:
-            while phase.outstanding:
-                self._changed.wait()
-        log.info(
-            "%s phase done: %d listener(s) in %.3f s", name, len(batch), self._clock.monotonic() - started
-        )
+            self._phases.wait(phase)
+        log.info("%s phase done: %d listener(s) in %.3f s", phase, count, self._clock.monotonic() - started)
 
-    def _finished(self, listener: Listener) -> None:
-        with self._lock:
-            phase = self._phases[listener.phase]
-            phase.outstanding -= 1
-            if listener.error is not None:
-                self._failures.append(f"{listener.phase} listener {listener.name!r}")
-            if phase.outstanding == 0:  # only then can the driver move on: one wake-up a phase
-                self._changed.notify_all()
+    # -- seams for integrations ---------------------------------------------------------------
 
-    def _observe(self, fn: Callable[[str, str], object]) -> Callable[[], None]:
-        """Call ``fn(event, detail)`` at each transition; returns a function that stops it.
+    def subscribe(self, fn: Callable[[Event, str], object]) -> Callable[[], None]:
+        """Call ``fn(event, detail)`` at each transition (an ``Event``); returns the undo.
 
-        Events: ``wrapping_up``, ``shutdown`` (the deadline starts), ``shutting_down``,
-        ``stopped``, ``forced``, ``reloading``, ``reloaded``. For integrations (``graceful.systemd``).
+        For integrations (systemd, hosts): called in the thread that made the transition,
+        outside the lifecycle's lock; it must not block. One that raises is logged.
         """
-        self._observers.append(fn)
-        return lambda: self._observers.remove(fn) if fn in self._observers else None
-
-    def _emit(self, event: str, detail: str) -> None:
-        for fn in list(self._observers):
-            try:
-                fn(event, detail)
-            except Exception:  # an integration must never break the sequence
-                log.exception("graceful observer %r failed on %s", fn, event)
+        return self._observers.subscribe(fn)
 
     def record_failure(self, what: str) -> None:
         """Note that a server (or anything else the caller runs) failed: the exit code becomes 1."""
         with self._lock:
-            self._failures.append(what)
+            self._phases.failures.append(what)
+
+    def report_progress(self) -> None:
+        """Say the drain moved forward (a request answered, a job finished): ``progress`` grows.
+
+        Adapters call it as in-flight work ends; systemd turns progress into more time.
+        """
+        with self._lock:
+            self._progress += 1
+
+    # Read-only views for integrations.
+    @property
+    def progress(self) -> int:  # how many report_progress() calls
+        return self._progress
+
+    @property
+    def shutdown_requested(self) -> bool:  # a shutdown, not only a pause: the deadline runs
+        return self._shutdown_requested
+
+    @property
+    def clock(self) -> Clock:  # where this lifecycle's time comes from
+        return self._clock
+
+    @property
+    def triggered_at(self) -> float | None:  # when wrap-up began, on clock's scale
+        return self._triggered_at
+
+    @property
+    def force_quit_budget(self) -> float:  # seconds
+        return self._timer.budget
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until the thread that drives the sequence has ended; True if it has (or if no
+        sequence ever started). For test harnesses that must leave no thread behind."""
+        limit = check_timeout(timeout, "join()")
+        driver = self._driver
+        if driver is None:
+            return True
+        driver.join(limit)
+        return not driver.is_alive()
+
+    def wait_until_idle(self, timeout: float | None = None) -> bool:
+        """Block until no listener of this lifecycle is running; True if so within ``timeout``."""
+        return self._phases.wait_idle(check_timeout(timeout, "wait_until_idle()"))
 
     # -- force quit ---------------------------------------------------------------------------
 
@@ -358,7 +330,8 @@ class Lifecycle:
         the first shutdown trigger, so a budget already used up fires at once).
 
         Raises:
-            ValueError: ``seconds`` is <= 0, NaN or infinite.
+            TypeError, ValueError: ``seconds`` is not a finite number > 0 (at most
+                ``threading.TIMEOUT_MAX``).
         """
         self._timer.set_budget(check_budget(seconds))
 
@@ -367,24 +340,15 @@ class Lifecycle:
 
     def force_quit(self, why: str = "requested") -> None:
         """Report what is still running, then exit with code 70 now. Only the first call acts."""
+        listeners = self._phases.listeners()  # takes the lock itself
         with self._lock:
             if self._forced is not None:
                 return
-            listeners = [item for phase in self._phases.values() for item in phase.listeners]
-            since = (
-                ""
-                if self._triggered_at is None
-                else (
-                    f"; shutdown began {self._clock.monotonic() - self._triggered_at:.3f} s ago ({self._reason})"
-                )
-            )
-            header = f"graceful: force quit: {why}{since}. Exiting with code {FORCED_EXIT_CODE}."
-            report = "\n".join([header, *format_unfinished(listeners, self._clock.monotonic())])
+            now = self._clock.monotonic()
+            since = None if self._triggered_at is None else now - self._triggered_at
+            report = format_report(why, since, self._triggers, FORCED_EXIT_CODE, listeners, now)
             self._forced = report
-        emit_report(report)
-        self._emit("forced", why)
-        self._run_force_quit_hooks()
-        self._exit(FORCED_EXIT_CODE)
+        self._action.execute(report, lambda: self._observers.emit(Event.FORCED, why))
 
     def on_force_quit(self, fn: Callable[[], object], *, name: str | None = None) -> None:
         """Call ``fn()`` when the process is forced, after the report and before the exit.
@@ -392,47 +356,15 @@ class Lifecycle:
         For adapters that must act at the deadline: close the connections still open and log
         each dropped request, push running jobs back on their queue, SIGKILL child processes.
         Hooks run one after another, in registration order, in a helper thread that is given
-        ``FORCE_QUIT_HOOKS_GRACE`` seconds in all; a hook that raises is logged and skipped.
+        2 s in all; a hook that raises is logged and skipped.
         """
-        check_callable(fn, "on_force_quit")
-        with self._lock:
-            self._force_quit_hooks.append((name or default_name(fn), fn))
-
-    def _run_force_quit_hooks(self) -> None:
-        with self._lock:
-            hooks = list(self._force_quit_hooks)
-        if not hooks:
-            return
-
-        def run_hooks() -> None:
-            for name, fn in hooks:
-                try:
-                    fn()
-                except Exception:
-                    log.exception("force-quit hook %r failed", name)
-
-        thread = threading.Thread(target=run_hooks, name="graceful-force-quit-hooks", daemon=True)
-        thread.start()
-        thread.join(FORCE_QUIT_HOOKS_GRACE)
+        checked = check_listener(fn, "on_force_quit")
+        self._action.add_hook(checked, check_name(name, "on_force_quit") or default_name(checked))
 
     @property
     def forced(self) -> str | None:
         """The force-quit report, if the lifecycle was forced (None otherwise)."""
         return self._forced
-
-    # -- running servers ----------------------------------------------------------------------
-
-    def run(self, server: object, *, force_quit: float | None = None, handle_signals: bool = True) -> int:
-        """``graceful.run()`` on this lifecycle; see there."""
-        from ._run import run_with
-
-        return run_with(self, server, force_quit=force_quit, handle_signals=handle_signals)
-
-    def signal_handlers(self) -> AbstractContextManager[Router]:
-        """``graceful.signal_handlers()`` routing to this lifecycle; see there."""
-        from ._signals import signal_handlers
-
-        return signal_handlers(self)
 
     # -- observing ----------------------------------------------------------------------------
 
@@ -444,32 +376,41 @@ class Lifecycle:
         """``State.RUNNING``, ``WRAPPING_UP``, ``SHUTTING_DOWN`` or ``STOPPED``."""
         return self._state
 
+    def wait_for_wrap_up(self, timeout: float | None = None) -> bool:
+        """Block until wrap-up begins (``is_stopping()`` turns True); True if it did in time."""
+        return self._wrap_up_started.wait(check_timeout(timeout, "wait_for_wrap_up()"))
+
+    async def wait_for_wrap_up_async(self) -> bool:
+        """``await`` until wrap-up begins, without blocking the event loop."""
+
+        def on_wrap_up(wake: Callable[[], None]) -> Callable[[], None]:
+            return self.subscribe(lambda event, detail: wake() if event is Event.WRAPPING_UP else None)
+
+        return await wait_async(self.is_stopping, on_wrap_up)
+
     def wait_for_shutdown(self, timeout: float | None = None) -> bool:
         """Block until STOPPED; True if it got there within ``timeout``."""
-        return self._stopped.wait(timeout)
+        return self._stopped.wait(check_timeout(timeout, "wait_for_shutdown()"))
 
     async def wait_for_shutdown_async(self) -> bool:
         """``await`` until STOPPED, without blocking the event loop."""
-        import asyncio
 
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] = loop.create_future()
-        with self._lock:
-            if self._stopped.is_set():
-                return True
+        def on_stopped(wake: Callable[[], None]) -> Callable[[], None]:
+            with self._lock:
+                if not self._stopped.is_set():
+                    self._on_stopped.append(wake)
+                    return lambda: None
+            wake()  # stopped already: the callbacks have run
+            return lambda: None
 
-            def wake() -> None:
-                loop.call_soon_threadsafe(_set_true, future)
-
-            self._on_stopped.append(wake)
-        return await future
+        return await wait_async(self._stopped.is_set, on_stopped)
 
     @property
     def exit_code(self) -> int:
         """70 if forced, 1 if a listener or a recorded server failed, else 0."""
         if self._forced is not None:
             return FORCED_EXIT_CODE
-        return 1 if self._failures else 0
+        return 1 if self._phases.failures else 0
 
     def time_remaining(self) -> float | None:
         """Seconds left before force quit, or None while no shutdown was triggered."""
@@ -478,12 +419,11 @@ class Lifecycle:
     def status(self) -> Status:
         """A snapshot: state, reason, time since the trigger, and every listener's progress."""
         now = self._clock.monotonic()
+        listeners = tuple(
+            ListenerStatus(item.name, item.phase, item.state, item.duration(now))
+            for item in self._phases.listeners()
+        )
         with self._lock:
-            listeners = tuple(
-                ListenerStatus(item.name, item.phase, item.state, item.duration(now))
-                for phase in self._phases.values()
-                for item in phase.listeners
-            )
             since = None if self._triggered_at is None else now - self._triggered_at
             return Status(
                 self._state, self._reason, since, self._timer.budget, listeners, self._forced is not None

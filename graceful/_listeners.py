@@ -20,30 +20,25 @@ Why it is built this way (the bug reports are the reasons):
 from __future__ import annotations
 
 import logging
-import sys
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Generator
+
+from ._aio import is_awaitable, run_awaitable, running_loop, wait_async
+from ._checks import check_timeout
+from ._pool import pool
+from ._status import ListenerState, Phase
 
 # ``typing`` costs ~4 ms to import and the core needs it only for type checkers: mypy treats
 # any ``TYPE_CHECKING`` name as True, and at run time the protocols below are plain classes.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import asyncio
     from typing import Any
 
     from ._clock import Clock
 
-__all__ = ["Listener", "Waiter", "current_listener", "run_soon"]
+__all__ = ["Listener", "Waiter", "current_listener", "default_name", "run_soon"]
 
 log = logging.getLogger("graceful")
-
-PENDING = "pending"
-RUNNING = "running"
-DONE = "done"
-FAILED = "failed"
-REMOVED = "removed"
 
 _local = threading.local()
 _event_lock = threading.Lock()  # guards the lazy creation of each listener's Event
@@ -52,18 +47,6 @@ _event_lock = threading.Lock()  # guards the lazy creation of each listener's Ev
 def current_listener() -> Listener | None:
     """The listener this thread is running right now, if any."""
     return getattr(_local, "listener", None)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    """The event loop running in this thread, without importing asyncio if nobody did."""
-    asyncio_module = sys.modules.get("asyncio")
-    if asyncio_module is None:
-        return None
-    try:
-        loop: asyncio.AbstractEventLoop = asyncio_module.get_running_loop()
-    except RuntimeError:
-        return None
-    return loop
 
 
 class Listener:
@@ -92,20 +75,20 @@ class Listener:
         self,
         fn: Callable[[], object],
         name: str,
-        phase: str,
+        phase: Phase,
         clock: Clock,
         on_finish: Callable[[Listener], None],
     ) -> None:
-        self.fn = fn
+        self.fn: Callable[[], object] | None = fn
         self.name = name
         self.phase = phase
-        self.state = PENDING
+        self.state = ListenerState.PENDING
         self.scheduled = False
         self.started: float | None = None
         self.finished: float | None = None
         self.thread_id: int | None = None
         self.error: BaseException | None = None
-        self.loop = _running_loop()
+        self.loop = running_loop()
         self.on_finish = on_finish
         self._clock = clock
         self._done = False
@@ -117,45 +100,35 @@ class Listener:
 
     def run(self) -> None:
         """Run the listener once, in the calling thread; never raises."""
+        fn, self.fn = self.fn, None  # a finished listener keeps no reference to its callable
         self.thread_id = threading.get_ident()
         self.started = self._clock.monotonic()
-        self.state = RUNNING
+        self.state = ListenerState.RUNNING
         _local.listener = self
         try:
-            result = self.fn()
-            if hasattr(result, "__await__"):
-                self._await(result)
+            assert fn is not None, "a listener runs once"
+            result = fn()
+            if is_awaitable(result):
+                self._awaiting = result
+                run_awaitable(result, self.loop)
         except BaseException as exc:  # isolate the listener (even SystemExit), keep its error
             self.error = exc
             log.exception("%s listener %r failed", self.phase, self.name)
         finally:
             _local.listener = None
+            self._awaiting = None
             self.finished = self._clock.monotonic()
             log.debug(
                 "%s listener %r finished in %.3f s", self.phase, self.name, self.finished - self.started
             )
-            self._finish(FAILED if self.error is not None else DONE)
+            self._finish(ListenerState.FAILED if self.error is not None else ListenerState.DONE)
             self.on_finish(self)
-
-    def _await(self, awaitable: Any) -> None:
-        import asyncio
-
-        async def main() -> object:
-            return await awaitable
-
-        coro = main()
-        self._awaiting = awaitable
-        loop = self.loop
-        if loop is not None and loop.is_running() and not loop.is_closed():
-            asyncio.run_coroutine_threadsafe(coro, loop).result()
-        else:
-            asyncio.run(coro)
 
     def awaiting(self) -> object:
         """The coroutine this listener is awaiting, if it is an async listener."""
         return self._awaiting
 
-    def _finish(self, state: str) -> None:
+    def _finish(self, state: ListenerState) -> None:
         self.state = state
         with _event_lock:
             self._done = True
@@ -169,7 +142,7 @@ class Listener:
         return self._done
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until finished (or removed); True if it is, False on timeout."""
+        """Block until finished (or removed); True if it is, False on timeout (checked)."""
         if self._done:
             return True
         with _event_lock:
@@ -182,9 +155,10 @@ class Listener:
 
     def remove(self) -> bool:
         """Mark as removed if it is not scheduled to run; the caller holds the registry lock."""
-        if self.state != PENDING or self.scheduled:
+        if self.state is not ListenerState.PENDING or self.scheduled:
             return False
-        self._finish(REMOVED)
+        self.fn = None
+        self._finish(ListenerState.REMOVED)
         return True
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
@@ -232,8 +206,12 @@ class Waiter:
         return self._listener.name
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the listener has finished; True if it has, False on timeout."""
-        return self._listener.wait(timeout)
+        """Block until the listener has finished; True if it has, False on timeout.
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not None or a finite number of seconds > 0.
+        """
+        return self._listener.wait(check_timeout(timeout, "Waiter.wait()"))
 
     def __call__(self, timeout: float | None = None) -> bool:
         """Same as ``wait()``, for go-zero's ``waitForCalled()`` habit."""
@@ -243,18 +221,11 @@ class Waiter:
         return self._wait_async().__await__()
 
     async def _wait_async(self) -> bool:
-        import asyncio
+        def on_done(wake: Callable[[], None]) -> Callable[[], None]:
+            self._listener.add_done_callback(wake)
+            return lambda: None  # the wake-up is harmless once the future is gone
 
-        if self._listener.done():
-            return True
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] = loop.create_future()
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(_set_true, future)
-
-        self._listener.add_done_callback(wake)
-        return await future
+        return await wait_async(self._listener.done, on_done)
 
     def done(self) -> bool:
         """True once the listener has finished (or was removed)."""
@@ -272,92 +243,9 @@ class Waiter:
         return f"<graceful.Waiter {self._listener.name!r} {self._listener.state}>"
 
 
-def _set_true(future: asyncio.Future[bool]) -> None:
-    if not future.done():
-        future.set_result(True)
-
-
-class _Pool:
-    """Worker threads for listeners: reused while work flows, grown when all are blocked.
-
-    ``submit`` queues a job and makes sure a worker exists. A watcher runs while jobs are
-    queued: if no job has finished for ``STALL`` seconds, every worker is blocked, so it adds
-    one worker per waiting job (up to ``GROW``). A worker with nothing to do for ``IDLE``
-    seconds exits.
-    """
-
-    STALL = 0.004
-    GROW = 128
-    IDLE = 2.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._jobs: deque[Callable[[], None]] = deque()
-        self._ready = threading.Condition(self._lock)
-        self._left = threading.Condition(self._lock)
-        self._workers = 0
-        self._idle = 0
-        self._finished = 0
-        self._watching = False
-        self._names = 0
-
-    def submit(self, *jobs: Callable[[], None]) -> None:
-        """Queue ``jobs`` (a whole phase at once: one lock round-trip, not one per listener)."""
-        with self._lock:
-            self._jobs.extend(jobs)
-            if self._idle > 0:
-                self._ready.notify(len(jobs))
-            elif self._workers == 0:
-                self._spawn(1)
-            if not self._watching:
-                self._watching = True
-                threading.Thread(target=self._watch, name="graceful-pool-watch", daemon=True).start()
-
-    def _spawn(self, count: int) -> None:
-        for _ in range(count):
-            self._workers += 1
-            self._names += 1
-            threading.Thread(target=self._work, name=f"graceful-listener-{self._names}", daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                while not self._jobs:
-                    self._idle += 1
-                    woke = self._ready.wait(self.IDLE)
-                    self._idle -= 1
-                    if not woke and not self._jobs:
-                        self._workers -= 1
-                        self._left.notify_all()
-                        return
-                job = self._jobs.popleft()
-            job()
-            self._finished += 1  # only read as "has anything finished lately": no lock needed
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Block until every worker has exited (idle workers leave after ``IDLE`` s)."""
-        with self._lock:
-            return self._left.wait_for(lambda: self._workers == 0, timeout)
-
-    def _watch(self) -> None:
-        seen = -1
-        while True:
-            with self._lock:
-                if not self._jobs:
-                    self._watching = False
-                    return
-                if self._finished == seen and self._idle == 0:
-                    self._spawn(min(len(self._jobs), self.GROW))
-                seen = self._finished
-            time.sleep(self.STALL)
-
-
-_pool = _Pool()
-
-
 def run_soon(*listeners: Listener) -> None:
-    """Run the listeners on pool threads."""
-    _pool.submit(*(listener.run for listener in listeners))
+    """Run the listeners on the pool's threads."""
+    pool.submit(*(listener.run for listener in listeners))
 
 
 def default_name(fn: Callable[..., object]) -> str:
@@ -367,13 +255,3 @@ def default_name(fn: Callable[..., object]) -> str:
         return repr(fn)
     module = getattr(fn, "__module__", None)
     return f"{module}.{qualname}" if module and module != "__main__" else str(qualname)
-
-
-def check_callable(fn: object, what: str) -> Callable[[], object]:
-    """``TypeError`` with a sentence if ``fn`` can't be a listener."""
-    if not callable(fn):
-        raise TypeError(
-            f"{what}() takes a callable with no arguments (a function, a bound method or an "
-            f"async def), not {type(fn).__name__} {fn!r}"
-        )
-    return fn

@@ -25,18 +25,21 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 
+from . import readiness, systemd
+from ._aio import run_awaitable
 from ._diagnostics import forget_loop, remember_loop
+from ._lifecycle import Lifecycle
 from ._listeners import Waiter
 from ._service import Context, Service
 from ._signals import signal_handlers
+from ._status import State
+from .adapters import adapt
 
 # No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
     from typing import Any
-
-    from ._lifecycle import Lifecycle
 
 __all__ = ["run_with"]
 
@@ -53,16 +56,13 @@ def _is_async(fn: object) -> bool:
 def run_with(
     lifecycle: Lifecycle, server: Any, *, force_quit: float | None = None, handle_signals: bool = True
 ) -> int:
-    """``run()`` on a given lifecycle (what ``Lifecycle.run`` calls)."""
-    from ._status import State
-    from .adapters import adapt
-
+    """``run()`` on a given lifecycle (what ``graceful.run`` calls)."""
     if force_quit is not None:
         lifecycle.set_time_to_force_quit(force_quit)
     if lifecycle.state() is State.STOPPED:
         raise RuntimeError(
             "graceful.run() was given a lifecycle that has already stopped; start the servers "
-            "on a new one (graceful.use(graceful.Lifecycle()), or graceful.Lifecycle().run(...))"
+            "on a new one (graceful.use(graceful.Lifecycle()), or graceful.run(..., lifecycle=graceful.Lifecycle()))"
         )
     items = list(server) if isinstance(server, (list, tuple)) else [server]
     if not items:
@@ -70,19 +70,17 @@ def run_with(
     services = [adapt(item) for item in items]
     runner = _Runner(lifecycle, services)
     guard = signal_handlers(lifecycle) if handle_signals else contextlib.nullcontext()
-    from .readiness import check_platform_grace, probe_port_from_env, serve_probes
-
-    check_platform_grace(lifecycle)
-    probe_port = probe_port_from_env()
+    readiness.check_platform_grace(lifecycle)
+    probe_port = readiness.probe_port_from_env()
     with guard as router:
         notifier = probes = None
         if os.environ.get("NOTIFY_SOCKET"):  # under systemd (or graceful_process)
-            from .systemd import SystemdNotifier
-
-            notifier = SystemdNotifier(lifecycle, router)
+            notifier = systemd.SystemdNotifier(lifecycle, router)
         try:
             if probe_port is not None:  # Kubernetes probes the pod's IP: every interface by default
-                probes = serve_probes(probe_port, os.environ.get("GRACEFUL_PROBE_HOST", "0.0.0.0"), lifecycle)
+                probes = readiness.serve_probes(
+                    probe_port, os.environ.get("GRACEFUL_PROBE_HOST", "0.0.0.0"), lifecycle
+                )
                 log.info("answering probes on port %d (/readyz, /livez)", probes.port)
             runner.run()
         finally:
@@ -121,7 +119,7 @@ class _Runner:
                 self._start_thread(service, ctx)
         self._block()
         for waiter in self._waiters:  # registered after STOPPED (a race with shutdown()): run at once
-            waiter.wait(self.lifecycle._timer.budget)
+            waiter.wait(self.lifecycle.force_quit_budget)
         self._reraise()
 
     def _run_async(self) -> None:
@@ -146,7 +144,7 @@ class _Runner:
             await self._block_async()
             # As in _run_sync.
             await asyncio.wait(
-                [asyncio.ensure_future(w) for w in self._waiters], timeout=self.lifecycle._timer.budget
+                [asyncio.ensure_future(w) for w in self._waiters], timeout=self.lifecycle.force_quit_budget
             )
             if tasks:
                 await asyncio.wait(tasks, timeout=self.lifecycle.time_remaining())
@@ -189,15 +187,7 @@ class _Runner:
         return step
 
     def _await_on_loop(self, awaitable: Any) -> None:
-        import asyncio
-
-        async def main() -> object:
-            return await awaitable
-
-        if self.loop is None or self.loop.is_closed():
-            asyncio.run(main())
-        else:
-            asyncio.run_coroutine_threadsafe(main(), self.loop).result()
+        run_awaitable(awaitable, None if self.loop is None or self.loop.is_closed() else self.loop)
 
     def _started(self, ctx: Context) -> None:
         with self._ready_lock:
@@ -205,11 +195,9 @@ class _Runner:
             all_up = self._ready == len(self.services)
         log.info("server %r started", ctx.name)
         if all_up:
-            from .systemd import notify
-
             log.info("all %d server(s) started: ready", len(self.services))
-            self.lifecycle._ready = True
-            notify("READY=1", f"STATUS=serving ({len(self.services)} server(s))")
+            readiness.set_ready(self.lifecycle)
+            systemd.notify("READY=1", f"STATUS=serving ({len(self.services)} server(s))")
 
     def _start_thread(self, service: Service, ctx: Context) -> None:
         thread = threading.Thread(
@@ -252,6 +240,8 @@ class _Runner:
             log.error("server %r crashed: stopping everything", service.name, exc_info=exc)
             self.lifecycle.record_failure(f"server {service.name!r}")
             self.lifecycle.shutdown(f"server {service.name!r} crashed", wait=False)
+        elif self.lifecycle.forced is not None:  # the force quit owns the end: claim nothing
+            log.info("server %r ended at the force quit", service.name)
         elif self.lifecycle.is_stopping():
             log.info("server %r stopped", service.name)
         else:
@@ -284,7 +274,7 @@ class _Runner:
 
     def _interrupted(self) -> bool:
         """Ctrl-C as the signal table has it: the first shuts down, any later one forces."""
-        if self.lifecycle._shutdown_requested:
+        if self.lifecycle.shutdown_requested:
             self.lifecycle.force_quit("KeyboardInterrupt again while shutting down")
             return True
         self.lifecycle.shutdown("KeyboardInterrupt", wait=False)

@@ -64,7 +64,7 @@ class Context:
 
     def shutting_down(self) -> bool:
         """True once a shutdown (not only a pause) was asked for."""
-        return self.lifecycle._shutdown_requested
+        return self.lifecycle.shutdown_requested
 
     def wait_served(self, timeout: float | None = None) -> bool:
         """Block until ``serve()`` has returned; True if it did within ``timeout``."""

@@ -31,7 +31,13 @@ like SIGTERM):
     SIGTERM again        logged, ignored (orchestrators repeat it)
     SIGTSTP              wrap-up only; the process stays up; a later SIGTERM continues
     SIGUSR1              thread dump, asyncio tasks and status() to stderr; keep running
-    SIGHUP               reload listeners if any, else logged and ignored
+    SIGHUP               reload listeners if any, else a graceful shutdown (a closed
+                         terminal must not leave an orphan serving the port)
+
+The coordinator only routes. A reload and a SIGUSR1 dump run on a helper thread of their own
+(``_Offload``: one at a time, at most one more waiting, further ones coalesced), so a reload
+listener that blocks or raises, or a dump blocked on a stderr pipe nobody reads, never makes
+the process deaf: SIGTERM, SIGINT and SIGQUIT are acted on at once whatever they are doing.
 """
 
 from __future__ import annotations
@@ -40,19 +46,14 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from ._diagnostics import dump_threads
-
-# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from ._lifecycle import Lifecycle
+from ._diagnostics import dump_threads, write_stderr
+from ._lifecycle import Lifecycle
 
 __all__ = ["Router", "handled_signals", "signal_handlers"]
 
@@ -76,32 +77,92 @@ def _name(signum: int) -> str:
         return f"signal {signum}"
 
 
-class Router:
-    """The signal table of one lifecycle: what each signal does. Thread-safe; never raises."""
+class _Offload:
+    """Runs one kind of job on a daemon thread: one at a time, at most one more waiting.
 
-    def __init__(self, lifecycle: Lifecycle, *, stderr: Callable[[str], object] | None = None) -> None:
+    A job asked for while one runs is remembered once (a SIGHUP storm is one more reload, not a
+    thousand); the coordinator never waits for it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._running = False
+        self._pending: Callable[[], object] | None = None
+        self.coalesced = 0
+        """Jobs dropped because one of their kind was already waiting."""
+
+    def submit(self, job: Callable[[], object]) -> None:
+        with self._lock:
+            if self._running:
+                if self._pending is not None:
+                    self.coalesced += 1
+                self._pending = job
+                return
+            self._running = True
+        threading.Thread(target=self._work, args=(job,), name=self._name, daemon=True).start()
+
+    def _work(self, job: Callable[[], object]) -> None:
+        current: Callable[[], object] | None = job
+        while current is not None:
+            try:
+                current()
+            except BaseException:  # a job must never end the helper silently
+                log.exception("graceful: %s failed", self._name)
+            with self._lock:
+                current, self._pending = self._pending, None
+                if current is None:
+                    self._running = False
+
+
+class Router:
+    """The signal table of one lifecycle: what each signal does. Thread-safe; never raises.
+
+    Args:
+        lifecycle: where the signals go.
+        stderr: where the SIGUSR1 dump is written (stderr, without a lock, by default).
+        offload: run reloads and dumps on a helper thread (the coordinator must stay free);
+            the test harness passes False so that ``send_signal()`` returns once they ran.
+    """
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        *,
+        stderr: Callable[[str], object] | None = None,
+        offload: bool = True,
+    ) -> None:
+        if not isinstance(lifecycle, Lifecycle):
+            raise TypeError(f"Router() takes a graceful.Lifecycle, not {lifecycle!r}")
         self.lifecycle = lifecycle
-        self._write = stderr or _write_stderr
+        self._write = stderr or write_stderr
         self._interrupts = 0
         self._lock = threading.Lock()
+        self._reloads = _Offload("graceful-reload") if offload else None
+        self._dumps = _Offload("graceful-dump") if offload else None
         self.answered = 0.0
         """When the coordinator last answered a ``ping()`` (monotonic); the systemd watchdog
         pings only while it answers."""
-        self._ping: Callable[[], object] = self._answer  # without a coordinator: answer at once
+        self._ping: Callable[[], object] = self.answer  # without a coordinator: answer at once
 
     def ping(self) -> None:
         """Ask the coordinator thread to show it is alive (it sets ``answered``)."""
         self._ping()
 
-    def _answer(self) -> None:
+    def answer(self) -> None:
+        """What the coordinator does when a ping reaches it (public for the installation)."""
         self.answered = time.monotonic()
+
+    def route_pings_to(self, send: Callable[[], object]) -> None:
+        """Make ``ping()`` call ``send`` (the installation writes a byte to its pipe)."""
+        self._ping = send
 
     def dispatch(self, signum: int) -> None:
         """Act on one signal, as the coordinator thread does for a real one."""
         name = _name(signum)
         try:
             self._route(signum, name)
-        except Exception:  # the coordinator must survive anything a listener does
+        except BaseException:  # the coordinator must survive anything a listener does
             log.exception("graceful: handling %s failed", name)
 
     def _route(self, signum: int, name: str) -> None:  # noqa: PLR0911 - one branch per table row
@@ -110,7 +171,7 @@ class Router:
         if name == "SIGINT":
             with self._lock:
                 self._interrupts += 1
-                again = self._interrupts > 1 or lc._shutdown_requested
+                again = self._interrupts > 1 or lc.shutdown_requested
             if again:
                 lc.force_quit(f"{name} again while shutting down")
                 return
@@ -118,7 +179,7 @@ class Router:
             log.info("received %s: shutting down gracefully (press Ctrl-C again to force)", name)
             return
         if name in ("SIGTERM", "SIGBREAK"):
-            if lc._shutdown_requested:
+            if lc.shutdown_requested:
                 log.info("received %s again: already shutting down, ignored", name)
                 return
             lc.shutdown(name, wait=False)
@@ -135,24 +196,32 @@ class Router:
             log.info("received %s: wrapping up; the process stays up until SIGTERM", name)
             return
         if name == "SIGUSR1":
-            self._write(dump_threads(lc.status().format()))
+            self._offload(self._dumps, self._dump)
             return
         if name == "SIGHUP":
             if lc.reload_listener_count() == 0:
-                lc._emit("reloading", name)  # Type=notify-reload waits for RELOADING=1 and READY=1
-                lc._emit("reloaded", name)
-                log.info("received %s: no reload listener registered, ignored", name)
+                if lc.shutdown_requested:
+                    log.info("received %s again: already shutting down, ignored", name)
+                    return
+                lc.shutdown(name, wait=False)
+                log.info(
+                    "received %s with no reload listener (the terminal went away?): shutting down gracefully",
+                    name,
+                )
                 return
-            lc.reload(name)
+            self._offload(self._reloads, lambda: lc.reload(name))
             return
         log.info("received %s: not routed, ignored", name)
 
+    def _dump(self) -> None:
+        self._write(dump_threads(self.lifecycle.status().format()))
 
-def _write_stderr(text: str) -> None:
-    stream = sys.stderr
-    if stream is not None:
-        stream.write(text)
-        stream.flush()
+    @staticmethod
+    def _offload(helper: _Offload | None, job: Callable[[], object]) -> None:
+        if helper is None:
+            job()
+        else:
+            helper.submit(job)
 
 
 class _Installation:
@@ -166,7 +235,7 @@ class _Installation:
         self.saved: dict[int, object] = {}
         self.previous_wakeup = -1
         self.coordinator = threading.Thread(target=self._coordinate, name="graceful-signals", daemon=True)
-        router._ping = self._send_ping
+        router.route_pings_to(self._send_ping)
 
     def _send_ping(self) -> None:
         with contextlib.suppress(OSError):  # a full or closed pipe: no answer, as for a stuck coordinator
@@ -194,10 +263,10 @@ class _Installation:
                 if signum == 0:  # our own stop byte
                     return
                 if signum == PING:
-                    self.router._answer()
+                    self.router.answer()
                     continue
                 if signum in self.signals:  # others' handlers write here too: theirs to handle
-                    self.router.dispatch(signum)
+                    self.router.dispatch(signum)  # never raises
 
     def install(self) -> None:
         self.previous_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
@@ -232,7 +301,7 @@ class _Installation:
 
 
 @contextmanager
-def signal_handlers(lifecycle: Lifecycle | None = None) -> Iterator[Router]:
+def signal_handlers(lifecycle: Lifecycle) -> Iterator[Router]:
     """Route SIGTERM, SIGINT, SIGQUIT, SIGTSTP, SIGUSR1 and SIGHUP to ``lifecycle`` in this block.
 
     For programs that keep their own main loop; ``graceful.run()`` uses it. The previous
@@ -254,10 +323,6 @@ def signal_handlers(lifecycle: Lifecycle | None = None) -> Iterator[Router]:
             "signal handlers only there. Call it (or graceful.run()) from the main thread, or pass "
             "handle_signals=False to graceful.run() and route signals yourself."
         )
-    if lifecycle is None:
-        from ._default import get_lifecycle
-
-        lifecycle = get_lifecycle()
     installation = _Installation(Router(lifecycle), handled_signals())
     try:
         installation.install()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ListenerStatus", "State", "Status"]
+__all__ = ["ListenerState", "ListenerStatus", "Phase", "State", "Status"]
 
 
 class State(enum.Enum):
@@ -20,6 +20,32 @@ class State(enum.Enum):
     WRAPPING_UP = "wrapping_up"
     SHUTTING_DOWN = "shutting_down"
     STOPPED = "stopped"
+
+
+class Phase(str, enum.Enum):
+    """The phase a listener belongs to. A ``str`` enum: ``Phase.WRAP_UP == "wrap_up"``."""
+
+    WRAP_UP = "wrap_up"
+    SHUTDOWN = "shutdown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ListenerState(str, enum.Enum):
+    """Where one listener is: PENDING -> RUNNING -> DONE or FAILED; or REMOVED before it ran.
+
+    A ``str`` enum, so ``item.state == "done"`` still reads naturally in a test.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    REMOVED = "removed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class _Frozen:
@@ -58,19 +84,19 @@ class _Frozen:
 class ListenerStatus(_Frozen):
     """One listener, as ``status()`` saw it.
 
-    ``phase`` is ``"wrap_up"`` or ``"shutdown"``; ``state`` one of ``"pending"``,
-    ``"running"``, ``"done"``, ``"failed"``, ``"removed"``; ``duration`` is seconds run so far
-    (or in all, once finished), None if it has not started.
+    ``phase`` is a ``Phase`` (``Phase.WRAP_UP`` or ``Phase.SHUTDOWN``); ``state`` a
+    ``ListenerState`` (both ``str`` enums, equal to ``"wrap_up"``, ``"done"`` and so on);
+    ``duration`` is seconds run so far (or in all, once finished), None if it has not started.
     """
 
     __slots__ = ("duration", "name", "phase", "state")
     _fields = ("name", "phase", "state", "duration")
     name: str
-    phase: str
-    state: str
+    phase: Phase
+    state: ListenerState
     duration: float | None
 
-    def __init__(self, name: str, phase: str, state: str, duration: float | None) -> None:
+    def __init__(self, name: str, phase: Phase, state: ListenerState, duration: float | None) -> None:
         super().__init__(name, phase, state, duration)
 
 

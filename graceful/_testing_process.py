@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ._checks import check_seconds as _check_seconds
+
 __all__ = ["GracefulProcess", "NotReadyError", "ProcessFactory", "ProcessResult", "check_seconds"]
 
 BOUND = 10.0  # seconds: waits for something that should happen at once (pipes closing, exit)
 
 
 def check_seconds(value: object, what: str) -> float:
-    """``value`` as a float if it is a finite number >= 0; ``ValueError`` with a sentence otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"{what} takes a finite number of seconds >= 0, such as 10, not {value!r}")
-    return float(value)
+    """``value`` as a float if it is a finite number of seconds >= 0; a clear error otherwise."""
+    return _check_seconds(value, what, zero=True, example="10")
 
 
 class NotReadyError(RuntimeError):

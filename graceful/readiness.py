@@ -23,18 +23,14 @@ one delay, counted from the first wrap-up trigger, covers every server in the pr
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
+import weakref
 
-from ._default import get_lifecycle
+from ._checks import check_seconds, port_from_env, seconds_from_env
+from ._current import or_default
+from ._lifecycle import Lifecycle
 from ._platform import platform_grace
 from ._status import State
-
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from ._lifecycle import Lifecycle
 
 __all__ = [
     "ProbeServer",
@@ -55,39 +51,49 @@ log = logging.getLogger("graceful")
 ENV_DRAIN_DELAY = "GRACEFUL_DRAIN_DELAY"
 
 
+class _Readiness:
+    """What this module keeps for one lifecycle (the lifecycle itself knows nothing of it)."""
+
+    __slots__ = ("delay", "ready")
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.delay: float | None = None  # None until first read: the environment is read then
+
+
+_state: weakref.WeakKeyDictionary[Lifecycle, _Readiness] = weakref.WeakKeyDictionary()
+_state_lock = threading.Lock()
+
+
+def _of(lifecycle: Lifecycle) -> _Readiness:
+    found = _state.get(lifecycle)
+    if found is None:
+        with _state_lock:
+            found = _state.setdefault(lifecycle, _Readiness())
+    return found
+
+
 def _check_delay(seconds: object, where: str) -> float:
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"{where} takes a number of seconds (0 or more), not {type(seconds).__name__}")
-    value = float(seconds)
-    if math.isnan(value) or math.isinf(value) or value < 0:
-        raise ValueError(f"{where} must be a finite number of seconds, 0 or more; got {seconds!r}")
-    return value
+    return check_seconds(seconds, where, zero=True, example="5")
 
 
 def _delay_from_env() -> float:
-    raw = os.environ.get(ENV_DRAIN_DELAY, "").strip()
-    if not raw:
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_DRAIN_DELAY}={raw!r} is not a number: set it to seconds, e.g. 5") from None
-    return _check_delay(value, ENV_DRAIN_DELAY)
+    return seconds_from_env(ENV_DRAIN_DELAY, 0.0, zero=True)
 
 
 def _lc(lifecycle: Lifecycle | None) -> Lifecycle:
-    return lifecycle if lifecycle is not None else get_lifecycle()
+    return or_default(lifecycle, "graceful.readiness")
 
 
 def set_ready(lifecycle: Lifecycle | None = None) -> None:
     """Say the service accepts work (``run()`` does this once every server has started)."""
-    _lc(lifecycle)._ready = True
+    _of(_lc(lifecycle)).ready = True
 
 
 def is_ready(lifecycle: Lifecycle | None = None) -> bool:
     """True while the service takes new work: marked ready and not wrapping up or stopping."""
     lc = _lc(lifecycle)
-    return lc._ready and not lc._stopping
+    return _of(lc).ready and not lc.is_stopping()
 
 
 def is_live(lifecycle: Lifecycle | None = None) -> bool:
@@ -101,15 +107,16 @@ def set_drain_delay(seconds: float, lifecycle: Lifecycle | None = None) -> None:
     Raises:
         TypeError, ValueError: ``seconds`` is not a finite number >= 0.
     """
-    _lc(lifecycle)._drain_delay = _check_delay(seconds, "set_drain_delay()")
+    delay = _check_delay(seconds, "set_drain_delay()")
+    _of(_lc(lifecycle)).delay = delay
 
 
 def drain_delay(lifecycle: Lifecycle | None = None) -> float:
     """The drain delay in seconds: the one set, else ``GRACEFUL_DRAIN_DELAY``, else 0."""
-    lc = _lc(lifecycle)
-    if lc._drain_delay is None:
-        lc._drain_delay = _delay_from_env()
-    return lc._drain_delay
+    state = _of(_lc(lifecycle))
+    if state.delay is None:
+        state.delay = _delay_from_env()
+    return state.delay
 
 
 def drain_delay_left(lifecycle: Lifecycle | None = None) -> float:
@@ -120,10 +127,10 @@ def drain_delay_left(lifecycle: Lifecycle | None = None) -> float:
     """
     lc = _lc(lifecycle)
     delay = drain_delay(lc)
-    started = lc._triggered_at
+    started = lc.triggered_at
     if delay <= 0 or started is None:
         return 0.0
-    left = started + delay - lc._clock.monotonic()
+    left = started + delay - lc.clock.monotonic()
     remaining = lc.time_remaining()
     if remaining is not None:
         left = min(left, remaining)
@@ -141,13 +148,13 @@ def wait_drain_delay(lifecycle: Lifecycle | None = None) -> float:
     if left <= 0:
         return 0.0
     passed = threading.Event()
-    now = lc._clock.monotonic()
-    handle = lc._clock.call_at(now + left, passed.set, name="graceful-drain-delay")
+    now = lc.clock.monotonic()
+    handle = lc.clock.call_at(now + left, passed.set, name="graceful-drain-delay")
     try:
         passed.wait()
     finally:
         handle.cancel()
-    return lc._clock.monotonic() - now
+    return lc.clock.monotonic() - now
 
 
 # -- the probe endpoint ----------------------------------------------------------------------------
@@ -261,12 +268,7 @@ def probe_port_from_env() -> int | None:
     Raises:
         ValueError: it is set to something that is not a port number 1-65535.
     """
-    raw = os.environ.get(ENV_PROBE_PORT, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or not 0 < int(raw) <= 65535:
-        raise ValueError(f"{ENV_PROBE_PORT}={raw!r} is not a port number: set it to e.g. 8086")
-    return int(raw)
+    return port_from_env(ENV_PROBE_PORT, None)
 
 
 # -- the platform's grace --------------------------------------------------------------------------

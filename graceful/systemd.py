@@ -23,8 +23,8 @@ What ``run()`` sends (``READY=1`` itself, the rest through ``SystemdNotifier``):
   that stopped asking (a stuck drain) when ``TimeoutStopSec`` is over;
 * ``STATUS=shutting down``, ``STATUS=stopped (...)``, ``STATUS=forced: ...`` at those moments;
 * ``RELOADING=1`` with ``MONOTONIC_USEC=`` before the reload listeners run (SIGHUP), and
-  ``READY=1`` after them (``Type=notify-reload``), also when no reload listener is registered,
-  so ``systemctl reload`` never waits for an answer that does not come;
+  ``READY=1`` after them (``Type=notify-reload``). With no reload listener registered, SIGHUP
+  shuts the service down gracefully (``STOPPING=1``): a unit that reloads must register one;
 * ``WATCHDOG=1`` every ``WATCHDOG_USEC / 2`` while healthy: each ping first asks graceful's
   signal coordinator thread to answer, and no ``WATCHDOG=1`` is sent until it has answered the
   previous ask, so a stuck coordinator stops the pings and systemd's watchdog acts.
@@ -37,13 +37,18 @@ import os
 import socket
 import threading
 import time
-import weakref
+
+from ._current import or_default
+from ._events import Event
+from ._lifecycle import Lifecycle
+from ._status import ListenerState
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from ._lifecycle import Lifecycle
     from ._signals import Router
+
+_FINISHED = (ListenerState.DONE, ListenerState.FAILED)
 
 __all__ = ["SystemdNotifier", "notify", "report_progress", "watchdog_interval"]
 
@@ -61,8 +66,6 @@ shutdown counts as progress.
 EXTEND_MARGIN = 5.0
 """Seconds asked for beyond graceful's own force-quit deadline, for its report and the exit: no
 extension reaches further than that."""
-
-_notifiers: weakref.WeakKeyDictionary[Lifecycle, SystemdNotifier] = weakref.WeakKeyDictionary()
 
 
 def _address(raw: str) -> str:
@@ -107,17 +110,11 @@ def watchdog_interval() -> float | None:
 def report_progress(lifecycle: Lifecycle | None = None) -> None:
     """Say the drain moved forward (a request answered, a job finished): worth more time.
 
-    Cheap, thread-safe and a no-op when no ``SystemdNotifier`` watches the lifecycle (not
-    under systemd). Adapters and long wrap-up listeners call it as their in-flight work ends,
+    Cheap and thread-safe (``Lifecycle.report_progress()``); a ``SystemdNotifier`` watching the
+    lifecycle turns it into more time, and nothing else reads it. Adapters and long wrap-up listeners call it as their in-flight work ends,
     so one server draining many requests counts as progress before its listener returns.
     """
-    if lifecycle is None:
-        from ._default import get_lifecycle
-
-        lifecycle = get_lifecycle()
-    notifier = _notifiers.get(lifecycle)
-    if notifier is not None:
-        notifier._reported += 1  # a lost increment under a race still leaves one: progress seen
+    or_default(lifecycle, "report_progress()").report_progress()
 
 
 def _usec(seconds: float) -> int:
@@ -152,19 +149,15 @@ class SystemdNotifier:
         self._stopping_sent = False
         self._stop = threading.Event()
         self._draining = threading.Event()  # set once a shutdown runs: progress checks
-        self._reported = 0  # report_progress() calls
         self._seen = (0, 0)  # (listeners finished, reports) at the last progress check
         self._stuck = False  # the coordinator has not answered the watchdog's last ask
-        _notifiers[lifecycle] = self
-        self._unobserve = lifecycle._observe(self._on_event)
+        self._unobserve = lifecycle.subscribe(self._on_event)
         self._thread = threading.Thread(target=self._tick, name="graceful-systemd", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         """Stop observing and pinging (``run()`` does it before returning). Idempotent."""
         self._unobserve()
-        if _notifiers.get(self.lifecycle) is self:
-            del _notifiers[self.lifecycle]
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(5)
@@ -177,27 +170,27 @@ class SystemdNotifier:
 
     # -- transitions --------------------------------------------------------------------------
 
-    def _on_event(self, event: str, detail: str) -> None:
+    def _on_event(self, event: Event, detail: str) -> None:
         with self._lock:
-            if event == "wrapping_up":
-                if self.lifecycle._shutdown_requested:
+            if event is Event.WRAPPING_UP:
+                if self.lifecycle.shutdown_requested:
                     self._begin_shutdown(detail)
                 elif not self._stopping_sent:
                     notify(f"STATUS=paused ({detail}): not taking new work; SIGTERM stops the service")
-            elif event == "shutdown":
+            elif event is Event.SHUTDOWN_REQUESTED:
                 self._begin_shutdown(detail)
-            elif event == "shutting_down":
+            elif event is Event.SHUTTING_DOWN:
                 # After a pause the driver may get here before the trigger's "shutdown" event.
                 self._begin_shutdown(detail)
                 notify("STATUS=shutting down")
-            elif event == "stopped":
+            elif event is Event.STOPPED:
                 notify(f"STATUS=stopped ({detail})")
                 self._stop.set()
-            elif event == "forced":
+            elif event is Event.FORCED:
                 notify(f"STATUS=forced: {detail}")
-            elif event == "reloading" and not self._stopping_sent:
+            elif event is Event.RELOADING and not self._stopping_sent:
                 notify("RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}", f"STATUS=reloading ({detail})")
-            elif event == "reloaded" and not self._stopping_sent:
+            elif event is Event.RELOADED and not self._stopping_sent:
                 state = "paused" if self.lifecycle.is_stopping() else "serving"
                 notify("READY=1", f"STATUS={state} (reloaded)")
 
@@ -207,7 +200,7 @@ class SystemdNotifier:
             return
         self._stopping_sent = True
         notify("STOPPING=1", f"STATUS=wrapping up ({reason})")
-        self._seen = (self._finished(), self._reported)
+        self._seen = (self._finished(), self.lifecycle.progress)
         self._extend()  # the start of the shutdown counts as progress
         self._draining.set()
 
@@ -250,12 +243,12 @@ class SystemdNotifier:
         return asked
 
     def _finished(self) -> int:
-        return sum(1 for item in self.lifecycle.status().listeners if item.state in ("done", "failed"))
+        return sum(1 for item in self.lifecycle.status().listeners if item.state in _FINISHED)
 
     def _check_progress(self) -> None:
         status = self.lifecycle.status()
-        finished = sum(1 for item in status.listeners if item.state in ("done", "failed"))
-        seen = (finished, self._reported)
+        finished = sum(1 for item in status.listeners if item.state in _FINISHED)
+        seen = (finished, self.lifecycle.progress)
         if seen[0] > self._seen[0] or seen[1] > self._seen[1]:
             with self._lock:
                 if not self._stop.is_set():

@@ -27,10 +27,10 @@ import time
 from types import TracebackType
 
 from ._clock import FakeClock
-from ._default import use
+from ._current import use
 from ._lifecycle import Lifecycle
 from ._signals import Router, handled_signals
-from ._status import State
+from ._status import ListenerState, State
 from ._testing_process import (
     BOUND,
     GracefulProcess,
@@ -81,11 +81,10 @@ class LifecycleHarness:
     def __init__(self, force_quit: float = 25.0, *, teardown_timeout: float = 5.0) -> None:
         self.clock = FakeClock()
         self.exit_codes: list[int] = []
-        self.lifecycle = Lifecycle(force_quit, clock=self.clock, exit=self.exit_codes.append)
-        # A listener a test leaves stuck must not keep pytest alive at exit.
-        self.lifecycle._daemon_driver = True
+        # daemon: a listener a test leaves stuck must not keep pytest alive at exit.
+        self.lifecycle = Lifecycle(force_quit, clock=self.clock, exit=self.exit_codes.append, daemon=True)
         self.teardown_timeout = check_seconds(teardown_timeout, "LifecycleHarness(teardown_timeout=...)")
-        self._router = Router(self.lifecycle)
+        self._router = Router(self.lifecycle, offload=False)
         self._previous: Lifecycle | None = None
         self._phase = "created"
 
@@ -142,22 +141,21 @@ class LifecycleHarness:
             return []  # never triggered: no thread was started, nothing to finish
         lc.shutdown("graceful_lifecycle teardown", wait=False)
         stopped = lc.wait_for_shutdown(self.teardown_timeout)
-        listeners = [item for phase in lc._phases.values() for item in phase.listeners]
-        for item in listeners:  # a listener added after STOPPED runs on its own
-            if item.state == "running":
-                item.wait(max(0.0, deadline - time.monotonic()))
-        if stopped and lc._driver is not None:
-            lc._driver.join(max(0.0, deadline - time.monotonic()))
+        # A listener added after STOPPED runs on its own: wait for it too, within the bound.
+        lc.wait_until_idle(max(0.0, deadline - time.monotonic()))
+        if stopped:
+            lc.join(max(0.0, deadline - time.monotonic()))
+        listeners = lc.status().listeners
         lines = [
             f"  - {item.phase} listener {item.name!r} is still running"
             for item in listeners
-            if item.state == "running"
+            if item.state is ListenerState.RUNNING
         ]
         if not stopped:
             lines += [
                 f"  - {item.phase} listener {item.name!r} never started: it waits for the ones above"
                 for item in listeners
-                if item.state == "pending"
+                if item.state is ListenerState.PENDING
             ]
         return lines
 

@@ -54,8 +54,7 @@ SEEN = []  # every harness so far: none may still have a live sequence thread
 
 def fresh(harness):
     for earlier in SEEN:
-        driver = earlier.lifecycle._driver
-        assert driver is None or not driver.is_alive(), "a sequence thread leaked"
+        assert earlier.lifecycle.join(0), "a sequence thread leaked"
         assert graceful.get_lifecycle() is not earlier.lifecycle
     SEEN.append(harness)
     assert graceful.get_lifecycle() is harness.lifecycle is not ORIGINAL

@@ -277,15 +277,16 @@ def test_force_quit_argument_sets_the_budget(fresh: Lifecycle) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_run_and_signal_handlers_are_lifecycle_methods_too(exits: Recorder) -> None:
-    """Each module-level function is also a method of Lifecycle (the contract)."""
+def test_run_and_signal_handlers_take_any_lifecycle(exits: Recorder) -> None:
+    """run(lifecycle=) and signal_handlers(lifecycle=) work on a lifecycle that is not the default."""
     mine = Lifecycle(force_quit=BOUND, exit=exits)
     ran: list[str] = []
     mine.add_shutdown_listener(lambda: ran.append("closed"))
-    assert mine.run(lambda: ran.append("served")) == 0
+    assert graceful.run(lambda: ran.append("served"), lifecycle=mine) == 0
     assert ran == ["served", "closed"]
+    assert graceful.get_lifecycle() is not mine
     other = Lifecycle(force_quit=BOUND, exit=exits)
-    with other.signal_handlers() as router:
+    with graceful.signal_handlers(lifecycle=other) as router:
         assert router.lifecycle is other
 
 
@@ -342,4 +343,4 @@ def test_ctrl_c_while_starting_is_a_graceful_shutdown_and_skips_unstarted_server
 def test_run_refuses_a_lifecycle_that_has_already_stopped(lc: Lifecycle) -> None:
     lc.shutdown("done before run")
     with pytest.raises(RuntimeError, match="already stopped"):
-        lc.run(lambda: None, handle_signals=False)
+        graceful.run(lambda: None, handle_signals=False, lifecycle=lc)

@@ -152,12 +152,13 @@ def test_hup_runs_reload_listeners(children: list[Child]) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_hup_without_reload_listeners_is_logged_and_ignored(children: list[Child]) -> None:
+def test_hup_without_reload_listeners_shuts_down_gracefully(children: list[Child]) -> None:
+    """A closed terminal (SIGHUP, no reload listener) must not leave an orphan serving."""
     child = track(children, service())
     child.send(signal.SIGHUP)
-    child.expect_err("no reload listener registered, ignored")
-    child.send(signal.SIGTERM)
+    child.expect_err("received SIGHUP with no reload listener")
     assert child.wait() == 0
+    assert "stopped (" in child.err
 
 
 @pytest.mark.timeout(30)
@@ -379,7 +380,7 @@ sys.exit(code)
 
 def test_router_table_with_a_fake_clock(lc: Lifecycle, exits: Recorder) -> None:
     written: list[str] = []
-    router = Router(lc, stderr=written.append)
+    router = Router(lc, stderr=written.append, offload=False)
     router.dispatch(signal.SIGUSR1)
     assert "graceful: thread dump (SIGUSR1)" in written[0]
     router.dispatch(signal.SIGTSTP)
@@ -399,19 +400,22 @@ def test_router_survives_a_failing_action(lc: Lifecycle, caplog: pytest.LogCaptu
     def broken(text: str) -> None:
         raise OSError("stderr closed")
 
-    Router(lc, stderr=broken).dispatch(signal.SIGUSR1)
+    Router(lc, stderr=broken, offload=False).dispatch(signal.SIGUSR1)
     assert "handling SIGUSR1 failed" in caplog.text
 
 
 def test_hup_with_and_without_reload_listeners(lc: Lifecycle, caplog: pytest.LogCaptureFixture) -> None:
-    router = Router(lc)
-    with caplog.at_level(logging.INFO, logger="graceful"):
-        router.dispatch(signal.SIGHUP)
-    assert "no reload listener registered" in caplog.text
+    router = Router(lc, offload=False)
     calls: list[int] = []
-    lc.add_reload_listener(lambda: calls.append(1))
+    handle = lc.add_reload_listener(lambda: calls.append(1))
     router.dispatch(signal.SIGHUP)
     assert calls == [1]
+    assert lc.state() is State.RUNNING
+    assert handle.remove()
+    with caplog.at_level(logging.INFO, logger="graceful"):
+        router.dispatch(signal.SIGHUP)
+    assert "with no reload listener" in caplog.text
+    assert lc.shutdown_requested
 
 
 # -- installation: main thread only, restore everything, survive a takeover -------------------------
@@ -422,7 +426,7 @@ def test_signal_handlers_off_the_main_thread_is_a_runtime_error_that_says_what_t
 
     def body() -> None:
         try:
-            with signal_handlers():
+            with graceful.signal_handlers():
                 pass
         except RuntimeError as exc:
             errors.append(exc)
@@ -485,7 +489,7 @@ def test_a_takeover_of_the_wakeup_fd_is_detected_and_the_signal_still_routed(lc:
 def test_signal_handlers_defaults_to_the_default_lifecycle(lc: Lifecycle) -> None:
     previous = graceful.use(lc)
     try:
-        with signal_handlers() as router:
+        with graceful.signal_handlers() as router:
             assert router.lifecycle is lc
     finally:
         graceful.use(previous)
@@ -532,7 +536,9 @@ def test_signal_is_acted_on_while_main_is_blocked(children: list[Child], blocker
 def test_the_sequence_started_by_a_signal_runs_on_a_non_daemon_thread(lc: Lifecycle) -> None:
     """The coordinator is a daemon; the driver it starts must not be, or exit cuts cleanup short."""
     seen: list[bool] = []
-    lc.add_wrap_up_listener(lambda: seen.append(lc._driver is not None and lc._driver.daemon))
+    lc.add_wrap_up_listener(
+        lambda: seen.extend(t.daemon for t in threading.enumerate() if t.name == "graceful-lifecycle")
+    )
     with signal_handlers(lc):
         os.kill(os.getpid(), signal.SIGTERM)
         assert lc.wait_for_shutdown(BOUND)

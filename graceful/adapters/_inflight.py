@@ -12,8 +12,6 @@ import logging
 import threading
 import time
 
-from ..systemd import report_progress
-
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -62,7 +60,7 @@ class InFlight:
         with self._lock:
             ended = self._requests.pop(key, None)
         if ended is not None and self.lifecycle is not None and self.lifecycle.is_stopping():
-            report_progress(self.lifecycle)  # systemd: the drain moves, worth more time
+            self.lifecycle.report_progress()  # the drain moves: systemd gives more time
 
     def requests(self) -> list[Request]:
         with self._lock:

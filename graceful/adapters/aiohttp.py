@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from aiohttp import web
 
+from .._checks import port_from_env
 from .._service import Context
 from ..readiness import drain_delay_left
 from ._inflight import InFlight, Request
@@ -44,12 +44,9 @@ DEFAULT_PORT = 8080
 
 
 def _port_from_env() -> int:
-    raw = os.environ.get("PORT", "").strip()
-    if not raw:
-        return DEFAULT_PORT
-    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
-        raise ValueError(f"PORT={raw!r} is not a port number: set it to e.g. 8080, or pass port=")
-    return int(raw)
+    port = port_from_env("PORT", DEFAULT_PORT, zero=True)
+    assert port is not None
+    return port
 
 
 class AiohttpService:

@@ -32,7 +32,6 @@ from http.server import BaseHTTPRequestHandler
 from socketserver import TCPServer
 
 from .._service import Context
-from ..systemd import report_progress
 from ._inflight import Request
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -83,7 +82,7 @@ class _Tracker:
                 self.open[handler] = None
                 self.served[handler] = self.served.get(handler, 0) + 1
         if ended and self.lifecycle is not None and self.lifecycle.is_stopping():
-            report_progress(self.lifecycle)  # systemd: the drain moves, worth more time
+            self.lifecycle.report_progress()  # the drain moves: systemd gives more time
 
     def in_flight(self) -> list[Request]:
         with self._lock:

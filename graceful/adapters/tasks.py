@@ -22,6 +22,7 @@ import threading
 from concurrent.futures import Executor
 from queue import Empty
 
+from .._current import or_default
 from .._service import Context
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -139,13 +140,11 @@ def cancel_at_shutdown(task: asyncio.Task[Any], *, lifecycle: Lifecycle | None =
     """
     import asyncio
 
-    from .._default import get_lifecycle
-
     if not isinstance(task, asyncio.Task):
         raise TypeError(
             f"cancel_at_shutdown() takes an asyncio.Task (asyncio.create_task(...)), not {type(task).__name__}"
         )
-    lc = lifecycle if lifecycle is not None else get_lifecycle()
+    lc = or_default(lifecycle, "cancel_at_shutdown()")
     name = task.get_name()
 
     async def cancel() -> None:

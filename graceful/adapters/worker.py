@@ -31,7 +31,6 @@ import threading
 import time
 
 from .._service import Context
-from ..systemd import report_progress
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
@@ -163,7 +162,7 @@ class Worker:
                 with self._lock:
                     self._running.pop(index, None)
                 if self._stop.is_set():
-                    report_progress(ctx.lifecycle)  # systemd: the drain moves, worth more time
+                    ctx.lifecycle.report_progress()  # the drain moves: systemd gives more time
 
     def _handle(self, job: Any) -> None:
         try:

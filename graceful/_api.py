@@ -1,13 +1,10 @@
-"""The process's default ``Lifecycle`` and the module-level functions bound to it.
+"""The module-level functions: ``graceful.shutdown()`` and the rest, on the default lifecycle.
 
-Why: go-zero's ``proc`` is a process-wide registry, and that is what makes it easy to use from
-anywhere in an application (``graceful.add_shutdown_listener(pool.close)`` in the module that
-owns the pool). Tests need the opposite, a fresh lifecycle per test: ``use()`` swaps the
-default and hands back the previous one, which is what the pytest fixture does. Each
-function looks the default up at call time, so a swap takes effect everywhere at once.
-
-The default's force-quit budget comes from ``GRACEFUL_FORCE_QUIT`` when it is set (a bad value
-is a ``ValueError`` on import, naming the variable), else 25 s.
+Why functions and not only methods: most code wants *the process's* shutdown, registered from
+wherever the resource lives (go-zero's ``proc.AddShutdownListener``). Each function looks the
+default up at call time (``_current``), so ``graceful.use()`` in a test takes effect everywhere.
+``run()`` and ``signal_handlers()`` take ``lifecycle=`` for any other lifecycle: they live here,
+above the core, so the ``Lifecycle`` never imports its own entry point.
 """
 
 from __future__ import annotations
@@ -15,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from ._force_quit import budget_from_env
-from ._lifecycle import Lifecycle, ReloadHandle
+from . import _current
+from ._lifecycle import Lifecycle
 from ._listeners import Waiter
+from ._reload import ReloadHandle
 from ._status import State, Status
 
 # No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
@@ -29,7 +27,6 @@ __all__ = [
     "add_reload_listener",
     "add_shutdown_listener",
     "add_wrap_up_listener",
-    "get_lifecycle",
     "is_stopping",
     "run",
     "set_time_to_force_quit",
@@ -37,87 +34,91 @@ __all__ = [
     "signal_handlers",
     "state",
     "status",
-    "use",
     "wait_for_shutdown",
     "wait_for_shutdown_async",
+    "wait_for_wrap_up",
+    "wait_for_wrap_up_async",
     "wrap_up",
 ]
 
 
-_current = Lifecycle(budget_from_env(25.0))  # rebound by use(); read at each call
-
-
-def get_lifecycle() -> Lifecycle:
-    """The lifecycle the module-level functions act on."""
-    return _current
-
-
-def use(lifecycle: Lifecycle) -> Lifecycle:
-    """Make ``lifecycle`` the default; returns the previous default so it can be put back."""
-    global _current
-    if not isinstance(lifecycle, Lifecycle):
-        raise TypeError(f"use() takes a graceful.Lifecycle, not {type(lifecycle).__name__}")
-    previous, _current = _current, lifecycle
-    return previous
-
-
 def add_wrap_up_listener(fn: Callable[[], object], *, name: str | None = None) -> Waiter:
     """Run ``fn`` in the wrap-up phase of the default lifecycle; see ``Lifecycle``."""
-    return _current.add_wrap_up_listener(fn, name=name)
+    return _current.get_lifecycle().add_wrap_up_listener(fn, name=name)
 
 
 def add_shutdown_listener(fn: Callable[[], object], *, name: str | None = None) -> Waiter:
     """Run ``fn`` in the shutdown phase of the default lifecycle; see ``Lifecycle``."""
-    return _current.add_shutdown_listener(fn, name=name)
+    return _current.get_lifecycle().add_shutdown_listener(fn, name=name)
 
 
 def add_reload_listener(fn: Callable[[], object], *, name: str | None = None) -> ReloadHandle:
     """Run ``fn`` on every SIGHUP; see ``Lifecycle.add_reload_listener``."""
-    return _current.add_reload_listener(fn, name=name)
+    return _current.get_lifecycle().add_reload_listener(fn, name=name)
 
 
 def set_time_to_force_quit(seconds: float) -> None:
     """Set the force-quit budget of the default lifecycle; ``ValueError`` for <= 0, NaN, inf."""
-    _current.set_time_to_force_quit(seconds)
+    _current.get_lifecycle().set_time_to_force_quit(seconds)
 
 
 def shutdown(reason: str = "requested", *, wait: bool = True, timeout: float | None = None) -> bool:
     """Start (or join) the shutdown sequence; see ``Lifecycle.shutdown``."""
-    return _current.shutdown(reason, wait=wait, timeout=timeout)
+    return _current.get_lifecycle().shutdown(reason, wait=wait, timeout=timeout)
 
 
 def wrap_up(reason: str = "requested") -> None:
     """Run the wrap-up phase only (a pause); see ``Lifecycle.wrap_up``."""
-    _current.wrap_up(reason)
+    _current.get_lifecycle().wrap_up(reason)
 
 
 def is_stopping() -> bool:
-    """True from the moment wrap-up starts; one global and one attribute read, for hot loops."""
-    return _current._stopping
+    """True from the moment wrap-up starts; cheap enough for a hot loop."""
+    return _current.get_lifecycle().is_stopping()
+
+
+def wait_for_wrap_up(timeout: float | None = None) -> bool:
+    """Block until wrap-up begins (``is_stopping()`` turns True); True if it did in time.
+
+    What a worker loop waits on instead of polling ``is_stopping()`` with a sleep (go-zero's
+    ``proc.Done()``).
+    """
+    return _current.get_lifecycle().wait_for_wrap_up(timeout)
+
+
+async def wait_for_wrap_up_async() -> bool:
+    """``await`` until wrap-up begins on the default lifecycle."""
+    return await _current.get_lifecycle().wait_for_wrap_up_async()
 
 
 def wait_for_shutdown(timeout: float | None = None) -> bool:
     """Block until the default lifecycle is STOPPED; True if it got there in time."""
-    return _current.wait_for_shutdown(timeout)
+    return _current.get_lifecycle().wait_for_shutdown(timeout)
 
 
 async def wait_for_shutdown_async() -> bool:
     """``await`` until the default lifecycle is STOPPED."""
-    return await _current.wait_for_shutdown_async()
+    return await _current.get_lifecycle().wait_for_shutdown_async()
 
 
 def state() -> State:
     """The default lifecycle's ``State``."""
-    return _current._state
+    return _current.get_lifecycle().state()
 
 
 def status() -> Status:
     """A snapshot of the default lifecycle; see ``Status``."""
-    return _current.status()
+    return _current.get_lifecycle().status()
 
 
-def run(server: object, *, force_quit: float | None = None, handle_signals: bool = True) -> int:
-    """Run ``server`` (or a list of servers) on the default lifecycle until shutdown.
+def run(
+    server: object,
+    *,
+    force_quit: float | None = None,
+    handle_signals: bool = True,
+    lifecycle: Lifecycle | None = None,
+) -> int:
+    """Run ``server`` (or a list of servers) until shutdown; returns the exit code.
 
     Installs the signal router (``handle_signals``), starts every server, sends ``READY=1``
     when all are up, blocks, runs the whole sequence however the process ends, restores the
@@ -129,18 +130,21 @@ def run(server: object, *, force_quit: float | None = None, handle_signals: bool
             25 s or ``GRACEFUL_FORCE_QUIT``).
         handle_signals: install the signal router (main thread only). Pass False to route
             signals yourself, e.g. when ``run()`` is not called from the main thread.
+        lifecycle: the lifecycle to run on; the default one if None.
 
     Returns:
         0 if everything stopped gracefully, 1 if a server or a listener raised, 70 if forced.
 
     Raises:
-        TypeError: a server graceful does not know how to run.
+        TypeError: a server graceful does not know how to run, or a bad argument.
         ValueError: an empty list, or a bad ``force_quit``.
-        RuntimeError: ``handle_signals`` is True and this is not the main thread.
+        RuntimeError: ``handle_signals`` is True and this is not the main thread; or the
+            lifecycle has stopped already. Raised before anything changes.
     """
     from ._run import run_with  # loaded on first use: about 1 ms that a library never pays
 
-    return run_with(_current, server, force_quit=force_quit, handle_signals=handle_signals)
+    lc = _current.or_default(lifecycle, "run()")
+    return run_with(lc, server, force_quit=force_quit, handle_signals=handle_signals)
 
 
 def signal_handlers(lifecycle: Lifecycle | None = None) -> AbstractContextManager[Router]:
@@ -150,6 +154,7 @@ def signal_handlers(lifecycle: Lifecycle | None = None) -> AbstractContextManage
     lifecycle. The previous handlers and wakeup fd are restored when the block ends.
 
     Raises:
+        TypeError: ``lifecycle`` is not a ``graceful.Lifecycle`` (or None).
         RuntimeError: not called from the main thread (only it can install signal handlers).
 
     Example::
@@ -161,4 +166,4 @@ def signal_handlers(lifecycle: Lifecycle | None = None) -> AbstractContextManage
     """
     from ._signals import signal_handlers as install
 
-    return install(lifecycle if lifecycle is not None else _current)
+    return install(_current.or_default(lifecycle, "signal_handlers()"))

@@ -1,0 +1,105 @@
+"""asyncio from plain threads: one copy of "run this awaitable" and "wake that future".
+
+Why: listeners, reload listeners, ``run()``'s adapter steps and the gRPC adapter all had to run
+a coroutine from a worker thread, each with its own edge cases (a loop that closed meanwhile, a
+loop that is not running yet, being called on the loop's own thread). One function here handles
+them all, so they behave alike:
+
+* a loop that is running in *another* thread runs the awaitable there (it may touch that loop's
+  objects: a pool bound to the app's loop is closed on it, not on a fresh one);
+* on the loop's own thread waiting would deadlock: that is a ``RuntimeError`` that says so;
+* no loop, or a closed one: a fresh loop in this thread (``asyncio.run``).
+
+``asyncio`` is imported only when an awaitable actually runs: ``import graceful`` never pays
+for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+
+# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    from typing import Any
+
+__all__ = ["is_awaitable", "run_awaitable", "running_loop", "set_true_soon", "wait_async"]
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, without importing asyncio if nobody did."""
+    asyncio_module = sys.modules.get("asyncio")
+    if asyncio_module is None:
+        return None
+    try:
+        loop: asyncio.AbstractEventLoop = asyncio_module.get_running_loop()
+    except RuntimeError:
+        return None
+    return loop
+
+
+def is_awaitable(value: object) -> bool:
+    """True for what ``await`` accepts (a coroutine, a future, anything with ``__await__``)."""
+    return hasattr(value, "__await__")
+
+
+def run_awaitable(awaitable: Any, loop: asyncio.AbstractEventLoop | None = None) -> object:
+    """Run ``awaitable`` to completion from a plain thread and return its result.
+
+    On ``loop`` if it is running (in another thread), else on a fresh loop in this thread.
+
+    Raises:
+        RuntimeError: called on ``loop``'s own thread, where blocking would deadlock it.
+        BaseException: whatever the awaitable raised.
+    """
+    import asyncio
+
+    async def main() -> object:
+        return await awaitable
+
+    if loop is not None and loop.is_running() and not loop.is_closed():
+        if running_loop() is loop:
+            main().close()
+            raise RuntimeError(
+                "graceful cannot block the event loop's own thread to wait for a coroutine on it: "
+                "await it instead"
+            )
+        return asyncio.run_coroutine_threadsafe(main(), loop).result()
+    return asyncio.run(main())
+
+
+def _set_true(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(True)
+
+
+def set_true_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[bool]) -> None:
+    """From any thread: resolve ``future`` with True on ``loop`` (once; a closed loop is fine)."""
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits the future any more
+        loop.call_soon_threadsafe(_set_true, future)
+
+
+async def wait_async(
+    is_set: Callable[[], bool], on_set: Callable[[Callable[[], None]], Callable[[], None]]
+) -> bool:
+    """``await`` until ``is_set()``, without blocking the loop: the one future wake-up.
+
+    ``on_set(wake)`` arranges for ``wake()`` to be called (from any thread) when it happens
+    and returns a function that cancels the arrangement.
+    """
+    import asyncio
+
+    if is_set():
+        return True
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bool] = loop.create_future()
+    cancel = on_set(lambda: set_true_soon(loop, future))
+    try:
+        if is_set():  # it happened between the check and the arrangement
+            return True
+        return await future
+    finally:
+        cancel()

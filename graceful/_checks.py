@@ -1,0 +1,172 @@
+"""Argument checks: one copy of each, so every public call rejects bad input the same way.
+
+Why a module of its own: the contract says bad input gets a clear error *at the call*, before
+any state changes, and that the message says what is accepted and what to do. A number of
+seconds alone is taken by the budget, the timeouts, the drain delay, the harness and two
+environment variables; when each had its own check, each had its own gaps (``bool`` taken as
+a number, ``inf`` passed to ``threading`` and an ``OverflowError`` at shutdown, NaN silently
+False). Every check here runs before the caller touches its state.
+
+Nothing here imports ``inspect`` at module level (about 8 ms): the listener check reads the
+code object of a plain function and falls back to ``inspect.signature`` only for the rare
+callable that has none.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._clock import Clock
+
+__all__ = [
+    "check_clock",
+    "check_listener",
+    "check_name",
+    "check_reason",
+    "check_seconds",
+    "check_timeout",
+    "port_from_env",
+    "seconds_from_env",
+]
+
+MAX_SECONDS = float(threading.TIMEOUT_MAX)
+"""The longest wait ``threading`` accepts (about 292 years on Linux): a budget above it would
+kill the thread that waits for the deadline."""
+
+CO_GENERATOR = 0x20
+CO_ITERABLE_COROUTINE = 0x100
+CO_ASYNC_GENERATOR = 0x200
+CO_VARARGS = 0x04
+
+
+def check_seconds(value: object, what: str, *, zero: bool = False, example: str = "25") -> float:
+    """``value`` as a float: a finite number of seconds > 0 (>= 0 with ``zero``), at most
+    ``threading.TIMEOUT_MAX``. ``TypeError`` for a non-number (``bool`` and strings included),
+    ``ValueError`` for NaN, infinity, a negative number, 0 without ``zero``, or too large."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} takes a number of seconds, such as {example}, not {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = float("inf")
+    low = "0 or more" if zero else "greater than 0"
+    if not (seconds >= 0 if zero else seconds > 0) or not seconds <= MAX_SECONDS:  # NaN fails both
+        raise ValueError(
+            f"{what} takes a finite number of seconds {low} and at most {MAX_SECONDS:.0f}, "
+            f"such as {example}, not {value!r}"
+        )
+    return seconds
+
+
+def check_timeout(value: object, what: str) -> float | None:
+    """A ``timeout=`` argument: None (wait as long as it takes) or seconds >= 0 (0 checks
+    without waiting, as ``threading.Event.wait(0)`` does)."""
+    if value is None:
+        return None
+    return check_seconds(value, f"{what} (timeout=None waits as long as it takes)", zero=True, example="5")
+
+
+def seconds_from_env(name: str, default: float, *, zero: bool = False) -> float:
+    """The environment variable ``name`` as seconds, else ``default``; a bad value is a
+    ``ValueError`` that names the variable and says what to set."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"{name}={raw!r} is not a number: set it to a number of seconds such as 5, or unset it"
+        ) from None
+    return check_seconds(value, name, zero=zero)
+
+
+def port_from_env(name: str, default: int | None, *, zero: bool = False) -> int | None:
+    """The environment variable ``name`` as a TCP port (1-65535; 0 too with ``zero``), else
+    ``default``; anything else is a ``ValueError`` naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    low = 0 if zero else 1
+    if not raw.isdigit() or not low <= int(raw) <= 65535:
+        raise ValueError(f"{name}={raw!r} is not a port number ({low}-65535): set it to e.g. 8080")
+    return int(raw)
+
+
+def check_clock(clock: object) -> Clock | None:
+    """``Lifecycle(clock=...)``: None (the real clock) or an object with ``monotonic()`` and
+    ``call_at()``."""
+    if clock is None or (
+        callable(getattr(clock, "monotonic", None)) and callable(getattr(clock, "call_at", None))
+    ):
+        return clock  # type: ignore[return-value]
+    raise TypeError(
+        "Lifecycle(clock=...) takes a clock with monotonic() and call_at() (graceful.testing.FakeClock "
+        f"in tests), or None for the real one; not {clock!r}"
+    )
+
+
+def check_name(name: object, what: str) -> str | None:
+    """A listener's ``name=``: a ``str`` or None."""
+    if name is None or isinstance(name, str):
+        return name
+    raise TypeError(f"{what}(name=...) takes a str (or None for the callable's own name), not {name!r}")
+
+
+def check_reason(reason: object, what: str) -> str:
+    """A trigger's ``reason``: a ``str`` that the log and ``status()`` show."""
+    if isinstance(reason, str):
+        return reason
+    raise TypeError(f'{what} takes a reason as a str, such as "deploy", not {reason!r}')
+
+
+def check_listener(fn: object, what: str) -> Callable[[], object]:
+    """``fn`` if it can be a listener: callable with no arguments, not a generator function.
+
+    A generator or async-generator function would be called, hand back a generator, and its
+    body would never run; ``lambda x: x`` would fail only at shutdown. Both are a ``TypeError``
+    here, at registration.
+    """
+    if not callable(fn):
+        raise TypeError(
+            f"{what}() takes a callable with no arguments (a function, a bound method or an "
+            f"async def), not {type(fn).__name__} {fn!r}"
+        )
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is not None and code.co_flags & (CO_GENERATOR | CO_ASYNC_GENERATOR):
+        raise TypeError(
+            f"{what}() was given the generator function {fn!r}: calling it would only make a "
+            "generator and its body would never run. Pass a plain function or an async def."
+        )
+    if _required_arguments(fn, code) > 0:
+        raise TypeError(
+            f"{what}() takes a callable with no arguments, and {fn!r} needs some: wrap it, "
+            "e.g. functools.partial(fn, arg) or lambda: fn(arg)"
+        )
+    return fn
+
+
+def _required_arguments(fn: object, code: object) -> int:
+    """How many arguments ``fn()`` is missing (0 when it can be called as it is)."""
+    if code is not None and type(fn).__name__ in ("function", "method"):
+        func = getattr(fn, "__func__", fn)
+        positional: int = code.co_argcount  # type: ignore[attr-defined]
+        defaults = len(getattr(func, "__defaults__", None) or ())
+        bound = 1 if func is not fn else 0
+        kw_only: int = code.co_kwonlyargcount  # type: ignore[attr-defined]
+        kw_defaults = len(getattr(func, "__kwdefaults__", None) or {})
+        return max(0, positional - defaults - bound) + (kw_only - kw_defaults)
+    try:
+        import inspect  # rare: a class, a partial, a callable object, a builtin
+
+        inspect.signature(fn).bind()  # type: ignore[arg-type]
+    except TypeError:
+        return 1
+    except ValueError:  # no signature to read (some builtins): give it the benefit of the doubt
+        return 0
+    return 0
