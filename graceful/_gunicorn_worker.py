@@ -185,7 +185,9 @@ class WorkerWatch:
         if frame is None:
             lines.append("  (no Python frame)")
         else:
-            lines += ["  " + line for entry in traceback.format_stack(frame) for line in entry.rstrip().split("\n")]
+            lines += [
+                "  " + line for entry in traceback.format_stack(frame) for line in entry.rstrip().split("\n")
+            ]
         with contextlib.suppress(OSError):  # straight to the fd: the stuck thread may hold a lock
             os.write(2, ("\n".join(lines) + "\n").encode("utf-8", "replace"))
         self._on_forced()
