@@ -42,6 +42,8 @@ graceful.add_wrap_up_listener(on_wrap_up, name="app-wrap-up")
 graceful.add_shutdown_listener(on_shutdown, name="app-shutdown")
 if os.environ.get("STUCK") == "1":
     graceful.add_shutdown_listener(stuck_flush, name="stuck-flush")
+if os.environ.get("FAIL") == "1":
+    graceful.add_shutdown_listener(lambda: 1 / 0, name="failing-close")
 say("loaded")
 
 

@@ -215,3 +215,43 @@ def test_worker_exit_in_the_arbiter_does_nothing() -> None:
 
     worker_exit(object(), object())
     assert graceful.state() is graceful.State.RUNNING
+
+
+@pytest.mark.timeout(60)
+def test_the_example_config_file_and_app_flush_at_sigterm(gunicorn: Start) -> None:
+    """examples/gunicorn.conf.py + examples/gunicorn_app.py: ready, then the buffer is flushed."""
+    conf = str(ROOT / "examples" / "gunicorn.conf.py")
+    child, url = gunicorn("-c", conf, "-w", "1", "--log-level", "info", "examples.gunicorn_app:app")
+    child.expect_err(" ready")
+    for path, expected in (("/readyz", "ready\n"), ("/hello", "hello\n")):
+        request = Request(url + path)
+        request.join(BOUND)
+        assert request.body == expected, (request.error, child.err)
+    child.send(signal.SIGTERM)
+    assert child.wait(2 * BOUND) == 0, child.err
+    assert "flushed 1 line(s)" in child.err, child.err
+    assert child.err.index("its loop has ended") < child.err.index("flushed 1 line(s)")
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_listener_is_logged_and_counted_and_the_others_still_run(gunicorn: Start) -> None:
+    """A shutdown listener that raises: logged by name, counted in the arbiter's summary."""
+    child, _ = gunicorn("-c", CONF, "-w", "1", WSGI, env={"FAIL": "1"})
+    worker = _pid(child.expect("ready"))
+    child.send(signal.SIGTERM)
+    assert child.wait(2 * BOUND) == 0, child.err
+    assert "'failing-close'" in child.err, child.err
+    assert "ZeroDivisionError" in child.err, child.err
+    assert "1 worker(s) stopped: 0 gracefully, 1 with a failed listener" in child.err, child.err
+    _assert_in_order(_events(child)[worker], "ready", "wrap-up", "shutdown")
+
+
+@pytest.mark.timeout(60)
+def test_a_quick_shutdown_still_runs_the_listeners(gunicorn: Start) -> None:
+    """SIGINT to the arbiter (gunicorn's quick shutdown): the worker's fast listeners still run."""
+    child, _ = gunicorn("-c", CONF, "-w", "1", WSGI)
+    worker = _pid(child.expect("ready"))
+    child.send(signal.SIGINT)
+    assert child.wait(2 * BOUND) == 0, child.err
+    _assert_in_order(_events(child)[worker], "ready", "wrap-up", "shutdown")
+    assert "1 worker(s) stopped: 1 gracefully" in child.err, child.err
