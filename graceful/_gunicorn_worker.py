@@ -146,6 +146,8 @@ class WorkerWatch:
         """The loop has ended: release the wrap-up phase, run the rest, restore; the outcome."""
         self.loop_ended.set()
         lifecycle = self.lifecycle
+        if not self._begun and self._drain():  # an idle worker may get here before the watcher looked
+            self._begin("SIGTERM")
         lifecycle.shutdown(f"gunicorn worker {self.pid}: exiting", wait=False)
         if self.quick is not None:
             if not lifecycle.wait_for_shutdown(QUICK_GRACE):
