@@ -48,6 +48,11 @@ SERVERS: dict[str, tuple[Callable[[int], list[str]], int]] = {
         ],
         0,
     ),
+    # --workers 0: hypercorn serves in its own process, no worker process (what docs/hosts/asgi.md advises)
+    "hypercorn-w0": (
+        lambda port: ["hypercorn", "tests.asgi_app:app", "--bind", f"127.0.0.1:{port}", "--workers", "0"],
+        0,
+    ),
     "granian": (
         lambda port: [
             "granian",
@@ -157,9 +162,9 @@ def test_a_stuck_listener_is_reported_before_the_host_gives_up(server: str, chil
     assert "graceful: force quit: the force-quit deadline of 1 s passed" in child.err
     assert "shutdown listener 'stuck-listener': running for" in child.err
     assert "wrap-up listener" in child.out
-    # uvicorn runs the app in its own process: 70 is the exit code. hypercorn and granian run it
-    # in a worker whose exit code their main process drops at shutdown (docs/hosts/asgi.md).
-    assert code == (70 if server == "uvicorn" else 0)
+    # uvicorn (and hypercorn --workers 0) run the app in their own process: 70 is the exit code.
+    # hypercorn and granian run it in a worker whose exit code their main process drops.
+    assert code == (70 if server in ("uvicorn", "hypercorn-w0") else 0)
     assert "Killing worker" not in child.out + child.err  # granian's kill timeout never came
 
 
@@ -318,3 +323,22 @@ def test_force_quit_is_set_at_startup_and_arguments_are_checked(lc: Lifecycle) -
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="force_quit"):
             graceful.asgi.lifespan(lifespan_app([]), force_quit=bad)
+
+
+@pytest.mark.timeout(30)
+def test_the_example_stops_its_background_work_before_the_pool_closes(children: list[Child]) -> None:
+    """examples/asgi_lifespan_app.py under the uvicorn CLI: flusher stopped, then pool closed."""
+    port = free_port()
+    code = (
+        "import runpy, sys; sys.argv = ['uvicorn', 'examples.asgi_lifespan_app:app', '--port', "
+        f"'{port}']; runpy.run_module('uvicorn', run_name='__main__', alter_sys=True)"
+    )
+    child = Child(code)
+    children.append(child)
+    child.expect_err("lifespan startup complete: ready")
+    assert get(port, "/")[:2] == (200, "hello\n")
+    child.send(signal.SIGTERM)
+    assert child.wait(30) == -15
+    err = child.err
+    assert err.index("outbox flusher stopped after") < err.index("lifespan: connection pool closed")
+    assert "Traceback" not in err
