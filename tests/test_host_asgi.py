@@ -336,6 +336,7 @@ def test_the_example_stops_its_background_work_before_the_pool_closes(children: 
     child = Child(code)
     children.append(child)
     child.expect_err("lifespan startup complete: ready")
+    wait_until(lambda: not refused(port), "the server accepting")  # it binds after the lifespan
     assert get(port, "/")[:2] == (200, "hello\n")
     child.send(signal.SIGTERM)
     assert child.wait(30) == -15
