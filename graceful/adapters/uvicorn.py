@@ -17,6 +17,12 @@ its connection handling and the ASGI lifespan shutdown still run.
   them and runs the lifespan shutdown. Wrap-up waits for all of it within the budget. uvicorn
   itself polls its connections every 0.1 s (and sleeps 0.1 s first), so the drain ends up to
   about 0.2 s after the last response.
+* long-lived connections: at wrap-up, before uvicorn's own shutdown (which would close them
+  with 1012), each accepted WebSocket gets a close frame with code 1001 (Going Away: its client
+  reconnects elsewhere) and its app a ``websocket.disconnect``; each streaming response (one
+  that has sent a body with ``more_body``) is ended with a last empty chunk, so its client sees
+  a clean end of stream, and its app receives ``http.disconnect``. What the app sends after that
+  is dropped. Both counts are logged with the drain.
 * deadline: every request still under way is logged (method, path, client, age), uvicorn is
   told to force-exit and its connections are cut. A request that uvicorn's own
   ``timeout_graceful_shutdown`` cancels is logged the same way.
@@ -44,6 +50,66 @@ log = logging.getLogger("graceful")
 __all__ = ["UvicornService", "adapt"]
 
 
+class _LongLived:
+    """One WebSocket or streaming response, and how to end it the way its protocol wants."""
+
+    __slots__ = ("ended", "kind", "open", "send")
+
+    def __init__(self, kind: str, send: Any) -> None:
+        self.kind = kind  # "websocket" or "http"
+        self.send = send  # the server's send: not the app's wrapped one
+        self.open = False  # accepted WebSocket, or a response body under way
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def end(self) -> None:
+        self.ended.set_result(None)  # the app's pending receive() hears the disconnect
+        if self.kind == "websocket":
+            await self.send({"type": "websocket.close", "code": 1001, "reason": "server going away"})
+        else:
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def tracked_send(self, track: _Track) -> Any:
+        async def send(message: Any) -> None:
+            if self.ended.done():
+                return  # ended at wrap-up: the app's later messages go nowhere
+            kind = message["type"]
+            if kind == "websocket.accept" or (kind == "http.response.body" and message.get("more_body")):
+                self.open = True
+                track.long_lived.add(self)
+            elif kind in ("websocket.close", "http.response.body"):
+                self.open = False
+                track.long_lived.discard(self)
+            await self.send(message)
+
+        return send
+
+    def tracked_receive(self, receive: Any) -> Any:
+        gone = (
+            {"type": "websocket.disconnect", "code": 1001}
+            if self.kind == "websocket"
+            else {"type": "http.disconnect"}
+        )
+        body_read = self.kind == "websocket"
+
+        async def tracked() -> Any:
+            nonlocal body_read
+            if not body_read:  # the request body comes at once: no race needed
+                message = await receive()
+                body_read = message["type"] != "http.request" or not message.get("more_body")
+                return message
+            if self.ended.done():
+                return gone
+            pending = asyncio.ensure_future(receive())
+            try:
+                await asyncio.wait({pending, self.ended}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not pending.done():
+                    pending.cancel()
+            return pending.result() if pending.done() and not pending.cancelled() else gone
+
+        return tracked
+
+
 class _Track:
     """ASGI middleware: each HTTP request is in ``in_flight`` while the app answers it."""
 
@@ -51,11 +117,30 @@ class _Track:
         self.app = app
         self.in_flight = in_flight
         self.draining = draining
+        self.long_lived: set[_LongLived] = set()
+
+    async def end_long_lived(self) -> tuple[int, int]:
+        """Close each open WebSocket with 1001 and end each stream; (WebSockets, streams) ended."""
+        ending = [item for item in self.long_lived if item.open and not item.ended.done()]
+        self.long_lived.clear()
+        for item in ending:
+            try:
+                await item.end()
+            except Exception as exc:  # noqa: BLE001 - a client already gone is no failure
+                log.debug("%s: ending a %s: %r", self.in_flight.server_name, item.kind, exc)
+        websockets = sum(item.kind == "websocket" for item in ending)
+        return websockets, len(ending) - websockets
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            socket = _LongLived("websocket", send)
+            await self.app(scope, socket.tracked_receive(receive), socket.tracked_send(self))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        stream = _LongLived("http", send)
+        receive, send = stream.tracked_receive(receive), stream.tracked_send(self)
         client = scope.get("client") or ("?", 0)
         key = object()
         request = Request(scope.get("method", "?"), scope.get("path", "?"), str(client[0]))
@@ -105,6 +190,7 @@ class UvicornService:
         self._draining: asyncio.Event | None = None
         self._done: asyncio.Event | None = None
         self._exit: asyncio.Event | None = None
+        self._track: _Track | None = None
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
@@ -114,7 +200,8 @@ class UvicornService:
         server, config = self.server, self.server.config
         if not config.loaded:
             config.load()
-        config.loaded_app = _Track(config.loaded_app, self.in_flight, self._draining)
+        self._track = _Track(config.loaded_app, self.in_flight, self._draining)
+        config.loaded_app = self._track
         startup = server.startup
 
         async def startup_then_say_started(sockets: Any = None) -> None:
@@ -161,6 +248,15 @@ class UvicornService:
         self._draining.set()
         for listener in getattr(self.server, "servers", ()):
             listener.close()  # refuse new connections now, not at uvicorn's next tick
+        if self._track is not None:  # before uvicorn's own shutdown would close them with 1012
+            websockets, streams = await self._track.end_long_lived()
+            if websockets or streams:
+                log.info(
+                    "%s: closed %d WebSocket(s) with 1001 (going away), ended %d stream(s)",
+                    self.name,
+                    websockets,
+                    streams,
+                )
         self.server.should_exit = True
         if self._exit is not None:
             self._exit.set()

@@ -1,0 +1,91 @@
+"""Contract section 8 on uvicorn: at wrap-up a WebSocket gets 1001 and a stream ends cleanly.
+
+A real uvicorn server under ``graceful.run`` in a child process, a real WebSocket client
+(``websockets``) and a real HTTP client reading a stream, and a real SIGTERM.
+"""
+
+from __future__ import annotations
+
+import http.client
+import signal
+
+import pytest
+
+from .child import PREAMBLE, Child
+from .conftest import BOUND
+from .web import free_port, start
+
+websockets_client = pytest.importorskip("websockets.sync.client")
+from websockets.exceptions import ConnectionClosed  # noqa: E402 - after the skip
+
+SERVER = (
+    PREAMBLE
+    + r"""
+import asyncio, sys
+import uvicorn
+import graceful
+
+async def app(scope, receive, send):
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": "hello"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                say(f"ws disconnect {message.get('code')}")
+                return
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+
+    async def ticks():
+        while True:
+            await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+            await asyncio.sleep(0.05)
+
+    ticking = asyncio.ensure_future(ticks())
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    ticking.cancel()
+    say("stream got disconnect")
+
+port = int(sys.argv[1])
+config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+print("port", port, flush=True)
+sys.exit(graceful.run(uvicorn.Server(config)))
+"""
+)
+
+
+def drain(ws: websockets_client.ClientConnection) -> None:
+    """Read messages until the connection closes (ConnectionClosed), each within BOUND."""
+    while True:
+        ws.recv(BOUND)
+
+
+@pytest.mark.timeout(60)
+def test_a_websocket_gets_1001_and_a_stream_ends_cleanly_at_wrap_up(children: list[Child]) -> None:
+    """SIGTERM: the WebSocket client sees close code 1001, the stream a clean end, the app both."""
+    child, port = start(children, f"import sys; sys.argv = ['server', '{free_port()}']\n" + SERVER)
+    with websockets_client.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=BOUND) as ws:
+        assert ws.recv(BOUND) == "hello"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
+        try:
+            conn.request("GET", "/stream")
+            response = conn.getresponse()
+            assert response.readline() == b"tick\n"
+            child.send(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                drain(ws)
+            rest = response.read()  # raises IncompleteRead if the stream was cut, not ended
+        finally:
+            conn.close()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1001
+    assert set(rest.splitlines()) <= {b"tick"}
+    assert child.wait() == 0
+    assert "closed 1 WebSocket(s) with 1001 (going away), ended 1 stream(s)" in child.err
+    assert "ws disconnect 1001" in child.out
+    assert "stream got disconnect" in child.out
+    assert "Traceback" not in child.err
