@@ -1,7 +1,7 @@
 """asyncio from plain threads: one copy of "run this awaitable" and "wake that future".
 
-Why: listeners, reload listeners, ``run()``'s adapter steps and the gRPC adapter all had to run
-a coroutine from a worker thread, each with its own edge cases (a loop that closed meanwhile, a
+Why: listeners, reload listeners and ``run()``'s adapter steps all had to run a coroutine
+from a worker thread, each with its own edge cases (a loop that closed meanwhile, a
 loop that is not running yet, being called on the loop's own thread). One function here handles
 them all, so they behave alike:
 

@@ -33,6 +33,7 @@ CORE = {
 # (module, attribute) -> why.
 THIRD_PARTY_PRIVATE = {
     ("graceful._diagnostics", "_current_frames"): "sys._current_frames: the stacks in the report",
+    ("graceful._gunicorn_worker", "_current_frames"): "sys._current_frames: the worker's main stack",
     ("graceful._lifecycle", "_exit"): "os._exit: the force quit's exit",
     ("graceful.adapters.aiohttp", "_shutdown_timeout"): "aiohttp AppRunner: its cleanup's own grace",
     ("graceful.adapters.aiohttp", "_handle_signals"): "aiohttp AppRunner: refuse one that handles signals",

@@ -1,0 +1,116 @@
+"""``grpc.Server`` (the thread-pool server) under ``graceful.run``.
+
+Why: its stop is easy to get wrong: ``stop(grace)`` returns at once (the returned event says
+when it is done) and ``wait_for_termination()`` returns True on *timeout*. This service waits
+for both properly, and finds the health servicer and the interceptor on the server itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+
+import grpc
+import grpc.aio
+
+from ..._service import Context
+from ...readiness import wait_drain_delay
+from ._health import check_health, end_sync_watches, found_health, not_serving
+from ._tracking import CUT_WAIT, GRACE_MARGIN, RpcInterceptor, log_dropped
+
+# No ``typing`` at run time: see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+log = logging.getLogger("graceful")
+
+
+def _found_interceptor(server: Any) -> RpcInterceptor | None:
+    pipeline = getattr(getattr(server, "_state", None), "interceptor_pipeline", None)
+    for candidate in getattr(pipeline, "interceptors", ()):
+        if isinstance(candidate, RpcInterceptor):
+            return candidate
+    return None
+
+
+class GrpcService:
+    """A ``grpc.Server``: health NOT_SERVING, drain delay, ``stop(grace)`` waited for.
+
+    Args:
+        server: the server, handlers and ports added, not started.
+        health: the ``HealthServicer`` to turn NOT_SERVING; by default the one the server serves.
+        interceptor: the :func:`interceptor` the server was made with; by default found there.
+        name: for the log (default ``"grpc"``).
+    """
+
+    def __init__(
+        self,
+        server: Any,
+        *,
+        health: Any = None,
+        interceptor: RpcInterceptor | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(server, grpc.Server) or isinstance(server, grpc.aio.Server):
+            raise TypeError(
+                f"GrpcService takes a grpc.Server (grpc.server(...)), not {type(server).__name__}"
+            )
+        check_health(health)
+        if inspect.iscoroutinefunction(getattr(health, "enter_graceful_shutdown", None)):
+            raise TypeError(
+                "health= for a grpc.Server takes grpc_health.v1.health.HealthServicer; the grpc.aio "
+                "one (health.aio.HealthServicer) goes with a grpc.aio server and GrpcAioService"
+            )
+        self.server = server
+        self.health = health if health is not None else found_health(server)
+        self.interceptor = interceptor if interceptor is not None else _found_interceptor(server)
+        self.name = name or "grpc"
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    def serve(self, ctx: Context) -> None:
+        ctx.lifecycle.on_force_quit(self._cut, name=f"cancel RPCs of {self.name}")
+        if self.interceptor is not None:
+            self.interceptor.in_flight.server_name = self.name
+            self.interceptor.in_flight.lifecycle = ctx.lifecycle
+        self.server.start()
+        ctx.started()
+        self.server.wait_for_termination()  # no timeout: it returns only once stopped
+
+    def wrap_up(self, ctx: Context) -> None:
+        if self.health is not None:
+            not_serving(self.health)
+            log.info("%s: health service NOT_SERVING", self.name)
+        wait_drain_delay(ctx.lifecycle)
+        if ctx.remaining() is None:
+            log.info("%s: paused; still serving the RPCs that come until shutdown", self.name)
+            return
+        self._stop(ctx)
+
+    def close(self, ctx: Context) -> None:
+        if ctx.entered:  # after a pause the stop comes now; otherwise it is done already
+            self._stop(ctx)
+
+    def _stop(self, ctx: Context) -> None:
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        if self.health is not None:
+            end_sync_watches(self.health)
+        remaining = ctx.remaining()
+        budget = 0.0 if remaining is None else remaining
+        done = self.server.stop(budget + GRACE_MARGIN)
+        log.info("%s: stopped accepting; waiting for the RPCs in flight", self.name)
+        if not done.wait(budget):
+            log.warning("%s: RPCs still running when the budget ran out", self.name)
+
+    def _active(self) -> int | None:
+        states = getattr(getattr(self.server, "_state", None), "rpc_states", None)
+        return len(states) if isinstance(states, (set, dict, list)) else None
+
+    def _cut(self) -> None:
+        log_dropped(self.name, self.interceptor, self._active())
+        self.server.stop(0).wait(CUT_WAIT)
