@@ -1,0 +1,194 @@
+"""graceful.celery: real ``celery worker`` processes, a real Redis broker, a real SIGTERM.
+
+Each worker is ``python -c "celery's main()" -A ... worker`` (the ``celery`` command itself),
+started by the ``graceful_process`` fixture, which returns once graceful has sent READY=1 at
+Celery's ``worker_ready``. The test app (tests/celery_app.py) writes ``EV <event> <pid>`` lines
+from every process of the worker; the tests read the order of events from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from graceful.testing import GracefulProcess
+
+from .conftest import BOUND, ROOT
+
+CELERY = "import sys; from celery.__main__ import main; main()"
+WORKER_START = 30.0  # seconds: importing Celery and forking the pool is slow on a busy machine
+
+
+def worker(
+    graceful_process: Callable[..., GracefulProcess],
+    redis_url: str,
+    app: str,
+    pool: str,
+    **env: str,
+) -> GracefulProcess:
+    """A ``celery -A app worker`` with ``pool`` (2 processes or threads), ready."""
+    args = ["-A", app, "worker", "--pool", pool, "--concurrency", "2", "--loglevel", "INFO"]
+    args += ["--without-heartbeat", "--without-gossip", "--without-mingle"]
+    path = os.pathsep.join([str(ROOT), str(ROOT / "examples")])
+    return graceful_process(
+        CELERY,
+        env={"CELERY_BROKER_URL": redis_url, "PYTHONPATH": path, **env},
+        ready_timeout=WORKER_START,
+        args=args,
+    )
+
+
+def send(redis_url: str, name: str, *args: object) -> str:
+    """Enqueue task ``name`` (by name: this process never imports the apps); its id."""
+    from celery import Celery
+
+    client = Celery("test-client", broker=redis_url)
+    try:
+        return str(client.send_task(name, args=list(args)).id)
+    finally:
+        client.close()
+
+
+def events(stdout: str) -> dict[int, list[str]]:
+    """``EV <event> <pid>`` lines, grouped by process, in the order each process wrote them."""
+    found: dict[int, list[str]] = {}
+    for event, pid in re.findall(r"^EV (\S+) (\d+)$", stdout, re.MULTILINE):
+        found.setdefault(int(pid), []).append(event)
+    return found
+
+
+def probe(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=BOUND) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def queued_ids(rdb: redis.Redis, queue: str = "celery") -> list[str]:
+    """The task ids of the messages waiting on a Celery queue in Redis."""
+    return [json.loads(raw)["headers"]["id"] for raw in rdb.lrange(queue, 0, -1)]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_warm_shutdown_finishes_the_task_in_flight_then_runs_shutdown_listeners(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis, pool: str
+) -> None:
+    """SIGTERM: wrap-up in every process, the task sees it and completes, shutdown after it, exit 0."""
+    port = free_port()
+    proc = worker(graceful_process, redis_url, "tests.celery_app", pool, GRACEFUL_PROBE_PORT=str(port))
+    assert (probe(port, "/readyz"), probe(port, "/livez")) == (200, 200)
+    task_id = send(redis_url, "tests.hold", "k")
+    proc.wait_for_output(f"EV accepted-{task_id} {proc.pid}")  # see tests/celery_app.py
+    proc.send_signal(signal.SIGTERM)
+    proc.wait_for_output("EV task-saw-stopping-True")  # is_stopping() inside the running task
+    # Still draining: not ready for new work, alive, and it answers without the broker.
+    assert (probe(port, "/readyz"), probe(port, "/livez")) == (503, 200)
+    rdb.rpush("k:release", "go")
+    result = proc.wait(WORKER_START)
+
+    assert result.returncode == 0, result.stderr
+    seen = events(result.stdout)
+    main = seen.pop(proc.pid)
+    main.remove(f"accepted-{task_id}")
+    assert main.index("wrap-up") < main.index("shutdown") == len(main) - 1, main
+    (task_pid,) = (int(pid) for pid in rdb.lrange("k:done", 0, -1))  # done exactly once
+    if pool == "prefork":
+        assert len(seen) == 2, seen  # both pool processes were told and ran their listeners
+        assert seen[task_pid] == ["task-start", "wrap-up", "task-saw-stopping-True", "task-end", "shutdown"]
+        for pid, order in seen.items():
+            assert order.index("wrap-up") < order.index("shutdown"), (pid, order)
+        # The main process's shutdown listeners ran after the task had ended in its child.
+        assert result.stdout.index(f"EV task-end {task_pid}") < result.stdout.index(f"EV shutdown {proc.pid}")
+    else:
+        assert task_pid == proc.pid
+        assert not seen
+        assert main == ["task-start", "wrap-up", "task-saw-stopping-True", "task-end", "shutdown"]
+    assert "READY=1" in result.notifications
+    assert "STOPPING=1" in result.notifications
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_task_that_outlives_the_budget_is_named_with_its_stack_and_put_back(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis, pool: str
+) -> None:
+    """At graceful's deadline: the report names the task and where it is; its message is back on the queue."""
+    proc = worker(graceful_process, redis_url, "tests.celery_app", pool, GRACEFUL_FORCE_QUIT="2")
+    task_id = send(redis_url, "tests.stuck")
+    proc.wait_for_output(f"EV accepted-{task_id} {proc.pid}")
+    proc.send_signal(signal.SIGTERM)
+    result = proc.wait(WORKER_START)
+
+    assert result.returncode == 70, result.stderr
+    err = result.stderr
+    assert "graceful: force quit: the force-quit deadline of 2 s passed" in err
+    assert f"task tests.stuck id {task_id}, process " in err
+    assert f"celery task tests.stuck[{task_id}] put back on its queue at the deadline" in err
+    # Where it is stuck: the task's own line, from the process that runs it.
+    assert re.search(r'File ".*celery_app\.py", line \d+, in stuck\n\s+never\.wait\(60\)', err), err
+    if pool == "prefork":
+        assert f"graceful: celery task tests.stuck id {task_id} in pool process " in err
+    assert f"EV shutdown {proc.pid}" not in result.stdout  # forced: its shutdown phase never began
+    assert queued_ids(rdb) == [task_id]
+    assert rdb.hlen("unacked") == 0  # not left invisible for the visibility timeout
+
+
+@pytest.mark.timeout(120)
+def test_the_job_iteration_example_checkpoints_and_a_second_worker_finishes_it(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis
+) -> None:
+    """examples/celery_worker.py: SIGTERM mid-job re-enqueues the rest; two runs do every item exactly once."""
+    total = 60
+    send(redis_url, "process_job", "j", 0, total)
+    first = worker(graceful_process, redis_url, "celery_worker", "prefork", ITEM_SECONDS="0.05")
+    first.wait_for_output("job j: item 3 done")
+    first.send_signal(signal.SIGTERM)
+    one = first.wait(WORKER_START)
+    assert one.returncode == 0, one.stderr
+    stopped_at = re.search(r"job j: stopping before item (\d+) of 60", one.stderr)
+    assert stopped_at is not None, one.stderr
+    assert 3 < int(stopped_at.group(1)) < total  # it stopped mid-job, not at its end
+    assert "job j: finished" not in one.stderr
+
+    second = worker(graceful_process, redis_url, "celery_worker", "prefork", ITEM_SECONDS="0.01")
+    second.wait_for_output("job j: finished", WORKER_START)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(WORKER_START).returncode == 0
+
+    done = [int(item) for item in rdb.lrange("job:j:done", 0, -1)]
+    assert sorted(done) == list(range(total))  # every item, none twice
+
+
+def test_install_takes_a_celery_app_and_is_idempotent() -> None:
+    """install() refuses what is not a Celery app, and a second call adds nothing."""
+    from celery import Celery, signals
+
+    import graceful.celery
+
+    with pytest.raises(TypeError, match=r"celery\.Celery app"):
+        graceful.celery.install(object())  # type: ignore[arg-type]
+    app = Celery("install-twice", set_as_current=False)
+    before = len(signals.worker_init.receivers)
+    graceful.celery.install(app)
+    graceful.celery.install(app)
+    assert len(signals.worker_init.receivers) == before + 1
