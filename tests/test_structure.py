@@ -32,9 +32,6 @@ CORE = {
 # A private attribute of a library that offers no public way to do what the adapter must do.
 # (module, attribute) -> why.
 THIRD_PARTY_PRIVATE = {
-    ("graceful._diagnostics", "_current_frames"): "sys._current_frames: the stacks in the report",
-    ("graceful._gunicorn_worker", "_current_frames"): "sys._current_frames: the worker's main stack",
-    ("graceful._lifecycle", "_exit"): "os._exit: the force quit's exit",
     ("graceful.adapters.aiohttp", "_shutdown_timeout"): "aiohttp AppRunner: its cleanup's own grace",
     ("graceful.adapters.aiohttp", "_handle_signals"): "aiohttp AppRunner: refuse one that handles signals",
     ("graceful.adapters.grpc._tracking", "_replace"): "namedtuple._replace (public API despite the _)",
@@ -42,6 +39,12 @@ THIRD_PARTY_PRIVATE = {
     ("graceful.adapters.rq", "_shutdown_requested_date"): "rq Worker: a warm shutdown without a signal",
     ("graceful.adapters.rq", "_stop_requested"): "rq Worker: a warm shutdown without a signal",
     ("graceful.adapters.rq", "_install_signal_handlers"): "rq Worker: its signal handling off",
+}
+
+
+STDLIB_PRIVATE = {
+    "_current_frames": "sys._current_frames: the stacks in a report (documented, underscore by convention)",
+    "_exit": "os._exit: the force quit's exit (documented, underscore by convention)",
 }
 
 
@@ -191,7 +194,7 @@ def test_no_module_reaches_into_another_modules_private_attributes() -> None:
                 continue
             if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
                 continue
-            if (module, node.attr) in THIRD_PARTY_PRIVATE:
+            if (module, node.attr) in THIRD_PARTY_PRIVATE or node.attr in STDLIB_PRIVATE:
                 continue
             if node.attr in defined[module] and node.attr not in others:
                 continue  # the module's own private name, on an object of its own
