@@ -26,7 +26,6 @@ deferred imports and ``TYPE_CHECKING`` imports as arrows like any other.
 from ._api import add_reload_listener as add_reload_listener
 from ._api import add_shutdown_listener as add_shutdown_listener
 from ._api import add_wrap_up_listener as add_wrap_up_listener
-from ._api import is_stopping as is_stopping
 from ._api import run as run
 from ._api import set_time_to_force_quit as set_time_to_force_quit
 from ._api import shutdown as shutdown
@@ -39,6 +38,7 @@ from ._api import wait_for_wrap_up as wait_for_wrap_up
 from ._api import wait_for_wrap_up_async as wait_for_wrap_up_async
 from ._api import wrap_up as wrap_up
 from ._current import get_lifecycle as get_lifecycle
+from ._current import is_stopping as is_stopping
 from ._current import use as use
 from ._events import Event as Event
 from ._lifecycle import Lifecycle as Lifecycle

@@ -27,7 +27,6 @@ __all__ = [
     "add_reload_listener",
     "add_shutdown_listener",
     "add_wrap_up_listener",
-    "is_stopping",
     "run",
     "set_time_to_force_quit",
     "shutdown",
@@ -70,11 +69,6 @@ def shutdown(reason: str = "requested", *, wait: bool = True, timeout: float | N
 def wrap_up(reason: str = "requested") -> None:
     """Run the wrap-up phase only (a pause); see ``Lifecycle.wrap_up``."""
     _current.get_lifecycle().wrap_up(reason)
-
-
-def is_stopping() -> bool:
-    """True from the moment wrap-up starts; cheap enough for a hot loop."""
-    return _current.get_lifecycle().is_stopping()
 
 
 def wait_for_wrap_up(timeout: float | None = None) -> bool:

@@ -18,9 +18,15 @@ from __future__ import annotations
 from ._force_quit import budget_from_env
 from ._lifecycle import Lifecycle
 
-__all__ = ["get_lifecycle", "or_default", "use"]
+__all__ = ["get_lifecycle", "is_stopping", "or_default", "use"]
 
 _current = Lifecycle(budget_from_env(25.0))  # rebound by use(); read at each call
+
+
+def is_stopping() -> bool:
+    """True from the moment wrap-up starts; cheap enough for a hot loop (one global lookup
+    and one attribute read, as cheap as ``threading.Event.is_set()``)."""
+    return _current.stopping
 
 
 def get_lifecycle() -> Lifecycle:

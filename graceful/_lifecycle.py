@@ -76,7 +76,9 @@ class Lifecycle:
         self._daemon = bool(daemon)
         self._lock = threading.Condition(threading.Lock())
         self._state = State.RUNNING
-        self._stopping = False  # read without the lock by is_stopping(): a plain attribute
+        self.stopping = False
+        """True from the moment wrap-up starts. Read-only: written by the lifecycle only, under
+        its lock; a plain attribute so that ``graceful.is_stopping()`` is one attribute read."""
         self._wrap_up_started = threading.Event()
         self._reason: str | None = None
         self._triggers: list[str] = []  # each trigger's reason, in order, for the final log line
@@ -178,7 +180,7 @@ class Lifecycle:
                 self._triggered_at = self._clock.monotonic()
                 self._reason = reason
                 self._triggers.append(reason)
-                self._stopping = True
+                self.stopping = True
                 notes.append(self._set_state(State.WRAPPING_UP, reason))
                 start = True
             if shutdown and not self._shutdown_requested:
@@ -370,7 +372,7 @@ class Lifecycle:
 
     def is_stopping(self) -> bool:
         """True from the moment wrap-up starts. An attribute read: cheap in a hot loop."""
-        return self._stopping
+        return self.stopping
 
     def state(self) -> State:
         """``State.RUNNING``, ``WRAPPING_UP``, ``SHUTTING_DOWN`` or ``STOPPED``."""
