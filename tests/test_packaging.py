@@ -59,7 +59,7 @@ def test_the_license_is_shipped_and_the_project_links_are_there() -> None:
     assert "Copyright (c) 2026 The graceful developers" in text
     assert {"Documentation", "Changelog", "Issues"} <= set(project["urls"])
     sdist = pyproject()["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
-    assert "LICENSE" in sdist
+    assert "/LICENSE" in sdist
     assert "tests" not in sdist
 
 
