@@ -18,7 +18,7 @@ from graceful._clock import FakeClock
 if TYPE_CHECKING:
     from .child import Child  # child.py imports this module
 
-# A real redis-server for the queue-worker tests (.ci/run installs it): the session fixtures.
+# A real redis-server for the queue-worker tests (the test extra brings the binary): the fixtures.
 from .redis_server import rdb, redis_url  # noqa: F401 - fixtures, found by pytest here
 
 ROOT = Path(__file__).resolve().parent.parent

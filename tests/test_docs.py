@@ -68,9 +68,12 @@ def test_the_docs_have_complete_programs_to_run() -> None:
     assert _included_examples()
 
 
-def _run_and_stop(graceful_process: ProcessFactory, script: Path, redis_url: str) -> None:
-    env = {"PORT": _free_port(), "REDIS_URL": redis_url}  # the programs read these, if anything
-    if "graceful.run(" not in script.read_text():  # not a service: it runs to its end by itself
+def _run_and_stop(graceful_process: ProcessFactory, script: Path, request: pytest.FixtureRequest) -> None:
+    text = script.read_text()
+    env = {"PORT": _free_port()}  # the programs read these, if anything
+    if "REDIS_URL" in text:  # only a program that reads it starts a redis-server
+        env["REDIS_URL"] = request.getfixturevalue("redis_url")
+    if "graceful.run(" not in text:  # not a service: it runs to its end by itself
         done = subprocess.run(
             [sys.executable, str(script)],
             capture_output=True,
@@ -92,17 +95,17 @@ def _run_and_stop(graceful_process: ProcessFactory, script: Path, redis_url: str
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("key", sorted(_programs()))
 def test_a_complete_program_in_the_docs_runs_and_stops_with_exit_0(
-    key: str, tmp_path: Path, graceful_process: ProcessFactory, redis_url: str
+    key: str, tmp_path: Path, graceful_process: ProcessFactory, request: pytest.FixtureRequest
 ) -> None:
     name = key.rsplit(":", 1)[1]
     script = tmp_path / name
     script.write_text(_programs()[key])
-    _run_and_stop(graceful_process, script, redis_url)
+    _run_and_stop(graceful_process, script, request)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", _included_examples())
 def test_an_example_the_docs_include_runs_and_stops_with_exit_0(
-    path: str, graceful_process: ProcessFactory, redis_url: str
+    path: str, graceful_process: ProcessFactory, request: pytest.FixtureRequest
 ) -> None:
-    _run_and_stop(graceful_process, ROOT / path, redis_url)
+    _run_and_stop(graceful_process, ROOT / path, request)

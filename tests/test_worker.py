@@ -13,7 +13,6 @@ import json
 import re
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 import redis
@@ -27,7 +26,6 @@ from graceful.testing import ProcessFactory
 
 from .child import Child
 from .conftest import BOUND, ROOT
-from .redis_server import RedisServer
 
 WORKER = r"""
 import logging, sys, threading
@@ -299,11 +297,6 @@ def test_a_stop_that_came_before_serve_is_not_lost(fresh: Lifecycle) -> None:
     fresh.wrap_up("paused while starting")
     worker.serve(Context(fresh, worker.name))  # returns: nothing to fetch once stopping
     assert fetched == []
-
-
-def test_the_redis_fixture_fails_clearly_without_redis_server(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match=r"redis-server is not installed.*apt-get install redis-server"):
-        RedisServer(tmp_path, binary=str(tmp_path / "redis-server"))
 
 
 # -- the example ---------------------------------------------------------------------------------
