@@ -210,3 +210,28 @@ def test_add_and_remove_cycles_do_not_grow_the_registry() -> None:
         tracemalloc.stop()
     assert lifecycle.status().listeners == ()
     assert grown < 1024 * 1024, f"{grown} bytes kept by 100,000 removed listeners"
+
+
+# -- 5. the report shows the user's code ------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_force_quit_report_shows_the_stack_of_a_server_that_never_returns(children: list[Child]) -> None:
+    """run(fn) stuck in fn: the report names fn's own frame, not only graceful's waiting one."""
+    child = start(
+        children,
+        """
+        import graceful
+        def user_code_that_never_returns():
+            say("serving")
+            threading.Event().wait()
+        sys.exit(graceful.run(user_code_that_never_returns))
+        """,
+        GRACEFUL_FORCE_QUIT="1",
+    )
+    child.expect("serving")
+    child.send(signal.SIGTERM)
+    assert child.wait() == 70
+    report = child.err.split(REPORT, 1)[1]
+    assert "Server threads still running:" in report, child.err
+    assert "in user_code_that_never_returns" in report, child.err
