@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 from ._status import ListenerState
@@ -103,6 +103,31 @@ def format_report(  # noqa: PLR0917 - the report's parts, in the order they are 
     began = "" if since is None else f"; shutdown began {since:.3f} s ago ({' then '.join(triggers)})"
     header = f"graceful: force quit: {why}{began}. Exiting with code {code}."
     return "\n".join([header, *format_unfinished(listeners, now)])
+
+
+def format_sections(sections: Iterable[Callable[[], list[str]]]) -> list[str]:
+    """The extra report sections' lines; one that raises becomes a line that says so."""
+    out: list[str] = []
+    for section in sections:
+        try:
+            out.extend(str(line) for line in section())
+        except Exception as exc:  # noqa: BLE001 - the report must go out whatever a section does
+            out.append(f"(a report section failed: {exc!r})")
+    return out
+
+
+def format_thread_stacks(threads: Iterable[threading.Thread], title: str) -> list[str]:
+    """``title``, then the stack of each thread of ``threads`` that is still alive."""
+    frames = sys._current_frames()
+    out: list[str] = []
+    for thread in threads:
+        if not thread.is_alive():
+            continue
+        if not out:
+            out.append(title)
+        out.append(f'  Thread "{thread.name}" id {thread.ident}:')
+        out.extend(_frame_lines(frames.get(thread.ident or 0), "    "))
+    return out
 
 
 def _task_lines() -> list[str]:

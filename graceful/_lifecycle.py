@@ -28,7 +28,7 @@ from collections.abc import Callable
 from ._aio import running_loop, wait_async
 from ._checks import check_clock, check_listener, check_name, check_reason, check_timeout
 from ._clock import Clock, MonotonicClock
-from ._diagnostics import format_report
+from ._diagnostics import format_report, format_sections
 from ._events import Event, Observers
 from ._force_quit import FORCED_EXIT_CODE, ForceQuitAction, ForceQuitTimer, check_budget
 from ._listeners import Listener, Waiter, current_listener, default_name
@@ -90,6 +90,7 @@ class Lifecycle:
         self._stopped = threading.Event()
         self._on_stopped: list[Callable[[], None]] = []
         self._forced: str | None = None
+        self._report_sections: list[Callable[[], list[str]]] = []
         self._progress = 0
         self._driver: threading.Thread | None = None
         self._timer = ForceQuitTimer(self._clock, budget, self._deadline_passed)
@@ -349,7 +350,8 @@ class Lifecycle:
             now = self._clock.monotonic()
             since = None if self._triggered_at is None else now - self._triggered_at
             report = format_report(why, since, self._triggers, FORCED_EXIT_CODE, listeners, now)
-            self._forced = report
+            self._forced = report  # claimed: only this call goes on
+        report = self._forced = "\n".join([report, *format_sections(list(self._report_sections))])
         self._action.execute(report, lambda: self._observers.emit(Event.FORCED, why))
 
     def on_force_quit(self, fn: Callable[[], object], *, name: str | None = None) -> None:
@@ -362,6 +364,11 @@ class Lifecycle:
         """
         checked = check_listener(fn, "on_force_quit")
         self._action.add_hook(checked, check_name(name, "on_force_quit") or default_name(checked))
+
+    def add_report_section(self, fn: Callable[[], list[str]]) -> None:
+        """Append ``fn()``'s lines to the force-quit report (``run()`` adds its servers' stacks)."""
+        check_listener(fn, "add_report_section")
+        self._report_sections.append(fn)
 
     @property
     def forced(self) -> str | None:

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 
 from . import readiness, systemd
 from ._aio import run_awaitable
-from ._diagnostics import forget_loop, remember_loop
+from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
 from ._lifecycle import Lifecycle
 from ._listeners import Waiter
 from ._service import Context, Service
@@ -106,6 +106,9 @@ class _Runner:
     # -- the steps, top-down ------------------------------------------------------------------
 
     def run(self) -> None:
+        # A server that never returns: the report shows where the user's code is stuck, not
+        # only graceful's listener waiting for it to return.
+        self.lifecycle.add_report_section(self._server_stacks)
         if any(_is_async(service.serve) for service in self.services):
             self._run_async()
         else:
@@ -301,6 +304,9 @@ class _Runner:
         """Raise what startup raised, now that the sequence has run."""
         if self._error is not None:
             raise self._error
+
+    def _server_stacks(self) -> list[str]:
+        return format_thread_stacks(self.threads, "Server threads still running:")
 
     def _report_leftovers(self) -> None:
         for thread in self.threads:

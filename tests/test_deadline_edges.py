@@ -1,0 +1,237 @@
+"""Issue #14: the deadline is final, and the signal coordinator can never be silenced.
+
+Each test runs a real child process and sends it real signals: a force quit ends the process
+(``os._exit``), and what the coordinator can be blocked by (a stuck reload listener, a stderr
+pipe nobody reads, a listener holding a logging lock) only shows in a real process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import pytest
+
+import graceful
+
+from .child import PREAMBLE, Child
+from .conftest import BOUND, ROOT
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+REPORT = "graceful: force quit:"
+
+
+def start(children: list[Child], code: str, **env: str) -> Child:
+    child = Child(PREAMBLE + textwrap.dedent(code), env=env)
+    children.append(child)
+    return child
+
+
+# -- 1. once the deadline has passed, the force quit owns the end ------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_blocking_callable_at_the_deadline_exits_70_and_claims_no_clean_stop(children: list[Child]) -> None:
+    """run(fn) whose fn never returns: SIGTERM, then exit 70 and no "stopped (" after the report."""
+    child = start(
+        children,
+        """
+        import graceful
+        # A force-quit hook that takes its time: the window in which a clean stop was claimed.
+        graceful.get_lifecycle().on_force_quit(lambda: threading.Event().wait(1.5))
+        def serve():
+            say("serving")
+            threading.Event().wait()
+        sys.exit(graceful.run(serve))
+        """,
+        GRACEFUL_FORCE_QUIT="1",
+    )
+    child.expect("serving")
+    child.send(signal.SIGTERM)
+    assert child.wait() == 70
+    assert REPORT in child.err
+    after = child.err.split(REPORT, 1)[1]
+    assert "stopped (" not in after, child.err
+
+
+# -- 2. the report gets out past a stuck logging lock ------------------------------------------
+
+HOLD_MODULE_LOCK = "logging._lock.acquire()"
+HOLD_HANDLER_LOCK = "logging.getLogger().handlers[0].acquire()"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hold", [HOLD_MODULE_LOCK, HOLD_HANDLER_LOCK], ids=["module-lock", "handler-lock"])
+def test_report_is_written_while_a_listener_holds_a_logging_lock(children: list[Child], hold: str) -> None:
+    """A shutdown listener stuck holding logging's lock or the stderr handler's: exit 70, report on stderr."""
+    child = start(
+        children,
+        f"""
+        import graceful
+        graceful.set_time_to_force_quit(1)
+        def stuck():
+            {hold}
+            say("holding")
+            threading.Event().wait()
+        graceful.add_shutdown_listener(stuck)
+        with graceful.signal_handlers():
+            say("ready")
+            graceful.wait_for_shutdown()
+        """,
+    )
+    child.expect("ready")
+    child.send(signal.SIGTERM)
+    child.expect("holding")
+    assert child.wait() == 70
+    assert REPORT in child.err, child.err
+    assert "stuck" in child.err.split(REPORT, 1)[1]
+
+
+# -- 3. the coordinator is never silenced ------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_is_acted_on_while_a_reload_listener_blocks(children: list[Child]) -> None:
+    """A reload listener that never returns: SIGTERM still wraps up, and the process exits."""
+    child = start(
+        children,
+        """
+        import graceful
+        graceful.set_time_to_force_quit(2)
+        def reload():
+            say("reloading")
+            threading.Event().wait()
+        graceful.add_reload_listener(reload)
+        graceful.add_wrap_up_listener(lambda: say("wrapping up"))
+        with graceful.signal_handlers():
+            say("ready")
+            graceful.wait_for_shutdown()
+        say("main done")
+        """,
+    )
+    child.expect("ready")
+    child.send(signal.SIGHUP)
+    child.expect("reloading")
+    child.send(signal.SIGTERM)
+    child.expect("wrapping up")
+    child.expect("main done")
+    assert child.wait(8.0) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("exc", ["SystemExit(3)", "KeyboardInterrupt()", "BaseException('odd')"])
+def test_a_reload_listener_raising_base_exception_leaves_signals_working(
+    children: list[Child], exc: str
+) -> None:
+    """A reload listener raising SystemExit/KeyboardInterrupt/BaseException: SIGTERM still exits 0."""
+    child = start(
+        children,
+        f"""
+        import graceful
+        def reload():
+            say("reloading")
+            raise {exc}
+        graceful.add_reload_listener(reload)
+        with graceful.signal_handlers():
+            say("ready")
+            graceful.wait_for_shutdown()
+        say("main done")
+        sys.exit(graceful.get_lifecycle().exit_code)
+        """,
+    )
+    child.expect("ready")
+    child.send(signal.SIGHUP)
+    child.expect("reloading")
+    child.send(signal.SIGTERM)
+    child.expect("main done")
+    assert child.wait() == 0
+
+
+@pytest.mark.timeout(60)
+def test_sigusr1_storm_into_an_unread_stderr_pipe_does_not_block_sigterm() -> None:
+    """400 SIGUSR1 dumps into a stderr pipe nobody reads, then SIGTERM: the process still exits."""
+    code = textwrap.dedent(
+        """
+        import sys, graceful
+        with graceful.signal_handlers():
+            print("ready", flush=True)
+            graceful.wait_for_shutdown()
+        print("main done", flush=True)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        for _ in range(400):
+            proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(BOUND)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the process did not exit after SIGTERM: the coordinator is blocked")
+        assert "main done" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(BOUND)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+# -- 4. removed and finished listeners are let go ----------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_add_and_remove_cycles_do_not_grow_the_registry() -> None:
+    """100,000 add+remove cycles: no listener left in status(), and under 1 MiB of growth."""
+    lifecycle = graceful.Lifecycle()
+
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            lifecycle.add_shutdown_listener(lambda: None).remove()
+
+    cycle(1000)  # warm caches first
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cycle(100_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert lifecycle.status().listeners == ()
+    assert grown < 1024 * 1024, f"{grown} bytes kept by 100,000 removed listeners"
+
+
+# -- 5. the report shows the user's code ------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_force_quit_report_shows_the_stack_of_a_server_that_never_returns(children: list[Child]) -> None:
+    """run(fn) stuck in fn: the report names fn's own frame, not only graceful's waiting one."""
+    child = start(
+        children,
+        """
+        import graceful
+        def user_code_that_never_returns():
+            say("serving")
+            threading.Event().wait()
+        sys.exit(graceful.run(user_code_that_never_returns))
+        """,
+        GRACEFUL_FORCE_QUIT="1",
+    )
+    child.expect("serving")
+    child.send(signal.SIGTERM)
+    assert child.wait() == 70
+    report = child.err.split(REPORT, 1)[1]
+    assert "Server threads still running:" in report, child.err
+    assert "in user_code_that_never_returns" in report, child.err
