@@ -4,7 +4,11 @@ nothing has changed when it is raised."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import socket
 import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -12,7 +16,7 @@ import pytest
 import graceful
 from graceful import Lifecycle, State
 
-from .conftest import BOUND, Recorder, run_python
+from .conftest import BOUND, ROOT, Recorder, run_python
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -206,3 +210,199 @@ def test_env_budget_too_large_is_a_clear_error_at_import() -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ValueError: GRACEFUL_FORCE_QUIT"), result.stderr
     assert "at most" in last
+
+
+# -- run(): every argument checked before anything changes ----------------------------------
+
+
+def test_run_generator_function_is_type_error_at_the_call() -> None:
+    """``run(generator_function)`` raises TypeError at once; the budget and state are untouched."""
+    lc = _new()
+    with pytest.raises(TypeError, match="generator function"):
+        graceful.run(_gen, force_quit=3, handle_signals=False, lifecycle=lc)
+    assert lc.force_quit_budget == BOUND
+    assert lc.state() is State.RUNNING
+
+
+def test_run_callable_needing_arguments_is_type_error_at_the_call() -> None:
+    """``run(fn)`` with a required parameter raises TypeError saying it takes no arguments."""
+    lc = _new()
+    with pytest.raises(TypeError, match="no arguments"):
+        graceful.run(lambda port: None, handle_signals=False, lifecycle=lc)
+    assert lc.state() is State.RUNNING
+
+
+def test_run_async_function_not_called_is_run(fresh: Lifecycle) -> None:
+    """``run(main)`` with an uncalled ``async def main()`` runs it, like ``run(main())``."""
+    ran = threading.Event()
+
+    async def main() -> None:
+        ran.set()
+        await graceful.wait_for_wrap_up_async()
+
+    def stop_once_running() -> None:
+        if ran.wait(BOUND):
+            fresh.shutdown("test", wait=False)
+
+    stopper = threading.Thread(target=stop_once_running)
+    stopper.start()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = graceful.run(main, handle_signals=False)
+        gc.collect()
+    stopper.join(BOUND)
+    assert ran.is_set()
+    assert code == 0
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+def test_run_async_function_is_cancelled_at_wrap_up(fresh: Lifecycle) -> None:
+    """An uncalled ``async def`` that awaits forever is cancelled at wrap-up, as a coroutine is."""
+    cancelled = threading.Event()
+    ran = threading.Event()
+
+    async def forever() -> None:
+        ran.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    def stop_once_running() -> None:
+        if ran.wait(BOUND):
+            fresh.shutdown("test", wait=False)
+
+    stopper = threading.Thread(target=stop_once_running)
+    stopper.start()
+    assert graceful.run(forever, handle_signals=False) == 0
+    stopper.join(BOUND)
+    assert cancelled.is_set()
+
+
+def test_run_off_main_thread_raises_before_changing_the_budget() -> None:
+    """``run(force_quit=3)`` off the main thread raises RuntimeError and leaves the budget alone."""
+    lc = _new()
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            graceful.run(lambda: None, force_quit=3, lifecycle=lc)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join(BOUND)
+    assert len(errors) == 1
+    assert isinstance(errors[0], RuntimeError)
+    assert "handle_signals=False" in str(errors[0])
+    assert lc.force_quit_budget == BOUND
+    assert lc.state() is State.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "says"),
+    [
+        pytest.param({"handle_signals": "yes"}, TypeError, "True or False", id="handle_signals"),
+        pytest.param({"server": []}, ValueError, "at least one server", id="empty-list"),
+        pytest.param({"server": object()}, TypeError, "does not know how to run", id="unknown"),
+        pytest.param({"server": [lambda: None, _agen]}, TypeError, "generator function", id="second-bad"),
+    ],
+)
+def test_run_bad_arguments_leave_the_budget_alone(kwargs: dict[str, object], error: type, says: str) -> None:
+    """Whatever argument of ``run()`` is bad, ``force_quit=`` has not been applied."""
+    lc = _new()
+    call: dict[str, object] = {"server": lambda: None, "handle_signals": False, **kwargs}
+    with pytest.raises(error, match=says):
+        graceful.run(call.pop("server"), force_quit=3, lifecycle=lc, **call)  # type: ignore[arg-type]
+    assert lc.force_quit_budget == BOUND
+    assert lc.state() is State.RUNNING
+
+
+# -- waiting for STOPPED from inside a served callable --------------------------------------
+
+DEADLOCK = """
+import graceful
+
+def serve():
+    for call in (graceful.wait_for_shutdown, graceful.shutdown):
+        try:
+            call()
+        except RuntimeError as exc:
+            print("refused:", exc, flush=True)
+    assert graceful.wait_for_shutdown(0) is False  # 0 only looks: allowed
+    graceful.shutdown(wait=False)
+    graceful.wait_for_wrap_up()
+    print("returning", flush=True)
+
+raise SystemExit(graceful.run(serve))
+"""
+
+
+def test_waiting_for_shutdown_inside_a_served_callable_raises() -> None:
+    """``wait_for_shutdown()``/``shutdown()`` in run()'s callable raise instead of deadlocking."""
+    result = run_python(DEADLOCK, env={"GRACEFUL_FORCE_QUIT": "20"})
+    assert result.returncode == 0, result.stderr
+    refusals = [line for line in result.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refusals) == 2, result.stdout
+    assert refusals[0].startswith("refused: wait_for_shutdown() was called from server")
+    assert refusals[1].startswith("refused: shutdown() was called from server")
+    assert all("use graceful.wait_for_wrap_up() to wait for the stop, then return" in r for r in refusals)
+    assert "returning" in result.stdout
+
+
+def test_waiting_for_shutdown_from_another_thread_still_blocks() -> None:
+    """The refusal is for the serving thread only: an ordinary thread still waits and wakes."""
+    lc = _new()
+    woke = threading.Event()
+
+    def wait() -> None:
+        if lc.wait_for_shutdown(BOUND):
+            woke.set()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    assert lc.shutdown(timeout=BOUND)
+    thread.join(BOUND)
+    assert woke.is_set()
+
+
+# -- a port already in use ------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another socket is listening on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_run_logs_address_in_use_in_one_line(taken_port: int, caplog: pytest.LogCaptureFixture) -> None:
+    """A server failing with EADDRINUSE gets one error line, no traceback, and exit code 1."""
+    lc = _new()
+
+    def serve() -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", taken_port))
+
+    caplog.set_level(logging.INFO, logger="graceful")
+    assert graceful.run(serve, handle_signals=False, lifecycle=lc) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert errors[0].exc_info is None
+    assert "could not start" in errors[0].getMessage()
+    assert "already in use" in errors[0].getMessage().lower()
+
+
+def test_demo_on_a_taken_port_says_so_in_one_line(taken_port: int) -> None:
+    """The demo on a port in use logs one line naming the address and exits 1, no traceback."""
+    demo = ROOT / "examples" / "demo.py"
+    code = f"import runpy; runpy.run_path({str(demo)!r}, run_name='__main__')"
+    result = run_python(code, env={"PORT": str(taken_port), "HOST": "127.0.0.1"})
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"cannot serve on 127.0.0.1:{taken_port}" in result.stderr
+    assert "already in use" in result.stderr.lower()
