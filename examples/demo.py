@@ -69,7 +69,14 @@ def close_database() -> None:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)-8s %(message)s")
     port = int(os.environ.get("PORT", "8000"))
-    server = ThreadingHTTPServer((os.environ.get("HOST", "127.0.0.1"), port), Api)
+    host = os.environ.get("HOST", "127.0.0.1")
+    try:
+        server = ThreadingHTTPServer((host, port), Api)
+    except OSError as exc:  # a taken port is the usual one: say so in one line, exit 1
+        log.error(  # noqa: TRY400 - one line: the traceback would say nothing more
+            "cannot serve on %s:%d: %s (PORT=... picks another port)", host, port, exc.strerror or exc
+        )
+        return 1
     for n in range(3):
         jobs.put(n)
     graceful.add_shutdown_listener(close_database, name="close-database")

@@ -31,7 +31,7 @@ from ._clock import Clock, MonotonicClock
 from ._diagnostics import format_report, format_sections
 from ._events import Event, Observers
 from ._force_quit import FORCED_EXIT_CODE, ForceQuitAction, ForceQuitTimer, check_budget
-from ._listeners import Listener, Waiter, current_listener, default_name
+from ._listeners import Listener, Waiter, current_listener, default_name, refuse_in_server
 from ._phases import Phases
 from ._reload import ReloadHandle, Reloads
 from ._status import ListenerStatus, Phase, State, Status
@@ -166,6 +166,8 @@ class Lifecycle:
         """
         reason = check_reason(reason, "shutdown()")
         limit = check_timeout(timeout, "shutdown()")
+        if wait and limit != 0:
+            refuse_in_server("shutdown()", "graceful.shutdown(wait=False)")
         self._trigger(reason, shutdown=True)
         if not wait or current_listener() is not None or running_loop() is not None:
             return self._stopped.is_set()
@@ -398,8 +400,12 @@ class Lifecycle:
         return await wait_async(self.is_stopping, on_wrap_up)
 
     def wait_for_shutdown(self, timeout: float | None = None) -> bool:
-        """Block until STOPPED; True if it got there within ``timeout``."""
-        return self._stopped.wait(check_timeout(timeout, "wait_for_shutdown()"))
+        """Block until STOPPED; True if it got there within ``timeout``. ``RuntimeError`` from a
+        server's thread under ``run()``: it would wait for itself (see ``refuse_in_server``)."""
+        limit = check_timeout(timeout, "wait_for_shutdown()")
+        if limit != 0:  # 0 only looks: harmless anywhere
+            refuse_in_server("wait_for_shutdown()")
+        return self._stopped.wait(limit)
 
     async def wait_for_shutdown_async(self) -> bool:
         """``await`` until STOPPED, without blocking the event loop."""

@@ -36,7 +36,16 @@ if TYPE_CHECKING:
 
     from ._clock import Clock
 
-__all__ = ["Listener", "Waiter", "current_listener", "default_name", "run_soon"]
+__all__ = [
+    "Listener",
+    "Waiter",
+    "current_listener",
+    "current_server",
+    "default_name",
+    "refuse_in_server",
+    "run_soon",
+    "serving_as",
+]
 
 log = logging.getLogger("graceful")
 
@@ -47,6 +56,35 @@ _event_lock = threading.Lock()  # guards the lazy creation of each listener's Ev
 def current_listener() -> Listener | None:
     """The listener this thread is running right now, if any."""
     return getattr(_local, "listener", None)
+
+
+def current_server() -> str | None:
+    """The name of the server whose blocking ``serve()`` this thread runs for ``run()``, if any.
+
+    ``run()`` waits for that ``serve()`` to return before it can stop: such a thread that
+    blocks until STOPPED would wait for itself until the force quit.
+    """
+    return getattr(_local, "server", None)
+
+
+def serving_as(name: str | None) -> None:
+    """Mark (or, with None, unmark) this thread as the one running server ``name``."""
+    _local.server = name
+
+
+def refuse_in_server(what: str, instead: str = "") -> None:
+    """A ``RuntimeError`` if this thread runs a server for ``run()``: blocking here until
+    STOPPED would deadlock it until the force quit (STOPPED waits for the server to return)."""
+    server = current_server()
+    if server is None:
+        return
+    also = f" (to ask for the stop from here, call {instead})" if instead else ""
+    raise RuntimeError(
+        f"{what} was called from server {server!r}, which graceful.run() runs: it would wait for "
+        "itself, since run() stops only after the server has returned. Instead, use "
+        "graceful.wait_for_wrap_up() to wait for the stop, then return from the server"
+        f"{also}; run() finishes the shutdown."
+    )
 
 
 class Listener:

@@ -20,6 +20,7 @@ loop is never given a second signal owner.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -28,8 +29,9 @@ from collections.abc import Iterator, Sequence
 from . import readiness, systemd
 from ._aio import run_awaitable
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
+from ._force_quit import check_budget
 from ._lifecycle import Lifecycle
-from ._listeners import Waiter
+from ._listeners import Waiter, serving_as
 from ._service import Context, Service
 from ._signals import signal_handlers
 from ._status import State
@@ -56,9 +58,20 @@ def _is_async(fn: object) -> bool:
 def run_with(
     lifecycle: Lifecycle, server: Any, *, force_quit: float | None = None, handle_signals: bool = True
 ) -> int:
-    """``run()`` on a given lifecycle (what ``graceful.run`` calls)."""
-    if force_quit is not None:
-        lifecycle.set_time_to_force_quit(force_quit)
+    """``run()`` on a given lifecycle (what ``graceful.run`` calls).
+
+    Every argument is checked before anything changes: a ``run()`` that raises leaves the
+    budget, the signal handlers and the lifecycle as they were.
+    """
+    budget = None if force_quit is None else check_budget(force_quit, "graceful.run(force_quit=...)")
+    if not isinstance(handle_signals, bool):
+        raise TypeError(f"graceful.run(handle_signals=...) takes True or False, not {handle_signals!r}")
+    if handle_signals and threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "graceful.run() must be called from the main thread to handle signals (Python installs "
+            "signal handlers only there); pass handle_signals=False to run it from another thread "
+            "and route signals yourself"
+        )
     if lifecycle.state() is State.STOPPED:
         raise RuntimeError(
             "graceful.run() was given a lifecycle that has already stopped; start the servers "
@@ -68,10 +81,17 @@ def run_with(
     if not items:
         raise ValueError("graceful.run() needs at least one server; it got an empty list")
     services = [adapt(item) for item in items]
+    probe_port = readiness.probe_port_from_env()
+    previous = lifecycle.force_quit_budget
+    if budget is not None:  # all checked: now it may change
+        lifecycle.set_time_to_force_quit(budget)
+    try:
+        readiness.check_platform_grace(lifecycle)  # reads the budget; raises on a bad variable
+    except BaseException:
+        lifecycle.set_time_to_force_quit(previous)
+        raise
     runner = _Runner(lifecycle, services)
     guard = signal_handlers(lifecycle) if handle_signals else contextlib.nullcontext()
-    readiness.check_platform_grace(lifecycle)
-    probe_port = readiness.probe_port_from_env()
     with guard as router:
         notifier = probes = None
         if os.environ.get("NOTIFY_SOCKET"):  # under systemd (or graceful_process)
@@ -89,6 +109,13 @@ def run_with(
             if notifier is not None:
                 notifier.close()
     return lifecycle.exit_code
+
+
+def _address_in_use(exc: OSError) -> str:
+    """The one line for an address already in use: the error's own text names the address when
+    the server put it there (asyncio's and so aiohttp's do; a bare ``socket.bind`` does not)."""
+    text = str(exc).replace(f"[Errno {exc.errno}] ", "")
+    return f"address already in use ({text})" if "already in use" not in text.lower() else text
 
 
 class _Runner:
@@ -211,6 +238,7 @@ class _Runner:
 
     def _serve_sync(self, service: Service, ctx: Context) -> None:
         ctx.entered = True
+        serving_as(service.name)  # waiting for STOPPED in here would deadlock: _lifecycle refuses it
         try:
             service.serve(ctx)
         except BaseException as exc:  # noqa: BLE001 - a crashed server must stop the others, not vanish
@@ -239,6 +267,12 @@ class _Runner:
         if isinstance(exc, KeyboardInterrupt):
             log.info("server %r was interrupted: shutting down", service.name)
             self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
+        elif isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:  # a known cause: one line
+            log.error(
+                "server %r could not start: %s: stopping everything", service.name, _address_in_use(exc)
+            )
+            self.lifecycle.record_failure(f"server {service.name!r}")
+            self.lifecycle.shutdown(f"server {service.name!r} could not start", wait=False)
         elif exc is not None:
             log.error("server %r crashed: stopping everything", service.name, exc_info=exc)
             self.lifecycle.record_failure(f"server {service.name!r}")

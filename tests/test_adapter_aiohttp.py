@@ -132,6 +132,8 @@ def test_a_port_in_use_fails_the_start_and_exit_is_1(children: list[Child]) -> N
     child = run_on_a_taken_port(children, server_code)
     assert child.proc.returncode == 1
     assert "address already in use" in child.err
+    assert "could not start" in child.err
+    assert "Traceback" not in child.err  # one line, not the OSError's traceback
     assert "on_cleanup" in child.out  # the runner was set up: its cleanup still ran
 
 

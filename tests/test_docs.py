@@ -27,6 +27,10 @@ from .conftest import ROOT
 DOCS = ROOT / "docs"
 BLOCK = re.compile(r"```python\n# (\w+\.py)\n(.*?)```", flags=re.DOTALL)
 INCLUDED = re.compile(r'--8<-- "(examples/\w+\.py)"')
+# A snippet marker, as written or as ``ruff format`` mangles it in a python block, raw or
+# HTML-escaped: in the built site, any of these means an include that did not happen.
+UNEXPANDED = re.compile(r"--8\s*(?:<|&lt;|\\u003c)\s*--")
+MANGLED = re.compile(r"--8\s+<\s*--|--8<\s+--")
 
 
 def _programs() -> dict[str, str]:
@@ -61,6 +65,24 @@ def test_the_docs_build_with_strict(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    leftovers = {
+        str(page.relative_to(tmp_path / "site")): marker
+        for page in (tmp_path / "site").rglob("*")
+        if page.suffix in (".html", ".json")
+        for marker in UNEXPANDED.findall(page.read_text(errors="replace"))
+    }
+    assert leftovers == {}, "snippet markers left unexpanded in the built site"
+
+
+def test_no_snippet_marker_is_mangled_in_the_sources() -> None:
+    """``ruff format`` once turned the snippet marker in python blocks into Python: none is left."""
+    mangled = {
+        f"{page.relative_to(DOCS)}:{n}": line
+        for page in DOCS.rglob("*.md")
+        for n, line in enumerate(page.read_text().splitlines(), 1)
+        if MANGLED.search(line)
+    }
+    assert mangled == {}
 
 
 def test_the_docs_have_complete_programs_to_run() -> None:

@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import importlib
 
+from .._checks import check_listener
 from .._service import Service, is_service
-from ._basic import CallableService, CoroutineService, SocketServerService, StartStopService
+from ._basic import (
+    CallableService,
+    CoroutineFunctionService,
+    CoroutineService,
+    SocketServerService,
+    StartStopService,
+)
 
 # No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["CallableService", "CoroutineService", "SocketServerService", "StartStopService", "adapt"]
+__all__ = [
+    "CallableService",
+    "CoroutineFunctionService",
+    "CoroutineService",
+    "SocketServerService",
+    "StartStopService",
+    "adapt",
+]
+
+CO_COROUTINE = 0x80
 
 # top-level package of the server's class -> our adapter module (imported on first use)
 _BY_PACKAGE: dict[str, str] = {
@@ -62,6 +78,16 @@ def _known(obj: object) -> Service | None:
     return None
 
 
+def _for_callable(obj: object) -> Service:
+    # A generator function would hand back a generator and never run; one that needs
+    # arguments would fail only in its thread: both are a TypeError here, at the call.
+    fn = check_listener(obj, "graceful.run")
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is not None and code.co_flags & CO_COROUTINE:  # an async def, not called yet
+        return CoroutineFunctionService(fn)  # type: ignore[arg-type]
+    return CallableService(fn)
+
+
 def adapt(obj: Any) -> Service:
     """The ``Service`` for ``obj``: itself if it already is one, else the adapter that fits.
 
@@ -80,7 +106,7 @@ def adapt(obj: Any) -> Service:
     if callable(getattr(obj, "start", None)) and callable(getattr(obj, "stop", None)):
         return StartStopService(obj)
     if callable(obj):
-        return CallableService(obj)
+        return _for_callable(obj)
     raise TypeError(
         f"graceful.run() does not know how to run {type(obj).__module__}.{type(obj).__qualname__}: "
         "pass an object with serve_forever() and shutdown(), one with start() and stop(), a known "

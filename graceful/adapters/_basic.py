@@ -8,6 +8,9 @@
 * ``CoroutineService``: a coroutine or awaitable, run as a task on the main-thread loop.
   Wrap-up cancels it (the asyncio way to say "stop"; the coroutine may catch
   ``CancelledError`` to finish what it is doing) and waits for it within the budget.
+* ``CoroutineFunctionService``: an ``async def`` handed over uncalled (``run(main)`` rather
+  than ``run(main())``, the mistake everyone makes once). Called as late as ``serve()``, so a
+  ``run()`` that fails its checks leaves no coroutine behind that was never awaited.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("graceful")
 
-__all__ = ["CallableService", "CoroutineService", "SocketServerService", "StartStopService"]
+__all__ = [
+    "CallableService",
+    "CoroutineFunctionService",
+    "CoroutineService",
+    "SocketServerService",
+    "StartStopService",
+]
 
 
 def _wait_served(ctx: Context, what: str) -> None:
@@ -107,13 +116,16 @@ class CoroutineService:
     async def serve(self, ctx: Context) -> None:
         import asyncio
 
-        self._task = asyncio.ensure_future(self.awaitable)
+        self._task = asyncio.ensure_future(self._awaitable())
         ctx.started()
         try:
             await self._task
         except asyncio.CancelledError:
             if not self._task.cancelled():
                 raise  # we were cancelled from outside, not the task by wrap-up
+
+    def _awaitable(self) -> Awaitable[object]:
+        return self.awaitable
 
     async def wrap_up(self, ctx: Context) -> None:
         import asyncio
@@ -128,3 +140,14 @@ class CoroutineService:
 
     async def close(self, ctx: Context) -> None:
         return None
+
+
+class CoroutineFunctionService(CoroutineService):
+    """An ``async def`` with no parameters: called in ``serve()``, then run as a coroutine."""
+
+    def __init__(self, fn: Callable[[], Awaitable[object]], name: str | None = None) -> None:
+        super().__init__(None, name or default_name(fn))  # type: ignore[arg-type]
+        self.fn = fn
+
+    def _awaitable(self) -> Awaitable[object]:
+        return self.fn()

@@ -214,6 +214,8 @@ class UvicornService:
         try:
             await self._serve_without_signal_handlers()
         except SystemExit as exc:  # uvicorn's way to say its startup failed
+            if isinstance(exc.__context__, OSError):  # it could not bind: run() logs that in one line
+                raise exc.__context__ from None
             raise RuntimeError(
                 f"{self.name} could not start (uvicorn exited with {exc.code}): the lifespan "
                 "startup failed or the address is in use; uvicorn's log above says which"
