@@ -119,7 +119,9 @@ def run(
     signal handlers and returns the exit code.
 
     Args:
-        server: anything ``graceful.adapters.adapt()`` accepts, or a list of such.
+        server: anything ``graceful.adapters.adapt()`` accepts, or a list of such. A blocking
+            callable runs in a thread of its own and should return once
+            ``wait_for_wrap_up()`` does; an ``async def`` may be given uncalled.
         force_quit: the force-quit budget in seconds for this run (default: the lifecycle's,
             25 s or ``GRACEFUL_FORCE_QUIT``).
         handle_signals: install the signal router (main thread only). Pass False to route
@@ -130,7 +132,8 @@ def run(
         0 if everything stopped gracefully, 1 if a server or a listener raised, 70 if forced.
 
     Raises:
-        TypeError: a server graceful does not know how to run, or a bad argument.
+        TypeError: a server graceful does not know how to run (a generator function, a
+            callable that needs arguments), or a bad argument.
         ValueError: an empty list, or a bad ``force_quit``.
         RuntimeError: ``handle_signals`` is True and this is not the main thread; or the
             lifecycle has stopped already. Raised before anything changes.
@@ -144,8 +147,11 @@ def run(
 def signal_handlers(lifecycle: Lifecycle | None = None) -> AbstractContextManager[Router]:
     """Route SIGTERM, SIGINT, SIGQUIT, SIGTSTP, SIGUSR1 and SIGHUP to ``lifecycle`` in a block.
 
-    For programs that keep their own main loop (``run()`` uses it too). Defaults to the default
-    lifecycle. The previous handlers and wakeup fd are restored when the block ends.
+    For programs that keep their own main loop (``run()`` uses it too). The previous handlers
+    and wakeup fd are restored when the block ends.
+
+    Args:
+        lifecycle: the lifecycle the signals act on; the default one if None.
 
     Raises:
         TypeError: ``lifecycle`` is not a ``graceful.Lifecycle`` (or None).

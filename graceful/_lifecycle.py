@@ -163,6 +163,7 @@ class Lifecycle:
 
         Raises:
             TypeError, ValueError: a bad ``reason`` or ``timeout``, before anything starts.
+            RuntimeError: ``wait`` from a server's thread under ``run()``: it would wait for itself.
         """
         reason = check_reason(reason, "shutdown()")
         limit = check_timeout(timeout, "shutdown()")
@@ -401,7 +402,7 @@ class Lifecycle:
 
     def wait_for_shutdown(self, timeout: float | None = None) -> bool:
         """Block until STOPPED; True if it got there within ``timeout``. ``RuntimeError`` from a
-        server's thread under ``run()``: it would wait for itself (see ``refuse_in_server``)."""
+        server's thread under ``run()``, which would wait for itself: ``wait_for_wrap_up()``."""
         limit = check_timeout(timeout, "wait_for_shutdown()")
         if limit != 0:  # 0 only looks: harmless anywhere
             refuse_in_server("wait_for_shutdown()")
