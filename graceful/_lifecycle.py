@@ -137,11 +137,8 @@ class Lifecycle:
         return self._reloads.count()
 
     def reload(self, reason: str = "requested") -> int:
-        """Run every reload listener, one after another, in this thread; returns how many ran.
-
-        One that raises is logged and the others still run. Subscribers see
-        ``Event.RELOADING`` before and ``Event.RELOADED`` after.
-        """
+        """Run every reload listener in turn, in this thread (one that raises is logged, the
+        others still run; ``Event.RELOADING`` before, ``RELOADED`` after); returns how many."""
         return self._reloads.run_all(check_reason(reason, "reload()"))
 
     # -- triggers -----------------------------------------------------------------------------
@@ -332,13 +329,8 @@ class Lifecycle:
     # -- force quit ---------------------------------------------------------------------------
 
     def set_time_to_force_quit(self, seconds: float) -> None:
-        """Set the force-quit budget; if the deadline is running it moves (still counted from
-        the first shutdown trigger, so a budget already used up fires at once).
-
-        Raises:
-            TypeError, ValueError: ``seconds`` is not a finite number > 0 (at most
-                ``threading.TIMEOUT_MAX``).
-        """
+        """Set the force-quit budget (a finite number of seconds > 0, else ``TypeError`` or
+        ``ValueError``); a running deadline moves, still counted from the first trigger."""
         self._timer.set_budget(check_budget(seconds))
 
     def _deadline_passed(self) -> None:
@@ -358,13 +350,9 @@ class Lifecycle:
         self._action.execute(report, lambda: self._observers.emit(Event.FORCED, why))
 
     def on_force_quit(self, fn: Callable[[], object], *, name: str | None = None) -> None:
-        """Call ``fn()`` when the process is forced, after the report and before the exit.
-
-        For adapters that must act at the deadline: close the connections still open and log
-        each dropped request, push running jobs back on their queue, SIGKILL child processes.
-        Hooks run one after another, in registration order, in a helper thread that is given
-        2 s in all; a hook that raises is logged and skipped.
-        """
+        """Call ``fn()`` at the force quit, after the report, before the exit (adapters: cut
+        connections and name each dropped request, requeue jobs). Hooks run in turn in one
+        helper thread given 2 s in all; one that raises is logged and skipped."""
         checked = check_listener(fn, "on_force_quit")
         self._action.add_hook(checked, check_name(name, "on_force_quit") or default_name(checked))
 
