@@ -51,8 +51,8 @@ from ._status import ListenerStatus as ListenerStatus
 from ._status import Phase as Phase
 from ._status import State as State
 from ._status import Status as Status
+from ._version import __version__ as __version__
 
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "Context",
