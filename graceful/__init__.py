@@ -53,7 +53,6 @@ from ._status import State as State
 from ._status import Status as Status
 from ._version import __version__ as __version__
 
-
 __all__ = [
     "Context",
     "Event",
