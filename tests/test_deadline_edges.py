@@ -235,3 +235,36 @@ def test_force_quit_report_shows_the_stack_of_a_server_that_never_returns(childr
     report = child.err.split(REPORT, 1)[1]
     assert "Server threads still running:" in report, child.err
     assert "in user_code_that_never_returns" in report, child.err
+
+
+# -- 6. SIGTERM while run() is starting its servers -------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_during_startup_stops_every_started_server_and_exits_promptly(children: list[Child]) -> None:
+    """run([s0..s19]), s0's start() sends SIGTERM: every server started is stopped, exit 0 at once."""
+    child = start(
+        children,
+        """
+        import os, signal, graceful
+        class Server:
+            def __init__(self, i):
+                self.i = i
+            def start(self):
+                say(f"start {self.i}")
+                if self.i == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            def stop(self):
+                say(f"stop {self.i}")
+        code = graceful.run([Server(i) for i in range(20)])
+        say(f"run returned {code}")
+        sys.exit(code)
+        """,
+    )
+    child.expect("run returned 0")
+    assert child.wait() == 0
+    started = {line.split()[1] for line in child.out.splitlines() if line.startswith("start ")}
+    stopped = {line.split()[1] for line in child.out.splitlines() if line.startswith("stop ")}
+    assert "0" in started
+    assert started <= stopped, f"started but never stopped: {sorted(started - stopped)}"
+    assert "still running after shutdown" not in child.err
