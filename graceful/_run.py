@@ -30,7 +30,7 @@ from . import readiness, systemd
 from ._aio import run_awaitable
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
 from ._lifecycle import Lifecycle
-from ._listeners import Waiter
+from ._listeners import Waiter, current_listener
 from ._service import Context, Service
 from ._signals import signal_handlers
 from ._status import State
@@ -58,6 +58,13 @@ def run_with(
     lifecycle: Lifecycle, server: Any, *, force_quit: float | None = None, handle_signals: bool = True
 ) -> int:
     """``run()`` on a given lifecycle (what ``graceful.run`` calls)."""
+    listener = current_listener()
+    if listener is not None:  # it would block the sequence that is running this listener
+        raise RuntimeError(
+            f"graceful.run() was called from inside the listener {listener.name!r}: a listener "
+            "runs during the shutdown sequence and must return, and run() would block until "
+            "that sequence is over; start servers before the shutdown, from the main code"
+        )
     if force_quit is not None:
         lifecycle.set_time_to_force_quit(force_quit)
     if lifecycle.state() is State.STOPPED:

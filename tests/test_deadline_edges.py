@@ -268,3 +268,31 @@ def test_sigterm_during_startup_stops_every_started_server_and_exits_promptly(ch
     assert "0" in started
     assert started <= stopped, f"started but never stopped: {sorted(started - stopped)}"
     assert "still running after shutdown" not in child.err
+
+
+# -- 7. run() from inside a listener ----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_run_called_from_inside_a_listener_raises_at_once(children: list[Child]) -> None:
+    """graceful.run(..., handle_signals=False) in a listener: a clear RuntimeError, no hang."""
+    child = start(
+        children,
+        """
+        import graceful
+        def listener():
+            try:
+                graceful.run(lambda: None, handle_signals=False)
+            except RuntimeError as exc:
+                say(f"raised: {exc}")
+        graceful.add_shutdown_listener(listener)
+        graceful.set_time_to_force_quit(5)
+        graceful.shutdown("test")
+        say("shut down")
+        sys.exit(graceful.get_lifecycle().exit_code)
+        """,
+    )
+    line = child.expect("raised: ")
+    assert "inside the listener 'listener'" in line
+    child.expect("shut down")
+    assert child.wait() == 0
