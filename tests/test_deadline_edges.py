@@ -296,3 +296,33 @@ def test_run_called_from_inside_a_listener_raises_at_once(children: list[Child])
     assert "inside the listener 'listener'" in line
     child.expect("shut down")
     assert child.wait() == 0
+
+
+# -- 8. nested signal_handlers() blocks left out of order -------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_nested_signal_handlers_left_out_of_order_restore_the_previous_handler(children: list[Child]) -> None:
+    """Outer block left before the inner one: afterwards SIGTERM reaches the handler from before."""
+    child = start(
+        children,
+        """
+        import signal, graceful
+        got = threading.Event()
+        def previous(signum, frame):
+            got.set()
+        signal.signal(signal.SIGTERM, previous)
+        outer = graceful.signal_handlers(lifecycle=graceful.Lifecycle())
+        inner = graceful.signal_handlers(lifecycle=graceful.Lifecycle())
+        outer.__enter__()
+        inner.__enter__()
+        outer.__exit__(None, None, None)
+        inner.__exit__(None, None, None)
+        say(f"restored {signal.getsignal(signal.SIGTERM) is previous} {signal.set_wakeup_fd(-1)}")
+        say("got SIGTERM" if got.wait(10) else "no SIGTERM")
+        """,
+    )
+    assert child.expect("restored") == "restored True -1"
+    child.send(signal.SIGTERM)
+    child.expect("got SIGTERM")
+    assert child.wait() == 0
