@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 from . import readiness, systemd
@@ -31,7 +32,7 @@ from ._aio import run_awaitable
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
 from ._force_quit import check_budget
 from ._lifecycle import Lifecycle
-from ._listeners import Waiter, serving_as
+from ._listeners import Waiter, current_listener, serving_as
 from ._service import Context, Service
 from ._signals import signal_handlers
 from ._status import State
@@ -63,6 +64,13 @@ def run_with(
     Every argument is checked before anything changes: a ``run()`` that raises leaves the
     budget, the signal handlers and the lifecycle as they were.
     """
+    listener = current_listener()
+    if listener is not None:  # it would block the sequence that is running this listener
+        raise RuntimeError(
+            f"graceful.run() was called from inside the listener {listener.name!r}: a listener "
+            "runs during the shutdown sequence and must return, and run() would block until "
+            "that sequence is over; start servers before the shutdown, from the main code"
+        )
     budget = None if force_quit is None else check_budget(force_quit, "graceful.run(force_quit=...)")
     if not isinstance(handle_signals, bool):
         raise TypeError(f"graceful.run(handle_signals=...) takes True or False, not {handle_signals!r}")
@@ -129,6 +137,9 @@ class _Runner:
         self._ready = 0
         self._error: BaseException | None = None
         self._waiters: list[Waiter] = []
+        # Held while a server is marked as entered and while a wrap-up step reads that mark:
+        # a server that enters after its wrap-up step has looked would never be stopped.
+        self._entering = threading.Lock()
 
     # -- the steps, top-down ------------------------------------------------------------------
 
@@ -146,6 +157,8 @@ class _Runner:
         with self._whatever_happens():
             self._register()
             for service, ctx in zip(self.services, self.contexts, strict=True):
+                if self._too_late(service):
+                    break
                 self._start_thread(service, ctx)
         self._block()
         for waiter in self._waiters:  # registered after STOPPED (a race with shutdown()): run at once
@@ -167,6 +180,8 @@ class _Runner:
             with self._whatever_happens():
                 self._register()
                 for service, ctx in zip(self.services, self.contexts, strict=True):
+                    if self._too_late(service):
+                        break
                     if _is_async(service.serve):
                         tasks.append(asyncio.ensure_future(self._serve_async(service, ctx)))
                     else:
@@ -207,7 +222,9 @@ class _Runner:
         def step() -> None:
             if after is not None:
                 after.wait()
-            if wrap_up and not ctx.entered:  # startup was interrupted before serve() ran
+            with self._entering:
+                entered = ctx.entered
+            if wrap_up and not entered:  # startup was interrupted before serve() ran
                 log.info("server %r never started serving: nothing to wrap up", ctx.name)
                 return
             result = method(ctx)
@@ -236,8 +253,24 @@ class _Runner:
         self.threads.append(thread)
         thread.start()
 
+    def _too_late(self, service: Service) -> bool:
+        """The sequence has begun: start no more servers (each one started must be stopped)."""
+        if not self.lifecycle.is_stopping():
+            return False
+        log.info("shutting down while starting: server %r and those after it not started", service.name)
+        return True
+
+    def _enter(self, ctx: Context) -> bool:
+        with self._entering:
+            if not self.lifecycle.is_stopping():
+                ctx.entered = True
+        if not ctx.entered:
+            ctx.served.set()
+        return ctx.entered
+
     def _serve_sync(self, service: Service, ctx: Context) -> None:
-        ctx.entered = True
+        if not self._enter(ctx):
+            return
         serving_as(service.name)  # waiting for STOPPED in here would deadlock: _lifecycle refuses it
         try:
             service.serve(ctx)
@@ -251,7 +284,8 @@ class _Runner:
     async def _serve_async(self, service: Service, ctx: Context) -> None:
         import asyncio
 
-        ctx.entered = True
+        if not self._enter(ctx):
+            return
         try:
             await service.serve(ctx)  # type: ignore[misc]
         except asyncio.CancelledError:
@@ -343,7 +377,8 @@ class _Runner:
         return format_thread_stacks(self.threads, "Server threads still running:")
 
     def _report_leftovers(self) -> None:
+        deadline = time.monotonic() + 1.0  # one second for all of them, not one each
         for thread in self.threads:
-            thread.join(timeout=1.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("server thread %r still running after shutdown", thread.name)

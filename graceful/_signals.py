@@ -224,6 +224,10 @@ class Router:
             helper.submit(job)
 
 
+_active: list[_Installation] = []
+"""The open ``signal_handlers()`` blocks, innermost last (main thread only)."""
+
+
 class _Installation:
     """One active ``signal_handlers()`` block: the pipe, the coordinator, the saved state."""
 
@@ -269,6 +273,7 @@ class _Installation:
                     self.router.dispatch(signum)  # never raises
 
     def install(self) -> None:
+        _active.append(self)
         self.previous_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
         self.coordinator.start()
         for signum in self.signals:
@@ -282,6 +287,30 @@ class _Installation:
                 )
 
     def uninstall(self) -> None:
+        if self in _active and _active[-1] is not self:
+            self._hand_over(_active[_active.index(self) + 1])
+        else:
+            self._restore()
+        if self in _active:
+            _active.remove(self)
+        with contextlib.suppress(OSError):  # a full pipe: the coordinator is far behind anyway
+            os.write(self.write_fd, b"\0")
+        if self.coordinator.ident is not None:
+            self.coordinator.join(timeout=5)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+    def _hand_over(self, inner: _Installation) -> None:
+        """Left before a block nested in it: the inner block stays in charge, and will restore
+        what this one saved (not this one's handler and wakeup fd, which are about to go)."""
+        log.debug("signal_handlers() blocks left out of order: the inner one restores the outer's state")
+        for signum, previous in self.saved.items():
+            if inner.saved.get(signum) == self.handler:
+                inner.saved[signum] = previous
+        if inner.previous_wakeup == self.write_fd:
+            inner.previous_wakeup = self.previous_wakeup
+
+    def _restore(self) -> None:
         for signum, previous in self.saved.items():
             try:
                 current = signal.signal(signum, previous)  # type: ignore[arg-type]
@@ -292,12 +321,6 @@ class _Installation:
         mine = signal.set_wakeup_fd(self.previous_wakeup)
         if mine != self.write_fd:
             log.debug("the signal wakeup fd was taken over inside the block; restored the one from before")
-        with contextlib.suppress(OSError):  # a full pipe: the coordinator is far behind anyway
-            os.write(self.write_fd, b"\0")
-        if self.coordinator.ident is not None:
-            self.coordinator.join(timeout=5)
-        os.close(self.read_fd)
-        os.close(self.write_fd)
 
 
 @contextmanager

@@ -235,3 +235,94 @@ def test_force_quit_report_shows_the_stack_of_a_server_that_never_returns(childr
     report = child.err.split(REPORT, 1)[1]
     assert "Server threads still running:" in report, child.err
     assert "in user_code_that_never_returns" in report, child.err
+
+
+# -- 6. SIGTERM while run() is starting its servers -------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_during_startup_stops_every_started_server_and_exits_promptly(children: list[Child]) -> None:
+    """run([s0..s19]), s0's start() sends SIGTERM: every server started is stopped, exit 0 at once."""
+    child = start(
+        children,
+        """
+        import os, signal, graceful
+        class Server:
+            def __init__(self, i):
+                self.i = i
+            def start(self):
+                say(f"start {self.i}")
+                if self.i == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            def stop(self):
+                say(f"stop {self.i}")
+        code = graceful.run([Server(i) for i in range(20)])
+        say(f"run returned {code}")
+        sys.exit(code)
+        """,
+    )
+    child.expect("run returned 0")
+    assert child.wait() == 0
+    started = {line.split()[1] for line in child.out.splitlines() if line.startswith("start ")}
+    stopped = {line.split()[1] for line in child.out.splitlines() if line.startswith("stop ")}
+    assert "0" in started
+    assert started <= stopped, f"started but never stopped: {sorted(started - stopped)}"
+    assert "still running after shutdown" not in child.err
+
+
+# -- 7. run() from inside a listener ----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_run_called_from_inside_a_listener_raises_at_once(children: list[Child]) -> None:
+    """graceful.run(..., handle_signals=False) in a listener: a clear RuntimeError, no hang."""
+    child = start(
+        children,
+        """
+        import graceful
+        def listener():
+            try:
+                graceful.run(lambda: None, handle_signals=False)
+            except RuntimeError as exc:
+                say(f"raised: {exc}")
+        graceful.add_shutdown_listener(listener)
+        graceful.set_time_to_force_quit(5)
+        graceful.shutdown("test")
+        say("shut down")
+        sys.exit(graceful.get_lifecycle().exit_code)
+        """,
+    )
+    line = child.expect("raised: ")
+    assert "inside the listener 'listener'" in line
+    child.expect("shut down")
+    assert child.wait() == 0
+
+
+# -- 8. nested signal_handlers() blocks left out of order -------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_nested_signal_handlers_left_out_of_order_restore_the_previous_handler(children: list[Child]) -> None:
+    """Outer block left before the inner one: afterwards SIGTERM reaches the handler from before."""
+    child = start(
+        children,
+        """
+        import signal, graceful
+        got = threading.Event()
+        def previous(signum, frame):
+            got.set()
+        signal.signal(signal.SIGTERM, previous)
+        outer = graceful.signal_handlers(lifecycle=graceful.Lifecycle())
+        inner = graceful.signal_handlers(lifecycle=graceful.Lifecycle())
+        outer.__enter__()
+        inner.__enter__()
+        outer.__exit__(None, None, None)
+        inner.__exit__(None, None, None)
+        say(f"restored {signal.getsignal(signal.SIGTERM) is previous} {signal.set_wakeup_fd(-1)}")
+        say("got SIGTERM" if got.wait(10) else "no SIGTERM")
+        """,
+    )
+    assert child.expect("restored") == "restored True -1"
+    child.send(signal.SIGTERM)
+    child.expect("got SIGTERM")
+    assert child.wait() == 0
