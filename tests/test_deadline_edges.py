@@ -270,6 +270,41 @@ def test_sigterm_during_startup_stops_every_started_server_and_exits_promptly(ch
     assert "still running after shutdown" not in child.err
 
 
+@pytest.mark.timeout(60)
+def test_a_stop_that_overtakes_a_start_under_way_waits_for_it(children: list[Child]) -> None:
+    """SIGTERM while start() runs: stop() comes only after start() returned, so nothing keeps running."""
+    child = start(
+        children,
+        """
+        import threading, graceful
+        stop_called = threading.Event()
+        class Server:
+            running = False
+            def start(self):
+                say("starting")
+                graceful.wait_for_wrap_up(10)  # the test's SIGTERM lands while start() runs
+                # A stop that overtook this start would come now; it must not (0.5 s window).
+                stop_called.wait(0.5)
+                self.running = True
+                say("start returned")
+            def stop(self):
+                stop_called.set()
+                say(f"stop (running={self.running})")
+                self.running = False
+        server = Server()
+        code = graceful.run(server)
+        say(f"run returned {code}, running={server.running}")
+        sys.exit(code)
+        """,
+    )
+    child.expect("starting")
+    child.send(signal.SIGTERM)
+    child.expect("run returned 0, running=False")
+    assert child.wait() == 0
+    lines = [line for line in child.out.splitlines() if line in ("start returned", "stop (running=True)")]
+    assert lines == ["start returned", "stop (running=True)"]
+
+
 # -- 7. run() from inside a listener ----------------------------------------------------------
 
 

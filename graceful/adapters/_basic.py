@@ -71,13 +71,20 @@ class StartStopService:
         self.server = server
         self.name = name or type(server).__name__
         self._stopped = threading.Event()
+        self._start_returned = threading.Event()
 
     def serve(self, ctx: Context) -> None:
-        self.server.start()
+        try:
+            self.server.start()
+        finally:
+            self._start_returned.set()
         ctx.started()
         self._stopped.wait()
 
     def wrap_up(self, ctx: Context) -> None:
+        # A stop that overtakes a start still under way (a signal during start-up) would leave
+        # the server running: stop only once start() has returned, within the budget.
+        self._start_returned.wait(ctx.remaining())
         try:
             self.server.stop()
         finally:
