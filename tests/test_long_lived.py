@@ -1,7 +1,7 @@
-"""Contract section 8 on uvicorn: at wrap-up a WebSocket gets 1001 and a stream ends cleanly.
+"""Contract section 8: at wrap-up a WebSocket gets 1001 and a stream ends cleanly.
 
-A real uvicorn server under ``graceful.run`` in a child process, a real WebSocket client
-(``websockets``) and a real HTTP client reading a stream, and a real SIGTERM.
+A real uvicorn or aiohttp server under ``graceful.run`` in a child process, a real WebSocket
+client (``websockets``) and a real HTTP client reading a stream, and a real SIGTERM.
 """
 
 from __future__ import annotations
@@ -58,6 +58,56 @@ sys.exit(graceful.run(uvicorn.Server(config)))
 )
 
 
+# The aiohttp twin: /ws says hello, then reads until the close; /stream writes a tick every
+# 50 ms and, told to end (cancelled), a last "bye" line. /polite/stream ends by itself once
+# graceful's wrap-up begins. The server logs nothing itself; its handlers say what they saw.
+AIOHTTP_SERVER = (
+    PREAMBLE
+    + r"""
+import asyncio, sys
+from aiohttp import web
+import graceful
+from graceful.adapters.aiohttp import AiohttpService
+
+async def websocket(request):
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_str("hello")
+    async for message in ws:
+        pass
+    say("ws loop ended")
+    return ws
+
+async def stream(request):
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    try:
+        while True:
+            await response.write(b"tick\n")
+            await asyncio.sleep(0.05)
+    except asyncio.CancelledError:
+        say("stream told to end")
+        await response.write(b"bye\n")
+        raise
+
+async def polite(request):
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"tick\n")
+    await graceful.wait_for_wrap_up_async()
+    await response.write(b"bye\n")
+    say("polite stream ended itself")
+    return response
+
+app = web.Application()
+app.add_routes([web.get("/ws", websocket), web.get("/stream", stream), web.get("/polite", polite)])
+port = int(sys.argv[1])
+print("port", port, flush=True)
+sys.exit(graceful.run(AiohttpService(app, host="127.0.0.1", port=port)))
+"""
+)
+
+
 def drain(ws: websockets_client.ClientConnection) -> None:
     """Read messages until the connection closes (ConnectionClosed), each within BOUND."""
     while True:
@@ -89,3 +139,42 @@ def test_a_websocket_gets_1001_and_a_stream_ends_cleanly_at_wrap_up(children: li
     assert "ws disconnect 1001" in child.out
     assert "stream got disconnect" in child.out
     assert "Traceback" not in child.err
+
+
+@pytest.mark.timeout(60)
+def test_aiohttp_a_websocket_gets_1001_and_streams_end_cleanly_at_wrap_up(
+    children: list[Child],
+) -> None:
+    """aiohttp, SIGTERM: 1001 for the WebSocket, a clean end for a stream and a polite stream."""
+    code = f"import sys; sys.argv = ['server', '{free_port()}']\n" + AIOHTTP_SERVER
+    child, port = start(children, code)
+    with websockets_client.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=BOUND) as ws:
+        assert ws.recv(BOUND) == "hello"
+        conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND) for _ in range(2)]
+        try:
+            responses = []
+            for conn, path in zip(conns, ["/stream", "/polite"], strict=True):
+                conn.request("GET", path)
+                responses.append(conn.getresponse())
+                assert responses[-1].readline() == b"tick\n"
+            child.send(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                drain(ws)
+            # read() raises IncompleteRead if a stream was cut, not ended
+            rests = [response.read().splitlines() for response in responses]
+        finally:
+            for conn in conns:
+                conn.close()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1001
+    assert closed.value.rcvd.reason == "server going away"
+    for rest in rests:
+        assert rest[-1] == b"bye"
+        assert set(rest[:-1]) <= {b"tick"}
+    assert child.wait() == 0
+    assert "closed 1 WebSocket(s) with 1001 (going away), ended 1 stream(s)" in child.err
+    assert "ws loop ended" in child.out
+    assert "stream told to end" in child.out
+    assert "polite stream ended itself" in child.out
+    assert "Traceback" not in child.err
+    assert "Error handling request" not in child.err

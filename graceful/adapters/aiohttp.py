@@ -14,6 +14,18 @@ with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
   ``Connection: close``), ``on_cleanup`` runs. Wrap-up waits for it within the budget; aiohttp's
   own per-connection ``shutdown_timeout`` is off unless ``shutdown_timeout=`` is given, so one
   deadline (graceful's) decides, and a pause (SIGTSTP) has none.
+* long-lived connections: at wrap-up, once the sites have stopped and before the cleanup
+  (which would wait for them until the deadline), each open ``WebSocketResponse`` is closed with
+  code 1001 (Going Away: its client reconnects elsewhere; a handler in ``async for msg in ws``
+  leaves its loop) and each streaming response still being written (prepared, its handler not
+  returned, no ``Content-Length``: a download of announced length is left to finish) is told to
+  end: its handler's task is cancelled (asyncio's way to tell a coroutine to stop, as aiohttp's
+  own ``handler_cancellation`` does when a client leaves: its ``finally`` and ``except
+  CancelledError`` still run and may write a last event), then the middleware writes the final
+  chunk (``write_eof()``) and returns the response, so the client sees a clean end of stream.
+  Handlers that check ``graceful.is_stopping()`` or await ``graceful.wait_for_wrap_up_async()``
+  end on their own first. A WebSocket handler's send after the close fails with
+  ``ConnectionResetError``: the middleware drops it. Both counts are logged with the drain.
 * deadline: each request still under way is logged (method, path, client, age) and its
   connection is closed. A request that ``shutdown_timeout=`` cancels is logged the same way.
 """
@@ -21,6 +33,7 @@ with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
@@ -41,6 +54,27 @@ __all__ = ["DEFAULT_PORT", "AiohttpService", "adapt"]
 
 DEFAULT_PORT = 8080
 """The port when neither ``port=`` nor the ``PORT`` environment variable says (as ``run_app``)."""
+
+
+class _LongLived:
+    """The response one request's handler has prepared, and whether wrap-up ended it."""
+
+    __slots__ = ("ended", "response", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task  # the task that runs the handler (aiohttp: one a request)
+        self.response: web.StreamResponse | None = None
+        self.ended = False
+
+    @property
+    def kind(self) -> str | None:
+        """ "websocket", "stream" (a body under way, of no announced length), or None."""
+        response = self.response
+        if response is None or self.ended or not response.prepared:
+            return None
+        if isinstance(response, web.WebSocketResponse):
+            return None if response.closed else "websocket"
+        return "stream" if response.content_length is None else None
 
 
 def _port_from_env() -> int:
@@ -108,25 +142,44 @@ class AiohttpService:
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
+        self._long_lived: dict[object, _LongLived] = {}  # by the handler's task
         self.runner.app.middlewares.insert(0, self._track)
+        self.runner.app.on_response_prepare.append(self._prepared)
+
+    async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
+        """aiohttp's ``on_response_prepare``: remember the response a handler prepares."""
+        entry = self._long_lived.get(asyncio.current_task())
+        if entry is not None:
+            entry.response = response
 
     @web.middleware
     async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
         key = object()
         tracked = Request(request.method, request.path, request.remote or "?")
         self.in_flight.add(key, tracked)
+        task = asyncio.current_task()
+        entry = self._long_lived[task] = _LongLived(task)  # type: ignore[arg-type]
         try:
             response: web.StreamResponse = await handler(request)
             if self._draining and not response.prepared:
                 response.force_close()  # answered with Connection: close
             return response
+        except ConnectionResetError:
+            if entry.ended and entry.response is not None:  # a send after our 1001 close
+                return entry.response
+            raise
         except asyncio.CancelledError:
+            if entry.ended and entry.response is not None and _uncancel(task) == 0:
+                with contextlib.suppress(ConnectionError):  # the client left meanwhile
+                    await entry.response.write_eof()  # the final chunk: a clean end of stream
+                return entry.response
             if self._draining:  # shutdown_timeout= cancelled it
                 log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
                     "%s: dropped request %s (cancelled while draining)", self.name, tracked.describe()
                 )
             raise
         finally:
+            self._long_lived.pop(task, None)
             self.in_flight.discard(key)
 
     async def serve(self, ctx: Context) -> None:
@@ -153,6 +206,14 @@ class AiohttpService:
         self._draining = True
         for site in list(self.runner.sites):
             await site.stop()  # the listening socket closes: new connections are refused
+        websockets, streams = await self._end_long_lived(ctx.remaining())
+        if websockets or streams:
+            log.info(
+                "%s: closed %d WebSocket(s) with 1001 (going away), ended %d stream(s)",
+                self.name,
+                websockets,
+                streams,
+            )
         log.info("%s: stopped accepting; draining %d request(s)", self.name, len(self.in_flight))
         # aiohttp's per-connection timeout (None: wait as long as graceful's deadline allows).
         self.runner._shutdown_timeout = self.shutdown_timeout  # type: ignore[assignment]
@@ -166,6 +227,34 @@ class AiohttpService:
         if done:
             cleanup.result()  # an on_shutdown/on_cleanup handler that raised fails the sequence
 
+    async def _end_long_lived(self, budget: float | None) -> tuple[int, int]:
+        """Close each open WebSocket with 1001 and end each stream; (WebSockets, streams) ended.
+
+        Streams: their handler's task is cancelled, and the middleware writes the final chunk.
+        WebSockets: the close frames go out together; waits (within ``budget``) for the clients'
+        replies, as ``ws.close()`` does (bounded by the response's own close timeout).
+        ``budget`` None: no deadline (a pause).
+        """
+        closing: list[asyncio.Future[bool]] = []
+        streams = 0
+        for entry in list(self._long_lived.values()):
+            kind, response = entry.kind, entry.response
+            if kind is None or response is None:
+                continue
+            entry.ended = True
+            if isinstance(response, web.WebSocketResponse):
+                message = b"server going away"
+                closing.append(asyncio.ensure_future(response.close(code=1001, message=message)))
+            else:
+                streams += 1
+                entry.task.cancel()
+        if closing:
+            done, _ = await asyncio.wait(closing, timeout=None if budget is None else max(budget, 0.0))
+            for future in done:
+                if not future.cancelled() and future.exception() is not None:
+                    log.debug("%s: closing a WebSocket: %r", self.name, future.exception())
+        return len(closing), streams
+
     async def close(self, ctx: Context) -> None:
         return None
 
@@ -177,6 +266,12 @@ class AiohttpService:
         server = self.runner.server
         for connection in server.connections if server is not None else ():
             connection.force_close()
+
+
+def _uncancel(task: asyncio.Task[Any] | None) -> int:
+    """Undo one ``cancel()`` of ``task``; how many remain (Python 3.10 keeps no count: 0)."""
+    uncancel = getattr(task, "uncancel", None)
+    return int(uncancel()) if uncancel is not None else 0
 
 
 def adapt(obj: object) -> AiohttpService | None:
