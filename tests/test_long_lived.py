@@ -58,7 +58,7 @@ sys.exit(graceful.run(uvicorn.Server(config)))
 )
 
 
-# The aiohttp twin: /ws says hello, then reads until the close; /stream writes a tick every
+# The aiohttp twin: /ws says hello, then reads until the close; /ticker only sends; /stream writes a tick every
 # 50 ms and, told to end (cancelled), a last "bye" line. /polite/stream ends by itself once
 # graceful's wrap-up begins. The server logs nothing itself; its handlers say what they saw.
 AIOHTTP_SERVER = (
@@ -77,6 +77,13 @@ async def websocket(request):
         pass
     say("ws loop ended")
     return ws
+
+async def ticker(request):
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    while True:  # never receives: its send after the close fails, and the adapter drops that
+        await ws.send_str("tick")
+        await asyncio.sleep(0.05)
 
 async def stream(request):
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -100,7 +107,8 @@ async def polite(request):
     return response
 
 app = web.Application()
-app.add_routes([web.get("/ws", websocket), web.get("/stream", stream), web.get("/polite", polite)])
+app.add_routes([web.get("/ws", websocket), web.get("/ticker", ticker)])
+app.add_routes([web.get("/stream", stream), web.get("/polite", polite)])
 port = int(sys.argv[1])
 print("port", port, flush=True)
 sys.exit(graceful.run(AiohttpService(app, host="127.0.0.1", port=port)))
@@ -145,11 +153,15 @@ def test_a_websocket_gets_1001_and_a_stream_ends_cleanly_at_wrap_up(children: li
 def test_aiohttp_a_websocket_gets_1001_and_streams_end_cleanly_at_wrap_up(
     children: list[Child],
 ) -> None:
-    """aiohttp, SIGTERM: 1001 for the WebSocket, a clean end for a stream and a polite stream."""
+    """aiohttp, SIGTERM: 1001 for both WebSockets, a clean end for a stream and a polite one."""
     code = f"import sys; sys.argv = ['server', '{free_port()}']\n" + AIOHTTP_SERVER
     child, port = start(children, code)
-    with websockets_client.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=BOUND) as ws:
+    with (
+        websockets_client.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=BOUND) as ws,
+        websockets_client.connect(f"ws://127.0.0.1:{port}/ticker", open_timeout=BOUND) as ticker,
+    ):
         assert ws.recv(BOUND) == "hello"
+        assert ticker.recv(BOUND) == "tick"
         conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND) for _ in range(2)]
         try:
             responses = []
@@ -160,6 +172,8 @@ def test_aiohttp_a_websocket_gets_1001_and_streams_end_cleanly_at_wrap_up(
             child.send(signal.SIGTERM)
             with pytest.raises(ConnectionClosed) as closed:
                 drain(ws)
+            with pytest.raises(ConnectionClosed) as ticker_closed:
+                drain(ticker)
             # read() raises IncompleteRead if a stream was cut, not ended
             rests = [response.read().splitlines() for response in responses]
         finally:
@@ -168,11 +182,13 @@ def test_aiohttp_a_websocket_gets_1001_and_streams_end_cleanly_at_wrap_up(
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1001
     assert closed.value.rcvd.reason == "server going away"
+    assert ticker_closed.value.rcvd is not None
+    assert ticker_closed.value.rcvd.code == 1001
     for rest in rests:
         assert rest[-1] == b"bye"
         assert set(rest[:-1]) <= {b"tick"}
     assert child.wait() == 0
-    assert "closed 1 WebSocket(s) with 1001 (going away), ended 1 stream(s)" in child.err
+    assert "closed 2 WebSocket(s) with 1001 (going away), ended 1 stream(s)" in child.err
     assert "ws loop ended" in child.out
     assert "stream told to end" in child.out
     assert "polite stream ended itself" in child.out

@@ -59,12 +59,13 @@ DEFAULT_PORT = 8080
 class _LongLived:
     """The response one request's handler has prepared, and whether wrap-up ended it."""
 
-    __slots__ = ("ended", "response", "task")
+    __slots__ = ("closing", "ended", "response", "task")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task  # the task that runs the handler (aiohttp: one a request)
         self.response: web.StreamResponse | None = None
         self.ended = False
+        self.closing: asyncio.Future[bool] | None = None  # our 1001 close of a WebSocket
 
     @property
     def kind(self) -> str | None:
@@ -161,6 +162,8 @@ class AiohttpService:
         entry = self._long_lived[task] = _LongLived(task)  # type: ignore[arg-type]
         try:
             response: web.StreamResponse = await handler(request)
+            if entry.closing is not None:  # aiohttp 3.9 would close with 1000 on return: ours first
+                await asyncio.wait({entry.closing})
             if self._draining and not response.prepared:
                 response.force_close()  # answered with Connection: close
             return response
@@ -244,7 +247,8 @@ class AiohttpService:
             entry.ended = True
             if isinstance(response, web.WebSocketResponse):
                 message = b"server going away"
-                closing.append(asyncio.ensure_future(response.close(code=1001, message=message)))
+                entry.closing = asyncio.ensure_future(response.close(code=1001, message=message))
+                closing.append(entry.closing)
             else:
                 streams += 1
                 entry.task.cancel()
