@@ -10,7 +10,10 @@ restores the signal handlers and returns the exit code (0, 1 or 70).
 
 Several servers are brought down together: when one stops or crashes, all stop. Within each
 phase they are stopped one after another in *reverse* list order (go-zero's ServiceGroup): with
-``[worker, api]`` the API stops accepting and drains before the worker it feeds does.
+``[worker, api]`` the API stops accepting and drains before the worker it feeds is told to stop.
+"Told" is the service's own context: ``ctx.wrapping_up()`` turns True when its wrap-up step
+begins, whereas ``graceful.is_stopping()`` is True for every service at once (a worker that
+polls it stops fetching while the API still accepts jobs).
 
 When any server is asynchronous (a coroutine, uvicorn, aiohttp, grpc.aio), ``run()`` drives one
 asyncio loop in the main thread; signals still reach graceful through its own wakeup fd, and the
@@ -224,6 +227,8 @@ class _Runner:
                 after.wait()
             with self._entering:
                 entered = ctx.entered
+            if wrap_up:
+                ctx.wrap_up_began()  # this service's turn: ctx.wrapping_up() turns True
             if wrap_up and not entered:  # startup was interrupted before serve() ran
                 log.info("server %r never started serving: nothing to wrap up", ctx.name)
                 return
