@@ -31,7 +31,7 @@ from ._clock import Clock, MonotonicClock
 from ._diagnostics import format_report, format_sections
 from ._events import Event, Observers
 from ._force_quit import FORCED_EXIT_CODE, ForceQuitAction, ForceQuitTimer, check_budget
-from ._listeners import Listener, Waiter, current_listener, default_name, refuse_in_server
+from ._listeners import DefaultLoop, Listener, Waiter, current_listener, default_name, refuse_in_server
 from ._phases import Phases
 from ._reload import ReloadHandle, Reloads
 from ._status import ListenerStatus, Phase, State, Status
@@ -94,6 +94,7 @@ class Lifecycle:
         self._progress = 0
         self._driver: threading.Thread | None = None
         self._timer = ForceQuitTimer(self._clock, budget, self._deadline_passed)
+        self._loops = DefaultLoop()
 
     # -- registries ---------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class Lifecycle:
     def _add(self, phase: Phase, fn: object, name: object, what: str) -> Waiter:
         checked = check_listener(fn, what)
         label = check_name(name, what) or default_name(checked)
-        listener = Listener(checked, label, phase, self._clock, self._phases.finished)
+        listener = Listener(checked, label, phase, self._clock, self._phases.finished, loops=self._loops)
         self._phases.add(listener)
         return Waiter(listener, self._phases.remove)
 
@@ -241,9 +242,8 @@ class Lifecycle:
 
     def _finish(self) -> None:
         if self._forced is not None:
-            # The force quit owns the end: its hooks may still be naming what they cut, and
-            # its exit ends the process. Nobody is told STOPPED before it is over (in tests,
-            # where the exit returns, it is over when the recorded exit returns).
+            # The force quit owns the end (its hooks may still be naming what they cut): nobody
+            # is told STOPPED before it is over (in tests, when the recorded exit returns).
             self._action.done.wait()
         with self._lock:
             took = self._clock.monotonic() - (self._triggered_at or 0.0)
@@ -309,12 +309,15 @@ class Lifecycle:
         return self._triggered_at
 
     @property
+    def listener_loop(self) -> DefaultLoop:  # async listeners registered with no loop run on its .loop
+        return self._loops  # run() sets .loop to the loop it drives, for as long as it does
+
+    @property
     def force_quit_budget(self) -> float:  # seconds
         return self._timer.budget
 
     def join(self, timeout: float | None = None) -> bool:
-        """Block until the thread that drives the sequence has ended; True if it has (or if no
-        sequence ever started). For test harnesses that must leave no thread behind."""
+        """Block until the sequence's thread has ended (True; also if none began): for tests."""
         limit = check_timeout(timeout, "join()")
         driver = self._driver
         if driver is None:

@@ -17,7 +17,8 @@ polls it stops fetching while the API still accepts jobs).
 
 When any server is asynchronous (a coroutine, uvicorn, aiohttp, grpc.aio), ``run()`` drives one
 asyncio loop in the main thread; signals still reach graceful through its own wakeup fd, and the
-loop is never given a second signal owner.
+loop is never given a second signal owner. While it runs, ``async def`` listeners registered
+where no loop was running run on it (``Lifecycle.listener_loop``).
 """
 
 from __future__ import annotations
@@ -178,6 +179,9 @@ class _Runner:
 
         self.loop = asyncio.get_running_loop()
         remember_loop(self.loop)
+        # An ``async def`` listener registered before this loop ran (at module level, for a
+        # pool bound to this loop) runs on it, not on a fresh loop that the pool refuses.
+        self.lifecycle.listener_loop.loop = self.loop
         tasks = []
         try:
             with self._whatever_happens():
@@ -198,6 +202,8 @@ class _Runner:
                 await asyncio.wait(tasks, timeout=self.lifecycle.time_remaining())
             self._reraise()
         finally:
+            if self.lifecycle.listener_loop.loop is self.loop:
+                self.lifecycle.listener_loop.loop = None
             forget_loop(self.loop)
 
     # -- pieces -------------------------------------------------------------------------------
