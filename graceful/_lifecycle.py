@@ -52,8 +52,7 @@ class Lifecycle:
         force_quit: the budget in seconds, counted from the first shutdown trigger, after which
             the process reports what is still running and exits with code 70.
         clock: where time comes from (``graceful.testing.FakeClock`` in tests).
-        exit: called with 70 when the deadline passes; ``os._exit`` by default. A test passes
-            something that records the code instead.
+        exit: called with 70 when the deadline passes; ``os._exit`` by default (tests record).
         daemon: run the sequence on a daemon thread. False (the default) keeps the interpreter
             alive until the cleanup is done; the test harness passes True so that a listener a
             test leaves stuck cannot hang the test run at exit.
@@ -260,13 +259,14 @@ class Lifecycle:
 
     def _run_phase(self, phase: Phase, note: str | None = None) -> None:
         """Start the phase's listeners, log ``note``, then wait until every one has finished."""
-        started = self._clock.monotonic()
+        t0 = self._clock.monotonic()
         count = self._phases.run(phase)
         if note is not None:
             log.info("%s", note)
         with self._lock:
             self._phases.wait(phase)
-        log.info("%s phase done: %d listener(s) in %.3f s", phase, count, self._clock.monotonic() - started)
+        said = Listener.counted(self._phases.listeners(), phase, count)
+        log.info("%s phase done: %s in %.3f s", phase, said, self._clock.monotonic() - t0)
 
     # -- seams for integrations ---------------------------------------------------------------
 
@@ -353,9 +353,8 @@ class Lifecycle:
         self._action.execute(report, lambda: self._observers.emit(Event.FORCED, why))
 
     def on_force_quit(self, fn: Callable[[], object], *, name: str | None = None) -> None:
-        """Call ``fn()`` at the force quit, after the report, before the exit (adapters: cut
-        connections and name each dropped request, requeue jobs). Hooks run in turn in one
-        helper thread given 2 s in all; one that raises is logged and skipped."""
+        """Call ``fn()`` at the force quit, after the report, before the exit (cut connections,
+        name dropped requests, requeue jobs); in turn, in one thread given 2 s, errors logged."""
         checked = check_listener(fn, "on_force_quit")
         self._action.add_hook(checked, check_name(name, "on_force_quit") or default_name(checked))
 

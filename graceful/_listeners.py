@@ -47,6 +47,7 @@ __all__ = [
     "current_listener",
     "current_server",
     "default_name",
+    "mark_own",
     "refuse_in_server",
     "run_soon",
     "serving_as",
@@ -121,6 +122,7 @@ class Listener:
         "loop",
         "name",
         "on_finish",
+        "own",
         "phase",
         "scheduled",
         "started",
@@ -141,6 +143,7 @@ class Listener:
         self.fn: Callable[[], object] | None = fn
         self.name = name
         self.phase = phase
+        self.own = getattr(fn, OWN, False) is True  # one of graceful's own (run()'s steps)
         self.state = ListenerState.PENDING
         self.scheduled = False
         self.started: float | None = None
@@ -183,6 +186,13 @@ class Listener:
             )
             self._finish(ListenerState.FAILED if self.error is not None else ListenerState.DONE)
             self.on_finish(self)
+
+    @staticmethod
+    def counted(listeners: list[Listener], phase: Phase, count: int) -> str:
+        """What a phase's log line says of its ``count`` listeners: how many are graceful's own
+        (``run()``'s steps), so that a reader counting theirs does not wonder about the rest."""
+        own = sum(item.own for item in listeners if item.phase is phase)
+        return f"{count} listener(s)" + (f", {own} of them graceful's own (the servers')" if own else "")
 
     def _loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop of registration, else the lifecycle's default (``run()``'s), else None."""
@@ -307,6 +317,16 @@ class Waiter:
 
     def __repr__(self) -> str:
         return f"<graceful.Waiter {self._listener.name!r} {self._listener.state}>"
+
+
+OWN = "graceful_own"
+
+
+def mark_own(fn: Callable[[], object]) -> Callable[[], object]:
+    """Mark ``fn`` as one of graceful's own listeners (``run()``'s steps for its servers), so
+    that "phase done: N listener(s)" can say how many of N the user registered."""
+    setattr(fn, OWN, True)
+    return fn
 
 
 def run_soon(*listeners: Listener) -> None:

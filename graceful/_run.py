@@ -36,7 +36,7 @@ from ._aio import run_awaitable
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
 from ._force_quit import check_budget
 from ._lifecycle import Lifecycle
-from ._listeners import Waiter, current_listener, serving_as
+from ._listeners import Waiter, current_listener, mark_own, serving_as
 from ._service import Context, Service
 from ._signals import signal_handlers
 from ._status import State
@@ -141,6 +141,7 @@ class _Runner:
         self._ready = 0
         self._error: BaseException | None = None
         self._waiters: list[Waiter] = []
+        self._halves: dict[Context, int] = {}  # see _stopped_half
         # Held while a server is marked as entered and while a wrap-up step reads that mark:
         # a server that enters after its wrap-up step has looked would never be stopped.
         self._entering = threading.Lock()
@@ -233,6 +234,8 @@ class _Runner:
                 after.wait()
             with self._entering:
                 entered = ctx.entered
+            if wrap_up and after is None and entered:  # the first in the chain
+                self._drain_delay()
             if wrap_up:
                 ctx.wrap_up_began()  # this service's turn: ctx.wrapping_up() turns True
             if wrap_up and not entered:  # startup was interrupted before serve() ran
@@ -241,8 +244,28 @@ class _Runner:
             result = method(ctx)
             if hasattr(result, "__await__"):
                 self._await_on_loop(result)
+            if wrap_up:
+                self._stopped_half(ctx)  # drained: "stopped" once serve() has returned too
 
-        return step
+        return mark_own(step)
+
+    def _drain_delay(self) -> None:
+        """Wait out the drain delay here, once for every server, and say so: a silent gap of
+        seconds in the log reads like a hang. Each web adapter's own wait then finds it over."""
+        left = readiness.drain_delay_left(self.lifecycle)
+        if left <= 0:
+            return
+        log.info("drain delay: serving %.1f s more while the balancer stops sending (not ready)", left)
+        readiness.wait_drain_delay(self.lifecycle)
+        log.info("drain delay over: the servers stop accepting")
+
+    def _stopped_half(self, ctx: Context) -> None:
+        """Called when serve() returned during the stop, and when the wrap-up step finished:
+        the second call logs "server X stopped", so the line never comes before the drain."""
+        with self._ready_lock:
+            self._halves[ctx] = halves = self._halves.get(ctx, 0) + 1
+        if halves == 2:
+            log.info("server %r stopped", ctx.name)
 
     def _await_on_loop(self, awaitable: Any) -> None:
         run_awaitable(awaitable, None if self.loop is None or self.loop.is_closed() else self.loop)
@@ -286,9 +309,9 @@ class _Runner:
         try:
             service.serve(ctx)
         except BaseException as exc:  # noqa: BLE001 - a crashed server must stop the others, not vanish
-            self._ended(service, exc)
+            self._ended(service, ctx, exc)
         else:
-            self._ended(service, None)
+            self._ended(service, ctx, None)
         finally:
             ctx.served.set()
 
@@ -300,15 +323,15 @@ class _Runner:
         try:
             await service.serve(ctx)  # type: ignore[misc]
         except asyncio.CancelledError:
-            self._ended(service, None)
+            self._ended(service, ctx, None)
         except BaseException as exc:  # noqa: BLE001 - as in _serve_sync
-            self._ended(service, exc)
+            self._ended(service, ctx, exc)
         else:
-            self._ended(service, None)
+            self._ended(service, ctx, None)
         finally:
             ctx.served.set()
 
-    def _ended(self, service: Service, exc: BaseException | None) -> None:
+    def _ended(self, service: Service, ctx: Context, exc: BaseException | None) -> None:
         if isinstance(exc, KeyboardInterrupt):
             log.info("server %r was interrupted: shutting down", service.name)
             self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
@@ -325,7 +348,7 @@ class _Runner:
         elif self.lifecycle.forced is not None:  # the force quit owns the end: claim nothing
             log.info("server %r ended at the force quit", service.name)
         elif self.lifecycle.is_stopping():
-            log.info("server %r stopped", service.name)
+            self._stopped_half(ctx)
         else:
             log.info("server %r returned on its own: stopping everything", service.name)
             self.lifecycle.shutdown(f"server {service.name!r} exited", wait=False)
