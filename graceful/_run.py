@@ -234,8 +234,6 @@ class _Runner:
                 after.wait()
             with self._entering:
                 entered = ctx.entered
-            if wrap_up and after is None and entered:  # the first in the chain
-                self._drain_delay()
             if wrap_up:
                 ctx.wrap_up_began()  # this service's turn: ctx.wrapping_up() turns True
             if wrap_up and not entered:  # startup was interrupted before serve() ran
@@ -248,16 +246,6 @@ class _Runner:
                 self._stopped_half(ctx)  # drained: "stopped" once serve() has returned too
 
         return mark_own(step)
-
-    def _drain_delay(self) -> None:
-        """Wait out the drain delay here, once for every server, and say so: a silent gap of
-        seconds in the log reads like a hang. Each web adapter's own wait then finds it over."""
-        left = readiness.drain_delay_left(self.lifecycle)
-        if left <= 0:
-            return
-        log.info("drain delay: serving %.1f s more while the balancer stops sending (not ready)", left)
-        readiness.wait_drain_delay(self.lifecycle)
-        log.info("drain delay over: the servers stop accepting")
 
     def _stopped_half(self, ctx: Context) -> None:
         """Called when serve() returned during the stop, and when the wrap-up step finished:
@@ -275,10 +263,10 @@ class _Runner:
             self._ready += 1
             all_up = self._ready == len(self.services)
         log.info("server %r started", ctx.name)
-        if all_up:
-            log.info("all %d server(s) started: ready", len(self.services))
+        if all_up:  # ready first, then say so: a probe sent on reading the line finds it ready
             readiness.set_ready(self.lifecycle)
             systemd.notify("READY=1", f"STATUS=serving ({len(self.services)} server(s))")
+            log.info("all %d server(s) started: ready", len(self.services))
 
     def _start_thread(self, service: Service, ctx: Context) -> None:
         thread = threading.Thread(
