@@ -103,3 +103,19 @@ def test_stopped_line_names_both_signals_after_tstp_then_term() -> None:
         assert "drain delay" not in child.err  # none set: nothing to say
     finally:
         child.kill()
+
+
+@pytest.mark.timeout(40)
+def test_the_first_line_after_a_signal_names_it_and_the_router_line_follows() -> None:
+    """SIGINT: "wrapping up (SIGINT)" is the first line after it, "received SIGINT" the next."""
+    child = Child(SERVER)
+    try:
+        child.expect_err("ready")
+        before = len(child.err)
+        child.send(signal.SIGINT)
+        assert child.wait(30) == 0, child.err
+        after = [line for line in child.err[before:].splitlines() if line.startswith("INFO graceful")]
+        assert after[0] == "INFO graceful wrapping up (SIGINT)", after
+        assert after[1].startswith("INFO graceful received SIGINT: shutting down gracefully"), after
+    finally:
+        child.kill()
