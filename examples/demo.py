@@ -7,18 +7,25 @@ the shutdown in the log:
     curl -s localhost:8000/             # {"jobs_done": 3, "stopping": false}
     curl -s -X POST localhost:8000/jobs # queue a job for the worker
 
-The worker takes jobs from an in-memory queue and stops fetching as soon as
-``graceful.is_stopping()`` turns True; the job in its hands is finished first. A shutdown
-listener then "closes the database". A second Ctrl-C forces the exit (code 70).
+A job the API accepts (202) is always done. ``run([worker, server])`` wraps up in reverse list
+order: the API first (not ready, the drain delay, stop accepting, finish the requests in
+flight), and only then the worker, whose ``ctx.wrapping_up()`` turns True at that moment (not
+``graceful.is_stopping()``, which is True for everyone at once). The worker then stops taking
+new jobs, refuses any more (a late request gets 503, never a 202 for work that would be
+lost), and finishes every job still queued: the queue lives in memory and dies with the
+process. A shutdown listener then "closes the database". A second Ctrl-C forces the exit
+(code 70).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import queue
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,6 +34,9 @@ import graceful
 log = logging.getLogger("demo")
 jobs: queue.Queue[int] = queue.Queue()
 done = {"count": 0}
+job_ids = itertools.count(1)
+accepting = {"open": True}  # closed by the worker when its turn to stop comes
+accept_lock = threading.Lock()  # a job is queued only while the worker will still take it
 
 
 class Api(BaseHTTPRequestHandler):
@@ -34,8 +44,14 @@ class Api(BaseHTTPRequestHandler):
         self._reply(200, {"jobs_done": done["count"], "stopping": graceful.is_stopping()})
 
     def do_POST(self) -> None:
-        jobs.put(int(time.time() * 1000))
-        self._reply(202, {"queued": jobs.qsize()})
+        with accept_lock:
+            job = next(job_ids) if accepting["open"] else None
+            if job is not None:
+                jobs.put(job)
+        if job is None:  # the worker has stopped: a 202 now would be a promise nobody keeps
+            self._reply(503, {"error": "shutting down: no new jobs"})
+        else:
+            self._reply(202, {"job": job, "queued": jobs.qsize()})
 
     def _reply(self, code: int, body: dict[str, object]) -> None:
         data = json.dumps(body).encode()
@@ -49,17 +65,29 @@ class Api(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
 
-def worker() -> None:
-    """Take jobs until graceful says stop; finish the one in hand."""
-    while not graceful.is_stopping():
+def work(job: int) -> None:
+    time.sleep(0.2)  # the "work"
+    done["count"] += 1
+    log.info("job %s done", job)
+
+
+def worker(ctx: graceful.Context) -> None:
+    """Take jobs until this worker's turn to wrap up; then finish every job accepted."""
+    while not ctx.wrapping_up():  # the API, listed after us, has drained by then
         try:
             job = jobs.get(timeout=0.1)
         except queue.Empty:
             continue
-        time.sleep(0.2)  # the "work"
-        done["count"] += 1
-        log.info("job %s done", job)
-    log.info("worker: no new jobs taken; %d left queued for the next run", jobs.qsize())
+        work(job)
+    with accept_lock:
+        accepting["open"] = False  # from now on the API answers 503
+    left = jobs.qsize()
+    log.info("worker: no new jobs taken; finishing the %d still queued", left)
+    while True:
+        try:
+            work(jobs.get_nowait())
+        except queue.Empty:
+            break
 
 
 def close_database() -> None:
@@ -77,8 +105,8 @@ def main() -> int:
             "cannot serve on %s:%d: %s (PORT=... picks another port)", host, port, exc.strerror or exc
         )
         return 1
-    for n in range(3):
-        jobs.put(n)
+    for _ in range(3):
+        jobs.put(next(job_ids))
     graceful.add_shutdown_listener(close_database, name="close-database")
     log.info(
         "serving on http://%s:%d (pid %d); Ctrl-C or kill to stop",

@@ -31,7 +31,7 @@ from ._clock import Clock, MonotonicClock
 from ._diagnostics import format_report, format_sections
 from ._events import Event, Observers
 from ._force_quit import FORCED_EXIT_CODE, ForceQuitAction, ForceQuitTimer, check_budget
-from ._listeners import Listener, Waiter, current_listener, default_name, refuse_in_server
+from ._listeners import DefaultLoop, Listener, Waiter, current_listener, default_name, refuse_in_server
 from ._phases import Phases
 from ._reload import ReloadHandle, Reloads
 from ._status import ListenerStatus, Phase, State, Status
@@ -52,8 +52,7 @@ class Lifecycle:
         force_quit: the budget in seconds, counted from the first shutdown trigger, after which
             the process reports what is still running and exits with code 70.
         clock: where time comes from (``graceful.testing.FakeClock`` in tests).
-        exit: called with 70 when the deadline passes; ``os._exit`` by default. A test passes
-            something that records the code instead.
+        exit: called with 70 when the deadline passes; ``os._exit`` by default (tests record).
         daemon: run the sequence on a daemon thread. False (the default) keeps the interpreter
             alive until the cleanup is done; the test harness passes True so that a listener a
             test leaves stuck cannot hang the test run at exit.
@@ -94,6 +93,7 @@ class Lifecycle:
         self._progress = 0
         self._driver: threading.Thread | None = None
         self._timer = ForceQuitTimer(self._clock, budget, self._deadline_passed)
+        self._loops = DefaultLoop()
 
     # -- registries ---------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ class Lifecycle:
     def _add(self, phase: Phase, fn: object, name: object, what: str) -> Waiter:
         checked = check_listener(fn, what)
         label = check_name(name, what) or default_name(checked)
-        listener = Listener(checked, label, phase, self._clock, self._phases.finished)
+        listener = Listener(checked, label, phase, self._clock, self._phases.finished, loops=self._loops)
         self._phases.add(listener)
         return Waiter(listener, self._phases.remove)
 
@@ -241,9 +241,8 @@ class Lifecycle:
 
     def _finish(self) -> None:
         if self._forced is not None:
-            # The force quit owns the end: its hooks may still be naming what they cut, and
-            # its exit ends the process. Nobody is told STOPPED before it is over (in tests,
-            # where the exit returns, it is over when the recorded exit returns).
+            # The force quit owns the end (its hooks may still be naming what they cut): nobody
+            # is told STOPPED before it is over (in tests, when the recorded exit returns).
             self._action.done.wait()
         with self._lock:
             took = self._clock.monotonic() - (self._triggered_at or 0.0)
@@ -260,13 +259,14 @@ class Lifecycle:
 
     def _run_phase(self, phase: Phase, note: str | None = None) -> None:
         """Start the phase's listeners, log ``note``, then wait until every one has finished."""
-        started = self._clock.monotonic()
+        t0 = self._clock.monotonic()
         count = self._phases.run(phase)
         if note is not None:
             log.info("%s", note)
         with self._lock:
             self._phases.wait(phase)
-        log.info("%s phase done: %d listener(s) in %.3f s", phase, count, self._clock.monotonic() - started)
+        said = Listener.counted(self._phases.listeners(), phase, count)
+        log.info("%s phase done: %s in %.3f s", phase, said, self._clock.monotonic() - t0)
 
     # -- seams for integrations ---------------------------------------------------------------
 
@@ -309,12 +309,15 @@ class Lifecycle:
         return self._triggered_at
 
     @property
+    def listener_loop(self) -> DefaultLoop:  # async listeners registered with no loop run on its .loop
+        return self._loops  # run() sets .loop to the loop it drives, for as long as it does
+
+    @property
     def force_quit_budget(self) -> float:  # seconds
         return self._timer.budget
 
     def join(self, timeout: float | None = None) -> bool:
-        """Block until the thread that drives the sequence has ended; True if it has (or if no
-        sequence ever started). For test harnesses that must leave no thread behind."""
+        """Block until the sequence's thread has ended (True; also if none began): for tests."""
         limit = check_timeout(timeout, "join()")
         driver = self._driver
         if driver is None:
@@ -350,9 +353,8 @@ class Lifecycle:
         self._action.execute(report, lambda: self._observers.emit(Event.FORCED, why))
 
     def on_force_quit(self, fn: Callable[[], object], *, name: str | None = None) -> None:
-        """Call ``fn()`` at the force quit, after the report, before the exit (adapters: cut
-        connections and name each dropped request, requeue jobs). Hooks run in turn in one
-        helper thread given 2 s in all; one that raises is logged and skipped."""
+        """Call ``fn()`` at the force quit, after the report, before the exit (cut connections,
+        name dropped requests, requeue jobs); in turn, in one thread given 2 s, errors logged."""
         checked = check_listener(fn, "on_force_quit")
         self._action.add_hook(checked, check_name(name, "on_force_quit") or default_name(checked))
 

@@ -13,8 +13,11 @@ Why it is built this way (the bug reports are the reasons):
 * A listener that raises is isolated: its exception is logged with its name and kept on its
   waiter; the others still run.
 * ``async def`` listeners run on the event loop that was running where they were registered
-  (so they may touch that loop's objects), or on a fresh loop in a worker thread when there
-  was none. ``asyncio`` is imported only when such a listener actually runs.
+  (so they may touch that loop's objects). Registered where none was running (at module
+  level, before ``run()`` started its loop), they run on the lifecycle's ``DefaultLoop``: the
+  loop ``run()`` drives, while it drives one, so that a pool bound to the app's loop is closed
+  on it ("attached to a different loop" otherwise); with no such loop, on a fresh loop in a
+  worker thread. ``asyncio`` is imported only when such a listener actually runs.
 """
 
 from __future__ import annotations
@@ -32,16 +35,19 @@ from ._status import ListenerState, Phase
 # any ``TYPE_CHECKING`` name as True, and at run time the protocols below are plain classes.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import asyncio
     from typing import Any
 
     from ._clock import Clock
 
 __all__ = [
+    "DefaultLoop",
     "Listener",
     "Waiter",
     "current_listener",
     "current_server",
     "default_name",
+    "mark_own",
     "refuse_in_server",
     "run_soon",
     "serving_as",
@@ -87,6 +93,19 @@ def refuse_in_server(what: str, instead: str = "") -> None:
     )
 
 
+class DefaultLoop:
+    """Where a lifecycle's ``async def`` listeners run when none was running at registration.
+
+    One per lifecycle, shared by its listeners; ``loop`` is None (a fresh loop for each) unless
+    ``run()`` has put the loop it drives here (``Lifecycle.set_listener_loop``).
+    """
+
+    __slots__ = ("loop",)
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+
 class Listener:
     """One registered callable and everything known about its single run."""
 
@@ -94,6 +113,7 @@ class Listener:
         "_awaiting",
         "_callbacks",
         "_clock",
+        "_default_loop",
         "_done",
         "_event",
         "error",
@@ -102,6 +122,7 @@ class Listener:
         "loop",
         "name",
         "on_finish",
+        "own",
         "phase",
         "scheduled",
         "started",
@@ -116,10 +137,13 @@ class Listener:
         phase: Phase,
         clock: Clock,
         on_finish: Callable[[Listener], None],
+        *,
+        loops: DefaultLoop | None = None,
     ) -> None:
         self.fn: Callable[[], object] | None = fn
         self.name = name
         self.phase = phase
+        self.own = getattr(fn, OWN, False) is True  # one of graceful's own (run()'s steps)
         self.state = ListenerState.PENDING
         self.scheduled = False
         self.started: float | None = None
@@ -127,6 +151,7 @@ class Listener:
         self.thread_id: int | None = None
         self.error: BaseException | None = None
         self.loop = running_loop()
+        self._default_loop = loops
         self.on_finish = on_finish
         self._clock = clock
         self._done = False
@@ -148,7 +173,7 @@ class Listener:
             result = fn()
             if is_awaitable(result):
                 self._awaiting = result
-                run_awaitable(result, self.loop)
+                run_awaitable(result, self._loop())
         except BaseException as exc:  # isolate the listener (even SystemExit), keep its error
             self.error = exc
             log.exception("%s listener %r failed", self.phase, self.name)
@@ -161,6 +186,19 @@ class Listener:
             )
             self._finish(ListenerState.FAILED if self.error is not None else ListenerState.DONE)
             self.on_finish(self)
+
+    @staticmethod
+    def counted(listeners: list[Listener], phase: Phase, count: int) -> str:
+        """What a phase's log line says of its ``count`` listeners: how many are graceful's own
+        (``run()``'s steps), so that a reader counting theirs does not wonder about the rest."""
+        own = sum(item.own for item in listeners if item.phase is phase)
+        return f"{count} listener(s)" + (f", {own} of them graceful's own (the servers')" if own else "")
+
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop of registration, else the lifecycle's default (``run()``'s), else None."""
+        if self.loop is not None or self._default_loop is None:
+            return self.loop
+        return self._default_loop.loop
 
     def awaiting(self) -> object:
         """The coroutine this listener is awaiting, if it is an async listener."""
@@ -279,6 +317,16 @@ class Waiter:
 
     def __repr__(self) -> str:
         return f"<graceful.Waiter {self._listener.name!r} {self._listener.state}>"
+
+
+OWN = "graceful_own"
+
+
+def mark_own(fn: Callable[[], object]) -> Callable[[], object]:
+    """Mark ``fn`` as one of graceful's own listeners (``run()``'s steps for its servers), so
+    that "phase done: N listener(s)" can say how many of N the user registered."""
+    setattr(fn, OWN, True)
+    return fn
 
 
 def run_soon(*listeners: Listener) -> None:

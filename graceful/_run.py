@@ -10,11 +10,15 @@ restores the signal handlers and returns the exit code (0, 1 or 70).
 
 Several servers are brought down together: when one stops or crashes, all stop. Within each
 phase they are stopped one after another in *reverse* list order (go-zero's ServiceGroup): with
-``[worker, api]`` the API stops accepting and drains before the worker it feeds does.
+``[worker, api]`` the API stops accepting and drains before the worker it feeds is told to stop.
+"Told" is the service's own context: ``ctx.wrapping_up()`` turns True when its wrap-up step
+begins, whereas ``graceful.is_stopping()`` is True for every service at once (a worker that
+polls it stops fetching while the API still accepts jobs).
 
 When any server is asynchronous (a coroutine, uvicorn, aiohttp, grpc.aio), ``run()`` drives one
 asyncio loop in the main thread; signals still reach graceful through its own wakeup fd, and the
-loop is never given a second signal owner.
+loop is never given a second signal owner. While it runs, ``async def`` listeners registered
+where no loop was running run on it (``Lifecycle.listener_loop``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ._aio import run_awaitable
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
 from ._force_quit import check_budget
 from ._lifecycle import Lifecycle
-from ._listeners import Waiter, current_listener, serving_as
+from ._listeners import Waiter, current_listener, mark_own, serving_as
 from ._service import Context, Service
 from ._signals import signal_handlers
 from ._status import State
@@ -137,6 +141,7 @@ class _Runner:
         self._ready = 0
         self._error: BaseException | None = None
         self._waiters: list[Waiter] = []
+        self._halves: dict[Context, int] = {}  # see _stopped_half
         # Held while a server is marked as entered and while a wrap-up step reads that mark:
         # a server that enters after its wrap-up step has looked would never be stopped.
         self._entering = threading.Lock()
@@ -175,6 +180,9 @@ class _Runner:
 
         self.loop = asyncio.get_running_loop()
         remember_loop(self.loop)
+        # An ``async def`` listener registered before this loop ran (at module level, for a
+        # pool bound to this loop) runs on it, not on a fresh loop that the pool refuses.
+        self.lifecycle.listener_loop.loop = self.loop
         tasks = []
         try:
             with self._whatever_happens():
@@ -195,6 +203,8 @@ class _Runner:
                 await asyncio.wait(tasks, timeout=self.lifecycle.time_remaining())
             self._reraise()
         finally:
+            if self.lifecycle.listener_loop.loop is self.loop:
+                self.lifecycle.listener_loop.loop = None
             forget_loop(self.loop)
 
     # -- pieces -------------------------------------------------------------------------------
@@ -224,14 +234,26 @@ class _Runner:
                 after.wait()
             with self._entering:
                 entered = ctx.entered
+            if wrap_up:
+                ctx.wrap_up_began()  # this service's turn: ctx.wrapping_up() turns True
             if wrap_up and not entered:  # startup was interrupted before serve() ran
                 log.info("server %r never started serving: nothing to wrap up", ctx.name)
                 return
             result = method(ctx)
             if hasattr(result, "__await__"):
                 self._await_on_loop(result)
+            if wrap_up:
+                self._stopped_half(ctx)  # drained: "stopped" once serve() has returned too
 
-        return step
+        return mark_own(step)
+
+    def _stopped_half(self, ctx: Context) -> None:
+        """Called when serve() returned during the stop, and when the wrap-up step finished:
+        the second call logs "server X stopped", so the line never comes before the drain."""
+        with self._ready_lock:
+            self._halves[ctx] = halves = self._halves.get(ctx, 0) + 1
+        if halves == 2:
+            log.info("server %r stopped", ctx.name)
 
     def _await_on_loop(self, awaitable: Any) -> None:
         run_awaitable(awaitable, None if self.loop is None or self.loop.is_closed() else self.loop)
@@ -241,10 +263,10 @@ class _Runner:
             self._ready += 1
             all_up = self._ready == len(self.services)
         log.info("server %r started", ctx.name)
-        if all_up:
-            log.info("all %d server(s) started: ready", len(self.services))
+        if all_up:  # ready first, then say so: a probe sent on reading the line finds it ready
             readiness.set_ready(self.lifecycle)
             systemd.notify("READY=1", f"STATUS=serving ({len(self.services)} server(s))")
+            log.info("all %d server(s) started: ready", len(self.services))
 
     def _start_thread(self, service: Service, ctx: Context) -> None:
         thread = threading.Thread(
@@ -275,9 +297,9 @@ class _Runner:
         try:
             service.serve(ctx)
         except BaseException as exc:  # noqa: BLE001 - a crashed server must stop the others, not vanish
-            self._ended(service, exc)
+            self._ended(service, ctx, exc)
         else:
-            self._ended(service, None)
+            self._ended(service, ctx, None)
         finally:
             ctx.served.set()
 
@@ -289,15 +311,15 @@ class _Runner:
         try:
             await service.serve(ctx)  # type: ignore[misc]
         except asyncio.CancelledError:
-            self._ended(service, None)
+            self._ended(service, ctx, None)
         except BaseException as exc:  # noqa: BLE001 - as in _serve_sync
-            self._ended(service, exc)
+            self._ended(service, ctx, exc)
         else:
-            self._ended(service, None)
+            self._ended(service, ctx, None)
         finally:
             ctx.served.set()
 
-    def _ended(self, service: Service, exc: BaseException | None) -> None:
+    def _ended(self, service: Service, ctx: Context, exc: BaseException | None) -> None:
         if isinstance(exc, KeyboardInterrupt):
             log.info("server %r was interrupted: shutting down", service.name)
             self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
@@ -314,7 +336,7 @@ class _Runner:
         elif self.lifecycle.forced is not None:  # the force quit owns the end: claim nothing
             log.info("server %r ended at the force quit", service.name)
         elif self.lifecycle.is_stopping():
-            log.info("server %r stopped", service.name)
+            self._stopped_half(ctx)
         else:
             log.info("server %r returned on its own: stopping everything", service.name)
             self.lifecycle.shutdown(f"server {service.name!r} exited", wait=False)

@@ -48,6 +48,7 @@ class Context:
         """True once ``run()`` has called ``serve()``."""
         self.served = threading.Event()
         """Set once ``serve()`` has returned or raised."""
+        self._turn = threading.Event()
 
     def started(self) -> None:
         """Say that the service now accepts work (idempotent). READY=1 waits for every service."""
@@ -65,6 +66,24 @@ class Context:
     def shutting_down(self) -> bool:
         """True once a shutdown (not only a pause) was asked for."""
         return self.lifecycle.shutdown_requested
+
+    def wrapping_up(self) -> bool:
+        """True once ``run()`` has called *this* service's wrap-up step.
+
+        ``graceful.is_stopping()`` turns True for every service at once; this turns True in
+        list order reversed: with ``run([worker, api])`` the worker's turn comes only after the
+        API has stopped accepting and drained, so a worker that polls this takes every job the
+        API accepted. An attribute read, cheap in a hot loop.
+        """
+        return self._turn.is_set()
+
+    def wait_for_wrap_up(self, timeout: float | None = None) -> bool:
+        """Block until this service's wrap-up turn has come; True if it came within ``timeout``."""
+        return self._turn.wait(timeout)
+
+    def wrap_up_began(self) -> None:
+        """What ``run()`` calls as it starts this service's wrap-up step (idempotent)."""
+        self._turn.set()
 
     def wait_served(self, timeout: float | None = None) -> bool:
         """Block until ``serve()`` has returned; True if it did within ``timeout``."""

@@ -18,6 +18,7 @@ from ._basic import (
     CoroutineService,
     SocketServerService,
     StartStopService,
+    takes_context,
 )
 
 # No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 CO_COROUTINE = 0x80
+CO_GENERATORS = 0x20 | 0x200  # CO_GENERATOR | CO_ASYNC_GENERATOR
 
 # top-level package of the server's class -> our adapter module (imported on first use)
 _BY_PACKAGE: dict[str, str] = {
@@ -80,7 +82,12 @@ def _known(obj: object) -> Service | None:
 
 def _for_callable(obj: object) -> Service:
     # A generator function would hand back a generator and never run; one that needs
-    # arguments would fail only in its thread: both are a TypeError here, at the call.
+    # arguments would fail only in its thread: both are a TypeError here, at the call. One
+    # argument is the exception: ``worker(ctx)`` is given its context (CallableService).
+    code = getattr(getattr(obj, "__func__", obj), "__code__", None)
+    plain = code is None or not code.co_flags & (CO_COROUTINE | CO_GENERATORS)
+    if plain and takes_context(obj):  # type: ignore[arg-type]
+        return CallableService(obj)  # type: ignore[arg-type]
     fn = check_listener(obj, "graceful.run")
     code = getattr(getattr(fn, "__func__", fn), "__code__", None)
     if code is not None and code.co_flags & CO_COROUTINE:  # an async def, not called yet
@@ -111,6 +118,6 @@ def adapt(obj: Any) -> Service:
         f"graceful.run() does not know how to run {type(obj).__module__}.{type(obj).__qualname__}: "
         "pass an object with serve_forever() and shutdown(), one with start() and stop(), a known "
         "server (uvicorn.Server, grpc server, aiohttp Application, subprocess.Popen, Thread, "
-        "Executor), a coroutine, a blocking callable that polls graceful.is_stopping(), a "
+        "Executor), a coroutine, a blocking callable that polls graceful.is_stopping() (or takes its graceful.Context), a "
         "graceful.Service, or a list of these"
     )

@@ -4,7 +4,8 @@
   ``socketserver`` family). Wrap-up stops the loop and closes the listening socket.
 * ``StartStopService``: anything with a non-blocking ``start()`` and a ``stop()``.
 * ``CallableService``: a blocking callable. It cannot be interrupted safely from outside, so
-  it is expected to poll ``graceful.is_stopping()`` and return; wrap-up waits for it.
+  it is expected to poll ``graceful.is_stopping()`` (or, if it takes one argument, its
+  context's ``ctx.wrapping_up()``) and return; wrap-up waits for it.
 * ``CoroutineService``: a coroutine or awaitable, run as a task on the main-thread loop.
   Wrap-up cancels it (the asyncio way to say "stop"; the coroutine may catch
   ``CancelledError`` to finish what it is doing) and waits for it within the budget.
@@ -35,6 +36,7 @@ __all__ = [
     "CoroutineService",
     "SocketServerService",
     "StartStopService",
+    "takes_context",
 ]
 
 
@@ -94,16 +96,48 @@ class StartStopService:
         return None
 
 
-class CallableService:
-    """A blocking callable that returns once ``graceful.is_stopping()`` turns True."""
+def takes_context(fn: Callable[..., object]) -> bool:
+    """True if ``fn`` asks for its ``graceful.Context``: exactly one required positional
+    parameter, named ``ctx`` or ``context`` or annotated ``Context``. Any other required
+    parameter stays the ``TypeError`` it always was (``run(lambda port: ...)`` is a mistake)."""
+    import inspect
 
-    def __init__(self, fn: Callable[[], object], name: str | None = None) -> None:
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: called with none
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters if p.default is p.empty and p.kind in positional]
+    if len(required) != 1 or any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in parameters):
+        return False
+    only = required[0]
+    annotation = only.annotation
+    named = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    return only.name in ("ctx", "context") or named.rsplit(".", 1)[-1] == "Context"
+
+
+class CallableService:
+    """A blocking callable that returns once it is told to stop.
+
+    ``fn()`` polls ``graceful.is_stopping()`` (True for every service at once). ``fn(ctx)``, a
+    callable with one parameter named ``ctx`` (or annotated ``graceful.Context``), is given its
+    context and polls
+    ``ctx.wrapping_up()``, True only when its own turn comes (after the services listed after
+    it have drained): the way a worker fed by an API in the same ``run()`` takes every job the
+    API accepted.
+    """
+
+    def __init__(self, fn: Callable[..., object], name: str | None = None) -> None:
         self.fn = fn
         self.name = name or default_name(fn)
+        self.takes_context = takes_context(fn)
 
     def serve(self, ctx: Context) -> None:
         ctx.started()
-        self.fn()
+        if self.takes_context:
+            self.fn(ctx)
+        else:
+            self.fn()
 
     def wrap_up(self, ctx: Context) -> None:
         _wait_served(ctx, "callable")

@@ -40,7 +40,7 @@ from aiohttp import web
 
 from .._checks import port_from_env
 from .._service import Context
-from ..readiness import drain_delay_left
+from ._drain import drain_delay_left_said, said_over
 from ._inflight import InFlight, Request
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -205,7 +205,10 @@ class AiohttpService:
             return
         # Not-ready, still serving. A sleep on the loop, not wait_drain_delay() in the default
         # executor: the app's own run_in_executor() calls may have every executor thread busy.
-        await asyncio.sleep(drain_delay_left(ctx.lifecycle))
+        left = drain_delay_left_said(ctx.lifecycle)
+        if left > 0:
+            await asyncio.sleep(left)
+            said_over()
         self._draining = True
         for site in list(self.runner.sites):
             await site.stop()  # the listening socket closes: new connections are refused

@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler
 from socketserver import TCPServer
 
 from .._service import Context
+from ._drain import wait_drain_delay_said
 from ._inflight import Request
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -242,9 +243,7 @@ class HTTPServerService:
     # -- wrap-up: stop accepting, drain -------------------------------------------------------
 
     def wrap_up(self, ctx: Context) -> None:
-        from ..readiness import wait_drain_delay
-
-        wait_drain_delay(ctx.lifecycle)
+        wait_drain_delay_said(ctx.lifecycle)
         self.tracker.draining = True
         self._stop.set()
         if self._wake is not None:

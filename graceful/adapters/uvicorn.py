@@ -37,7 +37,7 @@ import logging
 import uvicorn
 
 from .._service import Context
-from ..readiness import drain_delay_left
+from ._drain import drain_delay_left_said, said_over
 from ._inflight import InFlight, Request
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -246,7 +246,10 @@ class UvicornService:
             return
         # Not-ready, still serving. A sleep on the loop, not wait_drain_delay() in the default
         # executor: the app's own run_in_executor() calls may have every executor thread busy.
-        await asyncio.sleep(drain_delay_left(ctx.lifecycle))
+        left = drain_delay_left_said(ctx.lifecycle)
+        if left > 0:
+            await asyncio.sleep(left)
+            said_over()
         self._draining.set()
         for listener in getattr(self.server, "servers", ()):
             listener.close()  # refuse new connections now, not at uvicorn's next tick

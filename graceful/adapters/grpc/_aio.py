@@ -16,7 +16,8 @@ import grpc
 import grpc.aio
 
 from ..._service import Context
-from ...readiness import drain_delay_left, wait_drain_delay
+from ...readiness import drain_delay_left
+from .._drain import wait_drain_delay_said
 from ._health import check_health, end_sync_watches, not_serving
 from ._tracking import CUT_WAIT, GRACE_MARGIN, AioRpcInterceptor, log_dropped
 
@@ -106,7 +107,7 @@ class GrpcAioService:
             await self._on_server_loop(self._health_not_serving())
             log.info("%s: health service NOT_SERVING", self.name)
         if drain_delay_left(ctx.lifecycle) > 0:
-            await _in_thread(wait_drain_delay, ctx.lifecycle)
+            await _in_thread(wait_drain_delay_said, ctx.lifecycle)
         if ctx.remaining() is None:
             log.info("%s: paused; still serving the RPCs that come until shutdown", self.name)
             return

@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 
 from ..._service import Context
-from ...readiness import wait_drain_delay
+from .._drain import wait_drain_delay_said
 from ._health import check_health, end_sync_watches, found_health, not_serving
 from ._tracking import CUT_WAIT, GRACE_MARGIN, RpcInterceptor, log_dropped
 
@@ -83,7 +83,7 @@ class GrpcService:
         if self.health is not None:
             not_serving(self.health)
             log.info("%s: health service NOT_SERVING", self.name)
-        wait_drain_delay(ctx.lifecycle)
+        wait_drain_delay_said(ctx.lifecycle)
         if ctx.remaining() is None:
             log.info("%s: paused; still serving the RPCs that come until shutdown", self.name)
             return

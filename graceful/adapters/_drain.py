@@ -1,0 +1,44 @@
+"""The drain delay, said aloud in the log, for every adapter alike.
+
+Why: the delay keeps a server answering for seconds after readiness turned 503 (the
+Kubernetes endpoint race), and a log with a silent gap of seconds after "wrapping up" reads
+like a hang. Each web adapter waits it out where it belongs in its own wrap-up (after what must
+happen first, such as gRPC's health turning NOT_SERVING), through these functions, which log
+its start and its end. The wrap-up steps of ``run()`` run one after another and the delay is
+counted from the first trigger, so only the first adapter waits and speaks; the others find it
+over and say nothing, as they do when the delay is 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..readiness import drain_delay_left, wait_drain_delay
+
+# No ``typing`` at run time: see graceful/_clock.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
+
+log = logging.getLogger("graceful")
+
+__all__ = ["drain_delay_left_said", "said_over", "wait_drain_delay_said"]
+
+
+def drain_delay_left_said(lifecycle: Lifecycle) -> float:
+    """Seconds of the drain delay left; when some are, log that the servers keep serving."""
+    left = drain_delay_left(lifecycle)
+    if left > 0:
+        log.info("drain delay: serving %.1f s more while the balancer stops sending (not ready)", left)
+    return left
+
+
+def said_over() -> None:
+    log.info("drain delay over: the servers stop accepting")
+
+
+def wait_drain_delay_said(lifecycle: Lifecycle) -> None:
+    """``readiness.wait_drain_delay``, with its start and end in the log (nothing if none left)."""
+    if drain_delay_left_said(lifecycle) > 0:
+        wait_drain_delay(lifecycle)
+        said_over()

@@ -1,0 +1,121 @@
+"""Issue #15: the log a person reads, in the order things happen (real signals, real server)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import urllib.request
+
+import pytest
+
+from .child import PREAMBLE, Child
+from .conftest import BOUND
+
+SERVER = (
+    PREAMBLE
+    + r"""
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import graceful
+
+app = logging.getLogger("app")
+
+
+class Slow(BaseHTTPRequestHandler):
+    def do_GET(self):
+        app.info("request started")
+        release.wait()
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+        app.info("request answered")
+
+    def log_message(self, *args):
+        pass
+
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+say(f"port {server.server_address[1]}")
+graceful.add_shutdown_listener(lambda: app.info("user listener ran"), name="mine")
+sys.exit(graceful.run(server))
+"""
+)
+
+
+def _in_order(text: str, *lines: str) -> None:
+    at = [text.find(line) for line in lines]
+    assert all(i >= 0 for i in at), (lines, text)
+    assert at == sorted(at), (lines, text)
+
+
+@pytest.mark.timeout(40)
+def test_drain_delay_then_drain_then_server_stopped_then_phase_counts() -> None:
+    """SIGTERM mid-request: drain delay start/end, drain, "server stopped" after it, counts named."""
+    child = Child(SERVER, env={"GRACEFUL_DRAIN_DELAY": "0.3"})
+    try:
+        port = child.expect("port ").split()[1]
+        child.expect_err("ready")
+        answers: list[bytes] = []
+        client = threading.Thread(
+            target=lambda: answers.append(
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=BOUND).read()
+            ),
+            daemon=True,
+        )
+        client.start()
+        child.expect_err("request started")
+        child.send(signal.SIGTERM)
+        child.expect_err("stopped accepting")
+        assert "server 'ThreadingHTTPServer' stopped" not in child.err  # its drain is not over
+        child.tell("go")
+        assert child.wait(30) == 0, child.err
+        client.join(BOUND)
+        assert answers == [b"ok"]
+        _in_order(
+            child.err,
+            "wrapping up (SIGTERM)",
+            "drain delay: serving 0.3 s more while the balancer stops sending",
+            "drain delay over: the servers stop accepting",
+            "stopped accepting",
+            "request answered",
+            "server 'ThreadingHTTPServer' stopped",
+            "wrap_up phase done: 1 listener(s), 1 of them graceful's own (the servers') in",
+            "user listener ran",
+            "shutdown phase done: 2 listener(s), 1 of them graceful's own (the servers') in",
+        )
+        assert child.err.count("server 'ThreadingHTTPServer' stopped") == 1
+    finally:
+        child.kill()
+
+
+@pytest.mark.timeout(40)
+def test_stopped_line_names_both_signals_after_tstp_then_term() -> None:
+    """SIGTSTP, then SIGTERM: the last line counts from the first and names both."""
+    child = Child(SERVER)
+    try:
+        child.expect_err("ready")
+        child.send(signal.SIGTSTP)
+        child.expect_err("wrap_up phase done")
+        child.send(signal.SIGTERM)
+        assert child.wait(30) == 0, child.err
+        assert re.search(r"stopped \(\d+\.\d{3} s after SIGTSTP then SIGTERM\)", child.err), child.err
+        assert "drain delay" not in child.err  # none set: nothing to say
+    finally:
+        child.kill()
+
+
+@pytest.mark.timeout(40)
+def test_the_first_line_after_a_signal_names_it_and_the_router_line_follows() -> None:
+    """SIGINT: "wrapping up (SIGINT)" is the first line after it, "received SIGINT" the next."""
+    child = Child(SERVER)
+    try:
+        child.expect_err("ready")
+        before = len(child.err)
+        child.send(signal.SIGINT)
+        assert child.wait(30) == 0, child.err
+        after = [line for line in child.err[before:].splitlines() if line.startswith("INFO graceful")]
+        assert after[0] == "INFO graceful wrapping up (SIGINT)", after
+        assert after[1].startswith("INFO graceful received SIGINT: shutting down gracefully"), after
+    finally:
+        child.kill()
