@@ -209,7 +209,10 @@ def _writes_to_stderr(handler: logging.Handler) -> bool:
 def _log_elsewhere(text: str) -> None:
     """Log ``text`` at CRITICAL to every handler of the ``graceful`` logger's chain that does
     not print to stderr (the report is there already): files, syslog, a collector."""
-    record = log.makeRecord(log.name, logging.CRITICAL, __file__, 0, "%s", (text,), None)
+    # The logger's name says "graceful" already: no "graceful: graceful: force quit" in a log.
+    record = log.makeRecord(
+        log.name, logging.CRITICAL, __file__, 0, "%s", (text.removeprefix("graceful: "),), None
+    )
     current: logging.Logger | None = log
     while current is not None:
         for handler in current.handlers:
