@@ -242,9 +242,11 @@ class _Runner:
             all_up = self._ready == len(self.services)
         log.info("server %r started", ctx.name)
         if all_up:
-            log.info("all %d server(s) started: ready", len(self.services))
+            # Ready first, then say so: whoever reads the line (an operator, a test) and probes
+            # /readyz at once must get 200, not the 503 of a flag not yet set.
             readiness.set_ready(self.lifecycle)
             systemd.notify("READY=1", f"STATUS=serving ({len(self.services)} server(s))")
+            log.info("all %d server(s) started: ready", len(self.services))
 
     def _start_thread(self, service: Service, ctx: Context) -> None:
         thread = threading.Thread(
