@@ -59,6 +59,7 @@ class ForceQuitTimer:
         self.budget = budget
         self.armed_at: float | None = None
         self._handle: TimerHandle | None = None
+        self._generation = 0  # which schedule is the current one: a cancelled one must not fire
 
     @property
     def deadline(self) -> float | None:
@@ -80,10 +81,18 @@ class ForceQuitTimer:
                 self._cancel()
                 self._schedule()
 
-    def passed(self) -> bool:
-        """True once the deadline is armed and its time has come (fired or about to)."""
-        deadline = self.deadline
-        return deadline is not None and self._clock.monotonic() >= deadline
+    def disarm_unless_passed(self) -> bool:
+        """Disarm, unless the deadline has come: then True (the force quit owns the end).
+
+        One step under the timer's lock, so it and a timer firing at the deadline agree: the
+        timer fires only if this has not disarmed it, and this disarms only before the deadline.
+        """
+        with self._lock:
+            deadline = self.deadline
+            if deadline is not None and self._clock.monotonic() >= deadline:
+                return True
+            self._cancel()
+            return False
 
     def remaining(self) -> float | None:
         deadline = self.deadline
@@ -95,9 +104,19 @@ class ForceQuitTimer:
 
     def _schedule(self) -> None:
         assert self.armed_at is not None
+        self._generation += 1
+        generation = self._generation
         self._handle = self._clock.call_at(
-            self.armed_at + self.budget, self._fire, name="graceful-force-quit"
+            self.armed_at + self.budget, lambda: self._due(generation), name="graceful-force-quit"
         )
+
+    def _due(self, generation: int) -> None:
+        # A timer thread checks "cancelled?" and then calls this: a disarm (or a new budget) in
+        # between must still win, or a sequence that ended in time is forced after all.
+        with self._lock:
+            if self._handle is None or generation != self._generation:
+                return
+        self._fire()
 
     def _cancel(self) -> None:
         if self._handle is not None:

@@ -232,9 +232,7 @@ class Lifecycle:
         with self._lock:
             while self._phases.outstanding(Phase.WRAP_UP) or self._phases.outstanding(Phase.SHUTDOWN):
                 self._lock.wait()
-            late = self._timer.passed()
-            if not late:
-                self._timer.disarm()
+            late = self._timer.disarm_unless_passed()
         if late:  # the deadline came first: the force quit owns the end (a no-op if it began)
             self.force_quit(f"the force-quit deadline of {self._timer.budget:g} s passed")
         self._finish()

@@ -173,17 +173,24 @@ class Watch:
         assert not self._thread.is_alive(), "the Watch stream never ended"
 
 
+# grpcio shares connections between channels to the same address (a process-wide subchannel
+# pool): a "new" channel rides a connection that an open Stream still holds. After the server's
+# stop, an RPC on that one races the server's GOAWAY and may get CANCELLED; only a connection of
+# its own tests that the listening socket refuses.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def health_status(port: int) -> int:
-    """The overall ("") status from ``Health/Check`` on a new connection."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    """The overall ("") status from ``Health/Check`` on a new connection of its own."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) as channel:
         request = health_pb2.HealthCheckRequest(service="")
         status: int = health_pb2_grpc.HealthStub(channel).Check(request, timeout=BOUND).status
         return status
 
 
 def echo(port: int, text: str) -> bytes:
-    """One ``Echo`` call on a new connection."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    """One ``Echo`` call on a new connection of its own."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION) as channel:
         answer: bytes = channel.unary_unary("/test.Svc/Echo")(text.encode(), timeout=BOUND)
         return answer
 

@@ -6,6 +6,7 @@ The server programs and the client helpers are in ``tests/grpc_service.py``.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from concurrent import futures
 
@@ -80,8 +81,13 @@ def test_an_rpc_that_outlives_the_budget_is_named_and_the_exit_is_70(
     stream.join()
     assert len(stream.errors) == 1
     assert stream.got == [b"0"]
-    assert "dropped request RPC /test.Svc/Stream from ipv4:127.0.0.1:" in child.err
-    assert "(running 1." in child.err or "(running 0.9" in child.err
+    named = re.search(
+        r"dropped request RPC /test\.Svc/Stream from ipv4:127\.0\.0\.1:\d+ \(running ([\d.]+) s\)", child.err
+    )
+    assert named is not None, child.err
+    # It ran from before the SIGTERM to the deadline 1 s after it: at least the budget. No upper
+    # bound: on a loaded machine the SIGTERM and the report come as late as the scheduler likes.
+    assert float(named.group(1)) >= 0.9
 
 
 @pytest.mark.timeout(60)

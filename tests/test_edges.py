@@ -65,24 +65,34 @@ def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
     assert main is not None
 
     def main_thread_is_blocked_in_run() -> bool:
+        """Waiting in run()'s final wait: not starting up, not handling the last Ctrl-C."""
         frame = sys._current_frames().get(main)
-        while frame is not None:
-            if frame.f_code.co_name in {"_block", "_block_async"}:
-                return True
+        if frame is None or frame.f_code.co_name != "wait":
+            return False
+        while frame is not None and frame.f_code.co_name in {"wait", "wait_for_shutdown"}:
             frame = frame.f_back
-        return False
+        return frame is not None and frame.f_code.co_name == "_block"
 
-    def interrupter() -> None:
-        signal.pthread_kill(main, signal.SIGINT)  # a real Ctrl-C, aimed at the main thread
-        assert wrapping.wait(BOUND)
-        # Python's KeyboardInterrupt lands wherever the main thread is: send the second one
-        # once it is back waiting in run(), as an operator's second Ctrl-C would find it.
+    def ctrl_c() -> None:
+        """A real Ctrl-C at the main thread, once it waits in run(), as an operator's finds it.
+
+        Python's KeyboardInterrupt lands wherever the main thread is: sent the moment serve()
+        runs, it could land in the instant between run()'s start-up and its wait, and
+        propagate out of run() instead of starting the shutdown.
+        """
         pause = threading.Event()
         for _ in range(int(BOUND / 0.005)):
             if main_thread_is_blocked_in_run():
                 break
             pause.wait(0.005)  # polling a stack: there is no event to wait on
-        signal.pthread_kill(main, signal.SIGINT)  # the second one forces
+        else:
+            raise AssertionError("the main thread never waited in run()")
+        signal.pthread_kill(main, signal.SIGINT)
+
+    def interrupter() -> None:
+        ctrl_c()  # the first shuts down gracefully
+        assert wrapping.wait(BOUND)
+        ctrl_c()  # the second one forces
         assert exits.called.wait(BOUND)
         release.set()
 

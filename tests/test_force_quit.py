@@ -7,11 +7,12 @@ import logging
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 
 import pytest
 
 from graceful import Lifecycle
-from graceful._clock import FakeClock, MonotonicClock
+from graceful._clock import FakeClock, MonotonicClock, TimerHandle
 from graceful._force_quit import budget_from_env, emit_report
 
 from .conftest import BOUND, Recorder, run_python
@@ -146,6 +147,25 @@ def test_deadline_counts_from_the_first_trigger_and_a_new_budget_moves_it(
 def test_finishing_in_time_disarms_the_deadline(lc: Lifecycle, clock: FakeClock, exits: Recorder) -> None:
     assert lc.shutdown(timeout=BOUND)
     clock.advance(1000)
+    assert exits.codes == []
+    assert lc.forced is None
+
+
+def test_a_timer_that_fires_as_the_sequence_disarms_it_in_time_forces_nothing(exits: Recorder) -> None:
+    """The timer thread woke at the deadline just as a sequence that ended in time disarmed it."""
+    scheduled: list[Callable[[], None]] = []
+
+    class Recording(FakeClock):
+        def call_at(self, when: float, fn: Callable[[], None], *, name: str = "") -> TimerHandle:
+            scheduled.append(fn)
+            return super().call_at(when, fn, name=name)
+
+    clock = Recording()
+    lc = Lifecycle(force_quit=1, clock=clock, exit=exits)
+    assert lc.shutdown(timeout=BOUND)  # in time: the fake clock has not moved
+    clock.advance(1)  # disarmed: nothing comes due
+    # A _ThreadTimer that checked "cancelled?" a moment before the disarm calls it anyway.
+    scheduled[-1]()
     assert exits.codes == []
     assert lc.forced is None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import re
 import signal
 import socket
@@ -78,6 +79,29 @@ def test_probes_say_ready_then_not_ready_from_wrap_up_and_serving_goes_on_during
     child.expect_err("stopped accepting")
     assert refused_within(port) < 0.1
     assert child.wait() == 0
+
+
+@pytest.mark.timeout(30)
+def test_run_is_ready_before_it_logs_that_it_is(fresh: Lifecycle) -> None:
+    """Whoever reads the "ready" line and probes at once gets ready, never the flag not yet set."""
+    seen: list[bool] = []
+
+    class AtTheReadyLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "started: ready" in record.getMessage():
+                seen.append(readiness.is_ready(fresh))
+                fresh.shutdown("test", wait=False)
+
+    logger, handler = logging.getLogger("graceful"), AtTheReadyLine()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        assert graceful.run(lambda: fresh.wait_for_wrap_up(BOUND), handle_signals=False) == 0
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == [True]
 
 
 def test_ready_and_live_follow_the_lifecycle() -> None:
