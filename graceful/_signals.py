@@ -330,15 +330,10 @@ def signal_handlers(lifecycle: Lifecycle) -> Iterator[Router]:
     For programs that keep their own main loop; ``graceful.run()`` uses it. The previous
     handlers and wakeup fd are restored when the block ends.
 
+    ``graceful.signal_handlers()`` is the public face (its docstring has an example).
+
     Raises:
         RuntimeError: not called from the main thread (only it can install signal handlers).
-
-    Example::
-
-        with graceful.signal_handlers():
-            while not graceful.is_stopping():
-                do_some_work()
-        graceful.wait_for_shutdown()
     """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError(

@@ -20,7 +20,11 @@ if TYPE_CHECKING:
 
     from .._lifecycle import Lifecycle
 
-__all__ = ["InFlight", "Request"]
+__all__ = [
+    "InFlight",
+    "Request",
+    "log_ended_long_lived",
+]
 
 log = logging.getLogger("graceful")
 
@@ -83,3 +87,11 @@ class InFlight:
         for request in requests:
             log.error("%s: dropped request %s %s", self.server_name, request.describe(), why)
         return len(requests)
+
+
+def log_ended_long_lived(name: str, websockets: int, streams: int) -> None:
+    """The drain log's line for the long-lived connections an adapter ended (contract section 8)."""
+    if websockets or streams:
+        log.info(
+            "%s: closed %d WebSocket(s) with 1001 (going away), ended %d stream(s)", name, websockets, streams
+        )

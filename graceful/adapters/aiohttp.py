@@ -41,7 +41,7 @@ from aiohttp import web
 from .._checks import port_from_env
 from .._service import Context
 from ._drain import drain_delay_left_said, said_over
-from ._inflight import InFlight, Request
+from ._inflight import InFlight, Request, log_ended_long_lived
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
@@ -213,13 +213,7 @@ class AiohttpService:
         for site in list(self.runner.sites):
             await site.stop()  # the listening socket closes: new connections are refused
         websockets, streams = await self._end_long_lived(ctx.remaining())
-        if websockets or streams:
-            log.info(
-                "%s: closed %d WebSocket(s) with 1001 (going away), ended %d stream(s)",
-                self.name,
-                websockets,
-                streams,
-            )
+        log_ended_long_lived(self.name, websockets, streams)
         log.info("%s: stopped accepting; draining %d request(s)", self.name, len(self.in_flight))
         # aiohttp's per-connection timeout (None: wait as long as graceful's deadline allows).
         self.runner._shutdown_timeout = self.shutdown_timeout  # type: ignore[assignment]

@@ -38,7 +38,7 @@ import uvicorn
 
 from .._service import Context
 from ._drain import drain_delay_left_said, said_over
-from ._inflight import InFlight, Request
+from ._inflight import InFlight, Request, log_ended_long_lived
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
@@ -255,13 +255,7 @@ class UvicornService:
             listener.close()  # refuse new connections now, not at uvicorn's next tick
         if self._track is not None:  # before uvicorn's own shutdown would close them with 1012
             websockets, streams = await self._track.end_long_lived()
-            if websockets or streams:
-                log.info(
-                    "%s: closed %d WebSocket(s) with 1001 (going away), ended %d stream(s)",
-                    self.name,
-                    websockets,
-                    streams,
-                )
+            log_ended_long_lived(self.name, websockets, streams)
         self.server.should_exit = True
         if self._exit is not None:
             self._exit.set()
