@@ -98,10 +98,6 @@ class ForceQuitTimer:
         deadline = self.deadline
         return None if deadline is None else max(0.0, deadline - self._clock.monotonic())
 
-    def disarm(self) -> None:
-        with self._lock:
-            self._cancel()
-
     def _schedule(self) -> None:
         assert self.armed_at is not None
         self._generation += 1
