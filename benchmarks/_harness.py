@@ -56,7 +56,9 @@ class Setup:
         return module in self.peers
 
     def adapter_landed(self, name: str) -> bool:
-        return (ROOT / "graceful" / "adapters" / f"{name}.py").exists()
+        """The adapter exists, as a module or as a package (gRPC is one)."""
+        adapters = ROOT / "graceful" / "adapters"
+        return (adapters / f"{name}.py").exists() or (adapters / name / "__init__.py").exists()
 
 
 @dataclass
