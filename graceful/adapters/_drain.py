@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("graceful")
 
-__all__ = ["drain_delay_left_said", "said_over", "wait_drain_delay_said"]
+__all__ = ["sleep_drain_delay_said", "wait_drain_delay_said"]
 
 
-def drain_delay_left_said(lifecycle: Lifecycle) -> float:
+def _left_said(lifecycle: Lifecycle) -> float:
     """Seconds of the drain delay left; when some are, log that the servers keep serving."""
     left = drain_delay_left(lifecycle)
     if left > 0:
@@ -33,12 +33,23 @@ def drain_delay_left_said(lifecycle: Lifecycle) -> float:
     return left
 
 
-def said_over() -> None:
+def _said_over() -> None:
     log.info("drain delay over: the servers stop accepting")
 
 
 def wait_drain_delay_said(lifecycle: Lifecycle) -> None:
     """``readiness.wait_drain_delay``, with its start and end in the log (nothing if none left)."""
-    if drain_delay_left_said(lifecycle) > 0:
+    if _left_said(lifecycle) > 0:
         wait_drain_delay(lifecycle)
-        said_over()
+        _said_over()
+
+
+async def sleep_drain_delay_said(lifecycle: Lifecycle) -> None:
+    """The same on an event loop: a sleep on the loop, not ``wait_drain_delay()`` in the default
+    executor, whose threads the app's own ``run_in_executor()`` calls may all hold."""
+    import asyncio  # only adapters that already run a loop call this
+
+    left = _left_said(lifecycle)
+    if left > 0:
+        await asyncio.sleep(left)
+        _said_over()

@@ -40,7 +40,7 @@ from aiohttp import web
 
 from .._checks import port_from_env
 from .._service import Context
-from ._drain import drain_delay_left_said, said_over
+from ._drain import sleep_drain_delay_said
 from ._inflight import InFlight, Request, log_ended_long_lived
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -203,12 +203,7 @@ class AiohttpService:
     async def wrap_up(self, ctx: Context) -> None:
         if self._done is None or self._done.is_set():
             return
-        # Not-ready, still serving. A sleep on the loop, not wait_drain_delay() in the default
-        # executor: the app's own run_in_executor() calls may have every executor thread busy.
-        left = drain_delay_left_said(ctx.lifecycle)
-        if left > 0:
-            await asyncio.sleep(left)
-            said_over()
+        await sleep_drain_delay_said(ctx.lifecycle)  # not-ready, still serving
         self._draining = True
         for site in list(self.runner.sites):
             await site.stop()  # the listening socket closes: new connections are refused
