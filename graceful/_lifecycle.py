@@ -258,13 +258,15 @@ class Lifecycle:
     def _run_phase(self, phase: Phase, note: str | None = None) -> None:
         """Start the phase's listeners, log ``note``, then wait until every one has finished."""
         t0 = self._clock.monotonic()
-        count = self._phases.run(phase)
+        count, own = self._phases.run(phase)
         if note is not None:
             log.info("%s", note)
         with self._lock:
             self._phases.wait(phase)
-        said = Listener.counted(self._phases.listeners(), phase, count)
-        log.info("%s phase done: %s in %.3f s", phase, said, self._clock.monotonic() - t0)
+        theirs = f", {own} of them graceful's own (the servers')" if own else ""  # a reader counts theirs
+        log.info(
+            "%s phase done: %d listener(s)%s in %.3f s", phase, count, theirs, self._clock.monotonic() - t0
+        )
 
     # -- seams for integrations ---------------------------------------------------------------
 

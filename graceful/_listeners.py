@@ -187,13 +187,6 @@ class Listener:
             self._finish(ListenerState.FAILED if self.error is not None else ListenerState.DONE)
             self.on_finish(self)
 
-    @staticmethod
-    def counted(listeners: list[Listener], phase: Phase, count: int) -> str:
-        """What a phase's log line says of its ``count`` listeners: how many are graceful's own
-        (``run()``'s steps), so that a reader counting theirs does not wonder about the rest."""
-        own = sum(item.own for item in listeners if item.phase is phase)
-        return f"{count} listener(s)" + (f", {own} of them graceful's own (the servers')" if own else "")
-
     def _loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop of registration, else the lifecycle's default (``run()``'s), else None."""
         if self.loop is not None or self._default_loop is None:

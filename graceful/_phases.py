@@ -74,8 +74,9 @@ class Phases:
             self._registries[listener.phase].listeners.pop(listener, None)
             return True
 
-    def run(self, phase: Phase) -> int:
-        """Start every pending listener of ``phase`` (concurrently); returns how many."""
+    def run(self, phase: Phase) -> tuple[int, int]:
+        """Start every pending listener of ``phase`` (concurrently); returns how many, and how
+        many of them are graceful's own (``run()``'s steps for its servers)."""
         with self._changed:
             registry = self._registries[phase]
             registry.started = True
@@ -88,7 +89,7 @@ class Phases:
                 item.scheduled = True
             registry.outstanding += len(batch)
         run_soon(*batch)
-        return len(batch)
+        return len(batch), sum(item.own for item in batch)
 
     def outstanding(self, phase: Phase) -> int:
         """Listeners of ``phase`` scheduled and not finished (the caller holds the lock)."""
