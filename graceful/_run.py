@@ -109,11 +109,8 @@ def run_with(
         if os.environ.get("NOTIFY_SOCKET"):  # under systemd (or graceful_process)
             notifier = systemd.SystemdNotifier(lifecycle, router)
         try:
-            if probe_port is not None:  # Kubernetes probes the pod's IP: every interface by default
-                probes = readiness.serve_probes(
-                    probe_port, os.environ.get("GRACEFUL_PROBE_HOST", "0.0.0.0"), lifecycle
-                )
-                log.info("answering probes on port %d (/readyz, /livez)", probes.port)
+            if probe_port is not None:  # read and checked above, before anything changed
+                probes = readiness.serve_probes_from_env(lifecycle, probe_port)
             runner.run()
         finally:
             if probes is not None:

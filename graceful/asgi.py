@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from . import Lifecycle, get_lifecycle
-from .readiness import ProbeServer, check_platform_grace, probe_port_from_env, serve_probes, set_ready
+from . import Lifecycle, ListenerState, get_lifecycle
+from ._force_quit import check_budget
+from .readiness import ProbeServer, check_platform_grace, serve_probes_from_env, set_ready
 
 __all__ = ["GracefulLifespan", "lifespan"]
 
@@ -106,7 +106,7 @@ class GracefulLifespan:
         if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
             raise TypeError(f"lifecycle= takes a graceful.Lifecycle, not {type(lifecycle).__name__}")
         self.app = app
-        self.force_quit = None if force_quit is None else _check_budget(force_quit)
+        self.force_quit = None if force_quit is None else check_budget(force_quit, "lifespan(force_quit=...)")
         self._lifecycle = lifecycle
 
     @property
@@ -187,30 +187,19 @@ class GracefulLifespan:
         if lc.exit_code == 0:
             return ""
         failed = [
-            f"{item.phase} listener {item.name!r}" for item in lc.status().listeners if item.state == "failed"
+            f"{item.phase} listener {item.name!r}"
+            for item in lc.status().listeners
+            if item.state is ListenerState.FAILED
         ]
         return f"graceful: {', '.join(failed) or 'a listener'} failed (see the log above)"
 
 
-def _check_budget(seconds: object) -> float:
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"lifespan(force_quit=...) takes seconds, not {type(seconds).__name__}")
-    if math.isnan(seconds) or math.isinf(seconds) or seconds <= 0:
-        raise ValueError(f"lifespan(force_quit=...) must be a finite number of seconds > 0; got {seconds!r}")
-    return float(seconds)
-
-
 def _serve_probes(lc: Lifecycle) -> ProbeServer | None:
-    port = probe_port_from_env()
-    if port is None:
-        return None
     try:
-        probes = serve_probes(port, os.environ.get("GRACEFUL_PROBE_HOST", "0.0.0.0"), lc)
+        return serve_probes_from_env(lc)
     except RuntimeError as exc:  # another worker of the same server answers on that port
         log.warning("graceful.asgi: %s", exc)
         return None
-    log.info("answering probes on port %d (/readyz, /livez)", probes.port)
-    return probes
 
 
 def lifespan(

@@ -136,11 +136,7 @@ class _Worker:
         ).start()
 
     def _serve_probes(self) -> readiness.ProbeServer | None:
-        port = readiness.probe_port_from_env()
-        if port is None:
-            return None
-        host = os.environ.get("GRACEFUL_PROBE_HOST", "0.0.0.0")
-        return readiness.serve_probes(port, host, self.lifecycle)
+        return readiness.serve_probes_from_env(self.lifecycle)
 
     def is_main(self) -> bool:
         return os.getpid() == self.pipes.main_pid

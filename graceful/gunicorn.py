@@ -35,6 +35,7 @@ import os
 import graceful
 from graceful import readiness
 
+from ._force_quit import ENV_FORCE_QUIT, budget_from_env
 from ._gunicorn_worker import WorkerWatch
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
 
 log = logging.getLogger("graceful")
 
-ENV_FORCE_QUIT = "GRACEFUL_FORCE_QUIT"
 OUTCOMES = ("graceful", "failed", "forced")
 
 _watch: WorkerWatch | None = None  # this worker's, set in post_worker_init (never in the arbiter)
@@ -66,8 +66,10 @@ def budget_for(graceful_timeout: float) -> float:
 
 
 def _env_budget() -> float | None:
-    raw = os.environ.get(ENV_FORCE_QUIT, "").strip()
-    return float(raw) if raw else None
+    """``GRACEFUL_FORCE_QUIT`` if set (checked as everywhere else), else None."""
+    if not os.environ.get(ENV_FORCE_QUIT, "").strip():
+        return None
+    return budget_from_env(0.0)
 
 
 def _bridge_logging(glog: object) -> None:

@@ -23,6 +23,7 @@ one delay, counted from the first wrap-up trigger, covers every server in the pr
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 
@@ -41,6 +42,7 @@ __all__ = [
     "is_ready",
     "probe_port_from_env",
     "serve_probes",
+    "serve_probes_from_env",
     "set_drain_delay",
     "set_ready",
     "wait_drain_delay",
@@ -160,6 +162,7 @@ def wait_drain_delay(lifecycle: Lifecycle | None = None) -> float:
 # -- the probe endpoint ----------------------------------------------------------------------------
 
 ENV_PROBE_PORT = "GRACEFUL_PROBE_PORT"
+ENV_PROBE_HOST = "GRACEFUL_PROBE_HOST"
 PROBE_PATHS = ("/readyz", "/livez")
 
 
@@ -269,6 +272,23 @@ def probe_port_from_env() -> int | None:
         ValueError: it is set to something that is not a port number 1-65535.
     """
     return port_from_env(ENV_PROBE_PORT, None)
+
+
+def serve_probes_from_env(lifecycle: Lifecycle, port: int | None = None) -> ProbeServer | None:
+    """The probes ``run()`` and the hosts serve: on ``port`` (``GRACEFUL_PROBE_PORT`` if None;
+    None and nothing served when it is unset), on ``GRACEFUL_PROBE_HOST`` or every interface
+    (the kubelet probes the pod's IP). Logs the port.
+
+    Raises:
+        ValueError: ``GRACEFUL_PROBE_PORT`` is not a port number.
+        RuntimeError: the port cannot be bound.
+    """
+    port = probe_port_from_env() if port is None else port
+    if port is None:
+        return None
+    probes = serve_probes(port, os.environ.get(ENV_PROBE_HOST, "0.0.0.0"), lifecycle)
+    log.info("answering probes on port %d (/readyz, /livez)", probes.port)
+    return probes
 
 
 # -- the platform's grace --------------------------------------------------------------------------
