@@ -30,6 +30,8 @@ __all__ = [
     "check_reason",
     "check_seconds",
     "check_timeout",
+    "is_coroutine_function",
+    "is_generator_function",
     "port_from_env",
     "seconds_from_env",
 ]
@@ -39,9 +41,22 @@ MAX_SECONDS = float(threading.TIMEOUT_MAX)
 kill the thread that waits for the deadline."""
 
 CO_GENERATOR = 0x20
-CO_ITERABLE_COROUTINE = 0x100
+CO_COROUTINE = 0x80
 CO_ASYNC_GENERATOR = 0x200
-CO_VARARGS = 0x04
+
+
+def _code(fn: object) -> object:
+    return getattr(getattr(fn, "__func__", fn), "__code__", None)
+
+
+def is_coroutine_function(fn: object) -> bool:
+    """True for an ``async def`` (or a method of one), read off its code object: no ``inspect``."""
+    return bool(getattr(_code(fn), "co_flags", 0) & CO_COROUTINE)
+
+
+def is_generator_function(fn: object) -> bool:
+    """True for a generator or async-generator function: calling it would run none of its body."""
+    return bool(getattr(_code(fn), "co_flags", 0) & (CO_GENERATOR | CO_ASYNC_GENERATOR))
 
 
 def check_seconds(value: object, what: str, *, zero: bool = False, example: str = "25") -> float:
@@ -137,13 +152,12 @@ def check_listener(fn: object, what: str) -> Callable[[], object]:
             f"{what}() takes a callable with no arguments (a function, a bound method or an "
             f"async def), not {type(fn).__name__} {fn!r}"
         )
-    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-    if code is not None and code.co_flags & (CO_GENERATOR | CO_ASYNC_GENERATOR):
+    if is_generator_function(fn):
         raise TypeError(
             f"{what}() was given the generator function {fn!r}: calling it would only make a "
             "generator and its body would never run. Pass a plain function or an async def."
         )
-    if _required_arguments(fn, code) > 0:
+    if _required_arguments(fn, _code(fn)) > 0:
         raise TypeError(
             f"{what}() takes a callable with no arguments, and {fn!r} needs some: wrap it, "
             "e.g. functools.partial(fn, arg) or lambda: fn(arg)"

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 
 from . import readiness, systemd
 from ._aio import run_awaitable
+from ._checks import is_coroutine_function
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
 from ._force_quit import check_budget
 from ._lifecycle import Lifecycle
@@ -51,13 +52,6 @@ if TYPE_CHECKING:
 __all__ = ["run_with"]
 
 log = logging.getLogger("graceful")
-
-CO_COROUTINE = 0x80
-
-
-def _is_async(fn: object) -> bool:
-    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-    return bool(code is not None and code.co_flags & CO_COROUTINE)
 
 
 def run_with(
@@ -149,7 +143,7 @@ class _Runner:
         # A server that never returns: the report shows where the user's code is stuck, not
         # only graceful's listener waiting for it to return.
         self.lifecycle.add_report_section(self._server_stacks)
-        if any(_is_async(service.serve) for service in self.services):
+        if any(is_coroutine_function(service.serve) for service in self.services):
             self._run_async()
         else:
             self._run_sync()
@@ -187,7 +181,7 @@ class _Runner:
                 for service, ctx in zip(self.services, self.contexts, strict=True):
                     if self._too_late(service):
                         break
-                    if _is_async(service.serve):
+                    if is_coroutine_function(service.serve):
                         tasks.append(asyncio.ensure_future(self._serve_async(service, ctx)))
                     else:
                         self._start_thread(service, ctx)

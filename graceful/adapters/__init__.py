@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from .._checks import check_listener
+from .._checks import check_listener, is_coroutine_function, is_generator_function
 from .._service import Service, is_service
 from ._basic import (
     CallableService,
@@ -34,9 +34,6 @@ __all__ = [
     "StartStopService",
     "adapt",
 ]
-
-CO_COROUTINE = 0x80
-CO_GENERATORS = 0x20 | 0x200  # CO_GENERATOR | CO_ASYNC_GENERATOR
 
 # top-level package of the server's class -> our adapter module (imported on first use)
 _BY_PACKAGE: dict[str, str] = {
@@ -84,15 +81,12 @@ def _for_callable(obj: object) -> Service:
     # A generator function would hand back a generator and never run; one that needs
     # arguments would fail only in its thread: both are a TypeError here, at the call. One
     # argument is the exception: ``worker(ctx)`` is given its context (CallableService).
-    code = getattr(getattr(obj, "__func__", obj), "__code__", None)
-    plain = code is None or not code.co_flags & (CO_COROUTINE | CO_GENERATORS)
-    if plain and takes_context(obj):  # type: ignore[arg-type]
-        return CallableService(obj)  # type: ignore[arg-type]
+    if not is_coroutine_function(obj) and not is_generator_function(obj) and takes_context(obj):  # type: ignore[arg-type]
+        return CallableService(obj, with_context=True)  # type: ignore[arg-type]
     fn = check_listener(obj, "graceful.run")
-    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-    if code is not None and code.co_flags & CO_COROUTINE:  # an async def, not called yet
+    if is_coroutine_function(fn):  # an async def, not called yet
         return CoroutineFunctionService(fn)  # type: ignore[arg-type]
-    return CallableService(fn)
+    return CallableService(fn, with_context=False)
 
 
 def adapt(obj: Any) -> Service:

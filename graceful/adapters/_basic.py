@@ -127,10 +127,12 @@ class CallableService:
     API accepted.
     """
 
-    def __init__(self, fn: Callable[..., object], name: str | None = None) -> None:
+    def __init__(
+        self, fn: Callable[..., object], name: str | None = None, *, with_context: bool | None = None
+    ) -> None:
         self.fn = fn
         self.name = name or default_name(fn)
-        self.takes_context = takes_context(fn)
+        self.takes_context = takes_context(fn) if with_context is None else with_context
 
     def serve(self, ctx: Context) -> None:
         ctx.started()
