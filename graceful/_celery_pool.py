@@ -31,6 +31,8 @@ import threading
 import traceback
 from collections.abc import Callable
 
+from ._diagnostics import write_fd2
+
 log = logging.getLogger("graceful")
 
 _TRACER = os.path.join("celery", "app", "trace.py")
@@ -82,15 +84,6 @@ class TaskRegistry:
             lines.append(f"graceful: celery task {name} id {task_id} in {where}, at:")
             lines.extend(self.stack(task_id) or ["      (its thread has finished)"])
         return "".join(line + "\n" for line in lines)
-
-
-def write_stderr(text: str) -> None:
-    """Straight to fd 2: no stream lock (a stuck thread may hold it), and Celery's redirect of
-    ``sys.stderr`` into logging is bypassed, so the text is never reformatted or lost."""
-    data = text.encode("utf-8", "replace")
-    with contextlib.suppress(OSError):
-        while data:
-            data = data[os.write(2, data) :]
 
 
 class Pipes:
@@ -186,7 +179,7 @@ class Pipes:
     def _dump(self, on_dump: Callable[[], str]) -> None:
         text = on_dump()
         if text:
-            write_stderr(text)
+            write_fd2(text)
             with contextlib.suppress(OSError):
                 os.write(self.ack_w, b".")
 

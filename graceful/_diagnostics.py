@@ -26,7 +26,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._listeners import Listener
 
-__all__ = ["dump_threads", "emit_report", "format_report", "format_unfinished", "write_stderr"]
+__all__ = [
+    "dump_threads",
+    "emit_report",
+    "format_report",
+    "format_sections",
+    "format_thread_stacks",
+    "format_unfinished",
+    "write_fd2",
+    "write_stderr",
+]
 
 log = logging.getLogger("graceful")
 
@@ -181,19 +190,25 @@ def dump_threads(status_text: str) -> str:
 # -- getting a report out ---------------------------------------------------------------------
 
 
+def write_fd2(text: str) -> bool:
+    """Write ``text`` straight to fd 2: no stream and no lock (a stuck thread may hold one), and
+    past any redirect of ``sys.stderr`` (Celery sends it to logging). False if fd 2 is unusable."""
+    data = text.encode("utf-8", "replace")
+    try:
+        while data:  # os.write may write part of it to a pipe
+            data = data[os.write(2, data) :]
+    except OSError:
+        return False
+    return True
+
+
 def write_stderr(text: str) -> None:
     """Write ``text`` to stderr without any lock a user thread can hold, when stderr is the
     process's own (fd 2); to the replacement stream otherwise (a test's capture, say)."""
     stream = sys.stderr
-    if stream is None or stream is sys.__stderr__:
-        data = text.encode("utf-8", "replace")
-        try:
-            while data:  # os.write may write part of it to a pipe
-                data = data[os.write(2, data) :]
-            return
-        except OSError:  # no usable fd 2: fall back to the stream, if any
-            if stream is None:
-                return
+    own = stream is None or stream is sys.__stderr__
+    if own and (write_fd2(text) or stream is None):  # fd 2 unusable: fall back to the stream, if any
+        return
     try:
         stream.write(text)
         stream.flush()

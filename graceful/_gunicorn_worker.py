@@ -34,13 +34,12 @@ import logging
 import os
 import select
 import signal
-import sys
 import threading
-import traceback
 from collections.abc import Callable
 from types import FrameType
 
 from . import Lifecycle
+from ._diagnostics import format_thread_stacks
 
 __all__ = ["POLL", "QUICK_GRACE", "WorkerWatch"]
 
@@ -82,7 +81,8 @@ class WorkerWatch:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn: a TERM must not break a request's I/O
         self.lifecycle.add_wrap_up_listener(self.loop_ended.wait, name="gunicorn: requests in flight")
-        self.lifecycle.on_force_quit(self._dump_main_thread, name="gunicorn: main thread stack")
+        self.lifecycle.add_report_section(self._main_thread_stack)
+        self.lifecycle.on_force_quit(self._forced, name="gunicorn: forced outcome")
         self._thread = threading.Thread(target=self._watch, name="graceful-gunicorn-watch", daemon=True)
         self._thread.start()
 
@@ -179,17 +179,11 @@ class WorkerWatch:
 
     # -- force quit --------------------------------------------------------------------------
 
-    def _dump_main_thread(self) -> None:
-        """After graceful's report: where the worker's main thread is (a request still running?)."""
+    def _main_thread_stack(self) -> list[str]:
+        """In graceful's report: where the worker's main thread (the worker loop) is."""
+        title = f"graceful: gunicorn worker {self.pid}: main thread (the worker loop) at force quit:"
+        return format_thread_stacks([threading.main_thread()], title)
+
+    def _forced(self) -> None:
         self.outcome = "forced"
-        frame = sys._current_frames().get(threading.main_thread().ident or 0)
-        lines = [f"graceful: gunicorn worker {self.pid}: main thread (the worker loop) at force quit:"]
-        if frame is None:
-            lines.append("  (no Python frame)")
-        else:
-            lines += [
-                "  " + line for entry in traceback.format_stack(frame) for line in entry.rstrip().split("\n")
-            ]
-        with contextlib.suppress(OSError):  # straight to the fd: the stuck thread may hold a lock
-            os.write(2, ("\n".join(lines) + "\n").encode("utf-8", "replace"))
         self._on_forced()

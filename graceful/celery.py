@@ -48,7 +48,8 @@ from celery import signals
 from celery.worker import state as worker_state
 
 from . import Lifecycle, State, get_lifecycle, readiness, systemd, use
-from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork, write_stderr
+from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork
+from ._diagnostics import write_fd2
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
@@ -196,7 +197,7 @@ class _Worker:
             lines.extend(_tasks.stack(request.id))
             if pid is not None and pid != os.getpid():
                 busy.add(pid)
-        write_stderr("".join(line + "\n" for line in lines))
+        write_fd2("".join(line + "\n" for line in lines))
         channel = None
         for request in requests:
             channel = _requeue(request) or channel
