@@ -83,11 +83,11 @@ class Lifecycle:
         self._triggers: list[str] = []  # each trigger's reason, in order, for the final log line
         self._triggered_at: float | None = None
         self._shutdown_requested = False
-        self._phases = Phases(self._lock, self._clock)
+        self._phases = Phases(self._lock)
         self._observers = Observers()
         self._reloads = Reloads(self._observers)
         self._stopped = threading.Event()
-        self._on_stopped: list[Callable[[], None]] = []
+        self._on_stopped: list[Callable[[], None]] | None = []  # None once STOPPED: taken
         self._forced: str | None = None
         self._report_sections: list[Callable[[], list[str]]] = []
         self._progress = 0
@@ -246,7 +246,7 @@ class Lifecycle:
             took = self._clock.monotonic() - (self._triggered_at or 0.0)
             detail = f"{took:.3f} s after {' then '.join(self._triggers)}"
             note = self._set_state(State.STOPPED, detail)
-            callbacks, self._on_stopped = self._on_stopped, []
+            callbacks, self._on_stopped = list(self._on_stopped or ()), None
             forced = self._forced is not None
         if not forced:  # after a force quit nothing may claim a clean stop
             log.info("%s", note)  # before waking the waiters, so the log reads in order
@@ -402,11 +402,12 @@ class Lifecycle:
         """``await`` until STOPPED, without blocking the event loop."""
 
         def on_stopped(wake: Callable[[], None]) -> Callable[[], None]:
-            with self._lock:
-                if not self._stopped.is_set():
-                    self._on_stopped.append(wake)
-                    return lambda: None
-            wake()  # stopped already: the callbacks have run
+            with self._lock:  # decided with STOPPED: once the callbacks are taken, wake ourselves
+                waiting = self._on_stopped
+                if waiting is not None:
+                    waiting.append(wake)  # and a cancelled wait leaves nothing behind:
+                    return lambda: waiting.remove(wake) if wake in waiting else None
+            wake()
             return lambda: None
 
         return await wait_async(self._stopped.is_set, on_stopped)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 
-from ._clock import Clock
 from ._listeners import Listener, run_soon
 from ._status import ListenerState, Phase
 
@@ -42,9 +41,8 @@ class _Registry:
 class Phases:
     """Both phases of one lifecycle. Every method takes the shared lock itself."""
 
-    def __init__(self, changed: threading.Condition, clock: Clock) -> None:
+    def __init__(self, changed: threading.Condition) -> None:
         self._changed = changed
-        self._clock = clock
         self._registries = {phase: _Registry() for phase in Phase}
         self.failures: list[str] = []
         """What failed (listeners, and servers recorded by ``run()``); written under the lock."""

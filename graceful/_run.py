@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from . import readiness, systemd
-from ._aio import run_awaitable
+from ._aio import is_awaitable, run_awaitable
 from ._checks import is_coroutine_function
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
 from ._force_quit import check_budget
@@ -231,7 +231,7 @@ class _Runner:
                 log.info("server %r never started serving: nothing to wrap up", ctx.name)
                 return
             result = method(ctx)
-            if hasattr(result, "__await__"):
+            if is_awaitable(result):
                 self._await_on_loop(result)
             if wrap_up:
                 self._stopped_half(ctx)  # drained: "stopped" once serve() has returned too
