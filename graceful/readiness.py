@@ -12,8 +12,9 @@ one delay, counted from the first wrap-up trigger, covers every server in the pr
   use ``run()`` calls :func:`set_ready` itself.
 * live: True until the lifecycle has STOPPED (a liveness probe must not restart a pod that is
   draining).
-* drain delay: ``set_drain_delay(seconds)`` or ``GRACEFUL_DRAIN_DELAY`` (seconds, default 0),
-  bounded by what is left of the force-quit budget.
+* drain delay: ``set_drain_delay(seconds)`` or ``GRACEFUL_DRAIN_DELAY`` (seconds, default 0;
+  or ``auto[:MAX]``: until the balancer has visibly stopped sending), bounded by what is left
+  of the force-quit budget (graceful/_drain_delay.py says why and how).
 * probes: ``serve_probes(port)`` (or ``GRACEFUL_PROBE_PORT`` under ``run()``) answers
   ``/readyz`` and ``/livez`` from a tiny stdlib HTTP server on its own thread.
 * platform grace: ``check_platform_grace()`` warns at start when the drain delay plus the
@@ -27,16 +28,22 @@ import os
 import threading
 import weakref
 
-from ._checks import check_seconds, port_from_env, seconds_from_env
+from . import _drain_delay
+from ._checks import port_from_env
 from ._current import or_default
+from ._drain_delay import ENV_DRAIN_DELAY, DrainDelay, Traffic
 from ._lifecycle import Lifecycle
 from ._platform import platform_grace
 from ._status import State
 
 __all__ = [
+    "ENV_DRAIN_DELAY",
+    "DrainDelay",
     "ProbeServer",
+    "Traffic",
     "check_platform_grace",
     "drain_delay",
+    "drain_delay_is_auto",
     "drain_delay_left",
     "is_live",
     "is_ready",
@@ -45,22 +52,21 @@ __all__ = [
     "serve_probes_from_env",
     "set_drain_delay",
     "set_ready",
+    "traffic",
     "wait_drain_delay",
+    "wait_drain_delay_async",
 ]
 
 log = logging.getLogger("graceful")
-
-ENV_DRAIN_DELAY = "GRACEFUL_DRAIN_DELAY"
 
 
 class _Readiness:
     """What this module keeps for one lifecycle (the lifecycle itself knows nothing of it)."""
 
-    __slots__ = ("delay", "ready")
+    __slots__ = ("ready",)
 
     def __init__(self) -> None:
         self.ready = False
-        self.delay: float | None = None  # None until first read: the environment is read then
 
 
 _state: weakref.WeakKeyDictionary[Lifecycle, _Readiness] = weakref.WeakKeyDictionary()
@@ -73,14 +79,6 @@ def _of(lifecycle: Lifecycle) -> _Readiness:
         with _state_lock:
             found = _state.setdefault(lifecycle, _Readiness())
     return found
-
-
-def _check_delay(seconds: object, where: str) -> float:
-    return check_seconds(seconds, where, zero=True, example="5")
-
-
-def _delay_from_env() -> float:
-    return seconds_from_env(ENV_DRAIN_DELAY, 0.0, zero=True)
 
 
 def _lc(lifecycle: Lifecycle | None) -> Lifecycle:
@@ -103,60 +101,66 @@ def is_live(lifecycle: Lifecycle | None = None) -> bool:
     return _lc(lifecycle).state() is not State.STOPPED
 
 
-def set_drain_delay(seconds: float, lifecycle: Lifecycle | None = None) -> None:
-    """Keep serving ``seconds`` after turning not-ready, before any server stops accepting.
+# -- the drain delay (graceful/_drain_delay.py) ----------------------------------------------------
+
+
+def set_drain_delay(seconds: float | str, lifecycle: Lifecycle | None = None) -> None:
+    """Keep serving after turning not-ready, before any server stops accepting.
+
+    ``seconds``: a number (a fixed delay), ``"auto"`` or ``"auto:MAX"`` (serve until the
+    balancer has visibly stopped sending, at most MAX s: see docs/deploys.md).
 
     Raises:
-        TypeError, ValueError: ``seconds`` is not a finite number >= 0.
+        TypeError, ValueError: anything else (a negative number, NaN, ``"auto:0"``, ...).
     """
-    delay = _check_delay(seconds, "set_drain_delay()")
-    _of(_lc(lifecycle)).delay = delay
+    setting = _drain_delay.parse_drain_delay(seconds, "set_drain_delay()")
+    _drain_delay.set_drain_delay_setting(_lc(lifecycle), setting)
 
 
 def drain_delay(lifecycle: Lifecycle | None = None) -> float:
-    """The drain delay in seconds: the one set, else ``GRACEFUL_DRAIN_DELAY``, else 0."""
-    state = _of(_lc(lifecycle))
-    if state.delay is None:
-        state.delay = _delay_from_env()
-    return state.delay
+    """The drain delay in seconds (for ``auto``, its bound): the one set, else
+    ``GRACEFUL_DRAIN_DELAY``, else 0.
+
+    Raises:
+        ValueError: ``GRACEFUL_DRAIN_DELAY`` is neither seconds nor ``auto[:MAX]``.
+    """
+    return _drain_delay.drain_delay_setting(_lc(lifecycle)).seconds
+
+
+def drain_delay_is_auto(lifecycle: Lifecycle | None = None) -> bool:
+    """True when the drain delay is ``auto``: it ends once the balancer has stopped sending."""
+    return _drain_delay.drain_delay_setting(_lc(lifecycle)).auto
 
 
 def drain_delay_left(lifecycle: Lifecycle | None = None) -> float:
-    """Seconds of the drain delay still to wait (0 once over, when it is 0, or before wrap-up).
+    """Seconds to wait before the drain delay can be over (0 once over, when it is 0, or
+    before wrap-up); counted from the first wrap-up trigger, bounded by the budget left.
 
-    Counted from the first wrap-up trigger and bounded by the force-quit budget left; for
-    asyncio servers, ``await asyncio.sleep(drain_delay_left())`` is the drain delay.
+    A fixed delay: what is left of it. ``auto``: the earliest moment it could end; wait that
+    long and ask again until 0 (or call :func:`wait_drain_delay` /
+    :func:`wait_drain_delay_async`, which also wake when a probe is answered 503).
     """
-    lc = _lc(lifecycle)
-    delay = drain_delay(lc)
-    started = lc.triggered_at
-    if delay <= 0 or started is None:
-        return 0.0
-    left = started + delay - lc.clock.monotonic()
-    remaining = lc.time_remaining()
-    if remaining is not None:
-        left = min(left, remaining)
-    return max(left, 0.0)
+    return _drain_delay.drain_delay_left(_lc(lifecycle))
 
 
 def wait_drain_delay(lifecycle: Lifecycle | None = None) -> float:
-    """Block until the drain delay, counted from the first wrap-up trigger, has passed.
+    """Block until the drain delay, counted from the first wrap-up trigger, is over.
 
     Bounded by the force-quit budget left. Returns the seconds waited (0 when the delay was
     over already, was 0, or no wrap-up has started).
     """
-    lc = _lc(lifecycle)
-    left = drain_delay_left(lc)
-    if left <= 0:
-        return 0.0
-    passed = threading.Event()
-    now = lc.clock.monotonic()
-    handle = lc.clock.call_at(now + left, passed.set, name="graceful-drain-delay")
-    try:
-        passed.wait()
-    finally:
-        handle.cancel()
-    return lc.clock.monotonic() - now
+    return _drain_delay.wait_drain_delay(_lc(lifecycle))
+
+
+async def wait_drain_delay_async(lifecycle: Lifecycle | None = None) -> float:
+    """:func:`wait_drain_delay` for a server on an event loop: it waits on the loop."""
+    return await _drain_delay.wait_drain_delay_async(_lc(lifecycle))
+
+
+def traffic(lifecycle: Lifecycle | None = None) -> Traffic:
+    """Where a server reports each request's arrival (``.arrived()``), so that an ``auto``
+    drain delay sees it. graceful's adapters do it themselves."""
+    return _drain_delay.traffic(_lc(lifecycle))
 
 
 # -- the probe endpoint ----------------------------------------------------------------------------
@@ -186,6 +190,8 @@ class ProbeServer:
                 if path == "/readyz":
                     ok = is_ready(lc)
                     text = "ready" if ok else "not ready"
+                    if not ok:
+                        _drain_delay.probe_refused(lc)  # in a wrap-up: the balancer has been told
                 elif path == "/livez":
                     ok = is_live(lc)
                     text = "live" if ok else "stopped"
@@ -229,12 +235,15 @@ class ProbeServer:
         )
         self._thread.start()
         self._closed = False
+        self._lifecycle = lc
+        _drain_delay.probes_served(lc, +1)  # an auto drain delay waits for a 503 answered to a probe
 
     def close(self) -> None:
         """Stop answering: the port refuses connections from now on. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        _drain_delay.probes_served(self._lifecycle, -1)
         self._server.shutdown()
         self._thread.join(5)
         self._server.server_close()

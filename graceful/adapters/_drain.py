@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import logging
 
-from ..readiness import drain_delay_left, wait_drain_delay
+from .._drain_delay import drain_delay_ended_why
+from ..readiness import (
+    drain_delay,
+    drain_delay_is_auto,
+    drain_delay_left,
+    wait_drain_delay,
+    wait_drain_delay_async,
+)
 
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
@@ -26,30 +33,35 @@ __all__ = ["sleep_drain_delay_said", "wait_drain_delay_said"]
 
 
 def _left_said(lifecycle: Lifecycle) -> float:
-    """Seconds of the drain delay left; when some are, log that the servers keep serving."""
+    """Seconds before the drain delay can be over; when some are, log that the servers keep serving."""
     left = drain_delay_left(lifecycle)
     if left > 0:
-        log.info("drain delay: serving %.1f s more while the balancer stops sending (not ready)", left)
+        if drain_delay_is_auto(lifecycle):
+            log.info(
+                "drain delay (auto): serving until the balancer stops sending, at most %.1f s (not ready)",
+                drain_delay(lifecycle),
+            )
+        else:
+            log.info("drain delay: serving %.1f s more while the balancer stops sending (not ready)", left)
     return left
 
 
-def _said_over() -> None:
-    log.info("drain delay over: the servers stop accepting")
+def _said_over(lifecycle: Lifecycle, waited: float) -> None:
+    why = drain_delay_ended_why(lifecycle) if drain_delay_is_auto(lifecycle) else None
+    if why:
+        log.info("drain delay over after %.2f s (%s): the servers stop accepting", waited, why)
+    else:
+        log.info("drain delay over: the servers stop accepting")
 
 
 def wait_drain_delay_said(lifecycle: Lifecycle) -> None:
     """``readiness.wait_drain_delay``, with its start and end in the log (nothing if none left)."""
     if _left_said(lifecycle) > 0:
-        wait_drain_delay(lifecycle)
-        _said_over()
+        _said_over(lifecycle, wait_drain_delay(lifecycle))
 
 
 async def sleep_drain_delay_said(lifecycle: Lifecycle) -> None:
-    """The same on an event loop: a sleep on the loop, not ``wait_drain_delay()`` in the default
-    executor, whose threads the app's own ``run_in_executor()`` calls may all hold."""
-    import asyncio  # only adapters that already run a loop call this
-
-    left = _left_said(lifecycle)
-    if left > 0:
-        await asyncio.sleep(left)
-        _said_over()
+    """The same on an event loop: it waits on the loop, not ``wait_drain_delay()`` in the
+    default executor, whose threads the app's own ``run_in_executor()`` calls may all hold."""
+    if _left_said(lifecycle) > 0:
+        _said_over(lifecycle, await wait_drain_delay_async(lifecycle))

@@ -12,12 +12,15 @@ import logging
 import threading
 import time
 
+from ..readiness import traffic
+
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from .._drain_delay import Traffic
     from .._lifecycle import Lifecycle
 
 __all__ = [
@@ -53,18 +56,32 @@ class InFlight:
         self.server_name = server_name
         self._lock = threading.Lock()
         self._requests: dict[object, Request] = {}
-        self.lifecycle: Lifecycle | None = None
-        """Set by the adapter's ``serve()``: a request ending while it stops is drain progress."""
+        self._lifecycle: Lifecycle | None = None
+        self._traffic: Traffic | None = None
+
+    @property
+    def lifecycle(self) -> Lifecycle | None:
+        """Set by the adapter's ``serve()``: each request is an arrival an ``auto`` drain delay
+        watches, and one ending while the lifecycle stops is drain progress."""
+        return self._lifecycle
+
+    @lifecycle.setter
+    def lifecycle(self, lifecycle: Lifecycle | None) -> None:
+        self._lifecycle = lifecycle
+        self._traffic = None if lifecycle is None else traffic(lifecycle)
 
     def add(self, key: object, request: Request) -> None:
         with self._lock:
             self._requests[key] = request
+        if self._traffic is not None:
+            self._traffic.arrived()
 
     def discard(self, key: object) -> None:
         with self._lock:
             ended = self._requests.pop(key, None)
-        if ended is not None and self.lifecycle is not None and self.lifecycle.is_stopping():
-            self.lifecycle.report_progress()  # the drain moves: systemd gives more time
+        lifecycle = self._lifecycle
+        if ended is not None and lifecycle is not None and lifecycle.is_stopping():
+            lifecycle.report_progress()  # the drain moves: systemd gives more time
 
     def requests(self) -> list[Request]:
         with self._lock:

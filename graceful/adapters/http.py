@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler
 from socketserver import TCPServer
 
 from .._service import Context
+from ..readiness import traffic
 from ._drain import wait_drain_delay_said
 from ._inflight import Request
 
@@ -40,6 +41,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from .._drain_delay import Traffic
     from .._lifecycle import Lifecycle
 
 log = logging.getLogger("graceful")
@@ -60,6 +62,7 @@ class _Tracker:
         self.served: dict[Any, int] = {}  # handler -> requests answered so far
         self.draining = False
         self.lifecycle: Lifecycle | None = None  # set by serve()
+        self.traffic: Traffic | None = None  # set by serve()
 
     def opened(self, handler: Any) -> None:
         with self._lock:
@@ -75,6 +78,8 @@ class _Tracker:
     def begin(self, handler: Any, request: Request) -> None:
         with self._lock:
             self.open[handler] = request
+        if self.traffic is not None:
+            self.traffic.arrived()  # what an auto drain delay watches
 
     def end(self, handler: Any) -> None:
         with self._lock:
@@ -202,6 +207,7 @@ class HTTPServerService:
     def serve(self, ctx: Context) -> None:
         self._ctx = ctx
         self.tracker.lifecycle = ctx.lifecycle
+        self.tracker.traffic = traffic(ctx.lifecycle)
         ctx.lifecycle.on_force_quit(self._drop_the_rest, name=f"drop requests of {self.name}")
         self.server.shutdown = self._shutdown_asked  # type: ignore[method-assign]
         self._wake = socket.socketpair()
