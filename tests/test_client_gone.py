@@ -18,6 +18,8 @@ import struct
 
 import pytest
 
+from graceful.adapters import http as http_adapter
+
 from .child import PREAMBLE, Child
 from .conftest import BOUND
 from .web import free_port, get, start
@@ -220,7 +222,7 @@ def test_an_idle_keep_alive_past_the_handler_timeout_is_counted_a_stalled_reques
     children: list[Child],
 ) -> None:
     """``timeout`` expiring between requests: DEBUG; expiring inside one: the stdlib's line."""
-    child, port = start(children, SERVER, LEVEL="DEBUG", TIMEOUT="0.5")
+    child, port = start(children, SERVER, LEVEL="DEBUG", TIMEOUT="1")
     idle = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
     idle.request("GET", "/fast")
     assert idle.getresponse().read() == b"x" * 4096  # then nothing more on this connection
@@ -234,3 +236,43 @@ def test_an_idle_keep_alive_past_the_handler_timeout_is_counted_a_stalled_reques
     assert "Traceback" not in child.err
     child.send(signal.SIGTERM)
     assert child.wait() == 0
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair over 127.0.0.1: (client, the server's end)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname()[:2], timeout=BOUND)
+        server, _ = listener.accept()
+    return client, server
+
+
+def _wait_hangup(sock: socket.socket) -> None:
+    """Bounded wait until the kernel reports the peer's FIN or RST on ``sock``."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    assert poller.poll(BOUND * 1000), "the peer's close never arrived"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not hasattr(select, "POLLRDHUP"), reason="waits on Linux's POLLRDHUP")
+def test_peer_gone_tells_a_reset_or_closed_client_from_a_quiet_or_busy_one() -> None:
+    """Quiet, bytes waiting, or half-closed with a request unread: not gone; EOF or reset: gone."""
+    client, server = _pair()
+    with client, server:
+        assert not http_adapter._peer_gone(server)  # quiet, connected
+        client.sendall(b"GET / HTTP/1.1\r\n")
+        assert select.select([server], [], [], BOUND)[0]
+        assert not http_adapter._peer_gone(server)  # bytes waiting, connected
+        client.close()
+        _wait_hangup(server)
+        assert not http_adapter._peer_gone(server)  # FIN, a request unread: may await its answer
+        assert server.recv(64) == b"GET / HTTP/1.1\r\n"
+        assert http_adapter._peer_gone(server)  # FIN and nothing left: end of stream
+    client, server = _pair()
+    with client, server:
+        client.sendall(b"GET / HTTP/1.1\r\n")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        _wait_hangup(server)
+        assert http_adapter._peer_gone(server)  # reset with bytes left before the reset
+        assert server.recv(64) == b"GET / HTTP/1.1\r\n"  # nothing was consumed

@@ -22,7 +22,7 @@ balancer resets its pooled keep-alive connections, a health check closes once it
 line). The stdlib prints a traceback for each (``BaseServer.handle_error``); this server's
 ``handle_error`` is overridden on the instance (the class is left alone) so that a
 ``ConnectionResetError``, ``BrokenPipeError`` or ``ConnectionAbortedError`` *whose client
-socket shows the peer gone* (end of stream or a reset waiting on it) is counted
+socket shows the peer gone* (reset, or end of stream: see ``_peer_gone``) is counted
 (``clients_gone``, also in the drain line) and logged at DEBUG, one line naming the client.
 The same exceptions while the client is still connected came from somewhere else (the user's
 own call to a backend, say) and are reported as before, as is every other exception. A
@@ -69,6 +69,8 @@ IDLE_GRACE = 1.0
 # write after it closed (EPIPE), an abort (Windows). ConnectionRefusedError, the fourth
 # ConnectionError, only comes from connect(): the user's handler calling a backend.
 _GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux: struct tcp_info, state first
+_TCP_CLOSE = 7  # tcpi_state of a connection reset while our end is still open
 _TIMED_OUT = "Request timed out: %r"  # BaseHTTPRequestHandler's line (3.6 to 3.13 alike)
 
 
@@ -154,12 +156,21 @@ def _client(address: object) -> str:
 def _peer_gone(sock: object) -> bool:
     """The peer has closed or reset ``sock``: end of stream or an error waits on it.
 
-    A live connection, merely quiet or with bytes still to read, is not gone. Peeks at the raw
-    socket (a TLS socket's bytes too, undecrypted) without consuming anything or blocking.
+    A live connection, merely quiet or with bytes still to read, is not gone. On Linux the
+    kernel's TCP state says it first (CLOSE: reset, even with unread bytes left before the
+    reset); else a peek at the raw socket (a TLS socket's bytes too, undecrypted) without
+    consuming anything or blocking.
     """
     if not isinstance(sock, socket.socket):
         return False  # a datagram server's (data, socket): no connection to lose
     try:
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if (
+            tcp
+            and _TCP_INFO is not None
+            and sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_CLOSE
+        ):
+            return True
         if hasattr(select, "poll"):  # no FD_SETSIZE limit: a busy server has fds over 1024
             poller = select.poll()
             poller.register(sock, select.POLLIN)
