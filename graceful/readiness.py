@@ -216,6 +216,23 @@ class ProbeServer:
             def log_message(self, format: str, *args: object) -> None:
                 return None  # probes every few seconds would drown the log
 
+            # A prober that closes or resets early (HAProxy resets once it has the status line)
+            # is not an error: counted, one DEBUG line, never the stdlib's traceback. Everything
+            # this handler does is graceful's own, so these can only be the prober going away.
+            gone = 0
+            gone_lock = threading.Lock()
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
+                    with Probe.gone_lock:
+                        Probe.gone += 1
+                        count = Probe.gone
+                    host, port = self.client_address[:2]
+                    why = f"{type(exc).__name__}: {exc}"
+                    log.debug("probes: client %s:%s went away early (%s); %d so far", host, port, why, count)
+
         try:
             self._server = ThreadingHTTPServer((host, port), Probe)
         except OSError as exc:

@@ -221,4 +221,7 @@ def test_a_real_server_serves_until_its_probe_says_503_then_drains_and_exits_0(
     assert probe(probe_port, "/readyz") == (503, "not ready")
     child.expect_err("drain delay over after")
     assert child.wait() == 0
-    assert f"(no new request for {AUTO_QUIET:g} s, a probe answered 503): the servers stop accepting" in child.err
+    assert (
+        f"(no new request for {AUTO_QUIET:g} s, a probe answered 503): the servers stop accepting"
+        in child.err
+    )

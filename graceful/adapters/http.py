@@ -16,6 +16,20 @@ itself, and drains in the order every graceful web adapter follows:
 
 A pause (SIGTSTP) does the same without a deadline. A handler that calls ``server.shutdown()``
 asks graceful for a shutdown instead (``serve_forever()`` is not what runs the loop here).
+
+A client that goes away early is not an error (behind a load balancer it happens all day: the
+balancer resets its pooled keep-alive connections, a health check closes once it has the status
+line). The stdlib prints a traceback for each (``BaseServer.handle_error``); this server's
+``handle_error`` is overridden on the instance (the class is left alone) so that a
+``ConnectionResetError``, ``BrokenPipeError`` or ``ConnectionAbortedError`` *whose client
+socket shows the peer gone* (reset, or end of stream: see ``_peer_gone``) is counted
+(``clients_gone``, also in the drain line) and logged at DEBUG, one line naming the client.
+The same exceptions while the client is still connected came from somewhere else (the user's
+own call to a backend, say) and are reported as before, as is every other exception. A
+``BaseHTTPRequestHandler`` whose ``timeout`` expires while waiting for a request (an idle
+keep-alive connection) is counted the same way instead of the stdlib's "Request timed out"
+line; a timeout during a request is still the handler's to log. Only the error path changes:
+a request served costs what it cost.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import logging
 import select
 import selectors
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -39,6 +54,7 @@ from ._inflight import Request
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from .._drain_delay import Traffic
@@ -50,6 +66,14 @@ __all__ = ["IDLE_GRACE", "HTTPServerService", "adapt"]
 
 IDLE_GRACE = 1.0
 """Seconds a connection accepted during the drain may stay silent before it is closed."""
+
+# What a client going away raises on our side of its socket: a reset (RST) read or written, a
+# write after it closed (EPIPE), an abort (Windows). ConnectionRefusedError, the fourth
+# ConnectionError, only comes from connect(): the user's handler calling a backend.
+_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux: struct tcp_info, state first
+_TCP_CLOSE = 7  # tcpi_state of a connection reset while our end is still open
+_TIMED_OUT = "Request timed out: %r"  # BaseHTTPRequestHandler's line (3.6 to 3.13 alike)
 
 
 class _Tracker:
@@ -63,6 +87,15 @@ class _Tracker:
         self.draining = False
         self.lifecycle: Lifecycle | None = None  # set by serve()
         self.traffic: Traffic | None = None  # set by serve()
+        self.gone = 0  # clients that went away early
+        self.name = ""  # the service's, for the log lines (set by HTTPServerService)
+
+    def client_gone(self, client: object, why: str) -> None:
+        """Count a client that closed or reset early; one DEBUG line, never a traceback."""
+        with self._lock:
+            self.gone += 1
+            count = self.gone
+        log.debug("%s: client %s went away early (%s); %d so far", self.name, _client(client), why, count)
 
     def opened(self, handler: Any) -> None:
         with self._lock:
@@ -118,6 +151,44 @@ def _has_input(handler: Any) -> bool:
     return bool(readable)
 
 
+def _client(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return repr(address) if address else "(unnamed socket)"
+
+
+def _peer_gone(sock: object) -> bool:
+    """The peer has closed or reset ``sock``: end of stream or an error waits on it.
+
+    A live connection, merely quiet or with bytes still to read, is not gone. On Linux the
+    kernel's TCP state says it first (CLOSE: reset, even with unread bytes left before the
+    reset); else a peek at the raw socket (a TLS socket's bytes too, undecrypted) without
+    consuming anything or blocking.
+    """
+    if not isinstance(sock, socket.socket):
+        return False  # a datagram server's (data, socket): no connection to lose
+    try:
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if (
+            tcp
+            and _TCP_INFO is not None
+            and sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_CLOSE
+        ):
+            return True
+        if hasattr(select, "poll"):  # no FD_SETSIZE limit: a busy server has fds over 1024
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        return readable and not socket.socket.recv(sock, 1, socket.MSG_PEEK)
+    except _GONE:
+        return True
+    except (OSError, ValueError):  # closed already, or not a stream: cannot tell, so not gone
+        return False
+
+
 def _tracked_handler(base: type, tracker: _Tracker) -> type:
     """A subclass of the server's handler class that reports to ``tracker``."""
 
@@ -162,6 +233,14 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
                 self.close_connection = True
             super().end_headers()
 
+        def log_error(self, format: str, *args: Any) -> None:
+            # Called on errors only. The stdlib's timeout line with no request under way: the
+            # client kept its connection open and idle past ``timeout`` (a pooled keep-alive).
+            if format == _TIMED_OUT and tracker.open.get(self) is None:
+                tracker.client_gone(self.client_address, "idle past the timeout")
+                return
+            super().log_error(format, *args)
+
     TrackedHTTP.__name__ = TrackedHTTP.__qualname__ = base.__name__
     return TrackedHTTP
 
@@ -187,12 +266,28 @@ class HTTPServerService:
         self.server = server
         self.name = name or type(server).__name__
         self.tracker = _Tracker()
+        self.tracker.name = self.name
         server.RequestHandlerClass = _track(server.RequestHandlerClass, self.tracker)
+        self._report_error: Callable[[Any, Any], None] = server.handle_error  # the user's, if overridden
+        server.handle_error = self._handle_error  # type: ignore[method-assign]  # this instance only
         self._widen_backlog()
         self._wake: tuple[socket.socket, socket.socket] | None = None  # made by serve()
         self._stop = threading.Event()
         self._loop_left = threading.Event()
         self._ctx: Context | None = None
+
+    @property
+    def clients_gone(self) -> int:
+        """Clients that closed or reset their connection early (logged at DEBUG, not errors)."""
+        return self.tracker.gone
+
+    def _handle_error(self, request: Any, client_address: Any) -> None:
+        """The server's ``handle_error``: a client gone is counted, anything else reported."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _GONE) and _peer_gone(request):
+            self.tracker.client_gone(client_address, f"{type(exc).__name__}: {exc}")
+            return
+        self._report_error(request, client_address)
 
     def _widen_backlog(self) -> None:
         """socketserver listens with a backlog of 5: a burst of clients would see SYNs dropped
@@ -273,7 +368,10 @@ class HTTPServerService:
             if listening_closed is None and self._loop_left.is_set():
                 listening_closed = time.monotonic()
                 log.info(
-                    "%s: stopped accepting; draining %d connection(s)", self.name, len(self.tracker.open)
+                    "%s: stopped accepting; draining %d connection(s) (%d client(s) had gone away early)",
+                    self.name,
+                    len(self.tracker.open),
+                    self.tracker.gone,
                 )
             fresh_too = listening_closed is not None and time.monotonic() - listening_closed >= IDLE_GRACE
             for handler in self.tracker.idle(fresh_too=fresh_too):
