@@ -14,6 +14,15 @@ itself, and drains in the order every graceful web adapter follows:
 4. at the force-quit deadline each request still running is logged (method, path, client, how
    long it had run) and its connection is shut down.
 
+Upgraded and hijacked connections (a handler that answered ``101 Switching Protocols``, a
+WebSocket written by hand, or a ``CONNECT`` tunnel) never end by themselves, and a standard
+library server does not know their protocol: it cannot send a WebSocket its 1001 close frame
+as the uvicorn and aiohttp adapters do, and cutting the socket would be a reset, not a
+goodbye. So the adapter names each one in the drain log when the drain starts (what it is,
+method, path, client, how long it has been open), keeps waiting for its handler under the
+budget (a handler ends it the protocol's way once ``graceful.is_stopping()`` is true), counts
+those that ended, and names each again if the deadline cuts it. Nothing is waited on silently.
+
 A pause (SIGTSTP) does the same without a deadline. A handler that calls ``server.shutdown()``
 asks graceful for a shutdown instead (``serve_forever()`` is not what runs the loop here).
 """
@@ -58,6 +67,7 @@ class _Tracker:
         self._idle = threading.Condition(self._lock)
         self.open: dict[Any, Request | None] = {}  # handler -> its current request
         self.served: dict[Any, int] = {}  # handler -> requests answered so far
+        self.upgraded: dict[Any, str] = {}  # handler -> what it became ("tunnel", ...)
         self.draining = False
         self.lifecycle: Lifecycle | None = None  # set by serve()
 
@@ -70,14 +80,30 @@ class _Tracker:
         with self._lock:
             self.open.pop(handler, None)
             self.served.pop(handler, None)
+            self.upgraded.pop(handler, None)
             self._idle.notify_all()
 
     def begin(self, handler: Any, request: Request) -> None:
         with self._lock:
             self.open[handler] = request
 
+    def upgrade(self, handler: Any, what: str) -> None:
+        """The connection left HTTP (101, a CONNECT tunnel): it lasts as long as its handler."""
+        with self._lock:
+            self.upgraded[handler] = what
+
+    def long_lived(self) -> list[tuple[str, Request]]:
+        """(what it became, its request) for each upgraded connection still open."""
+        with self._lock:
+            return [
+                (what, request)
+                for handler, what in self.upgraded.items()
+                if (request := self.open.get(handler)) is not None
+            ]
+
     def end(self, handler: Any) -> None:
         with self._lock:
+            self.upgraded.pop(handler, None)
             ended = self.open.get(handler) is not None
             if ended:
                 self.open[handler] = None
@@ -146,13 +172,24 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
                 tracker.begin(self, Request(self.command, self.path, self.address_string()))
             return ok
 
+        def send_response_only(self, code: int, message: str | None = None) -> None:
+            if code == 101:  # Switching Protocols: the handler speaks another protocol now
+                tracker.upgrade(self, "upgraded connection")
+            elif self.command == "CONNECT" and 200 <= code < 300:
+                tracker.upgrade(self, "tunnel")
+            super().send_response_only(code, message)
+
         def send_header(self, keyword: str, value: str) -> None:
-            if keyword.lower() == "connection":
+            name = keyword.lower()
+            if name == "connection":
                 self._graceful_said_connection = True
+            elif name == "upgrade" and self in tracker.upgraded:
+                tracker.upgrade(self, f"upgraded connection ({value})")
             super().send_header(keyword, value)
 
         def end_headers(self) -> None:
-            if tracker.draining and not getattr(self, "_graceful_said_connection", False):
+            said = getattr(self, "_graceful_said_connection", False)
+            if tracker.draining and not said and self not in tracker.upgraded:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             super().end_headers()
@@ -263,6 +300,7 @@ class HTTPServerService:
         True once drained; False when the budget ran out.
         """
         listening_closed: float | None = None
+        named = self._name_long_lived()  # now: a one-thread server's loop may be what runs one
         while True:
             if listening_closed is None and self._loop_left.is_set():
                 listening_closed = time.monotonic()
@@ -278,16 +316,37 @@ class HTTPServerService:
             if listening_closed is None:
                 self._loop_left.wait(step)
             elif self.tracker.wait_empty(step):
+                if named:
+                    log.info("%s: %d upgraded connection(s) ended by their handlers", self.name, named)
                 return True
             if remaining is not None and remaining <= 0:
                 return False
+
+    def _name_long_lived(self) -> int:
+        """One line for each upgraded connection the drain now waits on; how many."""
+        long_lived = self.tracker.long_lived()
+        for what, request in long_lived:
+            log.warning(
+                "%s: waiting on %s %s: graceful cannot end a protocol it does not know; its handler "
+                "ends it (graceful.is_stopping()), or the deadline cuts it",
+                self.name,
+                what,
+                request.describe(),
+            )
+        return len(long_lived)
 
     def close(self, ctx: Context) -> None:
         with contextlib.suppress(OSError):
             self.server.server_close()
 
     def _drop_the_rest(self) -> None:
+        long_lived = self.tracker.long_lived()
+        for what, request in long_lived:
+            log.error("%s: cut %s %s at the force-quit deadline", self.name, what, request.describe())
+        cut = {id(request) for _, request in long_lived}
         for request in self.tracker.in_flight():
+            if id(request) in cut:
+                continue
             log.error("%s: dropped request %s at the force-quit deadline", self.name, request.describe())
         for handler in list(self.tracker.open):
             _shut(handler)
