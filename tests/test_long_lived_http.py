@@ -96,7 +96,7 @@ def test_an_upgraded_connection_is_named_and_waited_for_until_its_handler_ends_i
     assert closed.value.rcvd.code == 1001
     assert child.wait() == 0
     child.expect("ws closed by its handler")
-    assert "1 upgraded connection(s) ended by their handlers" in child.err
+    assert "1 upgraded connection(s) ended during the drain" in child.err
     assert "Traceback" not in child.err
 
 

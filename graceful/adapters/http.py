@@ -317,7 +317,7 @@ class HTTPServerService:
                 self._loop_left.wait(step)
             elif self.tracker.wait_empty(step):
                 if named:
-                    log.info("%s: %d upgraded connection(s) ended by their handlers", self.name, named)
+                    log.info("%s: %d upgraded connection(s) ended during the drain", self.name, named)
                 return True
             if remaining is not None and remaining <= 0:
                 return False
