@@ -34,8 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / "benchmarks" / ".peers"
-PEER_PACKAGES = ("aiomisc", "cotyledon", "uvicorn", "grpcio")
-PEER_MODULES = ("aiomisc", "cotyledon", "uvicorn", "grpc")
+# websockets: uvicorn's WebSocket protocol and the long-lived benchmark's client; aiohttp: the
+# server graceful's aiohttp adapter drives there
+PEER_PACKAGES = ("aiomisc", "cotyledon", "uvicorn", "grpcio", "websockets", "aiohttp")
+PEER_MODULES = ("aiomisc", "cotyledon", "uvicorn", "grpc", "websockets", "aiohttp")
 READY_BOUND = 30.0  # seconds a child may take to start on a loaded machine
 _DROP = ("PYTHONDONTWRITEBYTECODE", "NOTIFY_SOCKET", "GRACEFUL_FORCE_QUIT", "PYTHONPATH", "PYTHONSTARTUP")
 

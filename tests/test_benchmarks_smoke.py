@@ -25,6 +25,7 @@ SECTIONS = (
     "4. drain under load",
     "5. force quit",
     "6. is_stopping()",
+    "7. long-lived",
 )
 MEASURED = (  # (section, contender, a word its measured result must contain)
     ("1. import", "graceful", "own modules"),
@@ -36,6 +37,8 @@ MEASURED = (  # (section, contender, a word its measured result must contain)
     ("5. force quit", "bare Python (threading.Timer + os._exit)", "exit 70"),
     ("5. force quit", "graceful.run(service) + stuck listener", "exit 70"),
     ("6. is_stopping()", "graceful vs threading.Event", "ns"),
+    ("7. long-lived", "graceful.run(uvicorn.Server)", "close frame 1001"),
+    ("7. long-lived", "graceful.run(AiohttpService)", "close frame 1001"),
 )
 
 

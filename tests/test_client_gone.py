@@ -18,7 +18,7 @@ import struct
 
 import pytest
 
-from graceful.adapters import http as http_adapter
+from graceful.adapters import _gone
 
 from .child import PREAMBLE, Child
 from .conftest import BOUND
@@ -259,20 +259,20 @@ def test_peer_gone_tells_a_reset_or_closed_client_from_a_quiet_or_busy_one() -> 
     """Quiet, bytes waiting, or half-closed with a request unread: not gone; EOF or reset: gone."""
     client, server = _pair()
     with client, server:
-        assert not http_adapter._peer_gone(server)  # quiet, connected
+        assert not _gone.peer_gone(server)  # quiet, connected
         client.sendall(b"GET / HTTP/1.1\r\n")
         assert select.select([server], [], [], BOUND)[0]
-        assert not http_adapter._peer_gone(server)  # bytes waiting, connected
+        assert not _gone.peer_gone(server)  # bytes waiting, connected
         client.close()
         _wait_hangup(server)
-        assert not http_adapter._peer_gone(server)  # FIN, a request unread: may await its answer
+        assert not _gone.peer_gone(server)  # FIN, a request unread: may await its answer
         assert server.recv(64) == b"GET / HTTP/1.1\r\n"
-        assert http_adapter._peer_gone(server)  # FIN and nothing left: end of stream
+        assert _gone.peer_gone(server)  # FIN and nothing left: end of stream
     client, server = _pair()
     with client, server:
         client.sendall(b"GET / HTTP/1.1\r\n")
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
         _wait_hangup(server)
-        assert http_adapter._peer_gone(server)  # reset with bytes left before the reset
+        assert _gone.peer_gone(server)  # reset with bytes left before the reset
         assert server.recv(64) == b"GET / HTTP/1.1\r\n"  # nothing was consumed

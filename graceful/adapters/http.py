@@ -14,22 +14,22 @@ itself, and drains in the order every graceful web adapter follows:
 4. at the force-quit deadline each request still running is logged (method, path, client, how
    long it had run) and its connection is shut down.
 
+Upgraded and hijacked connections (a handler that answered ``101 Switching Protocols``, a
+WebSocket written by hand, or a ``CONNECT`` tunnel) never end by themselves, and a standard
+library server does not know their protocol: it cannot send a WebSocket its 1001 close frame
+as the uvicorn and aiohttp adapters do, and cutting the socket would be a reset, not a
+goodbye. So the adapter names each one in the drain log when the drain starts (what it is,
+method, path, client, how long it has been open), keeps waiting for its handler under the
+budget (a handler ends it the protocol's way once ``graceful.is_stopping()`` is true), counts
+those that ended, and names each again if the deadline cuts it. Nothing is waited on silently.
+
 A pause (SIGTSTP) does the same without a deadline. A handler that calls ``server.shutdown()``
 asks graceful for a shutdown instead (``serve_forever()`` is not what runs the loop here).
 
-A client that goes away early is not an error (behind a load balancer it happens all day: the
-balancer resets its pooled keep-alive connections, a health check closes once it has the status
-line). The stdlib prints a traceback for each (``BaseServer.handle_error``); this server's
-``handle_error`` is overridden on the instance (the class is left alone) so that a
-``ConnectionResetError``, ``BrokenPipeError`` or ``ConnectionAbortedError`` *whose client
-socket shows the peer gone* (reset, or end of stream: see ``_peer_gone``) is counted
-(``clients_gone``, also in the drain line) and logged at DEBUG, one line naming the client.
-The same exceptions while the client is still connected came from somewhere else (the user's
-own call to a backend, say) and are reported as before, as is every other exception. A
-``BaseHTTPRequestHandler`` whose ``timeout`` expires while waiting for a request (an idle
-keep-alive connection) is counted the same way instead of the stdlib's "Request timed out"
-line; a timeout during a request is still the handler's to log. Only the error path changes:
-a request served costs what it cost.
+A client that goes away early (a balancer resetting its pooled connections) is counted and
+logged at DEBUG, never a traceback: ``handle_error`` is overridden on the server *instance*,
+and ``_gone`` says how it is told from a handler's own failing call to a backend, which is
+still reported. Only the error path changes: a request served costs what it cost.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from socketserver import TCPServer
 from .._service import Context
 from ..readiness import traffic
 from ._drain import wait_drain_delay_said
+from ._gone import GONE, TIMED_OUT, describe_client, peer_gone
 from ._inflight import Request
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -67,14 +68,6 @@ __all__ = ["IDLE_GRACE", "HTTPServerService", "adapt"]
 IDLE_GRACE = 1.0
 """Seconds a connection accepted during the drain may stay silent before it is closed."""
 
-# What a client going away raises on our side of its socket: a reset (RST) read or written, a
-# write after it closed (EPIPE), an abort (Windows). ConnectionRefusedError, the fourth
-# ConnectionError, only comes from connect(): the user's handler calling a backend.
-_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux: struct tcp_info, state first
-_TCP_CLOSE = 7  # tcpi_state of a connection reset while our end is still open
-_TIMED_OUT = "Request timed out: %r"  # BaseHTTPRequestHandler's line (3.6 to 3.13 alike)
-
 
 class _Tracker:
     """Every open connection, and the request each one is answering, if any."""
@@ -84,6 +77,7 @@ class _Tracker:
         self._idle = threading.Condition(self._lock)
         self.open: dict[Any, Request | None] = {}  # handler -> its current request
         self.served: dict[Any, int] = {}  # handler -> requests answered so far
+        self.upgraded: dict[Any, str] = {}  # handler -> what it became ("tunnel", ...)
         self.draining = False
         self.lifecycle: Lifecycle | None = None  # set by serve()
         self.traffic: Traffic | None = None  # set by serve()
@@ -95,7 +89,9 @@ class _Tracker:
         with self._lock:
             self.gone += 1
             count = self.gone
-        log.debug("%s: client %s went away early (%s); %d so far", self.name, _client(client), why, count)
+        log.debug(
+            "%s: client %s went away early (%s); %d so far", self.name, describe_client(client), why, count
+        )
 
     def opened(self, handler: Any) -> None:
         with self._lock:
@@ -106,6 +102,7 @@ class _Tracker:
         with self._lock:
             self.open.pop(handler, None)
             self.served.pop(handler, None)
+            self.upgraded.pop(handler, None)
             self._idle.notify_all()
 
     def begin(self, handler: Any, request: Request) -> None:
@@ -114,8 +111,23 @@ class _Tracker:
         if self.traffic is not None:
             self.traffic.arrived()  # what an auto drain delay watches
 
+    def upgrade(self, handler: Any, what: str) -> None:
+        """The connection left HTTP (101, a CONNECT tunnel): it lasts as long as its handler."""
+        with self._lock:
+            self.upgraded[handler] = what
+
+    def long_lived(self) -> list[tuple[str, Request]]:
+        """(what it became, its request) for each upgraded connection still open."""
+        with self._lock:
+            return [
+                (what, request)
+                for handler, what in self.upgraded.items()
+                if (request := self.open.get(handler)) is not None
+            ]
+
     def end(self, handler: Any) -> None:
         with self._lock:
+            self.upgraded.pop(handler, None)
             ended = self.open.get(handler) is not None
             if ended:
                 self.open[handler] = None
@@ -151,44 +163,6 @@ def _has_input(handler: Any) -> bool:
     return bool(readable)
 
 
-def _client(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return repr(address) if address else "(unnamed socket)"
-
-
-def _peer_gone(sock: object) -> bool:
-    """The peer has closed or reset ``sock``: end of stream or an error waits on it.
-
-    A live connection, merely quiet or with bytes still to read, is not gone. On Linux the
-    kernel's TCP state says it first (CLOSE: reset, even with unread bytes left before the
-    reset); else a peek at the raw socket (a TLS socket's bytes too, undecrypted) without
-    consuming anything or blocking.
-    """
-    if not isinstance(sock, socket.socket):
-        return False  # a datagram server's (data, socket): no connection to lose
-    try:
-        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        if (
-            tcp
-            and _TCP_INFO is not None
-            and sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_CLOSE
-        ):
-            return True
-        if hasattr(select, "poll"):  # no FD_SETSIZE limit: a busy server has fds over 1024
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            readable = bool(poller.poll(0))
-        else:
-            readable = bool(select.select([sock], [], [], 0)[0])
-        return readable and not socket.socket.recv(sock, 1, socket.MSG_PEEK)
-    except _GONE:
-        return True
-    except (OSError, ValueError):  # closed already, or not a stream: cannot tell, so not gone
-        return False
-
-
 def _tracked_handler(base: type, tracker: _Tracker) -> type:
     """A subclass of the server's handler class that reports to ``tracker``."""
 
@@ -222,13 +196,24 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
                 tracker.begin(self, Request(self.command, self.path, self.address_string()))
             return ok
 
+        def send_response_only(self, code: int, message: str | None = None) -> None:
+            if code == 101:  # Switching Protocols: the handler speaks another protocol now
+                tracker.upgrade(self, "upgraded connection")
+            elif self.command == "CONNECT" and 200 <= code < 300:
+                tracker.upgrade(self, "tunnel")
+            super().send_response_only(code, message)
+
         def send_header(self, keyword: str, value: str) -> None:
-            if keyword.lower() == "connection":
+            name = keyword.lower()
+            if name == "connection":
                 self._graceful_said_connection = True
+            elif name == "upgrade" and self in tracker.upgraded:
+                tracker.upgrade(self, f"upgraded connection ({value})")
             super().send_header(keyword, value)
 
         def end_headers(self) -> None:
-            if tracker.draining and not getattr(self, "_graceful_said_connection", False):
+            said = getattr(self, "_graceful_said_connection", False)
+            if tracker.draining and not said and self not in tracker.upgraded:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             super().end_headers()
@@ -236,7 +221,7 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
         def log_error(self, format: str, *args: Any) -> None:
             # Called on errors only. The stdlib's timeout line with no request under way: the
             # client kept its connection open and idle past ``timeout`` (a pooled keep-alive).
-            if format == _TIMED_OUT and tracker.open.get(self) is None:
+            if format == TIMED_OUT and tracker.open.get(self) is None:
                 tracker.client_gone(self.client_address, "idle past the timeout")
                 return
             super().log_error(format, *args)
@@ -284,7 +269,7 @@ class HTTPServerService:
     def _handle_error(self, request: Any, client_address: Any) -> None:
         """The server's ``handle_error``: a client gone is counted, anything else reported."""
         exc = sys.exc_info()[1]
-        if isinstance(exc, _GONE) and _peer_gone(request):
+        if isinstance(exc, GONE) and peer_gone(request):
             self.tracker.client_gone(client_address, f"{type(exc).__name__}: {exc}")
             return
         self._report_error(request, client_address)
@@ -364,6 +349,7 @@ class HTTPServerService:
         True once drained; False when the budget ran out.
         """
         listening_closed: float | None = None
+        named = self._name_long_lived()  # now: a one-thread server's loop may be what runs one
         while True:
             if listening_closed is None and self._loop_left.is_set():
                 listening_closed = time.monotonic()
@@ -382,16 +368,37 @@ class HTTPServerService:
             if listening_closed is None:
                 self._loop_left.wait(step)
             elif self.tracker.wait_empty(step):
+                if named:
+                    log.info("%s: %d upgraded connection(s) ended during the drain", self.name, named)
                 return True
             if remaining is not None and remaining <= 0:
                 return False
+
+    def _name_long_lived(self) -> int:
+        """One line for each upgraded connection the drain now waits on; how many."""
+        long_lived = self.tracker.long_lived()
+        for what, request in long_lived:
+            log.warning(
+                "%s: waiting on %s %s: graceful cannot end a protocol it does not know; its handler "
+                "ends it (graceful.is_stopping()), or the deadline cuts it",
+                self.name,
+                what,
+                request.describe(),
+            )
+        return len(long_lived)
 
     def close(self, ctx: Context) -> None:
         with contextlib.suppress(OSError):
             self.server.server_close()
 
     def _drop_the_rest(self) -> None:
+        long_lived = self.tracker.long_lived()
+        for what, request in long_lived:
+            log.error("%s: cut %s %s at the force-quit deadline", self.name, what, request.describe())
+        cut = {id(request) for _, request in long_lived}
         for request in self.tracker.in_flight():
+            if id(request) in cut:
+                continue
             log.error("%s: dropped request %s at the force-quit deadline", self.name, request.describe())
         for handler in list(self.tracker.open):
             _shut(handler)

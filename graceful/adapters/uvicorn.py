@@ -20,9 +20,11 @@ its connection handling and the ASGI lifespan shutdown still run.
 * long-lived connections: at wrap-up, before uvicorn's own shutdown (which would close them
   with 1012), each accepted WebSocket gets a close frame with code 1001 (Going Away: its client
   reconnects elsewhere) and its app a ``websocket.disconnect``; each streaming response (one
-  that has sent a body with ``more_body``) is ended with a last empty chunk, so its client sees
-  a clean end of stream, and its app receives ``http.disconnect``. What the app sends after that
-  is dropped. Both counts are logged with the drain.
+  that has sent a body with ``more_body`` and announced no ``Content-Length``) is ended with a
+  last empty chunk, so its client sees a clean end of stream, and its app receives
+  ``http.disconnect``. What the app sends after that is dropped. A response of announced length
+  (a download) is not ended early, which would truncate it: it drains like any request. Both
+  counts are logged with the drain.
 * deadline: every request still under way is logged (method, path, client, age), uvicorn is
   told to force-exit and its connections are cut. A request that uvicorn's own
   ``timeout_graceful_shutdown`` cancels is logged the same way.
@@ -53,12 +55,13 @@ __all__ = ["UvicornService", "adapt"]
 class _LongLived:
     """One WebSocket or streaming response, and how to end it the way its protocol wants."""
 
-    __slots__ = ("ended", "kind", "open", "send")
+    __slots__ = ("ended", "kind", "open", "send", "sized")
 
     def __init__(self, kind: str, send: Any) -> None:
         self.kind = kind  # "websocket" or "http"
         self.send = send  # the server's send: not the app's wrapped one
         self.open = False  # accepted WebSocket, or a response body under way
+        self.sized = False  # a response of announced length: a download, never ended early
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def end(self) -> None:
@@ -73,7 +76,10 @@ class _LongLived:
             if self.ended.done():
                 return  # ended at wrap-up: the app's later messages go nowhere
             kind = message["type"]
-            if kind == "websocket.accept" or (kind == "http.response.body" and message.get("more_body")):
+            if kind == "http.response.start":
+                self.sized = any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
+            streaming = kind == "http.response.body" and message.get("more_body") and not self.sized
+            if kind == "websocket.accept" or streaming:
                 self.open = True
                 track.long_lived.add(self)
             elif kind in ("websocket.close", "http.response.body"):

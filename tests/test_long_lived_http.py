@@ -1,0 +1,130 @@
+"""Contract section 8 for ``http.server``: upgraded and hijacked connections are named, not waited on silently.
+
+A real ``ThreadingHTTPServer`` under ``graceful.run`` in a child process whose handler does a
+WebSocket by hand (101 Switching Protocols) or a ``CONNECT`` tunnel; a real WebSocket client
+(``websockets``), a real socket for the tunnel, and a real SIGTERM.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import pytest
+
+from .child import PREAMBLE, Child
+from .conftest import BOUND
+from .web import start
+
+websockets_client = pytest.importorskip("websockets.sync.client")
+from websockets.exceptions import ConnectionClosed  # noqa: E402 - after the skip
+
+# /polite: a WebSocket done by hand that, once the test says "release", closes with 1001 and
+# returns; any other path: one that never ends. CONNECT: a tunnel that never ends.
+SERVER = (
+    PREAMBLE
+    + r"""
+import base64, hashlib, struct, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import graceful
+
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+def frame(opcode, payload):
+    return bytes([0x80 | opcode, len(payload)]) + payload  # a server's frame: unmasked, short
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.write(frame(1, b"hello"))
+        say(f"ws open {self.path}")
+        if self.path != "/polite":
+            threading.Event().wait()  # never ends by itself
+        release.wait()
+        self.wfile.write(frame(8, struct.pack("!H", 1001) + b"server going away"))
+        header = self.rfile.read(2)  # the client's close frame: masked, short
+        self.rfile.read(4 + (header[1] & 0x7F))
+        self.close_connection = True
+        say("ws closed by its handler")
+
+    def do_CONNECT(self):
+        self.send_response(200)
+        self.end_headers()
+        say("tunnel open")
+        threading.Event().wait()  # never ends by itself
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print("port", server.server_address[1], flush=True)
+sys.exit(graceful.run(server))
+"""
+)
+
+
+def drain(ws: websockets_client.ClientConnection) -> None:
+    """Read messages until the connection closes (ConnectionClosed), each within BOUND."""
+    while True:
+        ws.recv(BOUND)
+
+
+@pytest.mark.timeout(60)
+def test_an_upgraded_connection_is_named_and_waited_for_until_its_handler_ends_it(
+    children: list[Child],
+) -> None:
+    """SIGTERM: the drain log names the hand-made WebSocket; its handler's 1001 ends it; exit 0."""
+    child, port = start(children, SERVER)
+    with websockets_client.connect(f"ws://127.0.0.1:{port}/polite", open_timeout=BOUND) as ws:
+        assert ws.recv(BOUND) == "hello"
+        child.expect("ws open /polite")
+        child.send(signal.SIGTERM)
+        child.expect_err("waiting on upgraded connection (websocket) GET /polite from 127.0.0.1 (running ")
+        assert child.proc.poll() is None  # waited for, not cut
+        child.tell("release")
+        with pytest.raises(ConnectionClosed) as closed:
+            drain(ws)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1001
+    assert child.wait() == 0
+    child.expect("ws closed by its handler")
+    assert "1 upgraded connection(s) ended during the drain" in child.err
+    assert "Traceback" not in child.err
+
+
+@pytest.mark.timeout(60)
+def test_upgraded_connections_and_tunnels_the_deadline_cuts_are_named_twice(children: list[Child]) -> None:
+    """1 s budget: a stuck WebSocket and a CONNECT tunnel are named at the drain's start and at the cut."""
+    child, port = start(children, SERVER, GRACEFUL_FORCE_QUIT="1")
+    with (
+        websockets_client.connect(f"ws://127.0.0.1:{port}/stuck", open_timeout=BOUND) as ws,
+        socket.create_connection(("127.0.0.1", port), timeout=BOUND) as tunnel,
+    ):
+        assert ws.recv(BOUND) == "hello"
+        tunnel.sendall(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
+        assert tunnel.recv(1024).startswith(b"HTTP/1.1 200 ")
+        child.expect("ws open /stuck")
+        child.expect("tunnel open")
+        child.send(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            drain(ws)  # cut at the deadline, not left hanging
+        assert tunnel.recv(1024) == b""  # shut down at the deadline
+    assert closed.value.rcvd is None  # a cut, no close frame: what the log lines are for
+    assert child.wait() == 70
+    err = child.err
+    for what in (
+        "upgraded connection (websocket) GET /stuck from 127.0.0.1 (running ",
+        "tunnel CONNECT db.internal:5432 from 127.0.0.1 (running ",
+    ):
+        assert f"waiting on {what}" in err
+        assert f"cut {what}" in err
+        assert err.index(f"waiting on {what}") < err.index(f"cut {what}")
+    assert "dropped request" not in err  # each named once at the cut, as what it is
