@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # full run: creates benchmarks/.peers (pip, from PyPI)
     python benchmarks/run.py --quick    # smoke: graceful and the bare baseline, few iterations
+    python benchmarks/run.py --only rolling [--quick]   # rolling restarts behind HAProxy (opt-in)
 
 Every figure of one run is measured on the same machine, with the same interpreter, in the same
 minutes: compare the ratios within a run, not the absolute numbers across runs or machines.
@@ -25,6 +26,7 @@ import _bench_drain
 import _bench_fanout
 import _bench_forcequit
 import _bench_import
+import _bench_rolling
 import _bench_sigterm
 from _harness import ROOT, Row, Setup, ensure_peers, log, section
 
@@ -35,7 +37,9 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "drain": _bench_drain.run,
     "forcequit": _bench_forcequit.run,
     "is_stopping": _bench_fanout.run_is_stopping,
+    "rolling": _bench_rolling.run,
 }
+OPT_IN = {"rolling"}  # minutes long and needs haproxy and hey: runs only when named with --only
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +51,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--json", type=Path, default=None, help="also write every sample here (default benchmarks/results/)"
+    )
+    parser.add_argument(
+        "--drain-delays",
+        default=None,
+        help="rolling: GRACEFUL_DRAIN_DELAY settings of the graceful contenders, comma-separated (default 1,auto)",
+    )
+    parser.add_argument(
+        "--restarts", type=int, default=None, help="rolling: restarts per run (default 6, --quick 3)"
     )
     return parser.parse_args(argv)
 
@@ -104,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         python, versions = ensure_peers()
         setup = Setup(python=python, quick=False, peers=versions)
+    delays = (
+        tuple(d.strip() for d in args.drain_delays.split(",") if d.strip()) if args.drain_delays else None
+    )
+    _bench_rolling.configure(delays, args.restarts)
     rows: list[Row] = []
     for name, bench in SECTIONS.items():
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or (not args.only and name in OPT_IN):
             continue
         with section(name):
             rows.extend(bench(setup, runs))
