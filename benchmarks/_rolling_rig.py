@@ -8,7 +8,7 @@ Why it is built this way:
   that is still there, so nothing outlives the run. A gunicorn arbiter's workers are in its
   group. Ctrl-C in a terminal reaches only the rig (the children are in other sessions).
 * HAProxy's view is read where HAProxy keeps it: ``show stat`` on its runtime socket (a Unix
-  socket in the run's temporary directory), a fresh connection per poll, every ~20 ms. The
+  socket in the abstract namespace), a fresh connection per poll, every ~20 ms. The
   status column says when a server was marked down and when it is UP again; the counters
   (5xx sent, retries, redispatches, connection and response errors) are snapshot per restart.
 * ``hey -o csv`` writes one line per completed request (duration, status code, offset from
@@ -97,11 +97,12 @@ class HAProxy:
     def __init__(self, groups: Groups, workdir: Path, servers: list[tuple[int, int | None]], *,
                  retries: int, probes: bool) -> None:  # fmt: skip
         self.port = free_port()
-        self.socket = str(workdir / "haproxy.sock")
+        # an abstract Unix socket: no path-length limit (108 bytes) on a deep TMPDIR, nothing to remove
+        self.socket = f"graceful-rig-{os.getpid()}-{self.port}"
         check = "option httpchk GET /readyz" if probes else "option httpchk GET /"
         lines = [
             "global",
-            f"    stats socket {self.socket} mode 600 level admin",
+            f"    stats socket abns@{self.socket} level admin",
             "    nbthread 1",
             "    maxconn 2000",
             "defaults",
@@ -125,20 +126,22 @@ class HAProxy:
         self.config = workdir / "haproxy.cfg"
         self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")
         checked = subprocess.run(
-            [tool("haproxy"), "-c", "-q", "-f", str(self.config)],
+            [tool("haproxy"), "-c", "-f", str(self.config)],
             capture_output=True,
             text=True,
             timeout=30,
             check=False,
         )
         if checked.returncode != 0:
-            raise BenchError(f"haproxy rejected its configuration: {checked.stderr.strip()[-600:]}")
+            said = (checked.stderr + checked.stdout).strip()[-600:]
+            raise BenchError(f"haproxy rejected its configuration {self.config}: {said}")
         self._log = open(workdir / "haproxy.log", "w+b")  # noqa: SIM115 - closed in close()
         self.proc = groups.start(
             [tool("haproxy"), "-db", "-f", str(self.config)],
             env=child_env(),
             stdout=subprocess.DEVNULL,
             stderr=self._log,
+            cwd=str(workdir),
         )
         deadline = time.monotonic() + 10
         while True:
@@ -153,7 +156,7 @@ class HAProxy:
     def command(self, text: str) -> str:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5)
-            sock.connect(self.socket)
+            sock.connect(("\0" + self.socket).ljust(108, "\0"))  # HAProxy pads abns@ names to sun_path
             sock.sendall(text.encode() + b"\n")
             chunks = []
             while chunk := sock.recv(65536):
@@ -216,7 +219,9 @@ class Hey:
         self._out = open(self.workdir / "hey.csv", "w+b")  # noqa: SIM115 - closed in stop()
         self._err = open(self.workdir / "hey.err", "w+b")  # noqa: SIM115 - closed in stop()
         self.started = time.monotonic()
-        self.proc = self.groups.start([*argv, self.url], env=child_env(), stdout=self._out, stderr=self._err)
+        self.proc = self.groups.start(
+            [*argv, self.url], env=child_env(), stdout=self._out, stderr=self._err, cwd=str(self.workdir)
+        )
 
     def stop(self) -> None:
         """SIGINT: hey lets its requests in flight finish, writes the CSV and exits."""
