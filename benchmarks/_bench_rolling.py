@@ -33,14 +33,15 @@ BENCH = "7. rolling restarts"
 VARIANTS = [Variant(True, 0), Variant(True, 3), Variant(False, 0), Variant(False, 3)]
 QUICK_RESTARTS = 3
 FULL_RESTARTS = 6
-options: dict[str, object] = {"delays": ("1", "auto"), "restarts": None}
+options: dict[str, object] = {"delays": ("1", "auto"), "restarts": None, "graceful_from": ""}
 
 
-def configure(delays: tuple[str, ...] | None, restarts: int | None) -> None:
-    """From run.py's command line: the drain-delay settings and the restarts per run."""
+def configure(delays: tuple[str, ...] | None, restarts: int | None, graceful_from: str = "") -> None:
+    """From run.py's command line: the drain-delay settings, the restarts per run, graceful's checkout."""
     if delays:
         options["delays"] = delays
     options["restarts"] = restarts
+    options["graceful_from"] = graceful_from
 
 
 @contextlib.contextmanager
@@ -66,10 +67,13 @@ def run(setup: Setup, runs: int) -> list[Row]:
         log(f"rolling: {text}")
         return [Row(BENCH, "every contender", text)]
     delays: tuple[str, ...] = options["delays"]  # type: ignore[assignment]
-    accepted = {delay: delay_accepted(setup.python, delay) for delay in delays}
+    source = str(options["graceful_from"])
+    if source:
+        log(f"rolling: graceful from {source}")
+    accepted = {delay: delay_accepted(setup.python, delay, source) for delay in delays}
     quick_delay = "auto" if setup.quick and not accepted.get("auto", "auto?") else "1"
     if setup.quick and quick_delay not in accepted:
-        accepted[quick_delay] = delay_accepted(setup.python, quick_delay)
+        accepted[quick_delay] = delay_accepted(setup.python, quick_delay, source)
         delays = (*delays, quick_delay)
     restarts = options["restarts"] or (QUICK_RESTARTS if setup.quick else FULL_RESTARTS)
     assert isinstance(restarts, int)
@@ -88,7 +92,7 @@ def run(setup: Setup, runs: int) -> list[Row]:
                     continue
                 log(f"rolling: {contender.name}, {variant.label}, {restarts} restarts")
                 try:
-                    result = run_one(setup.python, contender, variant, restarts)
+                    result = run_one(setup.python, contender, variant, restarts, source)
                 except BenchError as exc:
                     if setup.quick:
                         raise  # the quick mode checks the rig: a contender that cannot run is a broken rig
@@ -135,7 +139,7 @@ def _row(bench: str, contender: Contender, variant: Variant, result: RunResult) 
     never_down = len(restarts) - len(downs)
     text = (
         f"failed {result.failed} in {len(restarts)} restarts "
-        f"(per restart {','.join(str(r.failed + max(0, r.unanswered_estimate)) for r in restarts)}"
+        f"(per restart {','.join(str(r.failed + (max(0, r.unanswered_estimate) if result.client_errors else 0)) for r in restarts)}"
         + (f"; {result.client_errors} of them hey errors, no answer" if result.client_errors else "")
         + (f"; {result.failed_before} before the first" if result.failed_before else "")
         + f"); HAProxy 5xx {haproxy['fe_5xx']}, retries {haproxy['wretr']}, redispatches {haproxy['wredis']}, "
@@ -166,3 +170,46 @@ def _row(bench: str, contender: Contender, variant: Variant, result: RunResult) 
         "traceback_sample": result.traceback_sample,
     }
     return Row(bench, contender.name, text, "", goal, data)
+
+
+def compact_table(rows: list[Row]) -> str:
+    """The rolling rows side by side: one line per contender and variant, one column per figure."""
+    header = ["contender", "variant", "failed (per restart)", "down", "exit", "back in rotation",
+              "tracebacks", "HAProxy 5xx / retries / redispatches"]  # fmt: skip
+    cells = [header]
+    for row in rows:
+        if not row.bench.startswith(BENCH):
+            continue
+        variant = row.bench[len(BENCH) :].strip(" ()") or "-"
+        data = row.data
+        restarts = data.get("restarts")
+        if not isinstance(restarts, list):
+            cells.append([row.contender, variant, row.result.split(":")[0], "", "", "", "", ""])
+            continue
+
+        def spread(key: str, restarts: list[dict[str, object]] = restarts) -> str:
+            values = [float(r[key]) for r in restarts if isinstance(r.get(key), (int, float))]  # type: ignore[arg-type]
+            return f"{median(values):.2f} / {max(values):.2f} s" if values else "-"
+
+        errors = bool(data["client_errors"])
+        per = ",".join(
+            str(int(r["failed"]) + errors * max(0, int(r["unanswered_estimate"]))) for r in restarts
+        )
+        codes = sorted({exit_text(r["code"]) for r in restarts})  # type: ignore[arg-type]
+        haproxy = [sum(int(r["haproxy"].get(k, 0)) for r in restarts) for k in ("fe_5xx", "wretr", "wredis")]
+        cells.append(
+            [
+                row.contender,
+                variant,
+                f"{data['failed']} ({per})",
+                spread("down"),
+                f"{spread('exit')} ({', '.join(codes)})",
+                spread("up"),
+                str(data["tracebacks"]),
+                " / ".join(map(str, haproxy)),
+            ]
+        )
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(len(header))) + " |" for c in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -131,14 +131,22 @@ class Contender:
             ]
         return [python, "-c", self.source, str(port)]
 
-    def environment(self, probe_port: int | None) -> dict[str, str]:
+    def environment(self, probe_port: int | None, graceful_from: str = "") -> dict[str, str]:
         extra = {"RIG_DELAY": repr(DELAY), **self.env}
         if self.drain_delay:
             extra["GRACEFUL_DRAIN_DELAY"] = self.drain_delay
         if self.probes and probe_port is not None:
             extra["GRACEFUL_PROBE_PORT"] = str(probe_port)
             extra["GRACEFUL_PROBE_HOST"] = "127.0.0.1"
-        return child_env(extra)
+        return rig_env(extra, graceful_from)
+
+
+def rig_env(extra: dict[str, str], graceful_from: str = "") -> dict[str, str]:
+    """The children's environment; ``graceful`` from ``graceful_from`` (a checkout) if given."""
+    env = child_env(extra)
+    if graceful_from:
+        env["PYTHONPATH"] = graceful_from
+    return env
 
 
 def contenders(delays: tuple[str, ...] = ("1", "auto"), quick_delay: str = "1") -> list[Contender]:
@@ -182,7 +190,7 @@ def contenders(delays: tuple[str, ...] = ("1", "auto"), quick_delay: str = "1") 
     ]
 
 
-def delay_accepted(python: str, delay: str) -> str:
+def delay_accepted(python: str, delay: str, graceful_from: str = "") -> str:
     """ "" if the installed graceful accepts ``GRACEFUL_DRAIN_DELAY=delay``, else its complaint."""
     code = "from graceful import readiness\nreadiness.drain_delay()\n"
     try:
@@ -190,7 +198,8 @@ def delay_accepted(python: str, delay: str) -> str:
             [python, "-c", code],
             capture_output=True,
             text=True,
-            env=child_env({"GRACEFUL_DRAIN_DELAY": delay}),
+            env=rig_env({"GRACEFUL_DRAIN_DELAY": delay}, graceful_from),
+            cwd="/",  # python -c puts the working directory first on sys.path: no checkout there
             timeout=60,
             check=False,
         )
@@ -204,5 +213,5 @@ def delay_accepted(python: str, delay: str) -> str:
 
 def module_present(python: str, module: str) -> bool:
     code = f"import importlib.util, sys\nsys.exit(importlib.util.find_spec({module!r}) is None)\n"
-    done = subprocess.run([python, "-c", code], env=child_env(), timeout=60, check=False)
+    done = subprocess.run([python, "-c", code], env=child_env(), cwd="/", timeout=60, check=False)
     return done.returncode == 0

@@ -95,7 +95,9 @@ def _accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def run_one(python: str, contender: Contender, variant: Variant, restarts: int) -> RunResult:
+def run_one(
+    python: str, contender: Contender, variant: Variant, restarts: int, graceful_from: str = ""
+) -> RunResult:
     """Measure ``restarts`` rolling restarts of ``contender`` behind HAProxy; every process is cleaned up."""
     with tempfile.TemporaryDirectory(prefix="graceful-rolling-") as tmp, Groups() as groups:
         workdir = Path(tmp)
@@ -108,7 +110,7 @@ def run_one(python: str, contender: Contender, variant: Variant, restarts: int) 
             with open(path, "wb") as err:
                 inst.proc = groups.start(
                     contender.argv(python, inst.port, tmp),
-                    env=contender.environment(inst.probe),
+                    env=contender.environment(inst.probe, graceful_from),
                     stdout=subprocess.DEVNULL,
                     stderr=err,
                     cwd=tmp,

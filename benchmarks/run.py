@@ -58,6 +58,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="rolling: GRACEFUL_DRAIN_DELAY settings of the graceful contenders, comma-separated (default 1,auto)",
     )
     parser.add_argument(
+        "--graceful-from",
+        default="",
+        help="rolling: run the contenders with graceful from this checkout (default: this one)",
+    )
+    parser.add_argument(
         "--restarts", type=int, default=None, help="rolling: restarts per run (default 6, --quick 3)"
     )
     return parser.parse_args(argv)
@@ -119,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     delays = (
         tuple(d.strip() for d in args.drain_delays.split(",") if d.strip()) if args.drain_delays else None
     )
-    _bench_rolling.configure(delays, args.restarts)
+    _bench_rolling.configure(
+        delays, args.restarts, str(Path(args.graceful_from).resolve()) if args.graceful_from else ""
+    )
     rows: list[Row] = []
     for name, bench in SECTIONS.items():
         if (args.only and name not in args.only) or (not args.only and name in OPT_IN):
@@ -128,9 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(bench(setup, runs))
     took = time.perf_counter() - started
     print("\n".join(_machine(setup)))
+    if args.graceful_from:
+        print(f"rolling contenders: graceful from {Path(args.graceful_from).resolve()}")
     print(f"command: python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(f"runs per figure: {runs}; whole run took {took:.0f} s\n")
     print(format_table(rows))
+    if any(row.bench.startswith(_bench_rolling.BENCH) for row in rows):
+        print("\nRolling restarts side by side (median / max of each time, seconds from SIGTERM):\n")
+        print(_bench_rolling.compact_table(rows))
     _save(args.json, setup, rows, runs)
     return 0
 
