@@ -139,8 +139,8 @@ def _row(bench: str, contender: Contender, variant: Variant, result: RunResult) 
     never_down = len(restarts) - len(downs)
     text = (
         f"failed {result.failed} in {len(restarts)} restarts "
-        f"(per restart {','.join(str(r.failed + (max(0, r.unanswered_estimate) if result.client_errors else 0)) for r in restarts)}"
-        + (f"; {result.client_errors} of them hey errors, no answer" if result.client_errors else "")
+        f"(per restart {','.join(str(r.failed + r.unanswered) for r in restarts)}"
+        + (f"; {result.unanswered} of them with no answer" if result.unanswered else "")
         + (f"; {result.failed_before} before the first" if result.failed_before else "")
         + f"); HAProxy 5xx {haproxy['fe_5xx']}, retries {haproxy['wretr']}, redispatches {haproxy['wredis']}, "
         f"conn err {haproxy['econ']}, resp err {haproxy['eresp']}, server aborts {haproxy['srv_abrt']}; "
@@ -160,7 +160,9 @@ def _row(bench: str, contender: Contender, variant: Variant, result: RunResult) 
     data = {
         "variant": variant.label,
         "failed": result.failed,
-        "client_errors": result.client_errors,
+        "unanswered": result.unanswered,
+        "haproxy_log_states": result.logged_states,
+        "haproxy_log_sample": result.logged_sample,
         "failed_before": result.failed_before,
         "tracebacks": result.tracebacks,
         "requests": result.requests,
@@ -191,10 +193,7 @@ def compact_table(rows: list[Row]) -> str:
             values = [float(r[key]) for r in restarts if isinstance(r.get(key), (int, float))]  # type: ignore[arg-type]
             return f"{median(values):.2f} / {max(values):.2f} s" if values else "-"
 
-        errors = bool(data["client_errors"])
-        per = ",".join(
-            str(int(r["failed"]) + errors * max(0, int(r["unanswered_estimate"]))) for r in restarts
-        )
+        per = ",".join(str(int(r["failed"]) + int(r["unanswered"])) for r in restarts)
         codes = sorted({exit_text(r["code"]) for r in restarts})  # type: ignore[arg-type]
         haproxy = [sum(int(r["haproxy"].get(k, 0)) for r in restarts) for k in ("fe_5xx", "wretr", "wredis")]
         cells.append(

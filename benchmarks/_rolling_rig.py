@@ -12,9 +12,11 @@ Why it is built this way:
   status column says when a server was marked down and when it is UP again; the counters
   (5xx sent, retries, redispatches, connection and response errors) are snapshot per restart.
 * ``hey -o csv`` writes one line per completed request (duration, status code, offset from
-  hey's start) but leaves out requests that failed without a response; those are counted as
-  the requests HAProxy's frontend received that are missing from the CSV (``hey`` is stopped
-  with SIGINT, which lets every request in flight finish and be written first).
+  hey's start) but leaves out requests that got no response. Those are read from HAProxy's own
+  log instead (``option httplog`` + ``dontlog-normal``: one line per request that went wrong,
+  with its status, -1 when none was sent, and its termination state), written to HAProxy's
+  stdout. HAProxy's ``req_tot`` counter cannot stand in for it: it also counts requests that
+  HAProxy replays on another connection, which the client never sees fail.
 * Every wait has a bound; nothing sleeps to synchronise: readiness is HAProxy saying UP, exit
   is a pidfd turning readable (``_harness.wait_exit``).
 """
@@ -25,6 +27,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +35,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from _harness import BenchError, child_env, wait_exit
@@ -104,9 +108,13 @@ class HAProxy:
             "global",
             f"    stats socket abns@{self.socket} level admin",
             "    nbthread 1",
+            "    log stdout format raw local0",
             "    maxconn 2000",
             "defaults",
             "    mode http",
+            "    log global",
+            "    option httplog",
+            "    option dontlog-normal",  # one line per request that went wrong, none for the others
             "    timeout connect 1s",
             "    timeout client 30s",
             "    timeout server 30s",
@@ -136,10 +144,12 @@ class HAProxy:
             said = (checked.stderr + checked.stdout).strip()[-600:]
             raise BenchError(f"haproxy rejected its configuration {self.config}: {said}")
         self._log = open(workdir / "haproxy.log", "w+b")  # noqa: SIM115 - closed in close()
+        self.requests_log = workdir / "haproxy.requests"
+        self._requests = open(self.requests_log, "wb")  # noqa: SIM115 - closed in close()
         self.proc = groups.start(
             [tool("haproxy"), "-db", "-f", str(self.config)],
             env=child_env(),
-            stdout=subprocess.DEVNULL,
+            stdout=self._requests,
             stderr=self._log,
             cwd=str(workdir),
         )
@@ -196,6 +206,43 @@ class HAProxy:
     def close(self) -> None:
         Groups.kill(self.proc)
         self._log.close()
+        self._requests.close()
+
+    def went_wrong(self) -> list[Logged]:
+        """The requests HAProxy logged as abnormal (``option dontlog-normal``), oldest first."""
+        out = []
+        wall_to_mono = time.time() - time.monotonic()
+        for line in self.requests_log.read_text(errors="replace").splitlines():
+            match = _HTTPLOG.search(line)
+            if not match:
+                continue
+            accepted = datetime.strptime(match["date"], "%d/%b/%Y:%H:%M:%S.%f").timestamp() - wall_to_mono
+            total = int(match["ta"])
+            out.append(Logged(accepted + max(total, 0) / 1000, int(match["status"]), match["state"], line))
+        return out
+
+
+# HAProxy's httplog: client [accept date] frontend backend/server TR/Tw/Tc/Tr/Ta status bytes
+# cookie cookie termination-state ...
+_HTTPLOG = re.compile(
+    r"\[(?P<date>\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d\.\d{3})\] \S+ \S+ "
+    r"-?\d+/-?\d+/-?\d+/-?\d+/(?P<ta>-?\d+) (?P<status>-?\d+) \d+ \S+ \S+ (?P<state>\S{4}) "
+)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One request HAProxy logged as abnormal."""
+
+    end: float  # monotonic time it ended (accept date + total time)
+    status: int  # -1: no answer at all
+    state: str  # termination state, e.g. "SD--" (the server closed mid-answer), "----"
+    line: str
+
+    @property
+    def unanswered(self) -> bool:
+        """The client got no complete answer: no status, or a non-error status cut short."""
+        return self.status < 0 or (self.status < 500 and self.state[0] != "-")
 
 
 @dataclass

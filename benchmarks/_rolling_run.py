@@ -58,23 +58,25 @@ class Restart:
     code: int | None
     failed: int = 0  # non-2xx answers in hey's CSV that ended in this restart's window
     haproxy: dict[str, int] = field(default_factory=dict)  # counter deltas over the window
-    unanswered_estimate: int = 0  # HAProxy's requests in the window minus hey's answers begun in it
+    unanswered: int = 0  # requests HAProxy logged with no complete answer, ended in this window
 
 
 @dataclass
 class RunResult:
     restarts: list[Restart]
     requests: int  # answered requests in hey's CSV
-    client_errors: int  # requests HAProxy received that hey has no answer for
-    failed_before: int  # non-2xx before the first SIGTERM (should be 0)
+    unanswered: int  # requests HAProxy logged with no complete answer (hey's CSV has no line for them)
+    failed_before: int  # failed before the first SIGTERM (should be 0)
     tracebacks: int
     seconds: float  # load duration
+    logged_states: dict[str, int] = field(default_factory=dict)  # "status state" -> requests, HAProxy's log
+    logged_sample: list[str] = field(default_factory=list)  # its first lines
     hey_skew: float = 0.0  # seconds from launching hey to its own start, as fitted
     traceback_sample: str = ""  # the first traceback of the run, for the JSON samples
 
     @property
     def failed(self) -> int:
-        return self.failed_before + sum(r.failed for r in self.restarts) + self.client_errors
+        return self.failed_before + sum(r.failed + r.unanswered for r in self.restarts)
 
 
 class _Instance:
@@ -156,16 +158,30 @@ def run_one(
             last = time.monotonic()
             hey.stop()
             seconds = time.monotonic() - hey.started
-            final = proxy.counters()
         finally:
             proxy.close()
         traces, sample = _tracebacks(stderrs)
+        logged = proxy.went_wrong()
     failed_before = _place(hey, base=base, starts=starts, last=last, snapshots=snapshots, done=done)
+    unanswered_before = 0
+    states: dict[str, int] = {}
+    for entry in logged:
+        key = f"{entry.status} {entry.state}"
+        states[key] = states.get(key, 0) + 1
+        if not entry.unanswered:
+            continue  # a 5xx: hey has it as a non-2xx line already
+        where = max((i for i, start in enumerate(starts) if start <= entry.end), default=None)
+        if where is None:
+            unanswered_before += 1
+        else:
+            done[where].unanswered += 1
     return RunResult(
         restarts=done,
         requests=len(hey.rows),
-        client_errors=max(0, final["req_tot"] - base["req_tot"] - len(hey.rows)),
-        failed_before=failed_before,
+        unanswered=sum(r.unanswered for r in done) + unanswered_before,
+        failed_before=failed_before + unanswered_before,
+        logged_states=states,
+        logged_sample=[entry.line for entry in logged[:5]],
         tracebacks=traces,
         traceback_sample=sample,
         seconds=seconds,
@@ -227,12 +243,8 @@ def _place(
             failed_before += 1
         else:
             done[where].failed += 1
-    counted = begun(skew)
     for i, restart in enumerate(done):
         restart.haproxy = {key: snapshots[i + 1][key] - snapshots[i][key] for key in snapshots[i]}
-        # requests HAProxy received in the window that hey has no answer for (hey's errors): an
-        # estimate, since a request begun at a window's edge may be counted on either side
-        restart.unanswered_estimate = received[i + 1] - counted[i + 1]
     return failed_before
 
 
