@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 from collections.abc import Iterator
 
 from _harness import BenchError, Row, Setup, check, exit_text, log, median
@@ -93,7 +94,11 @@ def run(setup: Setup, runs: int) -> list[Row]:
                 log(f"rolling: {contender.name}, {variant.label}, {restarts} restarts")
                 try:
                     result = run_one(setup.python, contender, variant, restarts, source)
-                except BenchError as exc:
+                except (
+                    BenchError,
+                    OSError,
+                    subprocess.SubprocessError,
+                ) as exc:  # HAProxy gone, a child stuck
                     if setup.quick:
                         raise  # the quick mode checks the rig: a contender that cannot run is a broken rig
                     rows.append(Row(bench, contender.name, f"failed: {exc}"))

@@ -241,8 +241,12 @@ class Logged:
 
     @property
     def unanswered(self) -> bool:
-        """The client got no complete answer: no status, or a non-error status cut short."""
-        return self.status < 0 or (self.status < 500 and self.state[0] != "-")
+        """The client got no complete answer (no status, or one cut short), and not by its own doing.
+
+        A 5xx is in hey's CSV already. A first letter C or c of the termination state is the
+        client closing or timing out (hey closing an idle connection as it stops: "400 CR--").
+        """
+        return self.status < 500 and self.state[0] not in "-Cc"
 
 
 @dataclass
