@@ -81,6 +81,13 @@ class Groups:
 
     @staticmethod
     def kill(proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the group of ``proc``, unless ``proc`` was reaped already.
+
+        Not reaped, its pid (and so its group's id) is still ours, even as a zombie; reaped,
+        the pid may belong to someone else's process by now, so it is left alone.
+        """
+        if proc.returncode is not None:
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # the group: a gunicorn arbiter's workers too
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -20,7 +20,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import bisect
-import contextlib
 import os
 import select
 import signal
@@ -273,8 +272,6 @@ def _restart(
     finally:
         os.close(pidfd)
     code = proc.returncode if exited is not None else None
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # what a dead arbiter may have left in its group
     launch(inst)
     deadline = time.monotonic() + START_BOUND
     accepting: float | None = None
