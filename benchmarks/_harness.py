@@ -35,9 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / "benchmarks" / ".peers"
 # websockets: uvicorn's WebSocket protocol and the long-lived benchmark's client; aiohttp: the
-# server graceful's aiohttp adapter drives there
-PEER_PACKAGES = ("aiomisc", "cotyledon", "uvicorn", "grpcio", "websockets", "aiohttp")
-PEER_MODULES = ("aiomisc", "cotyledon", "uvicorn", "grpc", "websockets", "aiohttp")
+# server graceful's aiohttp adapter drives there; gunicorn: the rolling rig's peers
+PEER_PACKAGES = ("aiomisc", "cotyledon", "uvicorn", "grpcio", "websockets", "aiohttp", "gunicorn")
+PEER_MODULES = ("aiomisc", "cotyledon", "uvicorn", "grpc", "websockets", "aiohttp", "gunicorn")
 READY_BOUND = 30.0  # seconds a child may take to start on a loaded machine
 _DROP = ("PYTHONDONTWRITEBYTECODE", "NOTIFY_SOCKET", "GRACEFUL_FORCE_QUIT", "PYTHONPATH", "PYTHONSTARTUP")
 

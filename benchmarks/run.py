@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # full run: creates benchmarks/.peers (pip, from PyPI)
     python benchmarks/run.py --quick    # smoke: graceful and the bare baseline, few iterations
+    python benchmarks/run.py --only rolling [--quick]   # rolling restarts behind HAProxy (opt-in)
 
 Every figure of one run is measured on the same machine, with the same interpreter, in the same
 minutes: compare the ratios within a run, not the absolute numbers across runs or machines.
@@ -26,6 +27,7 @@ import _bench_fanout
 import _bench_forcequit
 import _bench_import
 import _bench_long_lived
+import _bench_rolling
 import _bench_sigterm
 from _harness import ROOT, Row, Setup, ensure_peers, log, section
 
@@ -37,7 +39,9 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "forcequit": _bench_forcequit.run,
     "is_stopping": _bench_fanout.run_is_stopping,
     "long_lived": _bench_long_lived.run,
+    "rolling": _bench_rolling.run,
 }
+OPT_IN = {"rolling"}  # minutes long and needs haproxy and hey: runs only when named with --only
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +53,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--json", type=Path, default=None, help="also write every sample here (default benchmarks/results/)"
+    )
+    parser.add_argument(
+        "--drain-delays",
+        default=None,
+        help="rolling: GRACEFUL_DRAIN_DELAY settings of the graceful contenders, comma-separated (default 1,auto)",
+    )
+    parser.add_argument(
+        "--graceful-from",
+        default="",
+        help="rolling: run the contenders with graceful from this checkout (default: this one)",
+    )
+    parser.add_argument(
+        "--restarts", type=int, default=None, help="rolling: restarts per run (default 6, --quick 3)"
     )
     return parser.parse_args(argv)
 
@@ -106,17 +123,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         python, versions = ensure_peers()
         setup = Setup(python=python, quick=False, peers=versions)
+    delays = (
+        tuple(d.strip() for d in args.drain_delays.split(",") if d.strip()) if args.drain_delays else None
+    )
+    _bench_rolling.configure(
+        delays, args.restarts, str(Path(args.graceful_from).resolve()) if args.graceful_from else ""
+    )
     rows: list[Row] = []
     for name, bench in SECTIONS.items():
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or (not args.only and name in OPT_IN):
             continue
         with section(name):
             rows.extend(bench(setup, runs))
     took = time.perf_counter() - started
     print("\n".join(_machine(setup)))
+    if args.graceful_from:
+        print(f"rolling contenders: graceful from {Path(args.graceful_from).resolve()}")
     print(f"command: python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(f"runs per figure: {runs}; whole run took {took:.0f} s\n")
     print(format_table(rows))
+    if any(row.bench.startswith(_bench_rolling.BENCH) for row in rows):
+        print("\nRolling restarts side by side (median / max of each time, seconds from SIGTERM):\n")
+        print(_bench_rolling.compact_table(rows))
     _save(args.json, setup, rows, runs)
     return 0
 
