@@ -23,8 +23,11 @@ one delay, counted from the first wrap-up trigger, covers every server in the pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import selectors
+import socket
 import threading
 import weakref
 
@@ -244,12 +247,8 @@ class ProbeServer:
         self.host: str = host
         self.port: int = self._server.server_address[1]
         """The port answering (the one chosen when 0 was asked for)."""
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="graceful-probes",
-            daemon=True,
-        )
+        self._wake = socket.socketpair()  # close() wakes the loop at once: no poll interval
+        self._thread = threading.Thread(target=self._serve, name="graceful-probes", daemon=True)
         self._thread.start()
         self._closed = False
         self._lifecycle = lc
@@ -261,9 +260,24 @@ class ProbeServer:
             return
         self._closed = True
         _drain_delay.probes_served(self._lifecycle, -1)
-        self._server.shutdown()
+        with contextlib.suppress(OSError):
+            self._wake[1].send(b"x")
         self._thread.join(5)
         self._server.server_close()
+        for end in self._wake:
+            end.close()
+
+    def _serve(self) -> None:
+        """Answer until ``close()``: not ``serve_forever()``, whose ``shutdown()`` waits for its
+        next poll (up to 0.1 s that ``run()`` would spend before returning, on every stop)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server.socket, selectors.EVENT_READ)
+            selector.register(self._wake[0], selectors.EVENT_READ)
+            while True:
+                ready = [key.fileobj for key, _ in selector.select()]
+                if self._wake[0] in ready:
+                    return
+                self._server.handle_request()  # readable: it accepts at once
 
     def __enter__(self) -> ProbeServer:
         return self
