@@ -25,6 +25,7 @@ import _bench_drain
 import _bench_fanout
 import _bench_forcequit
 import _bench_import
+import _bench_serving
 import _bench_sigterm
 from _harness import ROOT, Row, Setup, ensure_peers, log, section
 
@@ -35,6 +36,7 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "drain": _bench_drain.run,
     "forcequit": _bench_forcequit.run,
     "is_stopping": _bench_fanout.run_is_stopping,
+    "serving": _bench_serving.run,
 }
 
 
