@@ -150,7 +150,9 @@ class Server:
 
 
 SERVERS = [
-    Server("stdlib ThreadingHTTPServer vs graceful.run(server)", STDLIB_ALONE, STDLIB_GRACEFUL, adapter="http"),
+    Server(
+        "stdlib ThreadingHTTPServer vs graceful.run(server)", STDLIB_ALONE, STDLIB_GRACEFUL, adapter="http"
+    ),
     Server(
         "uvicorn Server.run() vs graceful.run(uvicorn.Server)",
         UVICORN_ALONE,
@@ -232,7 +234,7 @@ def _wrk(port: int, seconds: int, script: str, cpu: int | None) -> _Sample:
             text=True,
             timeout=seconds + WRK_BOUND,
             check=False,
-            preexec_fn=pin,  # noqa: PLW1509 - the parent runs no threads
+            preexec_fn=pin,  # the parent runs no threads
         )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"wrk did not finish within {seconds + WRK_BOUND:g} s") from exc
@@ -249,7 +251,7 @@ def _wrk(port: int, seconds: int, script: str, cpu: int | None) -> _Sample:
     )
 
 
-def _measure(setup: Setup, source: str, notify: bool, script: str, seconds: int, warm: int) -> _Sample:
+def _measure(setup: Setup, source: str, *, notify: bool, script: str, seconds: int, warm: int) -> _Sample:
     server_cpu, wrk_cpu = _cpus()
     port = _free_port()
     code = f"PORT = {port}\nCPU = {server_cpu!r}\n" + PIN + source
@@ -296,7 +298,9 @@ def run(setup: Setup, runs: int) -> list[Row]:
                             break
                         source = series.server.graceful if notify else series.server.alone
                         try:
-                            sample = _measure(setup, source, notify, script, seconds, warm)
+                            sample = _measure(
+                                setup, source, notify=notify, script=script, seconds=seconds, warm=warm
+                            )
                         except BenchError as exc:
                             series.problem = f"failed ({variant}): {exc}"
                             break

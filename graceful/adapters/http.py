@@ -35,6 +35,8 @@ from .._service import Context
 from ._drain import wait_drain_delay_said
 from ._inflight import Request
 
+monotonic = time.monotonic
+
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,12 +53,17 @@ IDLE_GRACE = 1.0
 
 
 class _Tracker:
-    """Every open connection, and the request each one is answering, if any."""
+    """Every open connection, and when the request it is answering began, if any.
+
+    A request's start and end are single dict stores, atomic under the GIL and written by the
+    connection's own thread only: no lock on the per-request path. The lock guards what
+    changes the dicts' keys (a connection opens or closes) and every read that iterates.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self.open: dict[Any, Request | None] = {}  # handler -> its current request
+        self.open: dict[Any, float | None] = {}  # handler -> when its current request began
         self.served: dict[Any, int] = {}  # handler -> requests answered so far
         self.draining = False
         self.lifecycle: Lifecycle | None = None  # set by serve()
@@ -72,22 +79,15 @@ class _Tracker:
             self.served.pop(handler, None)
             self._idle.notify_all()
 
-    def begin(self, handler: Any, request: Request) -> None:
-        with self._lock:
-            self.open[handler] = request
-
-    def end(self, handler: Any) -> None:
-        with self._lock:
-            ended = self.open.get(handler) is not None
-            if ended:
-                self.open[handler] = None
-                self.served[handler] = self.served.get(handler, 0) + 1
-        if ended and self.lifecycle is not None and self.lifecycle.is_stopping():
-            self.lifecycle.report_progress()  # the drain moves: systemd gives more time
-
     def in_flight(self) -> list[Request]:
         with self._lock:
-            return [request for request in self.open.values() if request is not None]
+            running = [(h, started) for h, started in self.open.items() if started is not None]
+        requests = []
+        for handler, started in running:
+            request = Request(handler.command, handler.path, handler.address_string())
+            request.started = started
+            requests.append(request)
+        return requests
 
     def idle(self, *, fresh_too: bool) -> list[Any]:
         """Connections with no request under way (``fresh_too``: also those never used)."""
@@ -113,6 +113,11 @@ def _has_input(handler: Any) -> bool:
     return bool(readable)
 
 
+def _said_connection(handler: Any) -> bool:
+    """The response's headers so far include a ``Connection`` header (checked while draining)."""
+    return any(line[:11].lower() == b"connection:" for line in getattr(handler, "_headers_buffer", ()))
+
+
 def _tracked_handler(base: type, tracker: _Tracker) -> type:
     """A subclass of the server's handler class that reports to ``tracker``."""
 
@@ -129,33 +134,37 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
 
     if not issubclass(base, BaseHTTPRequestHandler):
         return Tracked  # a plain socketserver handler: connections only
+    http_base: type[BaseHTTPRequestHandler] = base
+    opened, served = tracker.open, tracker.served
 
     class TrackedHTTP(Tracked):
+        # Every request passes here: the base class's methods are called directly (no super()),
+        # and what only matters while draining is checked after one attribute read.
         def handle_one_request(self) -> None:
             if tracker.draining and tracker.served.get(self, 0):
                 self.close_connection = True  # keep-alive ends: answered one, take no more
                 return
             try:
-                super().handle_one_request()
+                http_base.handle_one_request(self)
             finally:
-                tracker.end(self)
+                if opened.get(self) is not None:  # a request was under way, and is answered
+                    opened[self] = None
+                    served[self] += 1
+                    lifecycle = tracker.lifecycle
+                    if lifecycle is not None and lifecycle.stopping:
+                        lifecycle.report_progress()  # the drain moves: systemd gives more time
 
         def parse_request(self) -> bool:
-            ok: bool = super().parse_request()
+            ok: bool = http_base.parse_request(self)
             if ok:
-                tracker.begin(self, Request(self.command, self.path, self.address_string()))
+                opened[self] = monotonic()  # a request is under way
             return ok
 
-        def send_header(self, keyword: str, value: str) -> None:
-            if keyword.lower() == "connection":
-                self._graceful_said_connection = True
-            super().send_header(keyword, value)
-
         def end_headers(self) -> None:
-            if tracker.draining and not getattr(self, "_graceful_said_connection", False):
+            if tracker.draining and not _said_connection(self):
                 self.send_header("Connection", "close")
                 self.close_connection = True
-            super().end_headers()
+            http_base.end_headers(self)
 
     TrackedHTTP.__name__ = TrackedHTTP.__qualname__ = base.__name__
     return TrackedHTTP
