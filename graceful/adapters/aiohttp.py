@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from asyncio import current_task
 
 from aiohttp import web
 
@@ -57,15 +59,24 @@ DEFAULT_PORT = 8080
 
 
 class _LongLived:
-    """The response one request's handler has prepared, and whether wrap-up ended it."""
+    """One request under way: its handler's task, and the response it prepares, if any."""
 
-    __slots__ = ("closing", "ended", "response", "task")
+    __slots__ = ("closing", "ended", "request", "response", "started", "task")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Task[Any], request: web.Request) -> None:
         self.task = task  # the task that runs the handler (aiohttp: one a request)
+        self.request = request
+        self.started = time.monotonic()
         self.response: web.StreamResponse | None = None
         self.ended = False
         self.closing: asyncio.Future[bool] | None = None  # our 1001 close of a WebSocket
+
+    def tracked(self) -> Request:
+        """The request as the logs name it (made when needed: aiohttp computes path and client)."""
+        request = self.request
+        tracked = Request(request.method, request.path, request.remote or "?")
+        tracked.started = self.started
+        return tracked
 
     @property
     def kind(self) -> str | None:
@@ -144,22 +155,27 @@ class AiohttpService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
         self._long_lived: dict[object, _LongLived] = {}  # by the handler's task
+        self._prepare_done: asyncio.Future[None] | None = None
         self.runner.app.middlewares.insert(0, self._track)
         self.runner.app.on_response_prepare.append(self._prepared)
 
-    async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
-        """aiohttp's ``on_response_prepare``: remember the response a handler prepares."""
-        entry = self._long_lived.get(asyncio.current_task())
+    def _prepared(self, request: web.Request, response: web.StreamResponse) -> asyncio.Future[None]:
+        """aiohttp's ``on_response_prepare``: remember the response a handler prepares.
+
+        It runs for every response, so it is a plain function returning a future already done
+        (awaiting one costs no coroutine): about 6 % of a trivial request's instructions less.
+        """
+        entry = self._long_lived.get(current_task())
         if entry is not None:
             entry.response = response
+        assert self._prepare_done is not None  # made by serve(), before any request
+        return self._prepare_done
 
     @web.middleware
     async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        key = object()
-        tracked = Request(request.method, request.path, request.remote or "?")
-        self.in_flight.add(key, tracked)
-        task = asyncio.current_task()
-        entry = self._long_lived[task] = _LongLived(task)  # type: ignore[arg-type]
+        task: asyncio.Task[Any] = current_task()  # type: ignore[assignment]
+        entry = self._long_lived[task] = _LongLived(task, request)
+        self.in_flight.add(task, entry.tracked)
         try:
             response: web.StreamResponse = await handler(request)
             if entry.closing is not None:  # aiohttp 3.9 would close with 1000 on return: ours first
@@ -178,17 +194,19 @@ class AiohttpService:
                 return entry.response
             if self._draining:  # shutdown_timeout= cancelled it
                 log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
-                    "%s: dropped request %s (cancelled while draining)", self.name, tracked.describe()
+                    "%s: dropped request %s (cancelled while draining)", self.name, entry.tracked().describe()
                 )
             raise
         finally:
             self._long_lived.pop(task, None)
-            self.in_flight.discard(key)
+            self.in_flight.discard(task)
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
         self.in_flight.lifecycle = ctx.lifecycle
         self._done = asyncio.Event()
+        self._prepare_done = self._loop.create_future()
+        self._prepare_done.set_result(None)
         ctx.lifecycle.on_force_quit(self._forced, name=f"cut requests still running on {self.name}")
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, **self.site_options)
