@@ -6,7 +6,10 @@ signal routing, and its 60 s ``shutdown_timeout`` knows nothing of the platform'
 period. Here the app runs on graceful's loop with aiohttp's signal handling off, and is drained
 with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
 
-* serve: a middleware (outermost) records each request under way; ``AppRunner.setup()``
+* serve: ``AppRunner.setup()``, then the runner's request handler is wrapped (``Server.request_handler``,
+  outside the app and its middlewares) so that each request under way is recorded: a middleware
+  would cost aiohttp's middleware dispatch on every request (about 7 % of a trivial one's
+  instructions, measured in benchmarks/_serving_callgrind.py);
   (``on_startup``) and a ``TCPSite`` on ``host``/``port``; "started" once the site listens.
 * wrap-up: the drain delay (still serving); every site stops (the listening socket closes, a
   new connection is refused at once); then ``AppRunner.cleanup()``: idle keep-alive
@@ -21,11 +24,11 @@ with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
   returned, no ``Content-Length``: a download of announced length is left to finish) is told to
   end: its handler's task is cancelled (asyncio's way to tell a coroutine to stop, as aiohttp's
   own ``handler_cancellation`` does when a client leaves: its ``finally`` and ``except
-  CancelledError`` still run and may write a last event), then the middleware writes the final
+  CancelledError`` still run and may write a last event), then the wrapper writes the final
   chunk (``write_eof()``) and returns the response, so the client sees a clean end of stream.
   Handlers that check ``graceful.is_stopping()`` or await ``graceful.wait_for_wrap_up_async()``
   end on their own first. A WebSocket handler's send after the close fails with
-  ``ConnectionResetError``: the middleware drops it. Both counts are logged with the drain.
+  ``ConnectionResetError``: the wrapper drops it. Both counts are logged with the drain.
 * deadline: each request still under way is logged (method, path, client, age) and its
   connection is closed. A request that ``shutdown_timeout=`` cancels is logged the same way.
 """
@@ -63,7 +66,7 @@ class _LongLived:
 
     __slots__ = ("closing", "ended", "request", "response", "started", "task")
 
-    def __init__(self, task: asyncio.Task[Any], request: web.Request) -> None:
+    def __init__(self, task: asyncio.Task[Any], request: web.BaseRequest) -> None:
         self.task = task  # the task that runs the handler (aiohttp: one a request)
         self.request = request
         self.started = time.monotonic()
@@ -156,7 +159,7 @@ class AiohttpService:
         self._done: asyncio.Event | None = None
         self._long_lived: dict[object, _LongLived] = {}  # by the handler's task
         self._prepare_done: asyncio.Future[None] | None = None
-        self.runner.app.middlewares.insert(0, self._track)
+        self._handler: Any = None  # the runner's own request handler, wrapped by _track
         self.runner.app.on_response_prepare.append(self._prepared)
 
     def _prepared(self, request: web.Request, response: web.StreamResponse) -> asyncio.Future[None]:
@@ -171,8 +174,10 @@ class AiohttpService:
         assert self._prepare_done is not None  # made by serve(), before any request
         return self._prepare_done
 
-    @web.middleware
-    async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _track(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request, around the app's own handling (its middlewares included)."""
+        handler = self._handler
+        assert handler is not None  # set by serve(), before the site listens
         task: asyncio.Task[Any] = current_task()  # type: ignore[assignment]
         entry = self._long_lived[task] = _LongLived(task, request)
         self.in_flight.add(task, entry.tracked)
@@ -209,6 +214,10 @@ class AiohttpService:
         self._prepare_done.set_result(None)
         ctx.lifecycle.on_force_quit(self._forced, name=f"cut requests still running on {self.name}")
         await self.runner.setup()
+        server = self.runner.server
+        assert server is not None  # setup() made it
+        self._handler = server.request_handler
+        server.request_handler = self._track  # connections take it when they open: before start()
         site = web.TCPSite(self.runner, self.host, self.port, **self.site_options)
         await site.start()
         addresses = self.runner.addresses
@@ -243,7 +252,7 @@ class AiohttpService:
     async def _end_long_lived(self, budget: float | None) -> tuple[int, int]:
         """Close each open WebSocket with 1001 and end each stream; (WebSockets, streams) ended.
 
-        Streams: their handler's task is cancelled, and the middleware writes the final chunk.
+        Streams: their handler's task is cancelled, and the wrapper writes the final chunk.
         WebSockets: the close frames go out together; waits (within ``budget``) for the clients'
         replies, as ``ws.close()`` does (bounded by the response's own close timeout).
         ``budget`` None: no deadline (a pause).
