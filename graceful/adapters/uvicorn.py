@@ -130,6 +130,10 @@ class _LongLived:
         return tracked
 
 
+async def _nothing() -> None:
+    return None
+
+
 def _request(scope: Any, started: float) -> Request:
     client = scope.get("client") or ("?", 0)
     request = Request(scope.get("method", "?"), scope.get("path", "?"), str(client[0]))
@@ -176,9 +180,9 @@ class _Track:
         request = partial(_request, scope, monotonic())  # a Request only when one is logged
         in_flight.add(stream, request)
 
-        async def tracked_send(message: Any) -> None:
+        def tracked_send(message: Any) -> Any:  # returns the server's send, awaited by the app
             if stream.is_ended:
-                return  # ended at wrap-up: the app's later messages go nowhere
+                return _nothing()  # ended at wrap-up: the app's later messages go nowhere
             kind = message["type"]
             if kind == "http.response.start":
                 if draining.is_set():
@@ -193,7 +197,7 @@ class _Track:
                 elif stream.open:
                     stream.open = False
                     long_lived.discard(stream)
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, stream.tracked_receive(receive), tracked_send)
