@@ -1,6 +1,6 @@
 """7. Serving cost: requests/s and p99 latency under ``wrk``, each server alone and under graceful.
 
-graceful's web adapters sit on every request's path (a tracker, a middleware), so a server
+graceful's web adapters sit on every request's path (a tracker, a wrapper around the app), so a server
 under ``graceful.run()`` must serve as fast as the same server alone. Each server answers a
 trivial ``GET /`` (a fixed 2-byte body) on 127.0.0.1, and ``wrk`` (one thread, ``CONNECTIONS``
 keep-alive connections) loads it for ``SECONDS`` s after a ``WARM`` s warm-up that is thrown
@@ -14,8 +14,13 @@ Why it is measured this way:
   decides is the median of the per-round ratios: a slow minute hits both halves of a pair.
 * **A fresh process per measurement**, so that a lucky or unlucky process (hash seed, memory
   layout) is one sample among several, not the whole result.
-* **Pinned.** Where the kernel allows it (``sched_setaffinity``) the server runs on one CPU and
-  ``wrk`` on another, so the two do not take turns on the same core.
+* **Not pinned.** ``PIN_CPUS = True`` runs the server on one CPU and ``wrk`` on the other
+  (``sched_setaffinity``). On this shared machine it made the spread no tighter and every
+  server slower (a pinned process cannot leave a CPU a neighbour is using), so it is off.
+* **Instructions too.** The rounds' spread is often wider than 2 %, so the full run also
+  counts the instructions per request under callgrind (``_serving_callgrind.py``), which no
+  neighbour disturbs. That figure says whether graceful costs anything; req/s says how much it
+  shows under load.
 * **Figures from wrk itself**: a Lua ``done()`` prints the request count, the duration and the
   latency percentiles (microseconds) as JSON; nothing is scraped from its human output.
 
@@ -35,12 +40,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import _serving_callgrind
 from _harness import BenchError, Child, Row, Setup, log, median
 
 CONNECTIONS = 16
-SECONDS, QUICK_SECONDS = 3, 1  # wrk takes whole seconds
+SECONDS, QUICK_SECONDS = 2, 1  # wrk takes whole seconds
 WARM, QUICK_WARM = 1, 0
 ROUNDS = 5
+PIN_CPUS = False  # see the module's docstring
 GOAL = 0.98  # graceful's requests/s at least this fraction of the server alone's
 WRK_BOUND = 30.0  # s beyond the run's own duration before wrk is given up on
 
@@ -78,7 +85,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+class Server(ThreadingHTTPServer):
+    request_queue_size = 4096  # not 5: wrk's 16 connections at once would see SYNs dropped
+
+server = Server(("127.0.0.1", PORT), Handler)
 """
 STDLIB_ALONE = STDLIB + 'print("ready", flush=True)\nserver.serve_forever()\n'
 STDLIB_GRACEFUL = STDLIB + "import graceful\nsys.exit(graceful.run(server))\n"
@@ -191,11 +201,14 @@ class _Series:
     server: Server
     alone: list[_Sample] = field(default_factory=list)
     graceful: list[_Sample] = field(default_factory=list)
+    instructions: tuple[float, float] | None = None  # per request under callgrind: alone, graceful
     problem: str = ""
 
 
 def _cpus() -> tuple[int | None, int | None]:
-    """(the server's CPU, wrk's CPU): two different ones where this process may use two."""
+    """(the server's CPU, wrk's CPU) when pinning: two different ones where there are two."""
+    if not PIN_CPUS:
+        return None, None
     try:
         allowed = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -306,7 +319,25 @@ def run(setup: Setup, runs: int) -> list[Row]:
                             break
                         getattr(series, variant).append(sample)
                 log(f"serving: round {i + 1} of {rounds} done")
+        if not setup.quick and _serving_callgrind.available():
+            for series in runnable:
+                _count(setup, series)
     return [_row(setup, series, seconds) for series in all_series]
+
+
+def _count(setup: Setup, series: _Series) -> None:
+    """Instructions per request under callgrind, alone then under graceful (no noise to pair)."""
+    counts = []
+    for source in (series.server.alone, series.server.graceful):
+        port = _free_port()
+        code = f"PORT = {port}\nCPU = None\n" + PIN + source
+        try:
+            counts.append(_serving_callgrind.instructions_per_request(setup.python, code, port))
+        except BenchError as exc:
+            log(f"serving: {series.server.contender}: {exc}")
+            return
+    series.instructions = (counts[0], counts[1])
+    log(f"serving: callgrind done for {series.server.contender}")
 
 
 def _rps(value: float) -> str:
@@ -347,14 +378,26 @@ def _row(setup: Setup, series: _Series, seconds: int) -> Row:
         f"(rounds {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f}x)"
     )
     ratio = median(ratios)
-    goal = f"{'met' if ratio >= GOAL else 'MISSED'}: within 2 % of alone ({(ratio - 1) * 100:+.1f} %)"
-    if ratio < GOAL and max(ratios) >= 1.0:
-        goal += ", within the rounds' spread"
+    goal = f"req/s {'met' if ratio >= GOAL else 'MISSED'}: within 2 % of alone ({(ratio - 1) * 100:+.1f} %"
+    goal += ", inside the rounds' spread)" if ratio < GOAL and max(ratios) >= 1.0 else ")"
+    if series.instructions is not None:
+        instr_alone, instr_graceful = series.instructions
+        extra = instr_graceful / instr_alone
+        vs += f"; instructions/request {extra:.3f}x"
+        result += (
+            f"; callgrind (user-space instructions per request, 1 connection): "
+            f"alone {instr_alone / 1000:,.1f}k, graceful {instr_graceful / 1000:,.1f}k"
+        )
+        goal += (
+            f"; instructions {'met' if extra <= 2 - GOAL else 'MISSED'}: "
+            f"within 2 % ({(extra - 1) * 100:+.1f} %)"
+        )
     data = {
         "alone": [vars(s) for s in alone],
         "graceful": [vars(s) for s in grace],
         "ratios": ratios,
         "p99_ratios": p99_ratios,
         "cpu_ratios": cpu_ratios,
+        "instructions": series.instructions,
     }
     return Row(bench, series.server.contender, result, vs, goal, data)
