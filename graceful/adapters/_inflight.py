@@ -71,6 +71,9 @@ class InFlight:
         items = list(self._requests.values())  # one C call: a consistent copy
         return [item if isinstance(item, Request) else item() for item in items]
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._requests
+
     def __len__(self) -> int:
         return len(self._requests)
 

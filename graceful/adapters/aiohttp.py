@@ -40,6 +40,7 @@ import contextlib
 import logging
 import time
 from asyncio import current_task
+from functools import partial
 
 from aiohttp import web
 
@@ -62,24 +63,17 @@ DEFAULT_PORT = 8080
 
 
 class _LongLived:
-    """One request under way: its handler's task, and the response it prepares, if any."""
+    """A response its handler has prepared while it runs (a stream, a WebSocket...), and
+    whether wrap-up ended it. Made by ``on_response_prepare``: a request that is answered
+    when its handler returns never gets one."""
 
-    __slots__ = ("closing", "ended", "request", "response", "started", "task")
+    __slots__ = ("closing", "ended", "response", "task")
 
-    def __init__(self, task: asyncio.Task[Any], request: web.BaseRequest) -> None:
+    def __init__(self, task: asyncio.Task[Any], response: web.StreamResponse) -> None:
         self.task = task  # the task that runs the handler (aiohttp: one a request)
-        self.request = request
-        self.started = time.monotonic()
-        self.response: web.StreamResponse | None = None
+        self.response: web.StreamResponse | None = response
         self.ended = False
         self.closing: asyncio.Future[bool] | None = None  # our 1001 close of a WebSocket
-
-    def tracked(self) -> Request:
-        """The request as the logs name it (made when needed: aiohttp computes path and client)."""
-        request = self.request
-        tracked = Request(request.method, request.path, request.remote or "?")
-        tracked.started = self.started
-        return tracked
 
     @property
     def kind(self) -> str | None:
@@ -90,6 +84,13 @@ class _LongLived:
         if isinstance(response, web.WebSocketResponse):
             return None if response.closed else "websocket"
         return "stream" if response.content_length is None else None
+
+
+def _tracked(request: web.BaseRequest, started: float) -> Request:
+    """The request as the logs name it (made when needed: aiohttp computes path and client)."""
+    tracked = Request(request.method, request.path, request.remote or "?")
+    tracked.started = started
+    return tracked
 
 
 def _port_from_env() -> int:
@@ -163,14 +164,15 @@ class AiohttpService:
         self.runner.app.on_response_prepare.append(self._prepared)
 
     def _prepared(self, request: web.Request, response: web.StreamResponse) -> asyncio.Future[None]:
-        """aiohttp's ``on_response_prepare``: remember the response a handler prepares.
+        """aiohttp's ``on_response_prepare``: remember the response a running handler prepares.
 
         It runs for every response, so it is a plain function returning a future already done
-        (awaiting one costs no coroutine): about 6 % of a trivial request's instructions less.
+        (awaiting one costs no coroutine). A response prepared after its handler returned (the
+        usual case) is no longer in flight: nothing to remember.
         """
-        entry = self._long_lived.get(current_task())
-        if entry is not None:
-            entry.response = response
+        task = current_task()
+        if task in self.in_flight and task not in self._long_lived:
+            self._long_lived[task] = _LongLived(task, response)  # type: ignore[arg-type]
         assert self._prepare_done is not None  # made by serve(), before any request
         return self._prepare_done
 
@@ -179,32 +181,36 @@ class AiohttpService:
         handler = self._handler
         assert handler is not None  # set by serve(), before the site listens
         task: asyncio.Task[Any] = current_task()  # type: ignore[assignment]
-        entry = self._long_lived[task] = _LongLived(task, request)
-        self.in_flight.add(task, entry.tracked)
+        tracked = partial(_tracked, request, time.monotonic())  # a Request only when one is logged
+        self.in_flight.add(task, tracked)
         try:
             response: web.StreamResponse = await handler(request)
-            if entry.closing is not None:  # aiohttp 3.9 would close with 1000 on return: ours first
-                await asyncio.wait({entry.closing})
+            entry = self._long_lived.get(task)
+            if entry is not None and entry.closing is not None:  # aiohttp 3.9 would close with 1000
+                await asyncio.wait({entry.closing})  # on return: ours first
             if self._draining and not response.prepared:
                 response.force_close()  # answered with Connection: close
             return response
         except ConnectionResetError:
-            if entry.ended and entry.response is not None:  # a send after our 1001 close
-                return entry.response
+            entry = self._long_lived.get(task)
+            if entry is not None and entry.ended and entry.response is not None:  # a send after our
+                return entry.response  # 1001 close
             raise
         except asyncio.CancelledError:
-            if entry.ended and entry.response is not None and _uncancel(task) == 0:
+            entry = self._long_lived.get(task)
+            if entry is not None and entry.ended and entry.response is not None and _uncancel(task) == 0:
                 with contextlib.suppress(ConnectionError):  # the client left meanwhile
                     await entry.response.write_eof()  # the final chunk: a clean end of stream
                 return entry.response
             if self._draining:  # shutdown_timeout= cancelled it
                 log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
-                    "%s: dropped request %s (cancelled while draining)", self.name, entry.tracked().describe()
+                    "%s: dropped request %s (cancelled while draining)", self.name, tracked().describe()
                 )
             raise
         finally:
-            self._long_lived.pop(task, None)
             self.in_flight.discard(task)
+            if self._long_lived:
+                self._long_lived.pop(task, None)
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
