@@ -25,7 +25,7 @@ from pathlib import Path
 from _harness import BenchError, child_env
 
 WARM = 100
-REQUESTS = 200
+REQUESTS = 400
 START_BOUND = 120.0  # s: an interpreter and uvicorn's imports under valgrind, on a loaded machine
 CONTROL_BOUND = 60.0
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
