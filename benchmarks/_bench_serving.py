@@ -14,9 +14,9 @@ Why it is measured this way:
   decides is the median of the per-round ratios: a slow minute hits both halves of a pair.
 * **A fresh process per measurement**, so that a lucky or unlucky process (hash seed, memory
   layout) is one sample among several, not the whole result.
-* **Not pinned.** ``PIN_CPUS = True`` runs the server on one CPU and ``wrk`` on the other
-  (``sched_setaffinity``). On this shared machine it made the spread no tighter and every
-  server slower (a pinned process cannot leave a CPU a neighbour is using), so it is off.
+* **Not pinned.** Running the server on one CPU and ``wrk`` on the other (``sched_setaffinity``)
+  was tried: on this shared machine it made the spread no tighter and every server slower (a
+  pinned process cannot leave a CPU a neighbour is using).
 * **Instructions too.** The rounds' spread is often wider than 2 %, so the full run also
   counts the instructions per request under callgrind (``_serving_callgrind.py``), which no
   neighbour disturbs. That figure says whether graceful costs anything; req/s says how much it
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -47,7 +46,6 @@ CONNECTIONS = 16
 SECONDS, QUICK_SECONDS = 2, 1  # wrk takes whole seconds
 WARM, QUICK_WARM = 1, 0
 ROUNDS = 5
-PIN_CPUS = False  # see the module's docstring
 GOAL = 0.98  # graceful's requests/s at least this fraction of the server alone's
 WRK_BOUND = 30.0  # s beyond the run's own duration before wrk is given up on
 
@@ -60,12 +58,6 @@ done = function(summary, latency, requests)
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
     latency.max, e.connect + e.read + e.write + e.status + e.timeout))
 end
-"""
-
-PIN = """
-import os
-if CPU is not None:
-    os.sched_setaffinity(0, {CPU})
 """
 
 STDLIB = """
@@ -205,17 +197,6 @@ class _Series:
     problem: str = ""
 
 
-def _cpus() -> tuple[int | None, int | None]:
-    """(the server's CPU, wrk's CPU) when pinning: two different ones where there are two."""
-    if not PIN_CPUS:
-        return None, None
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None, None
-    return (allowed[0], allowed[1]) if len(allowed) >= 2 else (None, None)
-
-
 def _cpu_clock(pid: int) -> int:
     """The clock of ``pid``'s CPU time, every thread's, dead ones included (Linux's
     ``clock_getcpuclockid()``, which Python lacks: ``CPUCLOCK_SCHED`` of the whole process)."""
@@ -237,9 +218,8 @@ def _lua_script() -> Iterator[str]:
         yield script.name
 
 
-def _wrk(port: int, seconds: int, script: str, cpu: int | None) -> _Sample:
+def _wrk(port: int, seconds: int, script: str) -> _Sample:
     command = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "-s", script, f"http://127.0.0.1:{port}/"]
-    pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
     try:
         done = subprocess.run(
             command,
@@ -247,7 +227,6 @@ def _wrk(port: int, seconds: int, script: str, cpu: int | None) -> _Sample:
             text=True,
             timeout=seconds + WRK_BOUND,
             check=False,
-            preexec_fn=pin,  # the parent runs no threads
         )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"wrk did not finish within {seconds + WRK_BOUND:g} s") from exc
@@ -265,17 +244,20 @@ def _wrk(port: int, seconds: int, script: str, cpu: int | None) -> _Sample:
 
 
 def _measure(setup: Setup, source: str, *, notify: bool, script: str, seconds: int, warm: int) -> _Sample:
-    server_cpu, wrk_cpu = _cpus()
     port = _free_port()
-    code = f"PORT = {port}\nCPU = {server_cpu!r}\n" + PIN + source
+    code = f"PORT = {port}\n" + source
     with Child(setup.python, code, notify=notify) as child:
         child.wait_ready()
         if warm > 0:
-            _wrk(port, warm, script, wrk_cpu)
+            _wrk(port, warm, script)
         clock = _cpu_clock(child.proc.pid)
-        before = time.clock_gettime(clock)
-        sample = _wrk(port, seconds, script, wrk_cpu)
-        sample.cpu = (time.clock_gettime(clock) - before) / max(1, sample.requests)
+        try:
+            before = time.clock_gettime(clock)
+        except OSError:  # not Linux: no CPU figure
+            before = None
+        sample = _wrk(port, seconds, script)
+        if before is not None:
+            sample.cpu = (time.clock_gettime(clock) - before) / max(1, sample.requests)
         if child.proc.poll() is not None:
             raise BenchError(f"the server exited with {child.returncode}; stderr: {child.stderr_tail()}")
     return sample
@@ -330,7 +312,7 @@ def _count(setup: Setup, series: _Series) -> None:
     counts = []
     for source in (series.server.alone, series.server.graceful):
         port = _free_port()
-        code = f"PORT = {port}\nCPU = None\n" + PIN + source
+        code = f"PORT = {port}\n" + source
         try:
             counts.append(_serving_callgrind.instructions_per_request(setup.python, code, port))
         except BenchError as exc:
