@@ -30,7 +30,7 @@ from _rolling_programs import Contender, contenders, delay_accepted, module_pres
 from _rolling_rig import tool
 from _rolling_run import RunResult, Variant, run_one
 
-BENCH = "7. rolling restarts"
+BENCH = "8. rolling restarts"
 VARIANTS = [Variant(True, 0), Variant(True, 3), Variant(False, 0), Variant(False, 3)]
 QUICK_RESTARTS = 3
 FULL_RESTARTS = 6

@@ -28,6 +28,7 @@ import _bench_forcequit
 import _bench_import
 import _bench_long_lived
 import _bench_rolling
+import _bench_serving
 import _bench_sigterm
 from _harness import ROOT, Row, Setup, ensure_peers, log, section
 
@@ -40,6 +41,7 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "is_stopping": _bench_fanout.run_is_stopping,
     "long_lived": _bench_long_lived.run,
     "rolling": _bench_rolling.run,
+    "serving": _bench_serving.run,
 }
 OPT_IN = {"rolling"}  # minutes long and needs haproxy and hey: runs only when named with --only
 

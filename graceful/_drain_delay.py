@@ -17,8 +17,8 @@ budget left, covers every server in the process. It is said two ways:
   every restart; behind a balancer that probes ``/readyz`` itself (HAProxy, nginx, an AWS
   target group) ``auto`` ends as soon as the balancer has acted on the 503.
 
-What it watches: each web adapter calls :meth:`Traffic.arrived` once per request (one lock,
-one float); the probe server calls :func:`probe_refused` when it answers ``/readyz`` with 503
+What it watches: each web adapter calls :meth:`Traffic.arrived` once per request (one float
+stored); the probe server calls :func:`probe_refused` when it answers ``/readyz`` with 503
 during a wrap-up, which wakes the waiters at once. The state lives here, per lifecycle, in a
 ``WeakKeyDictionary``: the lifecycle itself knows nothing of it.
 """
@@ -129,20 +129,21 @@ class Traffic:
     per request, so that ``auto`` sees its requests too.
     """
 
-    __slots__ = ("_lock", "_now", "last")
+    __slots__ = ("_now", "last")
 
     def __init__(self, now: Callable[[], float]) -> None:
         self._now = now
-        self._lock = threading.Lock()
         self.last: float | None = None
         """When the latest request arrived (on the lifecycle's clock), None before the first."""
 
     def arrived(self) -> None:
-        """A request arrived (call it once per request, from any thread)."""
-        now = self._now()
-        with self._lock:
-            if self.last is None or now > self.last:
-                self.last = now
+        """A request arrived (call it once per request, from any thread).
+
+        One attribute store and no lock, since every request pays it: of two arrivals at the
+        same moment on two threads either may be the one kept, microseconds apart, which is
+        nothing to a quiet window of :data:`AUTO_QUIET`.
+        """
+        self.last = self._now()
 
 
 class _State:
@@ -254,7 +255,8 @@ def drain_delay_left(lifecycle: Lifecycle) -> float:
         return end - now
     state = _of(lifecycle)
     with state.lock:
-        probes, refused_at, last = state.probes, state.refused_at, state.traffic.last
+        probes, refused_at = state.probes, state.refused_at
+    last = state.traffic.last
     if probes and refused_at is None:
         return end - now  # no balancer has been told yet: a probe answered 503 wakes the waiter
     quiet_from = max(t for t in (started, refused_at, last) if t is not None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ SECTIONS = (
     "5. force quit",
     "6. is_stopping()",
     "7. long-lived",
+    "9. serving cost",
 )
 MEASURED = (  # (section, contender, a word its measured result must contain)
     ("1. import", "graceful", "own modules"),
@@ -76,6 +78,12 @@ def test_quick_run_prints_one_table_with_every_section() -> None:
         rows = [row for row in body if row[0].startswith(section) and row[1] == contender]
         assert rows, f"no row for {contender!r} in {section!r}"
         assert all(word in row[2] for row in rows), rows
+    serving = [row for row in body if row[0].startswith("9. serving") and row[1].startswith("stdlib")]
+    if shutil.which("wrk") is None:  # the serving section needs wrk: it says it skipped
+        assert all(row[2].startswith("skipped: wrk") for row in serving), serving
+    else:
+        assert serving, "no serving row for the stdlib server"
+        assert all("req/s" in row[2] and "p99" in row[2] for row in serving), serving
     # --quick never touches the network nor the peers: every peer row says it was skipped
     for row in body:
         if row[1].split()[0] in ("aiomisc", "cotyledon", "uvicorn", "grpcio"):

@@ -58,9 +58,9 @@ def test_quick_rolling_run_measures_every_quick_contender(tmp_path: Path) -> Non
     rows = [
         [cell.strip() for cell in line.strip("|").split(" | ")]
         for line in result.stdout.splitlines()
-        if line.startswith("| 7. rolling")
+        if line.startswith("| 8. rolling")
     ]
-    assert all(row[0] == "7. rolling restarts (keep-alive on, retries 0)" for row in rows), rows
+    assert all(row[0] == "8. rolling restarts (keep-alive on, retries 0)" for row in rows), rows
     names = [row[1] for row in rows]
     assert any(name.startswith("graceful.run(ThreadingHTTPServer)") for name in names), names
     assert "stdlib ThreadingHTTPServer (hand-written SIGTERM handler)" in names, names

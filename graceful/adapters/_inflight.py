@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 
 from ..readiness import traffic
@@ -54,8 +53,7 @@ class InFlight:
 
     def __init__(self, server_name: str) -> None:
         self.server_name = server_name
-        self._lock = threading.Lock()
-        self._requests: dict[object, Request] = {}
+        self._requests: dict[object, Request | Callable[[], Request]] = {}
         self._lifecycle: Lifecycle | None = None
         self._traffic: Traffic | None = None
 
@@ -70,22 +68,27 @@ class InFlight:
         self._lifecycle = lifecycle
         self._traffic = None if lifecycle is None else traffic(lifecycle)
 
-    def add(self, key: object, request: Request) -> None:
-        with self._lock:
-            self._requests[key] = request
+    # Every request passes through add() and discard(): one dict store each, atomic under the
+    # GIL (and in free-threaded builds, whose dicts lock themselves), so no lock of our own.
+    def add(self, key: object, request: Request | Callable[[], Request]) -> None:
+        """``request``, or what makes it when it is needed (at the deadline, rarely): an adapter
+        whose framework computes the method, path or client on access passes that."""
+        self._requests[key] = request
         if self._traffic is not None:
-            self._traffic.arrived()
+            self._traffic.arrived()  # what an auto drain delay watches
 
     def discard(self, key: object) -> None:
-        with self._lock:
-            ended = self._requests.pop(key, None)
+        ended = self._requests.pop(key, None)
         lifecycle = self._lifecycle
-        if ended is not None and lifecycle is not None and lifecycle.is_stopping():
+        if ended is not None and lifecycle is not None and lifecycle.stopping:
             lifecycle.report_progress()  # the drain moves: systemd gives more time
 
     def requests(self) -> list[Request]:
-        with self._lock:
-            return list(self._requests.values())
+        items = list(self._requests.values())  # one C call: a consistent copy
+        return [item if isinstance(item, Request) else item() for item in items]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._requests
 
     def __len__(self) -> int:
         return len(self._requests)

@@ -6,7 +6,10 @@ signal routing, and its 60 s ``shutdown_timeout`` knows nothing of the platform'
 period. Here the app runs on graceful's loop with aiohttp's signal handling off, and is drained
 with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
 
-* serve: a middleware (outermost) records each request under way; ``AppRunner.setup()``
+* serve: ``AppRunner.setup()``, then the runner's request handler is wrapped (``Server.request_handler``,
+  outside the app and its middlewares) so that each request under way is recorded: a middleware
+  would cost aiohttp's middleware dispatch on every request (about 7 % of a trivial one's
+  instructions, measured in benchmarks/_serving_callgrind.py);
   (``on_startup``) and a ``TCPSite`` on ``host``/``port``; "started" once the site listens.
 * wrap-up: the drain delay (still serving); every site stops (the listening socket closes, a
   new connection is refused at once); then ``AppRunner.cleanup()``: idle keep-alive
@@ -21,11 +24,11 @@ with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
   returned, no ``Content-Length``: a download of announced length is left to finish) is told to
   end: its handler's task is cancelled (asyncio's way to tell a coroutine to stop, as aiohttp's
   own ``handler_cancellation`` does when a client leaves: its ``finally`` and ``except
-  CancelledError`` still run and may write a last event), then the middleware writes the final
+  CancelledError`` still run and may write a last event), then the wrapper writes the final
   chunk (``write_eof()``) and returns the response, so the client sees a clean end of stream.
   Handlers that check ``graceful.is_stopping()`` or await ``graceful.wait_for_wrap_up_async()``
   end on their own first. A WebSocket handler's send after the close fails with
-  ``ConnectionResetError``: the middleware drops it. Both counts are logged with the drain.
+  ``ConnectionResetError``: the wrapper drops it. Both counts are logged with the drain.
 * deadline: each request still under way is logged (method, path, client, age) and its
   connection is closed. A request that ``shutdown_timeout=`` cancels is logged the same way.
 """
@@ -35,6 +38,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from asyncio import current_task
+from functools import partial
 
 from aiohttp import web
 
@@ -57,13 +63,15 @@ DEFAULT_PORT = 8080
 
 
 class _LongLived:
-    """The response one request's handler has prepared, and whether wrap-up ended it."""
+    """A response its handler has prepared while it runs (a stream, a WebSocket...), and
+    whether wrap-up ended it. Made by ``on_response_prepare``: a request that is answered
+    when its handler returns never gets one."""
 
     __slots__ = ("closing", "ended", "response", "task")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Task[Any], response: web.StreamResponse) -> None:
         self.task = task  # the task that runs the handler (aiohttp: one a request)
-        self.response: web.StreamResponse | None = None
+        self.response: web.StreamResponse | None = response
         self.ended = False
         self.closing: asyncio.Future[bool] | None = None  # our 1001 close of a WebSocket
 
@@ -76,6 +84,13 @@ class _LongLived:
         if isinstance(response, web.WebSocketResponse):
             return None if response.closed else "websocket"
         return "stream" if response.content_length is None else None
+
+
+def _tracked(request: web.BaseRequest, started: float) -> Request:
+    """The request as the logs name it (made when needed: aiohttp computes path and client)."""
+    tracked = Request(request.method, request.path, request.remote or "?")
+    tracked.started = started
+    return tracked
 
 
 def _port_from_env() -> int:
@@ -144,53 +159,71 @@ class AiohttpService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
         self._long_lived: dict[object, _LongLived] = {}  # by the handler's task
-        self.runner.app.middlewares.insert(0, self._track)
+        self._prepare_done: asyncio.Future[None] | None = None
+        self._handler: Any = None  # the runner's own request handler, wrapped by _track
         self.runner.app.on_response_prepare.append(self._prepared)
 
-    async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
-        """aiohttp's ``on_response_prepare``: remember the response a handler prepares."""
-        entry = self._long_lived.get(asyncio.current_task())
-        if entry is not None:
-            entry.response = response
+    def _prepared(self, request: web.Request, response: web.StreamResponse) -> asyncio.Future[None]:
+        """aiohttp's ``on_response_prepare``: remember the response a running handler prepares.
 
-    @web.middleware
-    async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        key = object()
-        tracked = Request(request.method, request.path, request.remote or "?")
-        self.in_flight.add(key, tracked)
-        task = asyncio.current_task()
-        entry = self._long_lived[task] = _LongLived(task)  # type: ignore[arg-type]
+        It runs for every response, so it is a plain function returning a future already done
+        (awaiting one costs no coroutine). A response prepared after its handler returned (the
+        usual case) is no longer in flight: nothing to remember.
+        """
+        task = current_task()
+        if task in self.in_flight and task not in self._long_lived:
+            self._long_lived[task] = _LongLived(task, response)  # type: ignore[arg-type]
+        assert self._prepare_done is not None  # made by serve(), before any request
+        return self._prepare_done
+
+    async def _track(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request, around the app's own handling (its middlewares included)."""
+        handler = self._handler
+        assert handler is not None  # set by serve(), before the site listens
+        task: asyncio.Task[Any] = current_task()  # type: ignore[assignment]
+        tracked = partial(_tracked, request, time.monotonic())  # a Request only when one is logged
+        self.in_flight.add(task, tracked)
         try:
             response: web.StreamResponse = await handler(request)
-            if entry.closing is not None:  # aiohttp 3.9 would close with 1000 on return: ours first
-                await asyncio.wait({entry.closing})
+            entry = self._long_lived.get(task)
+            if entry is not None and entry.closing is not None:  # aiohttp 3.9 would close with 1000
+                await asyncio.wait({entry.closing})  # on return: ours first
             if self._draining and not response.prepared:
                 response.force_close()  # answered with Connection: close
             return response
         except ConnectionResetError:
-            if entry.ended and entry.response is not None:  # a send after our 1001 close
-                return entry.response
+            entry = self._long_lived.get(task)
+            if entry is not None and entry.ended and entry.response is not None:  # a send after our
+                return entry.response  # 1001 close
             raise
         except asyncio.CancelledError:
-            if entry.ended and entry.response is not None and _uncancel(task) == 0:
+            entry = self._long_lived.get(task)
+            if entry is not None and entry.ended and entry.response is not None and _uncancel(task) == 0:
                 with contextlib.suppress(ConnectionError):  # the client left meanwhile
                     await entry.response.write_eof()  # the final chunk: a clean end of stream
                 return entry.response
             if self._draining:  # shutdown_timeout= cancelled it
                 log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
-                    "%s: dropped request %s (cancelled while draining)", self.name, tracked.describe()
+                    "%s: dropped request %s (cancelled while draining)", self.name, tracked().describe()
                 )
             raise
         finally:
-            self._long_lived.pop(task, None)
-            self.in_flight.discard(key)
+            self.in_flight.discard(task)
+            if self._long_lived:
+                self._long_lived.pop(task, None)
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
         self.in_flight.lifecycle = ctx.lifecycle
         self._done = asyncio.Event()
+        self._prepare_done = self._loop.create_future()
+        self._prepare_done.set_result(None)
         ctx.lifecycle.on_force_quit(self._forced, name=f"cut requests still running on {self.name}")
         await self.runner.setup()
+        server = self.runner.server
+        assert server is not None  # setup() made it
+        self._handler = server.request_handler
+        server.request_handler = self._track  # connections take it when they open: before start()
         site = web.TCPSite(self.runner, self.host, self.port, **self.site_options)
         await site.start()
         addresses = self.runner.addresses
@@ -225,7 +258,7 @@ class AiohttpService:
     async def _end_long_lived(self, budget: float | None) -> tuple[int, int]:
         """Close each open WebSocket with 1001 and end each stream; (WebSockets, streams) ended.
 
-        Streams: their handler's task is cancelled, and the middleware writes the final chunk.
+        Streams: their handler's task is cancelled, and the wrapper writes the final chunk.
         WebSockets: the close frames go out together; waits (within ``budget``) for the clients'
         replies, as ``ws.close()`` does (bounded by the response's own close timeout).
         ``budget`` None: no deadline (a pause).

@@ -52,6 +52,8 @@ from ._drain import wait_drain_delay_said
 from ._gone import GONE, TIMED_OUT, describe_client, peer_gone
 from ._inflight import Request
 
+monotonic = time.monotonic
+
 # No ``typing`` at run time: see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -69,13 +71,25 @@ IDLE_GRACE = 1.0
 """Seconds a connection accepted during the drain may stay silent before it is closed."""
 
 
+def _request(handler: Any, started: float) -> Request:
+    """The request ``handler`` is answering, for a log line (made only when one is written)."""
+    request = Request(handler.command, handler.path, handler.address_string())
+    request.started = started
+    return request
+
+
 class _Tracker:
-    """Every open connection, and the request each one is answering, if any."""
+    """Every open connection, and when the request it is answering began, if any.
+
+    A request's start and end are single dict stores, atomic under the GIL and written by the
+    connection's own thread only: no lock on the per-request path. The lock guards what
+    changes the dicts' keys (a connection opens or closes) and every read that iterates.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self.open: dict[Any, Request | None] = {}  # handler -> its current request
+        self.open: dict[Any, float | None] = {}  # handler -> when its current request began
         self.served: dict[Any, int] = {}  # handler -> requests answered so far
         self.upgraded: dict[Any, str] = {}  # handler -> what it became ("tunnel", ...)
         self.draining = False
@@ -105,39 +119,29 @@ class _Tracker:
             self.upgraded.pop(handler, None)
             self._idle.notify_all()
 
-    def begin(self, handler: Any, request: Request) -> None:
+    def upgrade(self, handler: Any, what: str | None) -> None:
+        """The connection left HTTP (101, a CONNECT tunnel): it lasts as long as its handler
+        (``what`` None: its handler has returned)."""
         with self._lock:
-            self.open[handler] = request
-        if self.traffic is not None:
-            self.traffic.arrived()  # what an auto drain delay watches
-
-    def upgrade(self, handler: Any, what: str) -> None:
-        """The connection left HTTP (101, a CONNECT tunnel): it lasts as long as its handler."""
-        with self._lock:
-            self.upgraded[handler] = what
+            if what is None:
+                self.upgraded.pop(handler, None)
+            else:
+                self.upgraded[handler] = what
 
     def long_lived(self) -> list[tuple[str, Request]]:
         """(what it became, its request) for each upgraded connection still open."""
         with self._lock:
-            return [
-                (what, request)
-                for handler, what in self.upgraded.items()
-                if (request := self.open.get(handler)) is not None
+            running = [(h, what, self.open.get(h)) for h, what in self.upgraded.items()]
+        return [(what, _request(h, started)) for h, what, started in running if started is not None]
+
+    def in_flight(self, *, upgraded_too: bool = True) -> list[Request]:
+        with self._lock:
+            running = [
+                (h, started)
+                for h, started in self.open.items()
+                if started is not None and (upgraded_too or h not in self.upgraded)
             ]
-
-    def end(self, handler: Any) -> None:
-        with self._lock:
-            self.upgraded.pop(handler, None)
-            ended = self.open.get(handler) is not None
-            if ended:
-                self.open[handler] = None
-                self.served[handler] = self.served.get(handler, 0) + 1
-        if ended and self.lifecycle is not None and self.lifecycle.is_stopping():
-            self.lifecycle.report_progress()  # the drain moves: systemd gives more time
-
-    def in_flight(self) -> list[Request]:
-        with self._lock:
-            return [request for request in self.open.values() if request is not None]
+        return [_request(h, started) for h, started in running]
 
     def idle(self, *, fresh_too: bool) -> list[Any]:
         """Connections with no request under way (``fresh_too``: also those never used)."""
@@ -179,44 +183,53 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
 
     if not issubclass(base, BaseHTTPRequestHandler):
         return Tracked  # a plain socketserver handler: connections only
+    http_base: type[BaseHTTPRequestHandler] = base
+    opened, served, upgraded = tracker.open, tracker.served, tracker.upgraded
 
     class TrackedHTTP(Tracked):
+        # Every request passes here: the base class's methods are called directly (no super()),
+        # and what only matters while draining is checked after one attribute read.
         def handle_one_request(self) -> None:
             if tracker.draining and tracker.served.get(self, 0):
                 self.close_connection = True  # keep-alive ends: answered one, take no more
                 return
             try:
-                super().handle_one_request()
+                http_base.handle_one_request(self)
             finally:
-                tracker.end(self)
+                if opened.get(self) is not None:  # a request was under way, and is answered
+                    opened[self] = None
+                    served[self] += 1
+                    lifecycle = tracker.lifecycle
+                    if lifecycle is not None and lifecycle.stopping:
+                        lifecycle.report_progress()  # the drain moves: systemd gives more time
+                    if self in upgraded:  # the upgraded protocol has ended with its handler
+                        tracker.upgrade(self, None)
 
         def parse_request(self) -> bool:
-            ok: bool = super().parse_request()
+            ok: bool = http_base.parse_request(self)
             if ok:
-                tracker.begin(self, Request(self.command, self.path, self.address_string()))
+                opened[self] = monotonic()  # a request is under way
+                if tracker.traffic is not None:
+                    tracker.traffic.arrived()  # what an auto drain delay watches
             return ok
 
         def send_response_only(self, code: int, message: str | None = None) -> None:
             if code == 101:  # Switching Protocols: the handler speaks another protocol now
-                tracker.upgrade(self, "upgraded connection")
-            elif self.command == "CONNECT" and 200 <= code < 300:
+                protocol = self.headers.get("Upgrade")
+                tracker.upgrade(
+                    self, f"upgraded connection ({protocol})" if protocol else "upgraded connection"
+                )
+            elif code < 300 and self.command == "CONNECT":
                 tracker.upgrade(self, "tunnel")
-            super().send_response_only(code, message)
-
-        def send_header(self, keyword: str, value: str) -> None:
-            name = keyword.lower()
-            if name == "connection":
-                self._graceful_said_connection = True
-            elif name == "upgrade" and self in tracker.upgraded:
-                tracker.upgrade(self, f"upgraded connection ({value})")
-            super().send_header(keyword, value)
+            http_base.send_response_only(self, code, message)
 
         def end_headers(self) -> None:
-            said = getattr(self, "_graceful_said_connection", False)
-            if tracker.draining and not said and self not in tracker.upgraded:
+            # While draining, a response says ``Connection: close`` unless it closes already (the
+            # handler said so, or the client did); not an upgraded connection's 101.
+            if tracker.draining and not self.close_connection and self not in tracker.upgraded:
                 self.send_header("Connection", "close")
                 self.close_connection = True
-            super().end_headers()
+            http_base.end_headers(self)
 
         def log_error(self, format: str, *args: Any) -> None:
             # Called on errors only. The stdlib's timeout line with no request under way: the
@@ -395,10 +408,7 @@ class HTTPServerService:
         long_lived = self.tracker.long_lived()
         for what, request in long_lived:
             log.error("%s: cut %s %s at the force-quit deadline", self.name, what, request.describe())
-        cut = {id(request) for _, request in long_lived}
-        for request in self.tracker.in_flight():
-            if id(request) in cut:
-                continue
+        for request in self.tracker.in_flight(upgraded_too=False):  # those named once, as what they are
             log.error("%s: dropped request %s at the force-quit deadline", self.name, request.describe())
         for handler in list(self.tracker.open):
             _shut(handler)

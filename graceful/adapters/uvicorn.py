@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from functools import partial
+from time import monotonic
 
 import uvicorn
 
@@ -53,48 +55,63 @@ __all__ = ["UvicornService", "adapt"]
 
 
 class _LongLived:
-    """One WebSocket or streaming response, and how to end it the way its protocol wants."""
+    """One WebSocket or streaming response, and how to end it the way its protocol wants.
 
-    __slots__ = ("ended", "kind", "open", "send", "sized")
+    Every HTTP request gets one, so it is cheap until it matters: the future that wakes a
+    pending ``receive()`` is made only when the app waits on ``receive()`` past the body.
+    """
+
+    __slots__ = ("_ended", "headers", "is_ended", "kind", "open", "send")
 
     def __init__(self, kind: str, send: Any) -> None:
         self.kind = kind  # "websocket" or "http"
         self.send = send  # the server's send: not the app's wrapped one
         self.open = False  # accepted WebSocket, or a response body under way
-        self.sized = False  # a response of announced length: a download, never ended early
-        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.is_ended = False  # ended at wrap-up
+        self.headers: Any = ()  # the response's, read only if it streams: a download is not ended
+        self._ended: asyncio.Future[None] | None = None
+
+    def ended(self) -> asyncio.Future[None]:
+        """Done once wrap-up has ended this connection (made on first use)."""
+        if self._ended is None:
+            self._ended = asyncio.get_running_loop().create_future()
+            if self.is_ended:
+                self._ended.set_result(None)
+        return self._ended
 
     async def end(self) -> None:
-        self.ended.set_result(None)  # the app's pending receive() hears the disconnect
+        self.is_ended = True
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)  # the app's pending receive() hears the disconnect
         if self.kind == "websocket":
             await self.send({"type": "websocket.close", "code": 1001, "reason": "server going away"})
         else:
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def tracked_send(self, track: _Track) -> Any:
+        """The WebSocket's send: an accepted one is long-lived until it closes."""
+
         async def send(message: Any) -> None:
-            if self.ended.done():
+            if self.is_ended:
                 return  # ended at wrap-up: the app's later messages go nowhere
             kind = message["type"]
-            if kind == "http.response.start":
-                self.sized = any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
-            streaming = kind == "http.response.body" and message.get("more_body") and not self.sized
-            if kind == "websocket.accept" or streaming:
+            if kind == "websocket.accept":
                 self.open = True
                 track.long_lived.add(self)
-            elif kind in ("websocket.close", "http.response.body"):
+            elif kind == "websocket.close":
                 self.open = False
                 track.long_lived.discard(self)
             await self.send(message)
 
         return send
 
+    def gone(self) -> dict[str, Any]:
+        """What a ``receive()`` pending when the connection was ended returns."""
+        if self.kind == "websocket":
+            return {"type": "websocket.disconnect", "code": 1001}
+        return {"type": "http.disconnect"}
+
     def tracked_receive(self, receive: Any) -> Any:
-        gone = (
-            {"type": "websocket.disconnect", "code": 1001}
-            if self.kind == "websocket"
-            else {"type": "http.disconnect"}
-        )
         body_read = self.kind == "websocket"
 
         async def tracked() -> Any:
@@ -103,21 +120,42 @@ class _LongLived:
                 message = await receive()
                 body_read = message["type"] != "http.request" or not message.get("more_body")
                 return message
-            if self.ended.done():
-                return gone
+            if self.is_ended:
+                return self.gone()
             pending = asyncio.ensure_future(receive())
             try:
-                await asyncio.wait({pending, self.ended}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({pending, self.ended()}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not pending.done():
                     pending.cancel()
-            return pending.result() if pending.done() and not pending.cancelled() else gone
+            return pending.result() if pending.done() and not pending.cancelled() else self.gone()
 
         return tracked
 
 
+def _sized(headers: Any) -> bool:
+    """A response of announced length (a download): it drains like any request."""
+    return any(name.lower() == b"content-length" for name, _ in headers)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _request(scope: Any, started: float) -> Request:
+    client = scope.get("client") or ("?", 0)
+    request = Request(scope.get("method", "?"), scope.get("path", "?"), str(client[0]))
+    request.started = started
+    return request
+
+
 class _Track:
-    """ASGI middleware: each HTTP request is in ``in_flight`` while the app answers it."""
+    """ASGI middleware: each HTTP request is in ``in_flight`` while the app answers it.
+
+    Every request passes here: one ``send`` wrapper does all the per-message work (the
+    ``Connection: close`` while draining, a stream's start and end), and the rest is made
+    only when it is needed.
+    """
 
     def __init__(self, app: Any, in_flight: InFlight, draining: asyncio.Event) -> None:
         self.app = app
@@ -127,7 +165,7 @@ class _Track:
 
     async def end_long_lived(self) -> tuple[int, int]:
         """Close each open WebSocket with 1001 and end each stream; (WebSockets, streams) ended."""
-        ending = [item for item in self.long_lived if item.open and not item.ended.done()]
+        ending = [item for item in self.long_lived if item.open and not item.is_ended]
         self.long_lived.clear()
         for item in ending:
             try:
@@ -146,32 +184,42 @@ class _Track:
             await self.app(scope, receive, send)
             return
         stream = _LongLived("http", send)
-        receive, send = stream.tracked_receive(receive), stream.tracked_send(self)
-        client = scope.get("client") or ("?", 0)
-        key = object()
-        request = Request(scope.get("method", "?"), scope.get("path", "?"), str(client[0]))
-        self.in_flight.add(key, request)
-        draining = self.draining
+        in_flight, draining, long_lived = self.in_flight, self.draining, self.long_lived
+        request = partial(_request, scope, monotonic())  # a Request only when one is logged
+        in_flight.add(stream, request)
 
-        async def send_saying_close(message: Any) -> None:
-            if message["type"] == "http.response.start" and draining.is_set():
-                headers = list(message.get("headers", ()))
-                if not any(name.lower() == b"connection" for name, _ in headers):
-                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            await send(message)
+        def tracked_send(message: Any) -> Any:  # returns the server's send, awaited by the app
+            if stream.is_ended:
+                return _nothing()  # ended at wrap-up: the app's later messages go nowhere
+            kind = message["type"]
+            if kind == "http.response.start":
+                stream.headers = message.get("headers", ())
+                if draining.is_set():
+                    headers = list(message.get("headers", ()))
+                    if not any(name.lower() == b"connection" for name, _ in headers):
+                        message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            elif kind == "http.response.body":
+                if message.get("more_body"):
+                    if not stream.open and not _sized(stream.headers):  # a download is not ended early
+                        stream.open = True
+                        long_lived.add(stream)
+                elif stream.open:
+                    stream.open = False
+                    long_lived.discard(stream)
+            return send(message)
 
         try:
-            await self.app(scope, receive, send_saying_close)
+            await self.app(scope, stream.tracked_receive(receive), tracked_send)
         except asyncio.CancelledError:
             if draining.is_set():  # uvicorn's own timeout_graceful_shutdown cancelled it
                 log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
                     "%s: dropped request %s (cancelled while draining)",
-                    self.in_flight.server_name,
-                    request.describe(),
+                    in_flight.server_name,
+                    request().describe(),
                 )
             raise
         finally:
-            self.in_flight.discard(key)
+            in_flight.discard(stream)
 
 
 class UvicornService:
