@@ -28,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import weakref
 
 from ._checks import check_seconds
+from ._clock import MonotonicClock
 from ._lifecycle import Lifecycle
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -126,24 +128,23 @@ class Traffic:
     """The requests a lifecycle's servers receive, as an ``auto`` drain delay watches them.
 
     A server that graceful's adapters do not run calls ``traffic(lifecycle).arrived()`` once
-    per request, so that ``auto`` sees its requests too.
+    per request, so that ``auto`` sees its requests too. Every request pays it, so it is an
+    attribute store and no lock: of two arrivals at the same moment on two threads either may be
+    the one kept, microseconds apart, which is nothing to a quiet window of :data:`AUTO_QUIET`.
+    The adapters write ``last = now()`` inline, without the method call.
     """
 
-    __slots__ = ("_now", "last")
+    __slots__ = ("last", "now")
 
     def __init__(self, now: Callable[[], float]) -> None:
-        self._now = now
+        self.now = now
+        """The lifecycle's clock (``time.monotonic`` itself for the real one: a C call)."""
         self.last: float | None = None
         """When the latest request arrived (on the lifecycle's clock), None before the first."""
 
     def arrived(self) -> None:
-        """A request arrived (call it once per request, from any thread).
-
-        One attribute store and no lock, since every request pays it: of two arrivals at the
-        same moment on two threads either may be the one kept, microseconds apart, which is
-        nothing to a quiet window of :data:`AUTO_QUIET`.
-        """
-        self.last = self._now()
+        """A request arrived (call it once per request, from any thread)."""
+        self.last = self.now()
 
 
 class _State:
@@ -154,7 +155,8 @@ class _State:
     def __init__(self, lifecycle: Lifecycle) -> None:
         self.lock = threading.Lock()
         self.setting: DrainDelay | None = None  # None until first read: the environment is read then
-        self.traffic = Traffic(lifecycle.clock.monotonic)
+        clock = lifecycle.clock
+        self.traffic = Traffic(time.monotonic if type(clock) is MonotonicClock else clock.monotonic)
         self.probes = 0  # probe servers answering for this lifecycle
         self.refused_at: float | None = None  # the first /readyz answered 503 in a wrap-up
         self.wakers: set[Callable[[], None]] = set()

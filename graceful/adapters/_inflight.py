@@ -74,8 +74,9 @@ class InFlight:
         """``request``, or what makes it when it is needed (at the deadline, rarely): an adapter
         whose framework computes the method, path or client on access passes that."""
         self._requests[key] = request
-        if self._traffic is not None:
-            self._traffic.arrived()  # what an auto drain delay watches
+        traffic = self._traffic
+        if traffic is not None:
+            traffic.last = traffic.now()  # what an auto drain delay watches (arrived(), inline)
 
     def discard(self, key: object) -> None:
         ended = self._requests.pop(key, None)

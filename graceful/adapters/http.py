@@ -209,8 +209,9 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
             ok: bool = http_base.parse_request(self)
             if ok:
                 opened[self] = monotonic()  # a request is under way
-                if tracker.traffic is not None:
-                    tracker.traffic.arrived()  # what an auto drain delay watches
+                traffic = tracker.traffic
+                if traffic is not None:
+                    traffic.last = traffic.now()  # what an auto drain delay watches (arrived(), inline)
             return ok
 
         def send_response_only(self, code: int, message: str | None = None) -> None:
