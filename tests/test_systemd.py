@@ -28,11 +28,25 @@ import graceful
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
 stop = threading.Event()
 
+# The test's words on stdin, one reader: each waiting thread waits for its own word, so two
+# threads blocked at once (a stuck coordinator and a held drain) never take each other's line.
+said, said_lock = {}, threading.Lock()
+
+def word(text):
+    with said_lock:
+        return said.setdefault(text, threading.Event())
+
+def read_stdin():
+    for line in sys.stdin:
+        word(line.strip()).set()
+
+threading.Thread(target=read_stdin, name="test-stdin", daemon=True).start()
+
 def stop_serving():
     stop.set()
     if "hold-drain" in sys.argv:
         print("draining", flush=True)
-        sys.stdin.readline()  # the drain goes on until the test says so
+        word("drained").wait()  # the drain goes on until the test says so
 
 graceful.add_wrap_up_listener(stop_serving, name="stop-serving")
 graceful.add_shutdown_listener(lambda: None, name="close-pool")
@@ -40,7 +54,7 @@ graceful.add_shutdown_listener(lambda: None, name="close-pool")
 def reload():
     if "block-reload" in sys.argv:
         print("reload blocking", flush=True)
-        sys.stdin.readline()  # the coordinator thread runs reload listeners: it is stuck here
+        word("unblock").wait()  # the coordinator thread runs reload listeners: it is stuck here
     print("reloaded", flush=True)
 
 if "no-reload" not in sys.argv:
@@ -55,7 +69,7 @@ class StuckFilter(logging.Filter):
         if threading.current_thread().name == "graceful-signals" and not self.done:
             self.done = True
             print("coordinator stuck in logging", flush=True)
-            sys.stdin.readline()
+            word("go on").wait()
         return True
 
 if "stuck-log" in sys.argv:
@@ -279,7 +293,7 @@ def test_watchdog_pings_at_half_the_interval_and_through_a_drain(
     start = p.expect("WATCHDOG=1")[0]
     while p.expect("WATCHDOG=1")[0] < start + 0.5:
         pass
-    child.tell("done")
+    child.tell("drained")
     assert child.wait() == 0
 
 
