@@ -1,0 +1,86 @@
+"""graceful.gunicorn's probes and drain delay under a real gunicorn arbiter (issue #19).
+
+Each test starts ``gunicorn`` in a subprocess with ``GRACEFUL_PROBE_PORT`` and
+``GRACEFUL_DRAIN_DELAY`` set, sends the arbiter a real SIGTERM, and asks the probe port and the
+app over real HTTP: the probe must say 503 while the app still answers 200, then the workers
+must stop and the arbiter exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import urllib.error
+import urllib.request
+
+import pytest
+
+from .child import Child
+from .conftest import BOUND
+from .test_host_gunicorn import CONF, WSGI, Start, _free_port, _pid, gunicorn
+
+pytest.importorskip("gunicorn")
+
+__all__ = ["gunicorn"]  # the fixture, imported for these tests
+
+
+def _get(url: str) -> tuple[int, str]:
+    """GET url (a fresh connection each time): its status and body; 503 is an answer too."""
+    try:
+        with urllib.request.urlopen(url, timeout=BOUND) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _start_two_workers(gunicorn: Start, delay: str, *args: str) -> tuple[Child, str, str]:
+    probe = _free_port()
+    env = {"GRACEFUL_PROBE_PORT": str(probe), "GRACEFUL_PROBE_HOST": "127.0.0.1", "GRACEFUL_DRAIN_DELAY": delay}
+    child, url = gunicorn("-c", CONF, "-k", "gthread", "-w", "2", *args, WSGI, env=env)
+    workers = {_pid(child.expect("ready")), _pid(child.expect("ready"))}
+    assert len(workers) == 2
+    return child, url, f"http://127.0.0.1:{probe}"
+
+
+def _term_and_wait_for_wrap_up(child: Child) -> None:
+    child.send(signal.SIGTERM)
+    child.expect("wrap-up")  # readiness turns 503 before the wrap-up listeners run
+    child.expect("wrap-up")
+
+
+@pytest.mark.timeout(90)
+def test_a_fixed_drain_delay_keeps_serving_after_the_probe_turned_503(gunicorn: Start) -> None:
+    """Both workers answer the probe port; after TERM /readyz is 503, / still 200, then exit 0."""
+    child, url, probes = _start_two_workers(gunicorn, "6", "--graceful-timeout", "12")
+    assert _get(probes + "/readyz") == (200, "ready\n")
+    _term_and_wait_for_wrap_up(child)
+    for _ in range(4):  # fresh connections: the kernel spreads them over both workers
+        assert _get(probes + "/readyz") == (503, "not ready\n")
+        assert _get(probes + "/livez") == (200, "live\n")
+        assert _get(url + "/") == (200, "fast\n"), child.err
+    assert child.wait(2 * BOUND) == 0, child.err
+    assert child.err.count("its drain delay is over") == 2, child.err
+    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+
+
+@pytest.mark.timeout(90)
+def test_auto_ends_in_every_worker_once_one_probe_answered_503(gunicorn: Start) -> None:
+    """auto:60: / is served after TERM until /readyz answers 503; then both workers stop, exit 0."""
+    child, url, probes = _start_two_workers(gunicorn, "auto:60", "--graceful-timeout", "90")
+    _term_and_wait_for_wrap_up(child)
+    for _ in range(4):  # no probe answered 503 yet: the delay cannot end, whatever the pause
+        assert _get(url + "/") == (200, "fast\n"), child.err
+    assert "stops accepting" not in child.err, child.err
+    assert _get(probes + "/readyz") == (503, "not ready\n")  # one worker tells the balancer
+    assert child.wait(2 * BOUND) == 0, child.err  # long before auto's bound of 60 s
+    assert child.err.count("its drain delay is over") == 1, child.err
+    assert child.err.count("a sibling worker's auto drain delay ended") == 1, child.err
+    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+
+
+@pytest.mark.timeout(60)
+def test_the_quick_shutdown_does_not_wait_for_the_drain_delay(gunicorn: Start) -> None:
+    """SIGINT to the arbiter: the workers stop at once, though the drain delay is 60 s."""
+    child, _, _ = _start_two_workers(gunicorn, "60", "--graceful-timeout", "90")
+    child.send(signal.SIGINT)
+    assert child.wait(2 * BOUND) == 0, child.err
+    assert "stops accepting" not in child.err, child.err
