@@ -82,6 +82,7 @@ class WorkerWatch:
         self._on_begin = on_begin
         self._held = False  # a TERM is being held back from gunicorn's handler
         self._released = False
+        self._drain_started = False
         self.lifecycle = lifecycle
         self._on_forced = on_forced
         self.pid = os.getpid()
@@ -161,6 +162,7 @@ class WorkerWatch:
                 return
             if ready and self._drain():
                 self._begin("SIGTERM")
+                self._start_drain()  # here, not in _begin: the C-level wakeup byte comes first
             if not self._begun:
                 why = self._stopping_without_signal()
                 if why is not None:
@@ -193,6 +195,8 @@ class WorkerWatch:
         return None
 
     def _begin(self, why: str) -> None:
+        if self._begun:  # a TERM's byte and its wakeup byte may be read apart: begin once
+            return
         self._begun = True
         self.lifecycle.shutdown(f"gunicorn worker {self.pid}: {why}", wait=False)
         if self._on_begin is not None:
@@ -200,7 +204,11 @@ class WorkerWatch:
                 self._on_begin()
             except Exception:
                 log.exception("graceful: gunicorn worker %d: on_begin failed", self.pid)
-        if self._held and not self._released:
+
+    def _start_drain(self) -> None:
+        """Once the TERM is held (``_on_term`` sets it before writing its byte), drain on a thread."""
+        if self._held and not self._released and not self._drain_started:
+            self._drain_started = True
             name = "graceful-gunicorn-drain"
             threading.Thread(target=self._drain_then_release, name=name, daemon=True).start()
 

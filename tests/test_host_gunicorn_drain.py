@@ -32,10 +32,16 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _start_two_workers(gunicorn: Start, delay: str, *args: str) -> tuple[Child, str, str]:
+def _start_two_workers(
+    gunicorn: Start, delay: str, *args: str, kind: str = "gthread"
+) -> tuple[Child, str, str]:
     probe = _free_port()
-    env = {"GRACEFUL_PROBE_PORT": str(probe), "GRACEFUL_PROBE_HOST": "127.0.0.1", "GRACEFUL_DRAIN_DELAY": delay}
-    child, url = gunicorn("-c", CONF, "-k", "gthread", "-w", "2", *args, WSGI, env=env)
+    env = {
+        "GRACEFUL_PROBE_PORT": str(probe),
+        "GRACEFUL_PROBE_HOST": "127.0.0.1",
+        "GRACEFUL_DRAIN_DELAY": delay,
+    }
+    child, url = gunicorn("-c", CONF, "-k", kind, "-w", "2", *args, WSGI, env=env)
     workers = {_pid(child.expect("ready")), _pid(child.expect("ready"))}
     assert len(workers) == 2
     return child, url, f"http://127.0.0.1:{probe}"
@@ -48,9 +54,10 @@ def _term_and_wait_for_wrap_up(child: Child) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_a_fixed_drain_delay_keeps_serving_after_the_probe_turned_503(gunicorn: Start) -> None:
+@pytest.mark.parametrize("kind", ["gthread", "sync"])
+def test_a_fixed_drain_delay_keeps_serving_after_the_probe_turned_503(gunicorn: Start, kind: str) -> None:
     """Both workers answer the probe port; after TERM /readyz is 503, / still 200, then exit 0."""
-    child, url, probes = _start_two_workers(gunicorn, "6", "--graceful-timeout", "12")
+    child, url, probes = _start_two_workers(gunicorn, "6", "--graceful-timeout", "12", kind=kind)
     assert _get(probes + "/readyz") == (200, "ready\n")
     _term_and_wait_for_wrap_up(child)
     for _ in range(4):  # fresh connections: the kernel spreads them over both workers
@@ -84,3 +91,19 @@ def test_the_quick_shutdown_does_not_wait_for_the_drain_delay(gunicorn: Start) -
     child.send(signal.SIGINT)
     assert child.wait(2 * BOUND) == 0, child.err
     assert "stops accepting" not in child.err, child.err
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_recycled_alone_leaves_the_probe_to_its_siblings_and_does_not_drain(gunicorn: Start) -> None:
+    """max_requests: the retiring worker stops without the 60 s delay; /readyz stays 200."""
+    child, url, probes = _start_two_workers(gunicorn, "60", "--max-requests", "2", "--graceful-timeout", "90")
+    for _ in range(4):  # 4 requests over 2 workers: one of them reaches max_requests
+        assert _get(url + "/") == (200, "fast\n"), child.err
+    retired = _pid(child.expect("shutdown"))  # within BOUND: it did not wait the 60 s delay
+    replacement = _pid(child.expect("ready"))
+    assert replacement != retired
+    for _ in range(4):
+        assert _get(probes + "/readyz") == (200, "ready\n")
+    assert "stops accepting" not in child.err, child.err
+    child.send(signal.SIGINT)
+    assert child.wait(2 * BOUND) == 0, child.err
