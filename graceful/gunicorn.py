@@ -279,7 +279,8 @@ def _drain_wait() -> None:
     shared = _shared
     begun = time.monotonic()
     why = "its drain delay is over"
-    if not readiness.drain_delay_is_auto(lifecycle) or shared is None:
+    if not readiness.drain_delay_is_auto(lifecycle) or shared is None or not shared[_WATCHED]:
+        # Without when_ready a reload's TERM is held too: a flag it left must not end a later delay.
         readiness.wait_drain_delay(lifecycle)
     else:
         pause = threading.Event()  # never set: a bounded wait between two looks

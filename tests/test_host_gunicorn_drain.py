@@ -16,7 +16,7 @@ import pytest
 
 from .child import Child
 from .conftest import BOUND
-from .test_host_gunicorn import CONF, WSGI, Start, _free_port, _pid, gunicorn
+from .test_host_gunicorn import CONF, WSGI, Start, _events, _free_port, _pid, gunicorn
 
 pytest.importorskip("gunicorn")
 
@@ -102,6 +102,23 @@ def test_a_worker_recycled_alone_leaves_the_probe_to_its_siblings_and_does_not_d
     retired = _pid(child.expect("shutdown"))  # within BOUND: it did not wait the 60 s delay
     replacement = _pid(child.expect("ready"))
     assert replacement != retired
+    for _ in range(4):
+        assert _get(probes + "/readyz") == (200, "ready\n")
+    assert "stops accepting" not in child.err, child.err
+    child.send(signal.SIGINT)
+    assert child.wait(2 * BOUND) == 0, child.err
+
+
+@pytest.mark.timeout(60)
+def test_a_hup_reload_is_no_instance_stop_the_old_workers_do_not_drain(gunicorn: Start) -> None:
+    """SIGHUP: old workers stop without the 60 s delay; the new ones answer /readyz 200."""
+    child, _, probes = _start_two_workers(gunicorn, "60", "--graceful-timeout", "90")
+    old = {pid for pid, events in _events(child).items() if "ready" in events}
+    child.send(signal.SIGHUP)
+    for pid in old:  # within BOUND, not after the 60 s delay
+        child.expect_err(f"gunicorn worker {pid} stopped gracefully")
+    child.expect("ready")  # the new workers answer the probes
+    child.expect("ready")
     for _ in range(4):
         assert _get(probes + "/readyz") == (200, "ready\n")
     assert "stops accepting" not in child.err, child.err
