@@ -29,7 +29,8 @@ Why it works this way (read from gunicorn's and uvicorn-worker's own code):
   sequence starts at the TERM, the worker keeps accepting and serving while ``drain_wait`` runs
   on a thread of its own, and only then gets gunicorn's handler (and its loop a wakeup byte).
   SIGINT/SIGQUIT (the quick shutdown) go to gunicorn's handlers untouched: still immediate. The
-  uvicorn worker swaps in uvicorn's own SIGTERM handler while it serves, so nothing is held there.
+  uvicorn worker swaps in uvicorn's own SIGTERM handler while it serves, and its own worker
+  handler is SIG_DFL: nothing is held there (the TERM uvicorn re-raises once drained neither).
 * uvicorn's server re-raises the signal it caught once it has drained. With gunicorn's SIG_DFL
   in place that kills the worker before ``worker_exit`` runs; our handler is what uvicorn
   restores, so the re-raise lands on it and the worker finishes its shutdown listeners.
@@ -117,6 +118,8 @@ class WorkerWatch:
         # handler. SIG_DFL is not chained: under uvicorn that is what its re-raise would hit.
         first_hold = (
             not self._held
+            and callable(self._prev_term)  # gunicorn's handler to pass it on to (uvicorn's: SIG_DFL)
+            and getattr(self.worker, "alive", True) is not False  # not stopping already (max_requests)
             and self._hold_term is not None
             and self._drain_wait is not None
             and self._hold_term()

@@ -112,10 +112,9 @@ def _bridge_logging(glog: object) -> None:
 
 
 def on_starting(server: object) -> None:
-    """gunicorn hook (arbiter): open the pipe workers report their outcome on."""
-    global _records, _arbiter_pid
+    """gunicorn hook (arbiter): the pipe workers report their outcome on, the bytes shared with them."""
+    global _records, _arbiter_pid, _shared
     _bridge_logging(getattr(server, "log", None))
-    global _shared
     if _shared is None:
         _shared = mmap.mmap(-1, 3)
     if _records is None:
@@ -292,7 +291,7 @@ def _drain_wait() -> None:
         else:
             shared[_TOLD] = 1
     log.info(
-        "graceful: gunicorn worker %d stops accepting after %.3f s: %s",
+        "graceful: gunicorn worker %d stops accepting after %.3f s of drain delay: %s",
         os.getpid(),
         time.monotonic() - begun,
         why,

@@ -16,7 +16,7 @@ import pytest
 
 from .child import Child
 from .conftest import BOUND
-from .test_host_gunicorn import CONF, WSGI, Start, _events, _free_port, _pid, gunicorn
+from .test_host_gunicorn import ASGI, CONF, WSGI, Start, _events, _free_port, _pid, gunicorn
 
 pytest.importorskip("gunicorn")
 
@@ -33,7 +33,7 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def _start_two_workers(
-    gunicorn: Start, delay: str, *args: str, kind: str = "gthread"
+    gunicorn: Start, delay: str, *args: str, kind: str = "gthread", app: str = WSGI
 ) -> tuple[Child, str, str]:
     probe = _free_port()
     env = {
@@ -41,7 +41,7 @@ def _start_two_workers(
         "GRACEFUL_PROBE_HOST": "127.0.0.1",
         "GRACEFUL_DRAIN_DELAY": delay,
     }
-    child, url = gunicorn("-c", CONF, "-k", kind, "-w", "2", *args, WSGI, env=env)
+    child, url = gunicorn("-c", CONF, "-k", kind, "-w", "2", *args, app, env=env)
     workers = {_pid(child.expect("ready")), _pid(child.expect("ready"))}
     assert len(workers) == 2
     return child, url, f"http://127.0.0.1:{probe}"
@@ -124,3 +124,17 @@ def test_a_hup_reload_is_no_instance_stop_the_old_workers_do_not_drain(gunicorn:
     assert "stops accepting" not in child.err, child.err
     child.send(signal.SIGINT)
     assert child.wait(2 * BOUND) == 0, child.err
+
+
+@pytest.mark.timeout(60)
+def test_the_uvicorn_worker_answers_probes_but_holds_no_term(gunicorn: Start) -> None:
+    """uvicorn-worker: /readyz 200 from both workers; at TERM they stop at once (no 60 s delay)."""
+    pytest.importorskip("uvicorn_worker")
+    child, _, probes = _start_two_workers(
+        gunicorn, "60", "--graceful-timeout", "90", kind="uvicorn_worker.UvicornWorker", app=ASGI
+    )
+    assert _get(probes + "/readyz") == (200, "ready\n")
+    child.send(signal.SIGTERM)
+    assert child.wait(2 * BOUND) == 0, child.err
+    assert "stops accepting" not in child.err, child.err
+    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
