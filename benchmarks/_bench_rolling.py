@@ -26,7 +26,7 @@ import subprocess
 from collections.abc import Iterator
 
 from _harness import BenchError, Row, Setup, check, exit_text, log, median
-from _rolling_programs import Contender, contenders, delay_accepted, module_present
+from _rolling_programs import Contender, chosen, contenders, delay_accepted, module_present
 from _rolling_rig import tool
 from _rolling_run import RunResult, Variant, run_one
 
@@ -34,15 +34,19 @@ BENCH = "8. rolling restarts"
 VARIANTS = [Variant(True, 0), Variant(True, 3), Variant(False, 0), Variant(False, 3)]
 QUICK_RESTARTS = 3
 FULL_RESTARTS = 6
-options: dict[str, object] = {"delays": ("1", "auto"), "restarts": None, "graceful_from": ""}
+options: dict[str, object] = {"delays": ("1", "auto"), "restarts": None, "graceful_from": "", "names": ()}
 
 
-def configure(delays: tuple[str, ...] | None, restarts: int | None, graceful_from: str = "") -> None:
-    """From run.py's command line: the drain-delay settings, the restarts per run, graceful's checkout."""
+def configure(
+    delays: tuple[str, ...] | None, restarts: int | None, graceful_from: str = "", names: tuple[str, ...] = ()
+) -> None:
+    """From run.py's command line: the drain-delay settings, the restarts per run, graceful's
+    checkout, the contenders to run (parts of their names; all when empty)."""
     if delays:
         options["delays"] = delays
     options["restarts"] = restarts
     options["graceful_from"] = graceful_from
+    options["names"] = names
 
 
 @contextlib.contextmanager
@@ -76,6 +80,7 @@ def run(setup: Setup, runs: int) -> list[Row]:
     if setup.quick and quick_delay not in accepted:
         accepted[quick_delay] = delay_accepted(setup.python, quick_delay, source)
         delays = (*delays, quick_delay)
+    names: tuple[str, ...] = options["names"]  # type: ignore[assignment]
     restarts = options["restarts"] or (QUICK_RESTARTS if setup.quick else FULL_RESTARTS)
     assert isinstance(restarts, int)
     present: dict[str, bool] = {}
@@ -83,8 +88,8 @@ def run(setup: Setup, runs: int) -> list[Row]:
     variants = VARIANTS[:1] if setup.quick else VARIANTS
     with _term_unwinds():
         for variant in variants:
-            for contender in contenders(delays, quick_delay):
-                if setup.quick and not contender.quick:
+            for contender in chosen(contenders(delays, quick_delay), names):
+                if setup.quick and not contender.quick and not names:
                     continue
                 bench = f"{BENCH} ({variant.label})"
                 why = _unavailable(contender, setup, accepted, present)
@@ -156,9 +161,9 @@ def _row(bench: str, contender: Contender, variant: Variant, result: RunResult) 
         f"tracebacks {result.tracebacks}; {result.requests} req at {result.requests / result.seconds:.0f}/s"
     )
     goal = ""
-    if contender.is_graceful and not contender.gunicorn and variant == Variant(True, 0):
+    if contender.is_graceful and variant == Variant(True, 0):
         ok = result.failed == 0 and result.tracebacks == 0
-        if contender.drain_delay.startswith("auto"):
+        if contender.drain_delay.startswith("auto") and not contender.gunicorn:  # gunicorn boots slower
             goal = check(ok and median(ups) < 0.6, "0 failed, median back < 0.6 s, no traceback")
         else:
             goal = check(ok, "0 failed, no traceback")

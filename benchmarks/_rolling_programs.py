@@ -176,18 +176,30 @@ def contenders(delays: tuple[str, ...] = ("1", "auto"), quick_delay: str = "1") 
                 quick=delay == quick_delay,
             ),
         ]
+        out.append(
+            Contender(
+                "gunicorn gthread -c python:graceful.gunicorn" + suffix,
+                gunicorn=("-c", "python:graceful.gunicorn"),
+                module="gunicorn",
+                probes=True,
+                drain_delay=delay,
+                is_graceful=True,
+            )
+        )
     return [
         *out,
         Contender("stdlib ThreadingHTTPServer (hand-written SIGTERM handler)", HAND_WRITTEN, quick=True),
         Contender("uvicorn Server.run()", UVICORN, module="uvicorn"),
         Contender("gunicorn gthread", gunicorn=("--graceful-timeout", "30"), module="gunicorn"),
-        Contender(
-            "gunicorn gthread -c python:graceful.gunicorn",
-            gunicorn=("-c", "python:graceful.gunicorn"),
-            module="gunicorn",
-            is_graceful=True,
-        ),
     ]
+
+
+def chosen(every: list[Contender], names: tuple[str, ...]) -> list[Contender]:
+    """The contenders whose name contains one of ``names`` (case-insensitive); all if none given."""
+    if not names:
+        return every
+    wanted = [name.lower() for name in names]
+    return [c for c in every if any(name in c.name.lower() for name in wanted)]
 
 
 def delay_accepted(python: str, delay: str, graceful_from: str = "") -> str:

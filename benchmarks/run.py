@@ -67,6 +67,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="rolling: run the contenders with graceful from this checkout (default: this one)",
     )
     parser.add_argument(
+        "--contenders",
+        default=None,
+        help="rolling: run only the contenders whose name contains one of these, comma-separated "
+        "(case-insensitive; with --quick they run even if the quick mode would skip them)",
+    )
+    parser.add_argument(
         "--restarts", type=int, default=None, help="rolling: restarts per run (default 6, --quick 3)"
     )
     return parser.parse_args(argv)
@@ -128,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     delays = (
         tuple(d.strip() for d in args.drain_delays.split(",") if d.strip()) if args.drain_delays else None
     )
+    names = tuple(n.strip() for n in args.contenders.split(",") if n.strip()) if args.contenders else ()
     _bench_rolling.configure(
-        delays, args.restarts, str(Path(args.graceful_from).resolve()) if args.graceful_from else ""
+        delays, args.restarts, str(Path(args.graceful_from).resolve()) if args.graceful_from else "", names
     )
     rows: list[Row] = []
     for name, bench in SECTIONS.items():

@@ -22,6 +22,15 @@ Why it works this way (read from gunicorn's and uvicorn-worker's own code):
 * The integration owns one wrap-up listener, "gunicorn: requests in flight", released by
   ``worker_exit``: the shutdown phase (close pools, flush) starts only once every request in
   flight has finished, because the phase waits for every wrap-up listener.
+* The drain delay: at the arbiter's TERM the arbiter closes *its* copies of the listening
+  sockets, but every worker holds an inherited copy, so the socket keeps accepting as long as
+  one worker does. A worker given a ``hold_term`` that says yes therefore does not pass the TERM
+  on to gunicorn's handler (a store: ``alive = False``) at once: readiness turns 503 and the
+  sequence starts at the TERM, the worker keeps accepting and serving while ``drain_wait`` runs
+  on a thread of its own, and only then gets gunicorn's handler (and its loop a wakeup byte).
+  SIGINT/SIGQUIT (the quick shutdown) go to gunicorn's handlers untouched: still immediate. The
+  uvicorn worker swaps in uvicorn's own SIGTERM handler while it serves, and its own worker
+  handler is SIG_DFL: nothing is held there (the TERM uvicorn re-raises once drained neither).
 * uvicorn's server re-raises the signal it caught once it has drained. With gunicorn's SIG_DFL
   in place that kills the worker before ``worker_exit`` runs; our handler is what uvicorn
   restores, so the re-raise lands on it and the worker finishes its shutdown listeners.
@@ -55,8 +64,26 @@ _Handler = Callable[[int, FrameType | None], object] | int | None
 class WorkerWatch:
     """Ties one gunicorn worker to a graceful ``Lifecycle``; made and installed in the worker."""
 
-    def __init__(self, worker: object, lifecycle: Lifecycle, on_forced: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        worker: object,
+        lifecycle: Lifecycle,
+        on_forced: Callable[[], object],
+        *,
+        hold_term: Callable[[], bool] | None = None,
+        drain_wait: Callable[[], object] | None = None,
+        on_begin: Callable[[], object] | None = None,
+    ) -> None:
+        """``hold_term`` (called in the SIGTERM handler: plain reads only) says whether to keep
+        accepting through ``drain_wait`` (called on a thread) before gunicorn sees the TERM;
+        ``on_begin`` is called on the watcher thread when the worker's stop begins."""
         self.worker = worker
+        self._hold_term = hold_term
+        self._drain_wait = drain_wait
+        self._on_begin = on_begin
+        self._held = False  # a TERM is being held back from gunicorn's handler
+        self._released = False
+        self._drain_started = False
         self.lifecycle = lifecycle
         self._on_forced = on_forced
         self.pid = os.getpid()
@@ -89,11 +116,44 @@ class WorkerWatch:
     def _on_term(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: one write to a non-blocking pipe (re-entrant), then gunicorn's own
         # handler. SIG_DFL is not chained: under uvicorn that is what its re-raise would hit.
+        first_hold = (
+            not self._held
+            and callable(self._prev_term)  # gunicorn's handler to pass it on to (uvicorn's: SIG_DFL)
+            and getattr(self.worker, "alive", True) is not False  # not stopping already (max_requests)
+            and self._hold_term is not None
+            and self._drain_wait is not None
+            and self._hold_term()
+        )
+        if first_hold:
+            self._held = True  # before the write: the watcher starts the delay, then releases
         with contextlib.suppress(OSError):
             os.write(self._write, _TERM)
+        if self._held and not self._released:
+            return  # held (a second TERM while draining too): released after the delay
         previous = self._prev_term
         if callable(previous):
             previous(sig, frame)
+
+    def release(self) -> None:
+        """Pass a held TERM on to gunicorn's handler and wake the worker loop (any thread)."""
+        if not self._held or self._released:
+            return
+        self._released = True
+        previous = self._prev_term
+        if callable(previous):
+            previous(signal.SIGTERM, None)  # gunicorn's: a store (and a wakeup for gthread)
+        if self._prev_wakeup >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._prev_wakeup, _TERM)
+
+    def _drain_then_release(self) -> None:
+        try:
+            if self._drain_wait is not None:
+                self._drain_wait()
+        except Exception:  # never keep the worker accepting past a failed wait
+            log.exception("graceful: the drain delay failed; the worker stops accepting now")
+        finally:
+            self.release()
 
     # -- the watcher thread ------------------------------------------------------------------
 
@@ -105,6 +165,7 @@ class WorkerWatch:
                 return
             if ready and self._drain():
                 self._begin("SIGTERM")
+                self._start_drain()  # here, not in _begin: the C-level wakeup byte comes first
             if not self._begun:
                 why = self._stopping_without_signal()
                 if why is not None:
@@ -137,14 +198,29 @@ class WorkerWatch:
         return None
 
     def _begin(self, why: str) -> None:
+        if self._begun:  # a TERM's byte and its wakeup byte may be read apart: begin once
+            return
         self._begun = True
         self.lifecycle.shutdown(f"gunicorn worker {self.pid}: {why}", wait=False)
+        if self._on_begin is not None:
+            try:
+                self._on_begin()
+            except Exception:
+                log.exception("graceful: gunicorn worker %d: on_begin failed", self.pid)
+
+    def _start_drain(self) -> None:
+        """Once the TERM is held (``_on_term`` sets it before writing its byte), drain on a thread."""
+        if self._held and not self._released and not self._drain_started:
+            self._drain_started = True
+            name = "graceful-gunicorn-drain"
+            threading.Thread(target=self._drain_then_release, name=name, daemon=True).start()
 
     # -- main thread, from worker_exit -------------------------------------------------------
 
     def finish(self) -> str:
         """The loop has ended: release the wrap-up phase, run the rest, restore; the outcome."""
         self.loop_ended.set()
+        self.release()  # the loop ended anyway (a quick shutdown): nothing to hold any more
         lifecycle = self.lifecycle
         if not self._begun and self._drain():  # an idle worker may get here before the watcher looked
             self._begin("SIGTERM")

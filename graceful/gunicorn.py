@@ -18,6 +18,18 @@ hooks, so each *worker* gets graceful's whole sequence:
   there (``preload_app``, or the config file itself), since the arbiter never starts graceful and
   so a fork copies a lifecycle that is RUNNING with no thread of its own; each listener runs
   once in every worker;
+* probes and the drain delay (``GRACEFUL_PROBE_PORT``, ``GRACEFUL_DRAIN_DELAY``): every worker
+  answers the probe port itself, bound with ``SO_REUSEPORT``, from its own lifecycle. Not one
+  server in the arbiter: the arbiter would have to fork its workers with a probe thread running
+  (a lock held at the fork hangs the worker), and an ``auto`` delay needs the 503 seen in the
+  workers, which are the ones that keep serving. At the arbiter's TERM (``when_ready`` marks it in
+  a byte of memory shared with the workers) every worker stops at once, so any worker's 503 is
+  the instance's; each keeps accepting for the drain delay, then stops (``_gunicorn_worker``
+  says how). An ``auto`` delay ends in every worker once one of them has seen its 503 and a quiet
+  window: the balancer's checks land on one worker at a time. A worker that stops *alone*
+  (``max_requests``, a HUP reload, ``TTOU``) closes its probe socket at once instead of answering
+  503, since its siblings still serve, and needs no drain delay: the listening socket stays open
+  in them. Requests are counted for ``auto`` in ``pre_request``;
 * the arbiter's ``on_exit`` logs one summary line: how many workers stopped gracefully, had a
   failing listener, were forced by graceful's deadline, or were killed without a report.
 
@@ -30,7 +42,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
+import signal
+import threading
+import time
+from types import FrameType
 
 import graceful
 from graceful import readiness
@@ -44,6 +61,8 @@ __all__ = [
     "on_starting",
     "post_fork",
     "post_worker_init",
+    "pre_request",
+    "when_ready",
     "worker_abort",
     "worker_exit",
     "worker_int",
@@ -58,6 +77,12 @@ _records: tuple[int, int] | None = None  # arbiter -> workers pipe: one "pid out
 _arbiter_pid: int | None = None
 _outcomes: dict[int, str] = {}  # arbiter side: pid -> outcome read from the pipe
 _reaped: list[int] = []  # arbiter side: every worker pid reaped (child_exit)
+# Shared by the arbiter and its workers (anonymous, MAP_SHARED: survives the fork), one byte each:
+_STOPPING, _TOLD, _WATCHED = 0, 1, 2  # the arbiter got TERM; a worker's drain ended; when_ready ran
+_shared: mmap.mmap | None = None
+_probes: readiness.ProbeServer | None = None  # this worker's
+_traffic: readiness.Traffic | None = None  # this worker's, for pre_request
+DRAIN_POLL = 0.02  # seconds between two looks, while draining, at whether a sibling's delay ended
 
 
 def budget_for(graceful_timeout: float) -> float:
@@ -87,14 +112,39 @@ def _bridge_logging(glog: object) -> None:
 
 
 def on_starting(server: object) -> None:
-    """gunicorn hook (arbiter): open the pipe workers report their outcome on."""
-    global _records, _arbiter_pid
+    """gunicorn hook (arbiter): the pipe workers report their outcome on, the bytes shared with them."""
+    global _records, _arbiter_pid, _shared
     _bridge_logging(getattr(server, "log", None))
+    if _shared is None:
+        _shared = mmap.mmap(-1, 3)
     if _records is None:
         read, write = os.pipe()
         os.set_blocking(read, False)
         os.set_blocking(write, False)
         _records, _arbiter_pid = (read, write), os.getpid()
+
+
+def when_ready(server: object) -> None:
+    """gunicorn hook (arbiter, signals installed): note the arbiter's TERM for the workers.
+
+    Wraps the arbiter's SIGTERM handler with one store into memory shared with the workers, so a
+    worker's TERM is known to be the whole instance's stop (not a reload's or a TTOU's).
+    """
+    shared = _shared
+    if shared is None or os.getpid() != _arbiter_pid:
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "__graceful__", False):
+        return
+
+    def on_term(sig: int, frame: FrameType | None) -> None:
+        shared[_STOPPING] = 1
+        if callable(previous):
+            previous(sig, frame)
+
+    on_term.__graceful__ = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, on_term)
+    shared[_WATCHED] = 1
 
 
 def _drain_records() -> None:
@@ -189,9 +239,69 @@ def post_worker_init(worker: object) -> None:
             env,
             graceful_timeout,
         )
-    _watch = WorkerWatch(worker, lifecycle, on_forced=lambda: _report("forced"))
+    drain = readiness.drain_delay(lifecycle) > 0  # ValueError on a bad GRACEFUL_DRAIN_DELAY: no boot
+    _watch = WorkerWatch(
+        worker,
+        lifecycle,
+        on_forced=lambda: _report("forced"),
+        hold_term=_instance_stopping if drain else None,
+        drain_wait=_drain_wait,
+        on_begin=_on_begin,
+    )
     _watch.install()
     readiness.set_ready(lifecycle)
+    global _probes, _traffic
+    _traffic = readiness.traffic(lifecycle)
+    _probes = readiness.serve_probes_from_env(lifecycle, reuse_port=True)
+
+
+def _instance_stopping() -> bool:
+    """The whole instance is stopping: the arbiter got TERM (or, without ``when_ready``, assume so).
+
+    Called in the worker's SIGTERM handler: plain reads of shared memory, nothing else.
+    """
+    shared = _shared
+    return shared is None or shared[_WATCHED] == 0 or shared[_STOPPING] == 1
+
+
+def _on_begin() -> None:
+    """The worker's stop began (watcher thread): alone, leave the probe port to the siblings."""
+    global _probes
+    if _probes is not None and not _instance_stopping():
+        probes, _probes = _probes, None
+        probes.close()
+
+
+def _drain_wait() -> None:
+    """Keep accepting for the drain delay; for ``auto``, until this worker's or a sibling's ended."""
+    lifecycle = graceful.get_lifecycle()
+    shared = _shared
+    begun = time.monotonic()
+    why = "its drain delay is over"
+    if not readiness.drain_delay_is_auto(lifecycle) or shared is None or not shared[_WATCHED]:
+        # Without when_ready a reload's TERM is held too: a flag it left must not end a later delay.
+        readiness.wait_drain_delay(lifecycle)
+    else:
+        pause = threading.Event()  # never set: a bounded wait between two looks
+        while readiness.drain_delay_left(lifecycle) > 0:
+            if shared[_TOLD]:
+                why = "a sibling worker's auto drain delay ended"
+                break
+            pause.wait(min(DRAIN_POLL, readiness.drain_delay_left(lifecycle)))
+        else:
+            shared[_TOLD] = 1
+    log.info(
+        "graceful: gunicorn worker %d stops accepting after %.3f s of drain delay: %s",
+        os.getpid(),
+        time.monotonic() - begun,
+        why,
+    )
+
+
+def pre_request(worker: object, req: object) -> None:
+    """gunicorn hook (worker, a request arrived): count it for an ``auto`` drain delay."""
+    if _traffic is not None:
+        _traffic.arrived()
 
 
 def worker_int(worker: object) -> None:
@@ -215,6 +325,10 @@ def worker_exit(server: object, worker: object) -> None:
     if watch is None or watch.pid != os.getpid():
         return
     outcome = watch.finish()
+    global _probes
+    if _probes is not None:  # /livez answered until now
+        probes, _probes = _probes, None
+        probes.close()
     status = graceful.get_lifecycle().status()
     took = status.seconds_since_trigger or 0.0
     how = {"graceful": "gracefully", "failed": "with a failed listener", "forced": "forced"}[outcome]

@@ -182,7 +182,7 @@ class ProbeServer:
     A context manager; ``close()`` is idempotent.
     """
 
-    def __init__(self, lifecycle: Lifecycle, host: str, port: int) -> None:
+    def __init__(self, lifecycle: Lifecycle, host: str, port: int, *, reuse_port: bool = False) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         lc = lifecycle
@@ -236,8 +236,14 @@ class ProbeServer:
                     why = f"{type(exc).__name__}: {exc}"
                     log.debug("probes: client %s:%s went away early (%s); %d so far", host, port, why, count)
 
+        class Server(ThreadingHTTPServer):
+            def server_bind(self) -> None:
+                if reuse_port:  # several processes answer on one port (gunicorn's workers)
+                    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                super().server_bind()
+
         try:
-            self._server = ThreadingHTTPServer((host, port), Probe)
+            self._server = Server((host, port), Probe)
         except OSError as exc:
             raise RuntimeError(
                 f"graceful cannot answer probes on {host}:{port}: {exc.strerror or exc}. Free that "
@@ -289,8 +295,13 @@ class ProbeServer:
         return f"<graceful.readiness.ProbeServer {self.host}:{self.port}>"
 
 
-def serve_probes(port: int = 0, host: str = "127.0.0.1", lifecycle: Lifecycle | None = None) -> ProbeServer:
+def serve_probes(
+    port: int = 0, host: str = "127.0.0.1", lifecycle: Lifecycle | None = None, *, reuse_port: bool = False
+) -> ProbeServer:
     """Answer Kubernetes probes on ``host:port`` (``port=0``: any free port, see ``.port``).
+
+    ``reuse_port=True`` binds with ``SO_REUSEPORT`` (Linux, BSD): several processes each answer
+    on the same port, each connection going to one of them (graceful.gunicorn's workers).
 
     ``run()`` starts one by itself when ``GRACEFUL_PROBE_PORT`` is set (on every interface,
     ``GRACEFUL_PROBE_HOST`` to change it, since the kubelet probes the pod's IP). Close it after
@@ -302,7 +313,7 @@ def serve_probes(port: int = 0, host: str = "127.0.0.1", lifecycle: Lifecycle | 
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"serve_probes(port=...) must be a port number 0-65535; got {port!r}")
-    return ProbeServer(_lc(lifecycle), host, port)
+    return ProbeServer(_lc(lifecycle), host, port, reuse_port=reuse_port)
 
 
 def probe_port_from_env() -> int | None:
@@ -314,10 +325,12 @@ def probe_port_from_env() -> int | None:
     return port_from_env(ENV_PROBE_PORT, None)
 
 
-def serve_probes_from_env(lifecycle: Lifecycle, port: int | None = None) -> ProbeServer | None:
+def serve_probes_from_env(
+    lifecycle: Lifecycle, port: int | None = None, *, reuse_port: bool = False
+) -> ProbeServer | None:
     """The probes ``run()`` and the hosts serve: on ``port`` (``GRACEFUL_PROBE_PORT`` if None;
     None and nothing served when it is unset), on ``GRACEFUL_PROBE_HOST`` or every interface
-    (the kubelet probes the pod's IP). Logs the port.
+    (the kubelet probes the pod's IP). Logs the port. ``reuse_port``: as for :func:`serve_probes`.
 
     Raises:
         ValueError: ``GRACEFUL_PROBE_PORT`` is not a port number.
@@ -326,7 +339,7 @@ def serve_probes_from_env(lifecycle: Lifecycle, port: int | None = None) -> Prob
     port = probe_port_from_env() if port is None else port
     if port is None:
         return None
-    probes = serve_probes(port, os.environ.get(ENV_PROBE_HOST, "0.0.0.0"), lifecycle)
+    probes = serve_probes(port, os.environ.get(ENV_PROBE_HOST, "0.0.0.0"), lifecycle, reuse_port=reuse_port)
     log.info("answering probes on port %d (/readyz, /livez)", probes.port)
     return probes
 
