@@ -8,6 +8,7 @@ must stop and the arbiter exit 0.
 
 from __future__ import annotations
 
+import http.client
 import signal
 import urllib.error
 import urllib.request
@@ -137,4 +138,27 @@ def test_the_uvicorn_worker_answers_probes_but_holds_no_term(gunicorn: Start) ->
     child.send(signal.SIGTERM)
     assert child.wait(2 * BOUND) == 0, child.err
     assert "stops accepting" not in child.err, child.err
+    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+
+
+@pytest.mark.timeout(90)
+def test_after_the_drain_delay_idle_keep_alive_connections_are_closed_not_left_to_linger(
+    gunicorn: Start,
+) -> None:
+    """gthread keeps idle kept-alive connections 2 s at its stop: after the delay graceful closes them."""
+    child, url, _ = _start_two_workers(gunicorn, "0.5", "--graceful-timeout", "12", "--keep-alive", "30")
+    port = int(url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"fast\n")  # kept alive, now idle
+        assert conn.sock is not None
+        idle = conn.sock
+        child.send(signal.SIGTERM)
+        child.expect_err("closed 1 idle keep-alive connection(s)")
+        assert idle.recv(1) == b""  # closed by the server, not left open
+    finally:
+        conn.close()
+    assert child.wait(2 * BOUND) == 0, child.err
     assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
