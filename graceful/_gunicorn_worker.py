@@ -82,6 +82,7 @@ class WorkerWatch:
         self._drain_wait = drain_wait
         self._on_begin = on_begin
         self._held = False  # a TERM is being held back from gunicorn's handler
+        self._unheard = False  # a TERM came while SIGTERM's previous handler was SIG_DFL
         self._released = False
         self._drain_started = False
         self.lifecycle = lifecycle
@@ -133,6 +134,8 @@ class WorkerWatch:
         previous = self._prev_term
         if callable(previous):
             previous(sig, frame)
+        else:  # SIG_DFL: the uvicorn worker before its server serves; the watcher re-sends it
+            self._unheard = True
 
     def release(self) -> None:
         """Pass a held TERM on to gunicorn's handler and wake the worker loop (any thread)."""
@@ -171,6 +174,19 @@ class WorkerWatch:
                 why = self._stopping_without_signal()
                 if why is not None:
                     self._begin(why)
+            if self._unheard:
+                self._resend_unheard()
+
+    def _resend_unheard(self) -> None:
+        """A TERM that came before uvicorn's server took SIGTERM (uvicorn's worker resets it to
+        SIG_DFL, which graceful does not chain) reached nobody who stops the loop: once uvicorn's
+        handler is in place, and uvicorn is not stopping already, send the TERM again, to it."""
+        handler = signal.getsignal(signal.SIGTERM)
+        owner = getattr(handler, "__self__", None)
+        if callable(handler) and owner is not None and owner is not self:
+            self._unheard = False
+            if getattr(owner, "should_exit", None) is False:
+                os.kill(self.pid, signal.SIGTERM)
 
     def _drain(self) -> bool:
         """Read what the pipe holds, forward it to gunicorn's wakeup pipe; True if a TERM came."""

@@ -162,3 +162,17 @@ def test_after_the_drain_delay_idle_keep_alive_connections_are_closed_not_left_t
         conn.close()
     assert child.wait(2 * BOUND) == 0, child.err
     assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+
+
+@pytest.mark.timeout(90)
+def test_a_term_before_the_uvicorn_worker_serves_still_stops_it(gunicorn: Start) -> None:
+    """uvicorn-worker: a TERM between graceful's hook and uvicorn's own handler is sent on to uvicorn."""
+    pytest.importorskip("uvicorn_worker")
+    env = {"TEST_SLOW_BOOT": "1"}  # the worker waits 1 s after post_worker_init, before it serves
+    child, _ = gunicorn(
+        "-c", CONF, "-k", "uvicorn_worker.UvicornWorker", "-w", "1", "--graceful-timeout", "60", ASGI, env=env
+    )
+    child.expect("ready")  # graceful's hook ran; uvicorn has not taken SIGTERM yet
+    child.send(signal.SIGTERM)
+    assert child.wait(2 * BOUND) == 0, child.err  # before: SIG_DFL was not chained, the TERM lost
+    assert "1 worker(s) stopped: 1 gracefully" in child.err, child.err
