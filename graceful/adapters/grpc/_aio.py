@@ -16,8 +16,7 @@ import grpc
 import grpc.aio
 
 from ..._service import Context
-from ...readiness import drain_delay_left
-from .._drain import wait_drain_delay_said
+from .._drain import sleep_drain_delay_said
 from ._health import check_health, end_sync_watches, not_serving
 from ._tracking import CUT_WAIT, GRACE_MARGIN, AioRpcInterceptor, log_dropped
 
@@ -106,8 +105,7 @@ class GrpcAioService:
         if self.health is not None:
             await self._on_server_loop(self._health_not_serving())
             log.info("%s: health service NOT_SERVING", self.name)
-        if drain_delay_left(ctx.lifecycle) > 0:
-            await _in_thread(wait_drain_delay_said, ctx.lifecycle)
+        await sleep_drain_delay_said(ctx.lifecycle)  # on this loop: no thread, woken by a probe's 503
         if ctx.remaining() is None:
             log.info("%s: paused; still serving the RPCs that come until shutdown", self.name)
             return
