@@ -67,16 +67,23 @@ class Groups:
 
     def start(self, argv: Sequence[str], *, env: dict[str, str], stdout: object, stderr: object,
               cwd: str | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,  # type: ignore[arg-type]
-            stderr=stderr,  # type: ignore[arg-type]
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
+        # A Ctrl-C or SIGTERM raised between the fork and the append would leave a child no one
+        # kills: both wait (blocked) until the child is listed; the child unblocks them itself.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,  # type: ignore[arg-type]
+                stderr=stderr,  # type: ignore[arg-type]
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, mask),  # noqa: PLW1509
+            )
+            self.procs.append(proc)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return proc
 
     @staticmethod
