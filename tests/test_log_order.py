@@ -108,8 +108,13 @@ def test_stopped_line_names_both_signals_after_tstp_then_term() -> None:
 
 
 @pytest.mark.timeout(40)
-def test_the_first_line_after_a_signal_names_it_and_the_router_line_follows() -> None:
-    """SIGINT: "wrapping up (SIGINT)" is the first line after it, "received SIGINT" the next."""
+def test_the_first_line_naming_a_signal_is_the_wrap_up_and_the_router_line_follows() -> None:
+    """SIGINT: "wrapping up (SIGINT)" is the first line to name it, "received SIGINT" comes later.
+
+    The listeners' own lines (the server's "stopped accepting"), and even "stopped (... after
+    SIGINT)", may come before the router's line: the lifecycle starts the listeners before it
+    logs the transition (act first, log after: gunicorn #3198), and the sequence runs on.
+    """
     child = Child(SERVER)
     try:
         child.expect_err("ready")
@@ -117,7 +122,11 @@ def test_the_first_line_after_a_signal_names_it_and_the_router_line_follows() ->
         child.send(signal.SIGINT)
         assert child.wait(30) == 0, child.err
         after = [line for line in child.err[before:].splitlines() if line.startswith("INFO graceful")]
-        assert after[0] == "INFO graceful wrapping up (SIGINT)", after
-        assert after[1].startswith("INFO graceful received SIGINT: shutting down gracefully"), after
+        naming = [line for line in after if "SIGINT" in line]
+        assert naming[0] == "INFO graceful wrapping up (SIGINT)", after
+        received = [
+            line for line in naming if line.startswith("INFO graceful received SIGINT: shutting down")
+        ]
+        assert len(received) == 1, after  # once, after the wrap-up line (the same thread logs both)
     finally:
         child.kill()
