@@ -41,6 +41,8 @@ from pathlib import Path
 from _harness import BenchError, child_env, wait_exit
 
 POLL = 0.02  # seconds between two reads of HAProxy's state
+PASSED = {"L4OK", "L6OK", "L7OK"}  # HAProxy's check_status once a check has passed
+CHECK_INTER = 0.2  # seconds between two health checks of one instance (HAProxy's ``inter``)
 START_BOUND = 30.0  # seconds for HAProxy to see a new instance UP
 EXIT_BOUND = 40.0  # seconds for an instance to exit after SIGTERM (gunicorn's graceful_timeout is 30)
 COUNTERS = ("hrsp_5xx", "econ", "eresp", "wretr", "wredis", "cli_abrt", "srv_abrt")
@@ -144,7 +146,9 @@ class HAProxy:
         ]
         for index, (port, probe) in enumerate(servers, 1):
             where = f" port {probe}" if probes and probe is not None else ""
-            lines.append(f"    server s{index} 127.0.0.1:{port} check{where} inter 200 fall 1 rise 1")
+            lines.append(
+                f"    server s{index} 127.0.0.1:{port} check{where} inter {round(CHECK_INTER * 1000)} fall 1 rise 1"
+            )
         self.config = workdir / "haproxy.cfg"
         self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")
         checked = subprocess.run(
@@ -208,10 +212,16 @@ class HAProxy:
         return out
 
     def wait_up(self, server: str, bound: float = START_BOUND) -> float:
-        """Poll until ``server`` is UP; the monotonic time it was seen UP."""
+        """Poll until ``server`` is UP *and has passed a check*; the monotonic time it was seen so.
+
+        HAProxy starts a server UP before its first check has run (``check_status`` INI), so
+        "UP" alone let the load begin while an instance was still starting: HAProxy sent it
+        requests it refused (``503 SC``), counted before the first restart.
+        """
         deadline = time.monotonic() + bound
         while True:
-            if self.status(server).startswith("UP"):
+            row = self.stat()[server]
+            if row["status"].startswith("UP") and row.get("check_status", "") in PASSED:
                 return time.monotonic()
             if time.monotonic() > deadline:
                 raise BenchError(f"HAProxy never saw {server} UP within {bound:g} s")

@@ -15,6 +15,11 @@ Why it is built this way:
 * After an instance is back, the controller lets the load run ``SETTLE`` seconds before the
   next SIGTERM (a deploy's ``minReadySeconds``), so that a failure caused by one restart is
   not put on the next one.
+* The SIGTERMs are spread over HAProxy's check interval: the wait before restart i + 1 (of
+  n) is ``SETTLE`` plus (i + 0.5) / (n - 1) of an interval. Without it every SIGTERM landed at the same point of the
+  checks' cycle (the controller wakes at a check of one instance, and HAProxy keeps the
+  instances' checks a fixed distance apart), here just after a check, so each restart waited
+  a whole interval to be seen; a deploy's SIGTERM falls anywhere in the cycle.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 
 from _harness import BenchError
 from _rolling_programs import WSGI_APP, Contender
-from _rolling_rig import EXIT_BOUND, POLL, START_BOUND, Groups, HAProxy, Hey, free_port
+from _rolling_rig import CHECK_INTER, EXIT_BOUND, POLL, START_BOUND, Groups, HAProxy, Hey, free_port
 
 SETTLE = 0.5  # seconds of load between one instance back in rotation and the next SIGTERM
 WARM = 100  # requests through HAProxy before the first restart
@@ -152,7 +157,8 @@ def run_one(
                 snapshots.append(proxy.counters())
                 starts.append(time.monotonic())
                 done.append(_restart(proxy, inst, launch, tail))
-                time.sleep(SETTLE)  # load keeps running: the window of this restart, not a synchronisation
+                # load keeps running: the window of this restart, not a synchronisation
+                time.sleep(SETTLE + _phase(number, restarts))
             snapshots.append(proxy.counters())
             last = time.monotonic()
             hey.stop()
@@ -245,6 +251,13 @@ def _place(
     for i, restart in enumerate(done):
         restart.haproxy = {key: snapshots[i + 1][key] - snapshots[i][key] for key in snapshots[i]}
     return failed_before
+
+
+def _phase(number: int, restarts: int) -> float:
+    """Seconds past ``SETTLE`` before the restart after ``number``: spread over one check interval."""
+    if number >= restarts - 1:
+        return 0.0  # the last restart's window: no restart follows
+    return CHECK_INTER * (number + 0.5) / (restarts - 1)
 
 
 def _restart(
