@@ -10,18 +10,25 @@ without the standard library they pull in.
 
 Bytecode caches are warmed first (one run of each statement with ``PYTHONDONTWRITEBYTECODE``
 removed), so every figure is a cached import, as in production.
+
+The floor: a package of as many *empty* modules as ``import graceful`` loads, measured the
+same way in the same rounds. It is what the import machinery alone costs on this machine for
+that many files, whatever they hold: graceful's own figure minus the floor is its code.
 """
 
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from _harness import BenchError, Row, Setup, child_env, log, median, ms, ratio, wait_exit
 
 MARK = "--graceful-bench-mark--"
 STL = "signal, threading, logging"
 OWN_BUDGET = 0.005  # s: graceful's own modules
+FLOOR = "graceful_floor"  # the package of empty modules
 WHOLE_RATIO = 1.15  # x the stdlib trio
 
 
@@ -59,12 +66,14 @@ def _whole(python: str, modules: str) -> float:
     return took
 
 
-def _importtime(python: str, modules: str) -> tuple[float, float, dict[str, float]]:
-    """(cumulative of the statement, self-sum of graceful* lines, self time per graceful module)."""
+def _importtime(
+    python: str, modules: str, own_prefix: str = "graceful", env: dict[str, str] | None = None
+) -> tuple[float, float, dict[str, float]]:
+    """(cumulative of the statement, self-sum of own_prefix* lines, self time per such module)."""
     code = f"import sys; sys.stderr.write({MARK!r} + '\\n'); {_code(modules)}"
     done = subprocess.run(
         [python, "-X", "importtime", "-c", code],
-        env=child_env(),
+        env=env or child_env(),
         capture_output=True,
         text=True,
         check=True,
@@ -84,7 +93,7 @@ def _importtime(python: str, modules: str) -> tuple[float, float, dict[str, floa
         module = name.strip()
         if len(name) - len(name.lstrip()) == 1:  # depth 0: one space after the bar
             cumulative += cumulative_us / 1e6
-        if module == "graceful" or module.startswith("graceful."):
+        if module == own_prefix or module.startswith(own_prefix + "."):
             own[module] = self_us / 1e6
     return cumulative, sum(own.values()), own
 
@@ -97,6 +106,16 @@ def _imports_asyncio(python: str, modules: str) -> bool:
     return done.stdout.strip() == "True"
 
 
+def _floor_package(where: Path, count: int) -> None:
+    """``graceful_floor``: ``count`` modules in all (the package and count - 1 submodules), empty."""
+    package = where / FLOOR
+    package.mkdir()
+    names = [f"m{i}" for i in range(1, count)]
+    (package / "__init__.py").write_text(f"from . import {', '.join(names)}\n" if names else "")
+    for name in names:
+        (package / f"{name}.py").write_text("x = 1\n")
+
+
 def run(setup: Setup, runs: int) -> list[Row]:
     targets = _targets(setup)
     for _, modules in targets:  # warm the bytecode caches
@@ -104,18 +123,27 @@ def run(setup: Setup, runs: int) -> list[Row]:
     whole: dict[str, list[float]] = {m: [] for _, m in targets}
     cumulative: dict[str, list[float]] = {m: [] for _, m in targets}
     own: list[float] = []
+    floor: list[float] = []
     per_module: dict[str, list[float]] = {}
-    for i in range(runs):
-        for _, modules in targets:
-            whole[modules].append(_whole(setup.python, modules))
-            total, own_sum, own_modules = _importtime(setup.python, modules)
-            cumulative[modules].append(total)
-            if modules == "graceful":
-                own.append(own_sum)
-                for name, value in own_modules.items():
-                    per_module.setdefault(name, []).append(value)
-        if i == 0:
-            log(f"imports: round 1 of {runs} done")
+    count = len(_importtime(setup.python, "graceful")[2])  # modules import graceful loads
+    with tempfile.TemporaryDirectory(prefix="graceful-floor-") as tmp:
+        _floor_package(Path(tmp), count)
+        floor_env = child_env()
+        floor_env["PYTHONPATH"] = tmp
+        # warm its bytecode cache too (child_env leaves out PYTHONDONTWRITEBYTECODE)
+        subprocess.run([setup.python, "-c", f"import {FLOOR}"], env=floor_env, check=True, timeout=60)
+        for i in range(runs):
+            for _, modules in targets:
+                whole[modules].append(_whole(setup.python, modules))
+                total, own_sum, own_modules = _importtime(setup.python, modules)
+                cumulative[modules].append(total)
+                if modules == "graceful":
+                    own.append(own_sum)
+                    for name, value in own_modules.items():
+                        per_module.setdefault(name, []).append(value)
+                    floor.append(_importtime(setup.python, FLOOR, FLOOR, floor_env)[1])
+            if i == 0:
+                log(f"imports: round 1 of {runs} done")
     stl = median(whole[STL])
     bare = median(whole[""])
     rows = []
@@ -145,6 +173,17 @@ def run(setup: Setup, runs: int) -> list[Row]:
         if modules and modules != STL:
             vs += f"; {'+' if w >= bare else '-'}{ms(abs(w - bare))} over bare"
         rows.append(Row("1. import", contender, result, vs, goal, data))
+        if modules == "graceful":
+            rows.append(
+                Row(
+                    "1. import",
+                    f"floor: {count} empty modules",
+                    f"own modules {ms(median(floor))} (`-X importtime` self, same rounds)",
+                    f"graceful's own code: {ms(median(own) - median(floor))} above it",
+                    "",
+                    {"own_s": floor, "modules": count},
+                )
+            )
     return rows
 
 

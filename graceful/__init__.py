@@ -21,6 +21,10 @@ library or ``asyncio`` (or another costly stdlib module, such as ``inspect`` or
 ``http.server``) out of ``import graceful``, or to load the entry point (``_run`` and what it
 pulls in) only when ``run()`` is called. Never to hide a cycle: the structure test counts
 deferred imports and ``TYPE_CHECKING`` imports as arrows like any other.
+
+Each module costs ``import graceful`` ~0.15-0.25 ms of import machinery on a small VM, whatever
+it holds (docs/performance.md, Import cost): the version is written here, not in a module of
+its own.
 """
 
 from ._api import add_reload_listener as add_reload_listener
@@ -51,7 +55,11 @@ from ._status import ListenerStatus as ListenerStatus
 from ._status import Phase as Phase
 from ._status import State as State
 from ._status import Status as Status
-from ._version import __version__ as __version__
+
+__version__ = "0.1.0.dev0"
+"""PEP 440: ``X.Y.Z`` for a release, ``X.Y.Z.devN`` between releases. Written only here: hatch
+reads this line for the metadata; a release changes it and moves CHANGELOG.md's
+``[Unreleased]`` under the new number."""
 
 __all__ = [
     "Context",

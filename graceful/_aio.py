@@ -11,13 +11,15 @@ them all, so they behave alike:
 * no loop, or a closed one: a fresh loop in this thread (``asyncio.run``).
 
 ``asyncio`` is imported only when an awaitable actually runs: ``import graceful`` never pays
-for it.
+for it. The other way round, a ``Moment`` (wrap-up began, the lifecycle stopped) is waited
+for alike by a thread (``wait``) and by a coroutine (``await wait_async()``, no thread held).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Callable
 
 # No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     import asyncio
     from typing import Any
 
-__all__ = ["is_awaitable", "run_awaitable", "running_loop", "set_true_soon", "wait_async"]
+__all__ = ["Moment", "is_awaitable", "run_awaitable", "running_loop", "set_true_soon", "wait_async"]
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
@@ -103,3 +105,40 @@ async def wait_async(
         return await future
     finally:
         cancel()
+
+
+class Moment:
+    """Something that happens once (wrap-up began, the lifecycle stopped), waited for by
+    threads and by event loops alike. Set once, never cleared."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._wakes: list[Callable[[], None]] | None = []  # None once set: taken
+
+    def set(self) -> None:
+        with self._lock:
+            wakes, self._wakes = self._wakes or [], None
+        self._event.set()
+        for wake in wakes:
+            wake()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block this thread until set; True if it was within ``timeout`` seconds."""
+        return self._event.wait(timeout)
+
+    async def wait_async(self) -> bool:
+        """``await`` until set, without blocking the loop; a cancelled wait leaves nothing behind."""
+        return await wait_async(self.is_set, self._on_set)
+
+    def _on_set(self, wake: Callable[[], None]) -> Callable[[], None]:
+        with self._lock:
+            wakes = self._wakes
+            if wakes is not None:
+                wakes.append(wake)
+                return lambda: wakes.remove(wake) if wake in wakes else None
+        wake()  # already set
+        return lambda: None

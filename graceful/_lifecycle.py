@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from ._aio import running_loop, wait_async
+from ._aio import Moment, running_loop
 from ._checks import check_clock, check_listener, check_name, check_reason, check_timeout
 from ._clock import Clock, MonotonicClock
 from ._diagnostics import format_report, format_sections
@@ -78,7 +78,8 @@ class Lifecycle:
         self.stopping = False
         """True from the moment wrap-up starts. Read-only: written by the lifecycle only, under
         its lock; a plain attribute so that ``graceful.is_stopping()`` is one attribute read."""
-        self._wrap_up_started = threading.Event()
+        self._wrap_up_started = Moment()
+        self._announced = threading.Event()  # "wrapping up" is logged: the sequence may log now
         self._reason: str | None = None
         self._triggers: list[str] = []  # each trigger's reason, in order, for the final log line
         self._triggered_at: float | None = None
@@ -86,8 +87,7 @@ class Lifecycle:
         self._phases = Phases(self._lock)
         self._observers = Observers()
         self._reloads = Reloads(self._observers)
-        self._stopped = threading.Event()
-        self._on_stopped: list[Callable[[], None]] | None = []  # None once STOPPED: taken
+        self._stopped = Moment()
         self._forced: str | None = None
         self._report_sections: list[Callable[[], list[str]]] = []
         self._progress = 0
@@ -206,8 +206,12 @@ class Lifecycle:
             self._timer.arm()
         if driver is not None:
             driver.start()
-        for note in notes:
-            log.info("%s", note)
+        try:
+            for note in notes:
+                log.info("%s", note)
+        finally:
+            if start:
+                self._announced.set()  # the sequence's own lines come after this one
         if start:
             self._observers.emit(Event.WRAPPING_UP, reason)
         if arm:
@@ -246,14 +250,11 @@ class Lifecycle:
             took = self._clock.monotonic() - (self._triggered_at or 0.0)
             detail = f"{took:.3f} s after {' then '.join(self._triggers)}"
             note = self._set_state(State.STOPPED, detail)
-            callbacks, self._on_stopped = list(self._on_stopped or ()), None
             forced = self._forced is not None
         if not forced:  # after a force quit nothing may claim a clean stop
             log.info("%s", note)  # before waking the waiters, so the log reads in order
             self._observers.emit(Event.STOPPED, detail)
         self._stopped.set()
-        for callback in callbacks:
-            callback()
 
     def _run_phase(self, phase: Phase, note: str | None = None) -> None:
         """Start the phase's listeners, log ``note``, then wait until every one has finished."""
@@ -263,6 +264,7 @@ class Lifecycle:
             log.info("%s", note)
         with self._lock:
             self._phases.wait(phase)
+        self._announced.wait()  # its listeners ran first (act first); its lines follow the trigger's
         theirs = f", {own} of them graceful's own (the servers')" if own else ""  # a reader counts theirs
         log.info(
             "%s phase done: %d listener(s)%s in %.3f s", phase, count, theirs, self._clock.monotonic() - t0
@@ -384,11 +386,7 @@ class Lifecycle:
 
     async def wait_for_wrap_up_async(self) -> bool:
         """``await`` until wrap-up begins, without blocking the event loop."""
-
-        def on_wrap_up(wake: Callable[[], None]) -> Callable[[], None]:
-            return self.subscribe(lambda event, detail: wake() if event is Event.WRAPPING_UP else None)
-
-        return await wait_async(self.is_stopping, on_wrap_up)
+        return await self._wrap_up_started.wait_async()
 
     def wait_for_shutdown(self, timeout: float | None = None) -> bool:
         """Block until STOPPED; True if it got there within ``timeout``. ``RuntimeError`` from a
@@ -400,17 +398,7 @@ class Lifecycle:
 
     async def wait_for_shutdown_async(self) -> bool:
         """``await`` until STOPPED, without blocking the event loop."""
-
-        def on_stopped(wake: Callable[[], None]) -> Callable[[], None]:
-            with self._lock:  # decided with STOPPED: once the callbacks are taken, wake ourselves
-                waiting = self._on_stopped
-                if waiting is not None:
-                    waiting.append(wake)  # and a cancelled wait leaves nothing behind:
-                    return lambda: waiting.remove(wake) if wake in waiting else None
-            wake()
-            return lambda: None
-
-        return await wait_async(self._stopped.is_set, on_stopped)
+        return await self._stopped.wait_async()
 
     @property
     def exit_code(self) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
+import time
 
 import pytest
 
@@ -453,3 +455,87 @@ def test_idle_pool_threads_exit(monkeypatch: pytest.MonkeyPatch) -> None:
         assert done.acquire(timeout=BOUND)
     assert pool._workers >= 8
     assert pool.wait_idle(BOUND)
+
+
+def _waits_in_run_phase(thread: threading.Thread) -> bool:
+    """True when ``thread`` is blocked in an Event/Condition wait called from ``_run_phase``."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return bool(names) and names[0] == "wait" and "_run_phase" in names
+
+
+@pytest.mark.timeout(30)
+def test_the_sequence_logs_its_first_line_only_after_the_trigger_said_wrapping_up(lc: Lifecycle) -> None:
+    """Act first, log after: the listeners start before "wrapping up" is logged, but the
+    sequence's own lines ("wrap_up phase done", "stopped") never come before it, however long
+    the trigger's thread takes to log it (here: held in a logging filter)."""
+    held = threading.Event()
+    release = threading.Event()
+    seen: list[str] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("wrapping up"):
+            held.set()
+            release.wait(BOUND)
+        seen.append(message)
+        return True
+
+    logger = logging.getLogger("graceful")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addFilter(hold)
+    try:
+        ran = lc.add_wrap_up_listener(lambda: None, name="quick")
+        trigger = threading.Thread(target=lc.shutdown, kwargs={"reason": "test", "wait": False})
+        trigger.start()
+        assert held.wait(BOUND)
+        assert ran.wait(BOUND)  # the listener ran while the trigger's line is held
+        driver = next(t for t in threading.enumerate() if t.name == "graceful-lifecycle")
+        deadline = time.monotonic() + BOUND  # until the sequence waits, or (the bug) logs on
+        while not _waits_in_run_phase(driver) and not any("phase done" in m for m in seen):
+            assert time.monotonic() < deadline, "the sequence neither waited nor logged"
+            time.sleep(0.001)  # polling a thread's stack: there is nothing to wait on
+        release.set()
+        trigger.join(BOUND)
+        assert lc.wait_for_shutdown(BOUND)
+    finally:
+        release.set()
+        logger.removeFilter(hold)
+        logger.setLevel(level)
+    mine = [m for m in seen if m.startswith(("wrapping up", "wrap_up phase done", "stopped"))]
+    assert mine[0].startswith("wrapping up (test)"), seen
+    assert [m.split(" ")[0] for m in mine] == ["wrapping", "wrap_up", "stopped"], seen
+
+
+@pytest.mark.timeout(30)
+def test_a_moment_wakes_threads_and_coroutines_and_a_cancelled_wait_leaves_nothing() -> None:
+    """``Moment`` (wrap-up began, stopped): one set wakes a thread and a coroutine; a cancelled
+    ``await`` takes its wake-up back; once set, waits return at once."""
+    from graceful._aio import Moment
+
+    moment = Moment()
+    woke = threading.Event()
+    waiter = threading.Thread(target=lambda: moment.wait(BOUND) and woke.set())
+    waiter.start()
+
+    async def main() -> bool:
+        gone = asyncio.ensure_future(moment.wait_async())
+        await asyncio.sleep(0)  # it has arranged its wake-up
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert moment._wakes == []  # taken back
+        staying = asyncio.ensure_future(moment.wait_async())
+        await asyncio.sleep(0)
+        threading.Thread(target=moment.set).start()
+        return await asyncio.wait_for(staying, BOUND)
+
+    assert asyncio.run(main()) is True
+    assert woke.wait(BOUND)
+    waiter.join(BOUND)
+    assert moment.wait(0)
+    assert asyncio.run(moment.wait_async())

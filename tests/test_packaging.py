@@ -40,11 +40,11 @@ def test_the_distribution_has_a_name_of_its_own_and_extras_refer_to_it() -> None
 
 
 def test_the_version_lives_in_one_place() -> None:
-    """hatch reads graceful/_version.py, and graceful.__version__ is that version (PEP 440)."""
+    """hatch reads graceful/__init__.py, and graceful.__version__ is that version (PEP 440)."""
     config = pyproject()
     assert "version" in config["project"]["dynamic"]
-    assert config["tool"]["hatch"]["version"]["path"] == "graceful/_version.py"
-    written = re.findall(r'^__version__ = "(.+)"$', (ROOT / "graceful" / "_version.py").read_text(), re.M)
+    assert config["tool"]["hatch"]["version"]["path"] == "graceful/__init__.py"
+    written = re.findall(r'^__version__ = "(.+)"$', (ROOT / "graceful" / "__init__.py").read_text(), re.M)
     assert written == [graceful.__version__]
     assert re.fullmatch(r"\d+\.\d+\.\d+((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?", graceful.__version__)
 

@@ -206,4 +206,4 @@ def test_no_module_reaches_into_another_modules_private_attributes() -> None:
 def test_no_module_is_over_about_400_lines() -> None:
     """One concept a file: none grows past ~400 lines."""
     sizes = {module: len(path.read_text().splitlines()) for module, path in MODULES.items()}
-    assert {module: n for module, n in sizes.items() if n > 440} == {}
+    assert {module: n for module, n in sizes.items() if n > 430} == {}
