@@ -64,6 +64,15 @@ def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
     main = threading.main_thread().ident
     assert main is not None
 
+    sent_at: list[str] = []  # the main thread's stack as each Ctrl-C was sent: said on failure
+
+    def stack() -> str:
+        frame, names = sys._current_frames().get(main), []
+        while frame is not None:
+            names.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            frame = frame.f_back
+        return " < ".join(names)
+
     def main_thread_is_blocked_in_run() -> bool:
         """Waiting in run()'s final wait: not starting up, not handling the last Ctrl-C."""
         frame = sys._current_frames().get(main)
@@ -87,13 +96,14 @@ def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
             pause.wait(0.005)  # polling a stack: there is no event to wait on
         else:
             raise AssertionError("the main thread never waited in run()")
+        sent_at.append(stack())
         signal.pthread_kill(main, signal.SIGINT)
 
     def interrupter() -> None:
         ctrl_c()  # the first shuts down gracefully
         assert wrapping.wait(BOUND)
         ctrl_c()  # the second one forces
-        assert exits.called.wait(BOUND)
+        assert exits.called.wait(BOUND), sent_at
         release.set()
 
     def serve() -> None:
@@ -103,7 +113,7 @@ def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
     code = graceful.run(serve, handle_signals=False)
     assert exits.codes == [70]
     assert code == 70
-    assert "KeyboardInterrupt again" in (lifecycle.forced or "")
+    assert "KeyboardInterrupt again" in (lifecycle.forced or ""), sent_at
 
 
 @pytest.mark.timeout(30)
