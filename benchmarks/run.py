@@ -75,6 +75,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--restarts", type=int, default=None, help="rolling: restarts per run (default 6, --quick 3)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="serving: alone/graceful rounds (default 5, --quick 1)"
+    )
     return parser.parse_args(argv)
 
 
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     _bench_rolling.configure(
         delays, args.restarts, str(Path(args.graceful_from).resolve()) if args.graceful_from else "", names
     )
+    if args.rounds is not None:
+        _bench_serving.ROUNDS = max(1, args.rounds)
     rows: list[Row] = []
     for name, bench in SECTIONS.items():
         if (args.only and name not in args.only) or (not args.only and name in OPT_IN):
