@@ -200,13 +200,13 @@ class Lifecycle:
                 else None
             )
             self._driver = driver or self._driver
-        if start:
-            self._wrap_up_started.set()
-        if arm:
-            self._timer.arm()
-        if driver is not None:
-            driver.start()
-        try:
+        try:  # whatever happens here (a Ctrl-C in the main thread), the sequence is not held
+            if start:
+                self._wrap_up_started.set()
+            if arm:
+                self._timer.arm()
+            if driver is not None:
+                driver.start()
             for note in notes:
                 log.info("%s", note)
         finally:

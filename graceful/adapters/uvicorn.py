@@ -307,8 +307,8 @@ class UvicornService:
         then for the request tasks, bounded by ``timeout_graceful_shutdown`` (past it the
         tasks are cancelled, and the middleware logs each request so dropped), then the
         lifespan shutdown unless ``force_exit``. uvicorn sleeps 0.1 s before its first look
-        and then looks every 0.1 s; this looks every 5 ms (uvicorn has no event to wait on),
-        which a rolling restart pays once per instance (docs/deploys.md).
+        and then looks every 0.1 s; this looks every 5 ms (uvicorn has no event to wait on):
+        a few wake-ups while a drain is under way, nothing while serving.
         """
         server, state = self.server, self.server.server_state
         _uvicorn_log.info("Shutting down")
