@@ -28,11 +28,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 import weakref
 
 from ._checks import check_seconds
-from ._clock import MonotonicClock
 from ._lifecycle import Lifecycle
 
 # No ``typing`` at run time: see graceful/_clock.py.
@@ -155,8 +153,7 @@ class _State:
     def __init__(self, lifecycle: Lifecycle) -> None:
         self.lock = threading.Lock()
         self.setting: DrainDelay | None = None  # None until first read: the environment is read then
-        clock = lifecycle.clock
-        self.traffic = Traffic(time.monotonic if type(clock) is MonotonicClock else clock.monotonic)
+        self.traffic = Traffic(lifecycle.clock.monotonic)
         self.probes = 0  # probe servers answering for this lifecycle
         self.refused_at: float | None = None  # the first /readyz answered 503 in a wrap-up
         self.wakers: set[Callable[[], None]] = set()
