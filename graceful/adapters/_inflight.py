@@ -36,11 +36,11 @@ class Request:
 
     __slots__ = ("client", "method", "path", "started")
 
-    def __init__(self, method: str, path: str, client: str) -> None:
+    def __init__(self, method: str, path: str, client: str, started: float | None = None) -> None:
         self.method = method
         self.path = path
         self.client = client
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started  # on time.monotonic's scale
 
     def describe(self) -> str:
         return (

@@ -88,9 +88,7 @@ class _LongLived:
 
 def _tracked(request: web.BaseRequest, started: float) -> Request:
     """The request as the logs name it (made when needed: aiohttp computes path and client)."""
-    tracked = Request(request.method, request.path, request.remote or "?")
-    tracked.started = started
-    return tracked
+    return Request(request.method, request.path, request.remote or "?", started)
 
 
 def _port_from_env() -> int:

@@ -73,9 +73,7 @@ IDLE_GRACE = 1.0
 
 def _request(handler: Any, started: float) -> Request:
     """The request ``handler`` is answering, for a log line (made only when one is written)."""
-    request = Request(handler.command, handler.path, handler.address_string())
-    request.started = started
-    return request
+    return Request(handler.command, handler.path, handler.address_string(), started)
 
 
 class _Tracker:

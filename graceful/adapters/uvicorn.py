@@ -146,9 +146,7 @@ async def _nothing() -> None:
 
 def _request(scope: Any, started: float) -> Request:
     client = scope.get("client") or ("?", 0)
-    request = Request(scope.get("method", "?"), scope.get("path", "?"), str(client[0]))
-    request.started = started
-    return request
+    return Request(scope.get("method", "?"), scope.get("path", "?"), str(client[0]), started)
 
 
 class _Track:
@@ -197,7 +195,7 @@ class _Track:
             if kind == "http.response.start":
                 stream.headers = message.get("headers", ())
                 if draining.is_set():
-                    headers = list(message.get("headers", ()))
+                    headers = list(stream.headers)
                     if not any(name.lower() == b"connection" for name, _ in headers):
                         message = {**message, "headers": [*headers, (b"connection", b"close")]}
             elif kind == "http.response.body":
