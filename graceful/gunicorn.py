@@ -283,11 +283,11 @@ def _drain_wait() -> None:
         readiness.wait_drain_delay(lifecycle)
     else:
         pause = threading.Event()  # never set: a bounded wait between two looks
-        while readiness.drain_delay_left(lifecycle) > 0:
+        while (left := readiness.drain_delay_left(lifecycle)) > 0:
             if shared[_TOLD]:
                 why = "a sibling worker's auto drain delay ended"
                 break
-            pause.wait(min(DRAIN_POLL, readiness.drain_delay_left(lifecycle)))
+            pause.wait(min(DRAIN_POLL, left))
         else:
             shared[_TOLD] = 1
     log.info(
