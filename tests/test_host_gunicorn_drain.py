@@ -94,6 +94,15 @@ def test_the_quick_shutdown_does_not_wait_for_the_drain_delay(gunicorn: Start) -
     assert "stops accepting" not in child.err, child.err
 
 
+def _still_ready_then_quit(child: Child, probes: str) -> None:
+    """Every worker answers /readyz 200 and none held a TERM; then SIGINT, and exit 0."""
+    for _ in range(4):
+        assert _get(probes + "/readyz") == (200, "ready\n")
+    assert "stops accepting" not in child.err, child.err
+    child.send(signal.SIGINT)
+    assert child.wait(2 * BOUND) == 0, child.err
+
+
 @pytest.mark.timeout(60)
 def test_a_worker_recycled_alone_leaves_the_probe_to_its_siblings_and_does_not_drain(gunicorn: Start) -> None:
     """max_requests: the retiring worker stops without the 60 s delay; /readyz stays 200."""
@@ -103,11 +112,7 @@ def test_a_worker_recycled_alone_leaves_the_probe_to_its_siblings_and_does_not_d
     retired = _pid(child.expect("shutdown"))  # within BOUND: it did not wait the 60 s delay
     replacement = _pid(child.expect("ready"))
     assert replacement != retired
-    for _ in range(4):
-        assert _get(probes + "/readyz") == (200, "ready\n")
-    assert "stops accepting" not in child.err, child.err
-    child.send(signal.SIGINT)
-    assert child.wait(2 * BOUND) == 0, child.err
+    _still_ready_then_quit(child, probes)
 
 
 @pytest.mark.timeout(60)
@@ -120,11 +125,7 @@ def test_a_hup_reload_is_no_instance_stop_the_old_workers_do_not_drain(gunicorn:
         child.expect_err(f"gunicorn worker {pid} stopped gracefully")
     child.expect("ready")  # the new workers answer the probes
     child.expect("ready")
-    for _ in range(4):
-        assert _get(probes + "/readyz") == (200, "ready\n")
-    assert "stops accepting" not in child.err, child.err
-    child.send(signal.SIGINT)
-    assert child.wait(2 * BOUND) == 0, child.err
+    _still_ready_then_quit(child, probes)
 
 
 @pytest.mark.timeout(60)
