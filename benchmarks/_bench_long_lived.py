@@ -23,12 +23,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 
-from _harness import BenchError, Child, Row, Setup, child_env, codes_text, log, median, ms
+from _harness import BenchError, Child, Row, Setup, child_env, codes_text, free_port, log, median, ms
 
 DEADLINE = 30.0  # graceful's force-quit deadline in these runs
 EXIT_BOUND = 5.0  # seconds after SIGTERM before a server still running is killed
@@ -212,12 +211,6 @@ class _Series:
     problem: str = ""
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def _missing(python: str, modules: tuple[str, ...]) -> list[str]:
     code = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if not importlib.util.find_spec(m)))"
     done = subprocess.run(
@@ -240,7 +233,7 @@ def _unavailable(contender: _Contender, setup: Setup) -> str:
 
 def _once(setup: Setup, series: _Series) -> None:
     contender = series.contender
-    args = (_free_port(),) if contender.port_arg else ()
+    args = (str(free_port()),) if contender.port_arg else ()
     with Child(setup.python, contender.code, notify=contender.notify, args=args) as server:
         ready = server.wait_ready()
         port = ready.split()[1] if ready.startswith("ready") else server.line_value("port")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -40,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import _serving_callgrind
-from _harness import BenchError, Child, Row, Setup, log, median
+from _harness import BenchError, Child, Row, Setup, free_port, log, median
 
 CONNECTIONS = 16
 SECONDS, QUICK_SECONDS = 2, 1  # wrk takes whole seconds
@@ -203,13 +202,6 @@ def _cpu_clock(pid: int) -> int:
     return ((~pid) << 3) | 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def _lua_script() -> Iterator[str]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="graceful-bench-") as script:
@@ -244,7 +236,7 @@ def _wrk(port: int, seconds: int, script: str) -> _Sample:
 
 
 def _measure(setup: Setup, source: str, *, notify: bool, script: str, seconds: int, warm: int) -> _Sample:
-    port = _free_port()
+    port = free_port()
     code = f"PORT = {port}\n" + source
     with Child(setup.python, code, notify=notify) as child:
         child.wait_ready()
@@ -311,7 +303,7 @@ def _count(setup: Setup, series: _Series) -> None:
     """Instructions per request under callgrind, alone then under graceful (no noise to pair)."""
     counts = []
     for source in (series.server.alone, series.server.graceful):
-        port = _free_port()
+        port = free_port()
         code = f"PORT = {port}\n" + source
         try:
             counts.append(_serving_callgrind.instructions_per_request(setup.python, code, port))

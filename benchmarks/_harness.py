@@ -272,6 +272,14 @@ class Child:
         self._dir.cleanup()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the child binds it next)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def wait_exit(proc: subprocess.Popen[bytes], bound: float, pidfd: int | None = None) -> bool:
     """Block until ``proc`` exits (True, reaped) or ``bound`` seconds pass (False).
 

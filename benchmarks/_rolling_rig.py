@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from _harness import BenchError, child_env, wait_exit
+from _harness import BenchError, child_env, free_port, wait_exit
 
 POLL = 0.02  # seconds between two reads of HAProxy's state
 PASSED = {"L4OK", "L6OK", "L7OK"}  # HAProxy's check_status once a check has passed
@@ -52,13 +52,6 @@ def tool(name: str) -> str:
     """The absolute path of ``name`` (haproxy lives in /usr/sbin, often not on a user's PATH); "" if none."""
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
     return shutil.which(name, path=path) or ""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Groups:

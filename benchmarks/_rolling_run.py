@@ -36,9 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _harness import BenchError
+from _harness import BenchError, free_port
 from _rolling_programs import WSGI_APP, Contender
-from _rolling_rig import CHECK_INTER, EXIT_BOUND, POLL, START_BOUND, Groups, HAProxy, Hey, free_port
+from _rolling_rig import CHECK_INTER, EXIT_BOUND, POLL, START_BOUND, Groups, HAProxy, Hey
 
 SETTLE = 0.5  # seconds of load between one instance back in rotation and the next SIGTERM
 WARM = 100  # requests through HAProxy before the first restart
