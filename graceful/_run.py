@@ -43,6 +43,9 @@ from ._signals import signal_handlers
 from ._status import State
 from .adapters import adapt
 
+BLOCK_SLICE = 0.5
+"""Seconds the main thread waits in one piece in ``run()``; see ``_Runner._block``."""
+
 # No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -335,7 +338,13 @@ class _Runner:
     def _block(self) -> None:
         while True:
             try:
-                if self.lifecycle.wait_for_shutdown(None):
+                # In slices, not one endless wait: CPython runs a Python signal handler only
+                # between bytecodes, and a SIGINT that lands after the last such check but before
+                # the lock wait blocks stays pending until the lock is acquired, here never: a
+                # Ctrl-C under handle_signals=False (Python's KeyboardInterrupt) was lost. A
+                # slice's end runs it at most BLOCK_SLICE later. (Our own handlers hand signals
+                # to the wakeup fd instead: this race is not theirs.)
+                if self.lifecycle.wait_for_shutdown(BLOCK_SLICE):
                     return
             except KeyboardInterrupt:  # only without our SIGINT handler (handle_signals=False)
                 try:

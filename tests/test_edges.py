@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import signal
 import sys
@@ -114,6 +115,49 @@ def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
     assert exits.codes == [70]
     assert code == 70
     assert "KeyboardInterrupt again" in (lifecycle.forced or ""), sent_at
+
+
+@pytest.mark.timeout(30)
+def test_a_ctrl_c_pending_while_the_main_thread_is_blocked_is_not_lost(
+    fresh: tuple[Lifecycle, Recorder],
+) -> None:
+    """handle_signals=False: a Ctrl-C whose Python handler is pending while the main thread is
+    blocked in run()'s wait still shuts down (within a slice of the wait).
+
+    CPython runs a signal's Python handler only between bytecodes: a SIGINT landing after the
+    last check and before the lock wait blocks stays pending until the lock is acquired.
+    ``_thread.interrupt_main()`` makes exactly that state (the handler pending, no signal to
+    interrupt the wait); with one endless wait, run() never saw it.
+    """
+    lifecycle, _ = fresh
+    wrapping = threading.Event()
+    release = threading.Event()
+    lifecycle.add_wrap_up_listener(lambda: (wrapping.set(), release.set()), name="note")
+    main = threading.main_thread().ident
+
+    def main_waits_in_run() -> bool:
+        frame = sys._current_frames().get(main or -1)
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return bool(names) and names[0] == "wait" and "_block" in names
+
+    def interrupter() -> None:
+        pause = threading.Event()
+        for _ in range(int(BOUND / 0.005)):
+            if main_waits_in_run():
+                break
+            pause.wait(0.005)  # polling a stack: there is no event to wait on
+        _thread.interrupt_main()  # the handler is pending; nothing interrupts the wait
+
+    def serve() -> None:
+        threading.Thread(target=interrupter).start()
+        assert release.wait(BOUND)
+
+    assert graceful.run(serve, handle_signals=False) == 0
+    assert wrapping.is_set()
+    assert lifecycle.status().reason == "KeyboardInterrupt"
 
 
 @pytest.mark.timeout(30)
