@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +24,34 @@ from .redis_server import rdb, redis_url  # noqa: F401 - fixtures, found by pyte
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds: the longest any test waits for an event that should come at once
+
+
+_WATCHED = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP")
+    if hasattr(signal, name)
+)
+
+
+@pytest.fixture(autouse=True)
+def _signals_left_as_found() -> Iterator[None]:
+    """Every test leaves the signal handlers and the wakeup fd as it found them.
+
+    A handler left behind breaks a later test far from its cause (a stale graceful handler
+    turns a Ctrl-C into a byte nobody reads): the test that leaves one fails here, by name,
+    and the state is put back.
+    """
+    before = {signum: signal.getsignal(signum) for signum in _WATCHED}
+    wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup)
+    yield
+    after = {signum: signal.getsignal(signum) for signum in _WATCHED}
+    now = signal.set_wakeup_fd(wakeup)
+    changed = {signal.Signals(s).name: after[s] for s in _WATCHED if after[s] != before[s]}
+    for signum, handler in before.items():
+        signal.signal(signum, handler)  # type: ignore[arg-type]
+    assert not changed, f"signal handlers left behind: {changed}"
+    assert now == wakeup, f"signal wakeup fd left behind: {now} (was {wakeup})"
 
 
 class Recorder:
