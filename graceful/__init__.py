@@ -44,17 +44,17 @@ from ._api import wrap_up as wrap_up
 from ._current import get_lifecycle as get_lifecycle
 from ._current import is_stopping as is_stopping
 from ._current import use as use
-from ._events import Event as Event
+from ._lifecycle import Event as Event
 from ._lifecycle import Lifecycle as Lifecycle
+from ._lifecycle import ReloadHandle as ReloadHandle
+from ._lifecycle import State as State
+from ._lifecycle import Status as Status
+from ._listeners import ListenerState as ListenerState
+from ._listeners import ListenerStatus as ListenerStatus
+from ._listeners import Phase as Phase
 from ._listeners import Waiter as Waiter
-from ._reload import ReloadHandle as ReloadHandle
 from ._service import Context as Context
 from ._service import Service as Service
-from ._status import ListenerState as ListenerState
-from ._status import ListenerStatus as ListenerStatus
-from ._status import Phase as Phase
-from ._status import State as State
-from ._status import Status as Status
 
 __version__ = "0.1.0.dev0"
 """PEP 440: ``X.Y.Z`` for a release, ``X.Y.Z.devN`` between releases. Written only here: hatch

@@ -22,8 +22,8 @@ import sys
 import threading
 from collections.abc import Callable
 
-# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
-TYPE_CHECKING = False
+from ._checks import TYPE_CHECKING
+
 if TYPE_CHECKING:
     import asyncio
     from typing import Any

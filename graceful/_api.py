@@ -13,13 +13,10 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from . import _current
-from ._lifecycle import Lifecycle
+from ._checks import TYPE_CHECKING
+from ._lifecycle import Lifecycle, ReloadHandle, State, Status
 from ._listeners import Waiter
-from ._reload import ReloadHandle
-from ._status import State, Status
 
-# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._signals import Router
 

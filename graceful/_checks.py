@@ -18,13 +18,13 @@ import os
 import threading
 from collections.abc import Callable
 
-# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from ._clock import Clock
+"""``typing.TYPE_CHECKING`` without importing ``typing`` (about 4 ms on ``import graceful``).
+
+Every module of the package imports this one: mypy treats any name ``TYPE_CHECKING`` as True,
+and at run time the imports under it are skipped and the protocols are plain classes."""
 
 __all__ = [
-    "check_clock",
     "check_listener",
     "check_name",
     "check_reason",
@@ -111,19 +111,6 @@ def port_from_env(name: str, default: int | None, *, zero: bool = False) -> int 
     if not raw.isdigit() or not low <= int(raw) <= 65535:
         raise ValueError(f"{name}={raw!r} is not a port number ({low}-65535): set it to e.g. 8080")
     return int(raw)
-
-
-def check_clock(clock: object) -> Clock | None:
-    """``Lifecycle(clock=...)``: None (the real clock) or an object with ``monotonic()`` and
-    ``call_at()``."""
-    if clock is None or (
-        callable(getattr(clock, "monotonic", None)) and callable(getattr(clock, "call_at", None))
-    ):
-        return clock  # type: ignore[return-value]
-    raise TypeError(
-        "Lifecycle(clock=...) takes a clock with monotonic() and call_at() (graceful.testing.FakeClock "
-        f"in tests), or None for the real one; not {clock!r}"
-    )
 
 
 def check_name(name: object, what: str) -> str | None:

@@ -15,7 +15,7 @@ is a ``ValueError`` on import, naming the variable), else 25 s.
 
 from __future__ import annotations
 
-from ._force_quit import budget_from_env
+from ._deadline import budget_from_env
 from ._lifecycle import Lifecycle
 
 __all__ = ["get_lifecycle", "is_stopping", "or_default", "use"]

@@ -18,11 +18,9 @@ import traceback
 from collections.abc import Callable, Iterable
 from types import FrameType
 
-from ._status import ListenerState
+from ._checks import TYPE_CHECKING
+from ._listeners import ListenerState
 
-# ``typing`` costs ~4 ms to import and the core needs it only for type checkers: mypy treats
-# any ``TYPE_CHECKING`` name as True, and at run time the protocols below are plain classes.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._listeners import Listener
 

@@ -30,11 +30,9 @@ import os
 import threading
 import weakref
 
-from ._checks import check_seconds
+from ._checks import TYPE_CHECKING, check_seconds
 from ._lifecycle import Lifecycle
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 

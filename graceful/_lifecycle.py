@@ -16,29 +16,348 @@ RUNNING -> WRAPPING_UP -> SHUTTING_DOWN -> STOPPED. Why it is shaped like this:
 * Once the deadline has passed, the force quit owns the end (``_force_quit`` says why).
 * It knows nothing of signals, ``run()``, readiness or systemd: they sit above it and learn
   of its transitions through ``subscribe()`` (``Event``), never by reaching in.
+
+Its parts, in this file because they are the lifecycle's own:
+
+* **State and Status.** An asynq incident write-up tells of a server left half-stopped by a
+  stray signal, with nothing to show it from outside. Every transition is logged, and
+  ``status()`` is a plain, immutable snapshot (state, reason, time since the trigger, each
+  listener's phase, state and duration) that a health endpoint, a SIGUSR1 dump or a test reads.
+* **Events.** systemd wants ``STOPPING=1`` the moment a shutdown starts and ``RELOADING=1``
+  around a reload; a host wants to know when the deadline starts. Integrations subscribe to
+  ``Event``s (``graceful.lowlevel.subscribe``) instead of reading private fields. A subscriber
+  is called in the thread that made the transition, outside the lock; one that raises is
+  logged and the others are still called: an integration never breaks the sequence.
+* **Phases.** Each phase keeps a count of listeners still outstanding and one condition wakes
+  the sequence when it reaches zero: no fixed sleep (go-zero sleeps 1 s and hopes), one
+  wake-up per phase. A listener registered after its phase began runs at once and is counted
+  like the others, so nothing is dropped and no waiter blocks for ever (go-zero's late
+  ``waitForCalled`` hangs until the force kill). A removed listener leaves the registry at
+  once and a finished one has let go of its callable: registering and removing 100,000
+  listeners leaves memory and ``status()`` as they were.
+* **Reloads.** A reload is not a step towards the exit: it may happen any number of times,
+  its listeners run one after another (a configuration is re-read before the pool that uses
+  it is resized), and one that raises stops neither the others nor the process. With no
+  reload listener, SIGHUP means "the terminal went away" and the router shuts down instead.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import threading
 from collections.abc import Callable
 
-from ._aio import Moment, running_loop
-from ._checks import check_clock, check_listener, check_name, check_reason, check_timeout
-from ._clock import Clock, MonotonicClock
+from ._aio import Moment, is_awaitable, run_awaitable, running_loop
+from ._checks import check_listener, check_name, check_reason, check_timeout
+from ._deadline import (
+    FORCED_EXIT_CODE,
+    Clock,
+    ForceQuitAction,
+    ForceQuitTimer,
+    MonotonicClock,
+    check_budget,
+    check_clock,
+)
 from ._diagnostics import format_report, format_sections
-from ._events import Event, Observers
-from ._force_quit import FORCED_EXIT_CODE, ForceQuitAction, ForceQuitTimer, check_budget
-from ._listeners import DefaultLoop, Listener, Waiter, current_listener, default_name, refuse_in_server
-from ._phases import Phases
-from ._reload import ReloadHandle, Reloads
-from ._status import ListenerStatus, Phase, State, Status
+from ._listeners import (
+    DefaultLoop,
+    Frozen,
+    Listener,
+    ListenerState,
+    ListenerStatus,
+    Phase,
+    Waiter,
+    current_listener,
+    default_name,
+    refuse_in_server,
+    run_soon,
+)
 
-__all__ = ["Lifecycle"]
+__all__ = ["Event", "Lifecycle", "Observers", "Phases", "ReloadHandle", "Reloads", "State", "Status"]
 
 log = logging.getLogger("graceful")
+
+
+# -- the state and its snapshot ------------------------------------------------------------
+
+
+class State(enum.Enum):
+    """Where a lifecycle is. It only ever moves forward, in this order."""
+
+    RUNNING = "running"
+    WRAPPING_UP = "wrapping_up"
+    SHUTTING_DOWN = "shutting_down"
+    STOPPED = "stopped"
+
+
+class Status(Frozen):
+    """A snapshot of a lifecycle: what ``graceful.status()`` returns.
+
+    ``state``; ``reason`` of the latest trigger; ``seconds_since_trigger`` (None before any);
+    ``force_quit``, the budget in seconds; ``listeners``, one ``ListenerStatus`` each;
+    ``forced``, True once the force-quit report was written.
+    """
+
+    __slots__ = ("force_quit", "forced", "listeners", "reason", "seconds_since_trigger", "state")
+    _fields = ("state", "reason", "seconds_since_trigger", "force_quit", "listeners", "forced")
+    state: State
+    reason: str | None
+    seconds_since_trigger: float | None
+    force_quit: float
+    listeners: tuple[ListenerStatus, ...]
+    forced: bool
+
+    def __init__(  # noqa: PLR0917 - one positional argument per field, as a dataclass would take
+        self,
+        state: State,
+        reason: str | None,
+        seconds_since_trigger: float | None,
+        force_quit: float,
+        listeners: tuple[ListenerStatus, ...],
+        forced: bool = False,
+    ) -> None:
+        super().__init__(state, reason, seconds_since_trigger, force_quit, listeners, forced)
+
+    def format(self) -> str:
+        """A few human-readable lines, as the SIGUSR1 dump prints them."""
+        since = (
+            "not triggered"
+            if self.seconds_since_trigger is None
+            else f"{self.seconds_since_trigger:.3f} s since {self.reason!r}"
+        )
+        lines = [f"graceful: state {self.state.value}, {since}, force quit after {self.force_quit:g} s"]
+        for item in self.listeners:
+            took = "" if item.duration is None else f" ({item.duration:.3f} s)"
+            lines.append(f"  {item.phase} listener {item.name!r}: {item.state}{took}")
+        return "\n".join(lines)
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+class Event(str, enum.Enum):
+    """A lifecycle transition, as ``Lifecycle.subscribe`` reports it with a detail string."""
+
+    WRAPPING_UP = "wrapping_up"
+    """Wrap-up began (a pause or a shutdown); detail: the reason."""
+    SHUTDOWN_REQUESTED = "shutdown_requested"
+    """A shutdown was asked for and the force-quit deadline started; detail: the reason."""
+    SHUTTING_DOWN = "shutting_down"
+    """Every wrap-up listener finished; the shutdown phase begins; detail: the reason."""
+    STOPPED = "stopped"
+    """The sequence is over; detail: how long it took."""
+    FORCED = "forced"
+    """The force quit began (the report is out; the exit follows); detail: why."""
+    RELOADING = "reloading"
+    """Reload listeners are about to run; detail: the reason (``"SIGHUP"``)."""
+    RELOADED = "reloaded"
+    """Every reload listener has run; detail: the reason."""
+
+
+Subscriber = Callable[[Event, str], object]
+
+
+class Observers:
+    """The subscribers of one lifecycle; ``emit`` is safe from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        """Call ``fn(event, detail)`` at each transition; returns a function that undoes it."""
+        if not callable(fn):
+            raise TypeError(f"subscribe() takes a callable fn(event, detail), not {fn!r}")
+        with self._lock:
+            self._subscribers.append(fn)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if fn in self._subscribers:
+                    self._subscribers.remove(fn)
+
+        return unsubscribe
+
+    def emit(self, event: Event, detail: str) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for fn in subscribers:
+            try:
+                fn(event, detail)
+            except Exception:  # an integration must never break the sequence
+                log.exception("graceful subscriber %r failed on %s", fn, event.value)
+
+
+# -- the phases ----------------------------------------------------------------------------
+
+
+class _Registry:
+    __slots__ = ("listeners", "outstanding", "started")
+
+    def __init__(self) -> None:
+        self.listeners: dict[Listener, None] = {}  # insertion-ordered; O(1) removal
+        self.started = False
+        self.outstanding = 0
+
+
+class Phases:
+    """Both phases of one lifecycle. Every method takes the shared lock itself."""
+
+    def __init__(self, changed: threading.Condition) -> None:
+        self._changed = changed
+        self._registries = {phase: _Registry() for phase in Phase}
+        self.failures: list[str] = []
+        """What failed (listeners, and servers recorded by ``run()``); written under the lock."""
+
+    def add(self, listener: Listener) -> None:
+        """Register ``listener``; if its phase began already, run it now."""
+        with self._changed:
+            registry = self._registries[listener.phase]
+            registry.listeners[listener] = None
+            late = registry.started
+            if late:
+                listener.scheduled = True
+                registry.outstanding += 1
+        if late:
+            log.info(
+                "%s listener %r registered after its phase began: running it now",
+                listener.phase,
+                listener.name,
+            )
+            run_soon(listener)
+
+    def remove(self, listener: Listener) -> bool:
+        """Unregister ``listener`` if it has not been scheduled; True if it was removed."""
+        with self._changed:
+            if not listener.remove():
+                return False
+            self._registries[listener.phase].listeners.pop(listener, None)
+            return True
+
+    def run(self, phase: Phase) -> tuple[int, int]:
+        """Start every pending listener of ``phase`` (concurrently); returns how many, and how
+        many of them are graceful's own (``run()``'s steps for its servers)."""
+        with self._changed:
+            registry = self._registries[phase]
+            registry.started = True
+            batch = [
+                item
+                for item in registry.listeners
+                if item.state is ListenerState.PENDING and not item.scheduled
+            ]
+            for item in batch:
+                item.scheduled = True
+            registry.outstanding += len(batch)
+        run_soon(*batch)
+        return len(batch), sum(item.own for item in batch)
+
+    def outstanding(self, phase: Phase) -> int:
+        """Listeners of ``phase`` scheduled and not finished (the caller holds the lock)."""
+        return self._registries[phase].outstanding
+
+    def wait(self, phase: Phase) -> None:
+        """Block until every scheduled listener of ``phase`` has finished (the caller holds the lock)."""
+        while self._registries[phase].outstanding:
+            self._changed.wait()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Block until no listener of either phase is running; True if so within ``timeout``."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: not any(registry.outstanding for registry in self._registries.values()), timeout
+            )
+
+    def finished(self, listener: Listener) -> None:
+        """What each listener calls as it finishes (from its pool thread)."""
+        with self._changed:
+            registry = self._registries[listener.phase]
+            registry.outstanding -= 1
+            if listener.error is not None:
+                self.failures.append(f"{listener.phase} listener {listener.name!r}")
+            if registry.outstanding == 0:  # only then can the sequence move on
+                self._changed.notify_all()
+
+    def listeners(self) -> list[Listener]:
+        """Every registered listener, wrap-up first, in registration order (a copy)."""
+        with self._changed:
+            return [item for registry in self._registries.values() for item in registry.listeners]
+
+
+# -- reloads -------------------------------------------------------------------------------
+
+
+class ReloadHandle:
+    """What ``add_reload_listener`` returns; ``remove()`` unregisters the listener."""
+
+    __slots__ = ("_fn", "_registry", "name")
+
+    def __init__(self, registry: Reloads, fn: Callable[[], object], name: str) -> None:
+        self._registry = registry
+        self._fn = fn
+        self.name = name
+
+    def __call__(self) -> object:
+        """Run the listener once (what a reload does)."""
+        return self._fn()
+
+    def remove(self) -> bool:
+        """Unregister; True if it was registered."""
+        return self._registry.remove(self)
+
+    def __repr__(self) -> str:
+        return f"<graceful.ReloadHandle {self.name!r}>"
+
+
+class Reloads:
+    """The reload listeners of one lifecycle."""
+
+    def __init__(self, observers: Observers) -> None:
+        self._observers = observers
+        self._lock = threading.Lock()
+        self._handles: list[ReloadHandle] = []
+
+    def add(self, fn: Callable[[], object], name: str) -> ReloadHandle:
+        handle = ReloadHandle(self, fn, name)
+        with self._lock:
+            self._handles.append(handle)
+        return handle
+
+    def remove(self, handle: ReloadHandle) -> bool:
+        with self._lock:
+            if handle in self._handles:
+                self._handles.remove(handle)
+                return True
+            return False
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._handles)
+
+    def run_all(self, reason: str) -> int:
+        """Run every listener, in registration order, in this thread; returns how many ran.
+
+        Each is isolated: one that raises (even ``SystemExit`` or ``KeyboardInterrupt``) is
+        logged with its name and the others still run. ``Event.RELOADING`` comes before,
+        ``Event.RELOADED`` after.
+        """
+        with self._lock:
+            handles = list(self._handles)
+        log.info("reloading (%s): %d reload listener(s)", reason, len(handles))
+        self._observers.emit(Event.RELOADING, reason)
+        for handle in handles:
+            try:
+                result = handle()
+                if is_awaitable(result):
+                    run_awaitable(result)
+            except BaseException:  # a reload listener must never end the thread that runs it
+                log.exception("reload listener %r failed", handle.name)
+        self._observers.emit(Event.RELOADED, reason)
+        return len(handles)
+
+
+# -- the lifecycle -------------------------------------------------------------------------
 
 
 class Lifecycle:
@@ -120,7 +439,9 @@ class Lifecycle:
     def _add(self, phase: Phase, fn: object, name: object, what: str) -> Waiter:
         checked = check_listener(fn, what)
         label = check_name(name, what) or default_name(checked)
-        listener = Listener(checked, label, phase, self._clock, self._phases.finished, loops=self._loops)
+        listener = Listener(
+            checked, label, phase, self._clock.monotonic, self._phases.finished, loops=self._loops
+        )
         self._phases.add(listener)
         return Waiter(listener, self._phases.remove)
 

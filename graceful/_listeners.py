@@ -7,9 +7,9 @@ Why it is built this way (the bug reports are the reasons):
   belongs to one listener, and a listener registered late is run at once.
 * Listeners of a phase run concurrently, but a thread per listener for ever would cost an OS
   thread for every idle registration (the contract: 10,000 no-op listeners finish a phase
-  fast; 100 listeners that each block 1 s finish it in about 1 s). ``_Pool`` reuses a couple
+  fast; 100 listeners that each block 1 s finish it in about 1 s). ``Pool`` reuses a couple
   of threads while listeners keep finishing, grows only when every thread is blocked and work
-  is waiting, and lets idle threads exit.
+  is waiting, and lets idle threads exit, so a process that never shuts down keeps none.
 * A listener that raises is isolated: its exception is logged with its name and kept on its
   waiter; the others still run.
 * ``async def`` listeners run on the event loop that was running where they were registered
@@ -22,27 +22,29 @@ Why it is built this way (the bug reports are the reasons):
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Generator
 
 from ._aio import is_awaitable, run_awaitable, running_loop, wait_async
-from ._checks import check_timeout
-from ._pool import pool
-from ._status import ListenerState, Phase
+from ._checks import TYPE_CHECKING, check_timeout
 
-# ``typing`` costs ~4 ms to import and the core needs it only for type checkers: mypy treats
-# any ``TYPE_CHECKING`` name as True, and at run time the protocols below are plain classes.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
     from typing import Any
 
-    from ._clock import Clock
 
 __all__ = [
     "DefaultLoop",
+    "Frozen",
     "Listener",
+    "ListenerState",
+    "ListenerStatus",
+    "Phase",
+    "Pool",
     "Waiter",
     "current_listener",
     "current_server",
@@ -54,6 +56,165 @@ __all__ = [
 ]
 
 log = logging.getLogger("graceful")
+
+
+class Phase(str, enum.Enum):
+    """The phase a listener belongs to. A ``str`` enum: ``Phase.WRAP_UP == "wrap_up"``."""
+
+    WRAP_UP = "wrap_up"
+    SHUTDOWN = "shutdown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ListenerState(str, enum.Enum):
+    """Where one listener is: PENDING -> RUNNING -> DONE or FAILED; or REMOVED before it ran.
+
+    A ``str`` enum, so ``item.state == "done"`` still reads naturally in a test.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    REMOVED = "removed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Frozen:
+    """A small immutable record: equality, hash and repr from ``__slots__``.
+
+    Hand-written instead of ``dataclasses`` because that module pulls in ``inspect`` (and
+    ``ast``, ``dis``, ``tokenize``): about 8 ms on every ``import graceful``.
+    """
+
+    __slots__: tuple[str, ...] = ()
+    _fields: tuple[str, ...] = ()  # the order of the constructor's arguments
+
+    def __init__(self, *values: object) -> None:
+        for name, value in zip(self._fields, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is a snapshot: it cannot be changed")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+
+class ListenerStatus(Frozen):
+    """One listener, as ``status()`` saw it.
+
+    ``phase`` is a ``Phase`` (``Phase.WRAP_UP`` or ``Phase.SHUTDOWN``); ``state`` a
+    ``ListenerState`` (both ``str`` enums, equal to ``"wrap_up"``, ``"done"`` and so on);
+    ``duration`` is seconds run so far (or in all, once finished), None if it has not started.
+    """
+
+    __slots__ = ("duration", "name", "phase", "state")
+    _fields = ("name", "phase", "state", "duration")
+    name: str
+    phase: Phase
+    state: ListenerState
+    duration: float | None
+
+    def __init__(self, name: str, phase: Phase, state: ListenerState, duration: float | None) -> None:
+        super().__init__(name, phase, state, duration)
+
+
+class Pool:
+    """Worker threads for listeners: reused while work flows, grown when all are blocked.
+
+    ``submit`` queues a job and makes sure a worker exists. A watcher runs while jobs are
+    queued: if no job has finished for ``STALL`` seconds, every worker is blocked, so it adds
+    one worker per waiting job (up to ``GROW``). A worker with nothing to do for ``IDLE``
+    seconds exits.
+    """
+
+    STALL = 0.004
+    GROW = 128
+    IDLE = 2.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._ready = threading.Condition(self._lock)
+        self._left = threading.Condition(self._lock)
+        self._workers = 0
+        self._idle = 0
+        self._finished = 0
+        self._watching = False
+        self._names = 0
+
+    def submit(self, *jobs: Callable[[], None]) -> None:
+        """Queue ``jobs`` (a whole phase at once: one lock round-trip, not one per listener)."""
+        with self._lock:
+            self._jobs.extend(jobs)
+            if self._idle > 0:
+                self._ready.notify(len(jobs))
+            elif self._workers == 0:
+                self._spawn(1)
+            if not self._watching:
+                self._watching = True
+                threading.Thread(target=self._watch, name="graceful-pool-watch", daemon=True).start()
+
+    def _spawn(self, count: int) -> None:
+        for _ in range(count):
+            self._workers += 1
+            self._names += 1
+            threading.Thread(target=self._work, name=f"graceful-listener-{self._names}", daemon=True).start()
+
+    def _work(self) -> None:
+        ran = 0
+        while True:
+            with self._lock:
+                self._finished += ran  # under the lock: several workers write it
+                ran = 1
+                while not self._jobs:
+                    self._idle += 1
+                    woke = self._ready.wait(self.IDLE)
+                    self._idle -= 1
+                    if not woke and not self._jobs:
+                        self._workers -= 1
+                        self._left.notify_all()
+                        return
+                job = self._jobs.popleft()
+            job()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every worker has exited (idle workers leave after ``IDLE`` s)."""
+        with self._lock:
+            return self._left.wait_for(lambda: self._workers == 0, timeout)
+
+    def _watch(self) -> None:
+        seen = -1
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._watching = False
+                    return
+                if self._finished == seen and self._idle == 0:
+                    self._spawn(min(len(self._jobs), self.GROW))
+                seen = self._finished
+            time.sleep(self.STALL)
+
+
+pool = Pool()
+"""The one pool of the process: every lifecycle's listeners share it."""
 
 _local = threading.local()
 _event_lock = threading.Lock()  # guards the lazy creation of each listener's Event
@@ -112,10 +273,10 @@ class Listener:
     __slots__ = (
         "_awaiting",
         "_callbacks",
-        "_clock",
         "_default_loop",
         "_done",
         "_event",
+        "_now",
         "error",
         "finished",
         "fn",
@@ -135,7 +296,7 @@ class Listener:
         fn: Callable[[], object],
         name: str,
         phase: Phase,
-        clock: Clock,
+        now: Callable[[], float],
         on_finish: Callable[[Listener], None],
         *,
         loops: DefaultLoop | None = None,
@@ -153,7 +314,7 @@ class Listener:
         self.loop = running_loop()
         self._default_loop = loops
         self.on_finish = on_finish
-        self._clock = clock
+        self._now = now  # the lifecycle clock's monotonic()
         self._done = False
         self._event: threading.Event | None = None  # made on first wait: 10,000 listeners register fast
         self._callbacks: list[Callable[[], None]] = []
@@ -165,7 +326,7 @@ class Listener:
         """Run the listener once, in the calling thread; never raises."""
         fn, self.fn = self.fn, None  # a finished listener keeps no reference to its callable
         self.thread_id = threading.get_ident()
-        self.started = self._clock.monotonic()
+        self.started = self._now()
         self.state = ListenerState.RUNNING
         _local.listener = self
         try:
@@ -180,7 +341,7 @@ class Listener:
         finally:
             _local.listener = None
             self._awaiting = None
-            self.finished = self._clock.monotonic()
+            self.finished = self._now()
             log.debug(
                 "%s listener %r finished in %.3f s", self.phase, self.name, self.finished - self.started
             )

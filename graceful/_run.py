@@ -33,21 +33,18 @@ from collections.abc import Iterator, Sequence
 
 from . import readiness, systemd
 from ._aio import is_awaitable, run_awaitable
-from ._checks import is_coroutine_function
+from ._checks import TYPE_CHECKING, is_coroutine_function
+from ._deadline import check_budget
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
-from ._force_quit import check_budget
-from ._lifecycle import Lifecycle
+from ._lifecycle import Lifecycle, State
 from ._listeners import Waiter, current_listener, mark_own, serving_as
 from ._service import Context, Service
 from ._signals import signal_handlers
-from ._status import State
 from .adapters import adapt
 
 BLOCK_SLICE = 0.5
 """Seconds the main thread waits in one piece in ``run()``; see ``_Runner._block``."""
 
-# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
     from typing import Any

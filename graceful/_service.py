@@ -15,9 +15,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-# ``typing`` costs ~4 ms to import and the core needs it only for type checkers: mypy treats
-# any ``TYPE_CHECKING`` name as True, and at run time the protocols below are plain classes.
-TYPE_CHECKING = False
+from ._checks import TYPE_CHECKING
+
 if TYPE_CHECKING:
     import asyncio
     from typing import Protocol

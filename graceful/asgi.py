@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from . import Lifecycle, ListenerState, get_lifecycle
-from ._force_quit import check_budget
+from ._deadline import check_budget
 from .readiness import ProbeServer, check_platform_grace, serve_probes_from_env, set_ready
 
 __all__ = ["GracefulLifespan", "lifespan"]

@@ -49,10 +49,9 @@ from celery.worker import state as worker_state
 
 from . import Lifecycle, State, get_lifecycle, readiness, systemd, use
 from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork
+from ._checks import TYPE_CHECKING
 from ._diagnostics import write_fd2
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

@@ -52,7 +52,7 @@ from types import FrameType
 import graceful
 from graceful import readiness
 
-from ._force_quit import ENV_FORCE_QUIT, budget_from_env
+from ._deadline import ENV_FORCE_QUIT, budget_from_env
 from ._gunicorn_worker import WorkerWatch
 
 __all__ = [

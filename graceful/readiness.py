@@ -35,9 +35,8 @@ from . import _drain_delay
 from ._checks import port_from_env
 from ._current import or_default
 from ._drain_delay import ENV_DRAIN_DELAY, DrainDelay, Traffic
-from ._lifecycle import Lifecycle
+from ._lifecycle import Lifecycle, State
 from ._platform import platform_grace
-from ._status import State
 
 __all__ = [
     "ENV_DRAIN_DELAY",

@@ -38,13 +38,11 @@ import socket
 import threading
 import time
 
+from ._checks import TYPE_CHECKING
 from ._current import or_default
-from ._events import Event
-from ._lifecycle import Lifecycle
-from ._status import ListenerState
+from ._lifecycle import Event, Lifecycle
+from ._listeners import ListenerState
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._signals import Router
 

@@ -26,11 +26,11 @@ import threading
 import time
 from types import TracebackType
 
-from ._clock import FakeClock
 from ._current import use
-from ._lifecycle import Lifecycle
+from ._deadline import FakeClock
+from ._lifecycle import Lifecycle, State
+from ._listeners import ListenerState
 from ._signals import Router, handled_signals
-from ._status import ListenerState, State
 from ._testing_process import (
     BOUND,
     GracefulProcess,

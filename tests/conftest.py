@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from graceful import Lifecycle, State
-from graceful._clock import FakeClock
+from graceful._deadline import FakeClock
 
 if TYPE_CHECKING:
     from .child import Child  # child.py imports this module

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from graceful import Lifecycle, readiness
-from graceful._clock import FakeClock
+from graceful._deadline import FakeClock
 from graceful._drain_delay import AUTO_MAX, AUTO_QUIET, DrainDelay, drain_delay_ended_why
 
 from .child import Child

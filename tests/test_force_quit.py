@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 
 from graceful import Lifecycle
-from graceful._clock import FakeClock, MonotonicClock, TimerHandle
-from graceful._force_quit import budget_from_env, emit_report
+from graceful._deadline import FakeClock, MonotonicClock, TimerHandle
+from graceful._deadline import budget_from_env, emit_report
 
 from .conftest import BOUND, Recorder, run_python
 

@@ -12,7 +12,7 @@ import pytest
 
 import graceful
 from graceful import Lifecycle, State
-from graceful._clock import FakeClock
+from graceful._deadline import FakeClock
 
 from .conftest import BOUND, Recorder
 
@@ -438,9 +438,9 @@ def test_a_hundred_blocking_listeners_all_run_at_once(lc: Lifecycle) -> None:
 
 def test_idle_pool_threads_exit(monkeypatch: pytest.MonkeyPatch) -> None:
     """No OS thread is kept per idle listener: idle workers leave after the idle timeout."""
-    from graceful import _pool
+    from graceful._listeners import Pool
 
-    pool = _pool.Pool()
+    pool = Pool()
     monkeypatch.setattr(pool, "IDLE", 0.05)
     barrier = threading.Barrier(8, timeout=BOUND)
     done = threading.Semaphore(0)

@@ -14,7 +14,7 @@ import pytest
 
 import graceful
 from graceful import Lifecycle, readiness
-from graceful._clock import FakeClock
+from graceful._deadline import FakeClock
 
 from .child import Child
 from .conftest import BOUND, ROOT, Recorder

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from graceful import Lifecycle, State, Waiter
-from graceful._clock import FakeClock
+from graceful._deadline import FakeClock
 
 from .conftest import BOUND, Recorder
 

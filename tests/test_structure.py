@@ -15,19 +15,24 @@ PACKAGE = ROOT / "graceful"
 CORE = {
     "graceful._aio",
     "graceful._checks",
-    "graceful._clock",
+    "graceful._deadline",
     "graceful._diagnostics",
-    "graceful._events",
-    "graceful._force_quit",
     "graceful._lifecycle",
     "graceful._listeners",
-    "graceful._phases",
     "graceful._platform",
-    "graceful._pool",
-    "graceful._reload",
-    "graceful._status",
 }
-"""The core: ``Lifecycle``, listeners, force quit, clock, status and their helpers."""
+"""The core: ``Lifecycle``, listeners, the deadline and its clock, and their helpers."""
+
+CORE_ORDER = [
+    "graceful._lifecycle",
+    "graceful._deadline",
+    "graceful._diagnostics",
+    "graceful._listeners",
+    "graceful._aio",
+    "graceful._platform",
+    "graceful._checks",
+]
+"""The core from top to bottom: what each module may import is below it in this list."""
 
 # A private attribute of a library that offers no public way to do what the adapter must do.
 # (module, attribute) -> why.
@@ -203,7 +208,25 @@ def test_no_module_reaches_into_another_modules_private_attributes() -> None:
     assert reaches == []
 
 
-def test_no_module_is_over_about_400_lines() -> None:
-    """One concept a file: none grows past ~400 lines."""
-    sizes = {module: len(path.read_text().splitlines()) for module, path in MODULES.items()}
-    assert {module: n for module, n in sizes.items() if n > 430} == {}
+def test_the_core_imports_point_down_its_declared_order() -> None:
+    """The core is one stack, top to bottom: each module imports only modules below it."""
+    order = CORE_ORDER
+    assert set(order) == CORE
+    upward = [
+        f"{module} -> {target}"
+        for module in order
+        for target in GRAPH[module] & CORE
+        if order.index(target) <= order.index(module)
+    ]
+    assert upward == []
+
+
+def test_every_module_opens_with_its_reason() -> None:
+    """One concept a file, said at its top: every module starts with a docstring of a few lines
+    (what it is, and why it is built that way), not with code."""
+    missing = []
+    for module, path in MODULES.items():
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        if doc is None or len(doc.strip().splitlines()) < 3:
+            missing.append(module)
+    assert missing == []

@@ -16,7 +16,7 @@ import pytest
 
 import graceful
 from graceful import systemd
-from graceful._clock import FakeClock
+from graceful._deadline import FakeClock
 
 from .child import Child
 from .conftest import BOUND, ROOT, Recorder

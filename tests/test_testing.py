@@ -15,7 +15,7 @@ import pytest
 
 import graceful
 from graceful import State
-from graceful._clock import FakeClock as CoreFakeClock
+from graceful._deadline import FakeClock as CoreFakeClock
 from graceful.testing import (
     FakeClock,
     LifecycleHarness,

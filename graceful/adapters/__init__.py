@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from .._checks import check_listener, is_coroutine_function, is_generator_function
+from .._checks import TYPE_CHECKING, check_listener, is_coroutine_function, is_generator_function
 from .._service import Service, is_service
 from ._basic import (
     CallableService,
@@ -21,8 +21,6 @@ from ._basic import (
     takes_context,
 )
 
-# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

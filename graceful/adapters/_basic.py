@@ -20,11 +20,10 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 
+from .._checks import TYPE_CHECKING
 from .._listeners import default_name
 from .._service import Context
 
-# No ``typing`` at run time (about 4 ms of import): see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from .._checks import TYPE_CHECKING
 from .._drain_delay import drain_delay_ended_why
 from ..readiness import (
     drain_delay,
@@ -22,8 +23,6 @@ from ..readiness import (
     wait_drain_delay_async,
 )
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
 

@@ -11,10 +11,9 @@ import contextlib
 import logging
 import time
 
+from .._checks import TYPE_CHECKING
 from ..readiness import traffic
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any

@@ -44,13 +44,11 @@ from functools import partial
 
 from aiohttp import web
 
-from .._checks import port_from_env
+from .._checks import TYPE_CHECKING, port_from_env
 from .._service import Context
 from ._drain import sleep_drain_delay_said
 from ._inflight import InFlight, Request, log_ended_long_lived
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

@@ -46,6 +46,7 @@ import time
 from http.server import BaseHTTPRequestHandler
 from socketserver import TCPServer
 
+from .._checks import TYPE_CHECKING
 from .._service import Context
 from ..readiness import traffic
 from ._drain import wait_drain_delay_said
@@ -54,8 +55,6 @@ from ._inflight import Request
 
 monotonic = time.monotonic
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any

@@ -28,10 +28,9 @@ import subprocess
 import sys
 import threading
 
+from .._checks import TYPE_CHECKING
 from .._service import Context
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

@@ -29,10 +29,9 @@ import socket
 import threading
 import time
 
+from .._checks import TYPE_CHECKING
 from .._service import Context
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

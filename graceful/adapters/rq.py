@@ -35,10 +35,9 @@ import rq
 from rq.exceptions import StopRequested
 from rq.timeouts import TimerDeathPenalty, UnixSignalDeathPenalty
 
+from .._checks import TYPE_CHECKING
 from .._service import Context
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

@@ -22,11 +22,10 @@ import threading
 from concurrent.futures import Executor
 from queue import Empty
 
+from .._checks import TYPE_CHECKING
 from .._current import or_default
 from .._service import Context
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
     from typing import Any

@@ -40,12 +40,11 @@ from time import monotonic
 
 import uvicorn
 
+from .._checks import TYPE_CHECKING
 from .._service import Context
 from ._drain import sleep_drain_delay_said
 from ._inflight import InFlight, Request, log_ended_long_lived
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

@@ -30,10 +30,9 @@ import math
 import threading
 import time
 
+from .._checks import TYPE_CHECKING
 from .._service import Context
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any

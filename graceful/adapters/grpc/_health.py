@@ -11,8 +11,8 @@ from __future__ import annotations
 import inspect
 import logging
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
+from ..._checks import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from typing import Any
 

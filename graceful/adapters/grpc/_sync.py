@@ -14,13 +14,12 @@ import threading
 import grpc
 import grpc.aio
 
+from ..._checks import TYPE_CHECKING
 from ..._service import Context
 from .._drain import wait_drain_delay_said
 from ._health import check_health, end_sync_watches, found_health, not_serving
 from ._tracking import CUT_WAIT, GRACE_MARGIN, RpcInterceptor, log_dropped
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 

@@ -15,10 +15,9 @@ import logging
 import grpc
 import grpc.aio
 
+from ..._checks import TYPE_CHECKING
 from .._inflight import InFlight, Request
 
-# No ``typing`` at run time: see graceful/_clock.py.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
     from typing import Any

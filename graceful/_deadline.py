@@ -1,4 +1,4 @@
-"""The force-quit deadline: one budget, counted from the first shutdown trigger.
+"""The force-quit deadline: one budget, counted from the first shutdown trigger, on a clock.
 
 Why it works this way:
 
@@ -16,20 +16,42 @@ Why it works this way:
 * Once the deadline has passed, the force quit owns the end: the lifecycle checks the deadline
   before it claims STOPPED, so an adapter whose own budget wait ends at the same instant can
   never beat it to a clean-looking exit.
-* The clock and the exit action are injected: tests advance a fake clock and record the code.
+* The clock is injected: the deadline is the one part of a shutdown that is about time, and a
+  test must never sit for 25 real seconds to see it fire. Every part of graceful that reads the
+  time or schedules a deadline asks a ``Clock``: ``MonotonicClock`` in production
+  (``time.monotonic`` and a ``threading.Timer`` per scheduled call), ``FakeClock`` in tests,
+  whose ``advance(seconds)`` runs every callback that has come due, at once, in the caller's
+  thread, so a deadline fires deterministically. The exit action is injected too: tests
+  record the code.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
-from ._checks import check_seconds, seconds_from_env
-from ._clock import Clock, TimerHandle
+from ._checks import TYPE_CHECKING, check_seconds, seconds_from_env
 from ._diagnostics import emit_report
 
-__all__ = ["FORCED_EXIT_CODE", "ForceQuitAction", "ForceQuitTimer", "budget_from_env", "check_budget"]
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object
+
+__all__ = [
+    "FORCED_EXIT_CODE",
+    "Clock",
+    "FakeClock",
+    "ForceQuitAction",
+    "ForceQuitTimer",
+    "MonotonicClock",
+    "TimerHandle",
+    "budget_from_env",
+    "check_budget",
+    "check_clock",
+]
 
 log = logging.getLogger("graceful")
 
@@ -47,6 +69,116 @@ def check_budget(seconds: object, what: str = "set_time_to_force_quit()") -> flo
 def budget_from_env(default: float) -> float:
     """``GRACEFUL_FORCE_QUIT`` if set, else ``default``; a bad value is a clear error."""
     return seconds_from_env(ENV_FORCE_QUIT, default)
+
+
+# -- the clock -------------------------------------------------------------------------------
+
+
+class TimerHandle(Protocol):
+    """What ``Clock.call_at`` returns: something that can be cancelled."""
+
+    def cancel(self) -> None:
+        """Stop the callback from running if it has not run yet; harmless afterwards."""
+
+
+class Clock(Protocol):
+    """The time source of a ``Lifecycle``."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards."""
+
+    def call_at(self, when: float, fn: Callable[[], None], *, name: str) -> TimerHandle:
+        """Run ``fn()`` once, when ``monotonic()`` reaches ``when``, unless cancelled first."""
+
+
+class MonotonicClock:
+    """The real clock: ``time.monotonic()`` and a ``threading.Timer`` (a daemon) per scheduled call."""
+
+    monotonic = staticmethod(time.monotonic)  # the C function itself: hot paths call it as is
+
+    def call_at(self, when: float, fn: Callable[[], None], *, name: str) -> TimerHandle:
+        timer = threading.Timer(max(0.0, when - time.monotonic()), fn)
+        timer.name = name
+        timer.daemon = True
+        timer.start()
+        return timer
+
+
+class _FakeTimer:
+    def __init__(self, when: float, seq: int, fn: Callable[[], None]) -> None:
+        self.when = when
+        self.seq = seq
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """A clock that only moves when told to.
+
+    ``advance(seconds)`` moves time forward and runs, in the calling thread and in deadline
+    order, every scheduled callback that has come due (including ones scheduled by those
+    callbacks, if they are due too).
+
+    Example::
+
+        clock = FakeClock()
+        lifecycle = Lifecycle(force_quit=5, clock=clock, exit=codes.append)
+        lifecycle.shutdown(wait=False)
+        clock.advance(5)          # the force-quit report is written, codes == [70]
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+        self._timers: list[_FakeTimer] = []
+        self._seq = 0
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def call_at(self, when: float, fn: Callable[[], None], *, name: str = "") -> TimerHandle:
+        with self._lock:
+            self._seq += 1
+            timer = _FakeTimer(when, self._seq, fn)
+            self._timers.append(timer)
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward and run what came due. ``ValueError`` if < 0."""
+        if not seconds >= 0:
+            raise ValueError(f"FakeClock.advance() takes a number of seconds >= 0, not {seconds!r}")
+        with self._lock:
+            target = self._now + seconds
+        while True:
+            with self._lock:
+                due = [t for t in self._timers if not t.cancelled and t.when <= target]
+                if not due:
+                    self._now = target
+                    self._timers = [t for t in self._timers if not t.cancelled]
+                    return
+                timer = min(due, key=lambda t: (t.when, t.seq))
+                self._timers.remove(timer)
+                self._now = max(self._now, timer.when)
+            timer.fn()
+
+
+def check_clock(clock: object) -> Clock | None:
+    """``Lifecycle(clock=...)``: None (the real clock) or an object with ``monotonic()`` and
+    ``call_at()``."""
+    if clock is None or (
+        callable(getattr(clock, "monotonic", None)) and callable(getattr(clock, "call_at", None))
+    ):
+        return clock  # type: ignore[return-value]
+    raise TypeError(
+        "Lifecycle(clock=...) takes a clock with monotonic() and call_at() (graceful.testing.FakeClock "
+        f"in tests), or None for the real one; not {clock!r}"
+    )
+
+
+# -- the deadline ---------------------------------------------------------------------------
 
 
 class ForceQuitTimer:
