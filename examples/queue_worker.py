@@ -20,7 +20,7 @@ import time
 import redis
 
 import graceful
-from graceful.adapters.registry import Registration
+from graceful.adapters.heartbeat import Registration
 from graceful.adapters.worker import Worker
 
 log = logging.getLogger("mailer")

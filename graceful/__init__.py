@@ -1,30 +1,11 @@
 """graceful: one coordinated, observable, testable shutdown for any Python service.
 
-The public face is exactly what ``__all__`` lists; everything else lives in private modules.
-``import graceful`` imports only the standard library, and not ``asyncio``.
-
-The house (docs/architecture.md has the picture): imports point down only, and a test
-(tests/test_structure.py) parses every module and fails on an import cycle or on a reach into
-another module's private attributes.
-
-* the public face: this file, ``_api`` (the module-level functions, ``run()``,
-  ``signal_handlers()``), ``testing``, ``pytest_plugin``;
-* the entry point: ``_run``, then ``adapters``, ``readiness``, ``systemd``, ``_signals``;
-* ``_current``, the default lifecycle (only the public face and the integrations above it
-  look it up);
-* the core: ``_lifecycle``, ``_phases``, ``_reload``, ``_force_quit``, ``_listeners``, ``_pool``,
-  ``_diagnostics``, ``_events``, ``_status``, ``_clock``, ``_checks``, ``_aio``, ``_platform``.
-  The core never imports anything above it.
-
-The rule for deferred imports (an ``import`` inside a function): only to keep a third-party
-library or ``asyncio`` (or another costly stdlib module, such as ``inspect`` or
-``http.server``) out of ``import graceful``, or to load the entry point (``_run`` and what it
-pulls in) only when ``run()`` is called. Never to hide a cycle: the structure test counts
-deferred imports and ``TYPE_CHECKING`` imports as arrows like any other.
-
-Each module costs ``import graceful`` ~0.15-0.25 ms of import machinery on a small VM, whatever
-it holds (docs/performance.md, Import cost): the version is written here, not in a module of
-its own.
+The public face is exactly what ``__all__`` lists. Beside it: ``graceful.readiness`` (probes
+and the drain delay), ``graceful.systemd``, ``graceful.testing``, ``graceful.adapters``, the
+hosts (``graceful.gunicorn``, ``graceful.asgi``, ``graceful.celery``) and ``graceful.lowlevel``
+(the hooks integrations use), each loaded only when used. ``import graceful`` imports only the
+standard library, not ``asyncio``, and reads no environment variable. How the package is laid
+out, and why, is in docs/architecture.md.
 """
 
 from ._api import add_reload_listener as add_reload_listener
@@ -44,7 +25,6 @@ from ._api import wrap_up as wrap_up
 from ._current import get_lifecycle as get_lifecycle
 from ._current import is_stopping as is_stopping
 from ._current import use as use
-from ._lifecycle import Event as Event
 from ._lifecycle import Lifecycle as Lifecycle
 from ._lifecycle import ReloadHandle as ReloadHandle
 from ._lifecycle import State as State
@@ -63,7 +43,6 @@ reads this line for the metadata; a release changes it and moves CHANGELOG.md's
 
 __all__ = [
     "Context",
-    "Event",
     "Lifecycle",
     "ListenerState",
     "ListenerStatus",

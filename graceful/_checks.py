@@ -33,7 +33,7 @@ __all__ = [
     "is_coroutine_function",
     "is_generator_function",
     "port_from_env",
-    "seconds_from_env",
+    "port_number",
 ]
 
 MAX_SECONDS = float(threading.TIMEOUT_MAX)
@@ -86,19 +86,14 @@ def check_timeout(value: object, what: str) -> float | None:
     return check_seconds(value, f"{what} (timeout=None waits as long as it takes)", zero=True, example="5")
 
 
-def seconds_from_env(name: str, default: float, *, zero: bool = False) -> float:
-    """The environment variable ``name`` as seconds, else ``default``; a bad value is a
-    ``ValueError`` that names the variable and says what to set."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(
-            f"{name}={raw!r} is not a number: set it to a number of seconds such as 5, or unset it"
-        ) from None
-    return check_seconds(value, name, zero=zero)
+def port_number(text: str) -> int | None:
+    """``text`` as a port number 0-65535, or None. ASCII digits only: ``int()`` would also take
+    ``"١٢٣٤"`` (Arabic-Indic digits) as 1234 and ``"1_0"`` as 10, which no operator meant."""
+    text = text.strip()
+    if not text or len(text) > 5 or not all("0" <= char <= "9" for char in text):
+        return None
+    port = int(text)
+    return port if port <= 65535 else None
 
 
 def port_from_env(name: str, default: int | None, *, zero: bool = False) -> int | None:
@@ -107,10 +102,11 @@ def port_from_env(name: str, default: int | None, *, zero: bool = False) -> int 
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
-    low = 0 if zero else 1
-    if not raw.isdigit() or not low <= int(raw) <= 65535:
+    port = port_number(raw)
+    if port is None or (port == 0 and not zero):
+        low = 0 if zero else 1
         raise ValueError(f"{name}={raw!r} is not a port number ({low}-65535): set it to e.g. 8080")
-    return int(raw)
+    return port
 
 
 def check_name(name: object, what: str) -> str | None:

@@ -9,18 +9,17 @@ systemd, ``signal_handlers()``) looks it up here at call time, so a swap takes e
 everywhere at once. The core itself never looks here: a ``Lifecycle`` does not know whether it
 is the default.
 
-The default's force-quit budget comes from ``GRACEFUL_FORCE_QUIT`` when it is set (a bad value
-is a ``ValueError`` on import, naming the variable), else 25 s.
+Making the default reads no environment: its budget is ``GRACEFUL_FORCE_QUIT`` or 25 s, read
+when ``run()`` or a host starts (or when its deadline is armed), never at ``import graceful``.
 """
 
 from __future__ import annotations
 
-from ._deadline import budget_from_env
 from ._lifecycle import Lifecycle
 
 __all__ = ["get_lifecycle", "is_stopping", "or_default", "use"]
 
-_current = Lifecycle(budget_from_env(25.0))  # rebound by use(); read at each call
+_current = Lifecycle()  # rebound by use(); read at each call
 
 
 def is_stopping() -> bool:

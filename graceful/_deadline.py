@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ._checks import TYPE_CHECKING, check_seconds, seconds_from_env
+from ._checks import TYPE_CHECKING
 from ._diagnostics import emit_report
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ else:
     Protocol = object
 
 __all__ = [
+    "DEFAULT_FORCE_QUIT",
     "FORCED_EXIT_CODE",
     "Clock",
     "FakeClock",
@@ -48,8 +49,6 @@ __all__ = [
     "ForceQuitTimer",
     "MonotonicClock",
     "TimerHandle",
-    "budget_from_env",
-    "check_budget",
     "check_clock",
 ]
 
@@ -58,17 +57,8 @@ log = logging.getLogger("graceful")
 FORCED_EXIT_CODE = 70
 HOOKS_GRACE = 2.0
 """Seconds the force-quit hooks get, in all, between the report and the exit."""
-ENV_FORCE_QUIT = "GRACEFUL_FORCE_QUIT"
-
-
-def check_budget(seconds: object, what: str = "set_time_to_force_quit()") -> float:
-    """The budget as a float; ``TypeError``/``ValueError`` with a sentence otherwise."""
-    return check_seconds(seconds, what)
-
-
-def budget_from_env(default: float) -> float:
-    """``GRACEFUL_FORCE_QUIT`` if set, else ``default``; a bad value is a clear error."""
-    return seconds_from_env(ENV_FORCE_QUIT, default)
+DEFAULT_FORCE_QUIT = 25.0
+"""The budget when nothing chose one: below Kubernetes' 30 s grace period."""
 
 
 # -- the clock -------------------------------------------------------------------------------
@@ -90,6 +80,9 @@ class Clock(Protocol):
     def call_at(self, when: float, fn: Callable[[], None], *, name: str) -> TimerHandle:
         """Run ``fn()`` once, when ``monotonic()`` reaches ``when``, unless cancelled first."""
 
+    def wait_until(self, when: float, event: threading.Event) -> None:
+        """Block until ``event`` is set or ``monotonic()`` reaches ``when``, whichever is first."""
+
 
 class MonotonicClock:
     """The real clock: ``time.monotonic()`` and a ``threading.Timer`` (a daemon) per scheduled call."""
@@ -102,6 +95,10 @@ class MonotonicClock:
         timer.daemon = True
         timer.start()
         return timer
+
+    @staticmethod
+    def wait_until(when: float, event: threading.Event) -> None:
+        event.wait(max(0.0, when - time.monotonic()))  # no thread: the wait's own timeout
 
 
 class _FakeTimer:
@@ -146,6 +143,14 @@ class FakeClock:
             self._timers.append(timer)
         return timer
 
+    def wait_until(self, when: float, event: threading.Event) -> None:
+        """Block until ``event`` is set, which ``advance()`` does once the clock reaches ``when``."""
+        timer = self.call_at(when, event.set)
+        try:
+            event.wait()
+        finally:
+            timer.cancel()
+
     def advance(self, seconds: float) -> None:
         """Move the clock ``seconds`` forward and run what came due. ``ValueError`` if < 0."""
         if not seconds >= 0:
@@ -166,15 +171,15 @@ class FakeClock:
 
 
 def check_clock(clock: object) -> Clock | None:
-    """``Lifecycle(clock=...)``: None (the real clock) or an object with ``monotonic()`` and
-    ``call_at()``."""
-    if clock is None or (
-        callable(getattr(clock, "monotonic", None)) and callable(getattr(clock, "call_at", None))
+    """``Lifecycle(clock=...)``: None (the real clock) or an object with ``monotonic()``,
+    ``call_at()`` and ``wait_until()``."""
+    if clock is None or all(
+        callable(getattr(clock, method, None)) for method in ("monotonic", "call_at", "wait_until")
     ):
         return clock  # type: ignore[return-value]
     raise TypeError(
-        "Lifecycle(clock=...) takes a clock with monotonic() and call_at() (graceful.testing.FakeClock "
-        f"in tests), or None for the real one; not {clock!r}"
+        "Lifecycle(clock=...) takes a clock with monotonic(), call_at() and wait_until() "
+        f"(graceful.testing.FakeClock in tests), or None for the real one; not {clock!r}"
     )
 
 

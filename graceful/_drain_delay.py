@@ -12,49 +12,38 @@ budget left, covers every server in the process. It is said two ways:
 * **auto** (``GRACEFUL_DRAIN_DELAY=auto``, ``auto:MAX``): keep serving only until the balancer
   has *visibly* stopped: no new request for :data:`AUTO_QUIET` s, counted from the latest of
   the last request, the wrap-up trigger and the first probe answered 503, and, when this
-  process serves probes, at least one probe answered 503; at most ``MAX`` s (default
-  :data:`AUTO_MAX`). A fixed delay must outlast the slowest balancer, so it is paid in full on
-  every restart; behind a balancer that probes ``/readyz`` itself (HAProxy, nginx, an AWS
-  target group) ``auto`` ends as soon as the balancer has acted on the 503.
+  process serves probes, at least one probe answered 503; at most ``MAX`` s (default 10). A
+  fixed delay must outlast the slowest balancer, so it is paid in full on every restart;
+  behind a balancer that probes ``/readyz`` itself (HAProxy, nginx, an AWS target group)
+  ``auto`` ends as soon as the balancer has acted on the 503.
 
-What it watches: each web adapter calls :meth:`Traffic.arrived` once per request (one float
-stored); the probe server calls :func:`probe_refused` when it answers ``/readyz`` with 503
-during a wrap-up, which wakes the waiters at once. The state lives here, per lifecycle, in a
-``WeakKeyDictionary``: the lifecycle itself knows nothing of it.
+One object per lifecycle, ``DrainDelay`` (``drain_delay_of(lifecycle)``), holds all of it, as
+trio's ``CancelScope`` or httpx's ``Timeout`` hold theirs: whether the service is ready, the
+setting, what ``auto`` watches (each web adapter stores each request's arrival in
+:class:`Traffic`; the probe server reports each ``/readyz`` answered 503 during a wrap-up,
+which wakes the waiters at once), what is left of the delay, the waits, and their lines in the
+log (a silent gap of seconds after "wrapping up" reads like a hang). The lifecycle itself knows
+nothing of it; ``graceful.readiness`` is its public face.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import logging
 import threading
 import weakref
 
-from ._checks import TYPE_CHECKING, check_seconds
-from ._lifecycle import Lifecycle
+from ._checks import TYPE_CHECKING
+from ._lifecycle import Lifecycle, triggered_at
+from ._lifecycle import clock as clock_of
+from ._settings import DrainDelaySetting, read_drain_delay
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = [
-    "AUTO_MAX",
-    "AUTO_QUIET",
-    "ENV_DRAIN_DELAY",
-    "DrainDelay",
-    "Traffic",
-    "drain_delay_ended_why",
-    "drain_delay_left",
-    "drain_delay_setting",
-    "parse_drain_delay",
-    "probe_refused",
-    "probes_served",
-    "set_drain_delay_setting",
-    "traffic",
-    "wait_drain_delay",
-    "wait_drain_delay_async",
-]
+__all__ = ["AUTO_QUIET", "DrainDelay", "Traffic", "drain_delay_of"]
 
-ENV_DRAIN_DELAY = "GRACEFUL_DRAIN_DELAY"
+log = logging.getLogger("graceful")
 
 AUTO_QUIET = 0.05
 """Seconds without a new request after which ``auto`` takes the balancer to have stopped
@@ -62,62 +51,6 @@ sending. It only has to cover requests already on their way when the balancer ac
 503 (well under a millisecond on loopback, a few on a LAN): the 503 answered to a probe is
 what says the balancer knows, and a request that has reached an open connection is served
 whatever the window. Every 50 ms of it is paid on every restart."""
-
-AUTO_MAX = 10.0
-"""The bound of a plain ``auto``: HAProxy's default check (``inter 2s fall 3``) takes 6 s to
-mark a server down."""
-
-_HOW = "a number of seconds such as 5, or auto (auto:MAX to bound it, such as auto:10)"
-
-
-class DrainDelay:
-    """A drain delay setting: ``seconds`` (fixed), or ``auto`` with ``seconds`` as its bound."""
-
-    __slots__ = ("auto", "seconds")
-
-    def __init__(self, seconds: float, *, auto: bool = False) -> None:
-        self.seconds = seconds
-        self.auto = auto
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, DrainDelay):
-            return NotImplemented
-        return (self.seconds, self.auto) == (other.seconds, other.auto)
-
-    def __hash__(self) -> int:
-        return hash((self.seconds, self.auto))
-
-    def __repr__(self) -> str:
-        return f"DrainDelay({self.seconds:g}, auto={self.auto})"
-
-    def __str__(self) -> str:
-        return f"auto:{self.seconds:g}" if self.auto else f"{self.seconds:g} s"
-
-
-def parse_drain_delay(value: object, where: str, *, from_text: bool = False) -> DrainDelay:
-    """A number of seconds >= 0, ``"auto"`` or ``"auto:MAX"`` (MAX > 0) as a :class:`DrainDelay`.
-
-    ``from_text`` (an environment variable): a number written as text is taken too; from
-    Python, ``"5"`` is a ``TypeError`` like every other number of seconds given as a string.
-
-    Raises:
-        TypeError, ValueError: anything else; the message names ``where`` and says what to set.
-    """
-    if not isinstance(value, str):
-        return DrainDelay(check_seconds(value, where, zero=True, example="5"))
-    text = value.strip().lower()
-    if text == "auto":
-        return DrainDelay(AUTO_MAX, auto=True)
-    if not text.startswith("auto:") and not from_text:
-        raise TypeError(f"{where} takes {_HOW}, not {value!r}")
-    bound = text[5:] if text.startswith("auto:") else None
-    try:
-        number = float(text if bound is None else bound)
-    except ValueError:
-        raise ValueError(f"{where} takes {_HOW}, not {value!r}") from None
-    if bound is None:
-        return DrainDelay(check_seconds(number, where, zero=True, example="5"))
-    return DrainDelay(check_seconds(number, f"{where} (the MAX of auto:MAX)", example="10"), auto=True)
 
 
 class Traffic:
@@ -143,182 +76,198 @@ class Traffic:
         self.last = self.now()
 
 
-class _State:
-    """What this module keeps for one lifecycle."""
-
-    __slots__ = ("ended_why", "lock", "probes", "refused_at", "setting", "traffic", "wakers")
+class DrainDelay:
+    """One lifecycle's readiness and drain delay; ``drain_delay_of(lifecycle)`` finds it."""
 
     def __init__(self, lifecycle: Lifecycle) -> None:
-        self.lock = threading.Lock()
-        self.setting: DrainDelay | None = None  # None until first read: the environment is read then
-        self.traffic = Traffic(lifecycle.clock.monotonic)
-        self.probes = 0  # probe servers answering for this lifecycle
-        self.refused_at: float | None = None  # the first /readyz answered 503 in a wrap-up
-        self.wakers: set[Callable[[], None]] = set()
+        self._lifecycle = lifecycle
+        self._clock = clock_of(lifecycle)
+        self._lock = threading.Lock()
+        self._setting: DrainDelaySetting | None = None  # None until first read: the environment then
+        self.ready = False
+        """Marked by ``run()`` (or a host) once every server accepts work; readiness itself is
+        ``ready and not lifecycle.is_stopping()``."""
+        self.traffic = Traffic(self._clock.monotonic)
+        self._probes = 0  # probe servers answering for this lifecycle
+        self._refused_at: float | None = None  # the first /readyz answered 503 in a wrap-up
+        self._wakers: set[Callable[[], None]] = set()
         self.ended_why: str | None = None
+        """Why an ``auto`` delay ended (for the log), None until it has."""
 
+    # -- the setting ------------------------------------------------------------------------------
 
-_states: weakref.WeakKeyDictionary[Lifecycle, _State] = weakref.WeakKeyDictionary()
-_states_lock = threading.Lock()
+    @property
+    def setting(self) -> DrainDelaySetting:
+        """The one set, else ``GRACEFUL_DRAIN_DELAY`` (read now, once), else 0 s.
 
+        Raises:
+            ValueError: ``GRACEFUL_DRAIN_DELAY`` is neither seconds nor ``auto[:MAX]``.
+        """
+        setting = self._setting
+        if setting is None:
+            setting = self._setting = read_drain_delay() or DrainDelaySetting(0.0)
+        return setting
 
-def _of(lifecycle: Lifecycle) -> _State:
-    found = _states.get(lifecycle)
-    if found is None:
-        with _states_lock:
-            found = _states.setdefault(lifecycle, _State(lifecycle))
-    return found
+    def set(self, setting: DrainDelaySetting) -> None:
+        """Use ``setting`` (checked by the caller)."""
+        self._setting = setting
 
+    def default(self, setting: DrainDelaySetting | None) -> None:
+        """Use ``setting`` (the environment's, read at start) unless one was set already."""
+        if self._setting is None:
+            self._setting = setting or DrainDelaySetting(0.0)
 
-def set_drain_delay_setting(lifecycle: Lifecycle, setting: DrainDelay) -> None:
-    """Set the lifecycle's drain delay (``readiness.set_drain_delay`` checks the input first)."""
-    _of(lifecycle).setting = setting
+    # -- what auto watches --------------------------------------------------------------------
 
+    def probes_served(self, change: int) -> None:
+        """A probe server for this lifecycle started (+1) or closed (-1)."""
+        with self._lock:
+            self._probes += change
 
-def drain_delay_setting(lifecycle: Lifecycle) -> DrainDelay:
-    """The setting: the one set, else ``GRACEFUL_DRAIN_DELAY``, else 0 s.
+    def probe_refused(self) -> None:
+        """A probe was answered 503 (not ready): once in a wrap-up, the balancer has been told."""
+        started = triggered_at(self._lifecycle)
+        if started is None:
+            return  # not ready yet at start-up, not a wrap-up
+        with self._lock:
+            if self._refused_at is None:
+                self._refused_at = max(self._clock.monotonic(), started)
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
 
-    Raises:
-        ValueError: ``GRACEFUL_DRAIN_DELAY`` is neither seconds nor ``auto[:MAX]``.
-    """
-    state = _of(lifecycle)
-    if state.setting is None:
-        raw = os.environ.get(ENV_DRAIN_DELAY, "").strip()
-        if not raw:
-            state.setting = DrainDelay(0.0)
+    # -- what is left, and the waits ----------------------------------------------------------
+
+    def left(self) -> float:
+        """Seconds to wait before the delay can be over; 0 once it is (or before a wrap-up).
+
+        Fixed: what is left of it. ``auto``: the earliest moment it could end, so wait that long
+        and ask again until 0 (a probe answered 503 can end it sooner: ``wait()`` wakes for it).
+        Bounded by the force-quit budget left.
+        """
+        setting = self.setting
+        started = triggered_at(self._lifecycle)
+        if setting.seconds <= 0 or started is None:
+            return 0.0
+        now = self._clock.monotonic()
+        end = started + setting.seconds
+        remaining = self._lifecycle.time_remaining()
+        if remaining is not None:
+            end = min(end, now + remaining)
+        if now >= end:
+            if setting.auto and self.ended_why is None:
+                budget_first = end < started + setting.seconds
+                self.ended_why = (
+                    "the force-quit budget ran out" if budget_first else f"at its maximum of {setting}"
+                )
+            return 0.0
+        if not setting.auto:
+            return end - now
+        with self._lock:
+            probes, refused_at = self._probes, self._refused_at
+        last = self.traffic.last
+        if probes and refused_at is None:
+            return end - now  # no balancer has been told yet: a probe answered 503 wakes the waiter
+        quiet_from = max(t for t in (started, refused_at, last) if t is not None)
+        due = quiet_from + AUTO_QUIET
+        if now >= due:
+            if self.ended_why is None:
+                told = ", a probe answered 503" if probes else " (no probes served)"
+                self.ended_why = f"no new request for {AUTO_QUIET:g} s{told}"
+            return 0.0
+        return min(due, end) - now
+
+    def wait(self) -> float:
+        """Block until the delay is over; the seconds waited (0 if it was over already)."""
+        woken = threading.Event()
+        begun = self._clock.monotonic()
+        with self._lock:
+            self._wakers.add(woken.set)
+        try:
+            while True:
+                woken.clear()
+                left = self.left()
+                if left <= 0:
+                    return self._clock.monotonic() - begun
+                self._clock.wait_until(self._clock.monotonic() + left, woken)
+        finally:
+            with self._lock:
+                self._wakers.discard(woken.set)
+
+    async def wait_async(self) -> float:
+        """``wait()`` on an event loop: it sleeps on the loop, no thread held."""
+        import asyncio  # only servers that already run a loop call this
+
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(woken.set)
+
+        begun = self._clock.monotonic()
+        with self._lock:
+            self._wakers.add(wake)
+        try:
+            while True:
+                woken.clear()
+                left = self.left()
+                if left <= 0:
+                    return self._clock.monotonic() - begun
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(woken.wait(), left)
+        finally:
+            with self._lock:
+                self._wakers.discard(wake)
+
+    # -- the same, said in the log (what every adapter calls) -----------------------------------
+    #
+    # Each web adapter waits where it belongs in its own wrap-up (after what must happen first,
+    # such as gRPC's health turning NOT_SERVING). ``run()``'s wrap-up steps run one after another
+    # and the delay is counted from the first trigger, so only the first adapter waits and
+    # speaks; the others find it over and say nothing, as they do when the delay is 0.
+
+    def wait_said(self) -> None:
+        """``wait()``, with its start and end in the log (nothing if none is left)."""
+        if self._left_said() > 0:
+            self._said_over(self.wait())
+
+    async def wait_said_async(self) -> None:
+        """``wait_said()`` on an event loop: it waits on the loop, not ``wait()`` in the default
+        executor, whose threads the app's own ``run_in_executor()`` calls may all hold."""
+        if self._left_said() > 0:
+            self._said_over(await self.wait_async())
+
+    def _left_said(self) -> float:
+        left = self.left()
+        if left > 0:
+            if self.setting.auto:
+                log.info(
+                    "drain delay (auto): serving until the balancer stops sending, at most %.1f s (not ready)",
+                    self.setting.seconds,
+                )
+            else:
+                log.info(
+                    "drain delay: serving %.1f s more while the balancer stops sending (not ready)", left
+                )
+        return left
+
+    def _said_over(self, waited: float) -> None:
+        why = self.ended_why if self.setting.auto else None
+        if why:
+            log.info("drain delay over after %.2f s (%s): the servers stop accepting", waited, why)
         else:
-            try:
-                state.setting = parse_drain_delay(raw, ENV_DRAIN_DELAY, from_text=True)
-            except (TypeError, ValueError):
-                raise ValueError(f"{ENV_DRAIN_DELAY}={raw!r}: set it to {_HOW}, or unset it") from None
-    return state.setting
+            log.info("drain delay over: the servers stop accepting")
 
 
-def traffic(lifecycle: Lifecycle) -> Traffic:
-    """The lifecycle's :class:`Traffic`: servers report each request's arrival to it."""
-    return _of(lifecycle).traffic
+_of: weakref.WeakKeyDictionary[Lifecycle, DrainDelay] = weakref.WeakKeyDictionary()
+_of_lock = threading.Lock()
 
 
-def probes_served(lifecycle: Lifecycle, change: int) -> None:
-    """A probe server for ``lifecycle`` started (+1) or closed (-1)."""
-    state = _of(lifecycle)
-    with state.lock:
-        state.probes += change
-
-
-def probe_refused(lifecycle: Lifecycle) -> None:
-    """A probe was answered 503 (not ready): once in a wrap-up, the balancer has been told."""
-    started = lifecycle.triggered_at
-    if started is None:
-        return  # not ready yet at start-up, not a wrap-up
-    state = _of(lifecycle)
-    with state.lock:
-        if state.refused_at is None:
-            state.refused_at = max(lifecycle.clock.monotonic(), started)
-        wakers = list(state.wakers)
-    for wake in wakers:
-        wake()
-
-
-def drain_delay_ended_why(lifecycle: Lifecycle) -> str | None:
-    """Why the lifecycle's ``auto`` drain delay ended (for the log), None until it has."""
-    return _of(lifecycle).ended_why
-
-
-def drain_delay_left(lifecycle: Lifecycle) -> float:
-    """Seconds to wait before the drain delay can be over; 0 once it is (or before a wrap-up).
-
-    Fixed: what is left of it. ``auto``: the earliest moment it could end, so wait that long
-    and ask again until 0 (a probe answered 503 can end it sooner: :func:`wait_drain_delay`
-    wakes for it). Bounded by the force-quit budget left.
-    """
-    setting = drain_delay_setting(lifecycle)
-    started = lifecycle.triggered_at
-    if setting.seconds <= 0 or started is None:
-        return 0.0
-    now = lifecycle.clock.monotonic()
-    end = started + setting.seconds
-    remaining = lifecycle.time_remaining()
-    if remaining is not None:
-        end = min(end, now + remaining)
-    if now >= end:
-        if setting.auto:
-            budget_first = end < started + setting.seconds
-            _ended(
-                lifecycle, "the force-quit budget ran out" if budget_first else f"at its maximum of {setting}"
-            )
-        return 0.0
-    if not setting.auto:
-        return end - now
-    state = _of(lifecycle)
-    with state.lock:
-        probes, refused_at = state.probes, state.refused_at
-    last = state.traffic.last
-    if probes and refused_at is None:
-        return end - now  # no balancer has been told yet: a probe answered 503 wakes the waiter
-    quiet_from = max(t for t in (started, refused_at, last) if t is not None)
-    due = quiet_from + AUTO_QUIET
-    if now >= due:
-        told = ", a probe answered 503" if probes else " (no probes served)"
-        _ended(lifecycle, f"no new request for {AUTO_QUIET:g} s{told}")
-        return 0.0
-    return min(due, end) - now
-
-
-def _ended(lifecycle: Lifecycle, why: str) -> None:
-    state = _of(lifecycle)
-    if state.ended_why is None:
-        state.ended_why = why
-
-
-def wait_drain_delay(lifecycle: Lifecycle) -> float:
-    """Block until the drain delay is over; the seconds waited (0 if it was over already)."""
-    clock = lifecycle.clock
-    state = _of(lifecycle)
-    woken = threading.Event()
-    begun = clock.monotonic()
-    with state.lock:
-        state.wakers.add(woken.set)
-    try:
-        while True:
-            woken.clear()
-            left = drain_delay_left(lifecycle)
-            if left <= 0:
-                return clock.monotonic() - begun
-            handle = clock.call_at(clock.monotonic() + left, woken.set, name="graceful-drain-delay")
-            try:
-                woken.wait()
-            finally:
-                handle.cancel()
-    finally:
-        with state.lock:
-            state.wakers.discard(woken.set)
-
-
-async def wait_drain_delay_async(lifecycle: Lifecycle) -> float:
-    """:func:`wait_drain_delay` on an event loop: sleeps on the loop, no thread held."""
-    import asyncio  # only servers that already run a loop call this
-
-    loop = asyncio.get_running_loop()
-    clock = lifecycle.clock
-    state = _of(lifecycle)
-    woken = asyncio.Event()
-
-    def wake() -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
-            loop.call_soon_threadsafe(woken.set)
-
-    begun = clock.monotonic()
-    with state.lock:
-        state.wakers.add(wake)
-    try:
-        while True:
-            woken.clear()
-            left = drain_delay_left(lifecycle)
-            if left <= 0:
-                return clock.monotonic() - begun
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(woken.wait(), left)
-    finally:
-        with state.lock:
-            state.wakers.discard(wake)
+def drain_delay_of(lifecycle: Lifecycle) -> DrainDelay:
+    """``lifecycle``'s ``DrainDelay`` (made on first use; it goes with the lifecycle)."""
+    found = _of.get(lifecycle)
+    if found is None:
+        with _of_lock:
+            found = _of.setdefault(lifecycle, DrainDelay(lifecycle))
+    return found

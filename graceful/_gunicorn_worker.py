@@ -49,6 +49,7 @@ from types import FrameType
 
 from . import Lifecycle
 from ._diagnostics import format_thread_stacks
+from ._lifecycle import add_report_section, on_force_quit
 
 __all__ = ["POLL", "QUICK_GRACE", "WorkerWatch"]
 
@@ -109,8 +110,8 @@ class WorkerWatch:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn: a TERM must not break a request's I/O
         self.lifecycle.add_wrap_up_listener(self.loop_ended.wait, name="gunicorn: requests in flight")
-        self.lifecycle.add_report_section(self._main_thread_stack)
-        self.lifecycle.on_force_quit(self._forced, name="gunicorn: forced outcome")
+        add_report_section(self.lifecycle, self._main_thread_stack)
+        on_force_quit(self.lifecycle, self._forced, name="gunicorn: forced outcome")
         self._thread = threading.Thread(target=self._watch, name="graceful-gunicorn-watch", daemon=True)
         self._thread.start()
 
@@ -244,7 +245,7 @@ class WorkerWatch:
         lifecycle.shutdown(f"gunicorn worker {self.pid}: exiting", wait=False)
         if self.quick is not None:
             if not lifecycle.wait_for_shutdown(QUICK_GRACE):
-                lifecycle.force_quit(f"gunicorn's quick shutdown ({self.quick}) allows {QUICK_GRACE:g} s")
+                lifecycle.force_quit_now(f"gunicorn's quick shutdown ({self.quick}) allows {QUICK_GRACE:g} s")
         else:
             # The force-quit timer ends the process at the deadline; the bound is a backstop.
             remaining = lifecycle.time_remaining()

@@ -50,14 +50,14 @@ import threading
 from collections.abc import Callable
 
 from ._aio import Moment, is_awaitable, run_awaitable, running_loop
-from ._checks import check_listener, check_name, check_reason, check_timeout
+from ._checks import TYPE_CHECKING, check_listener, check_name, check_reason, check_seconds, check_timeout
 from ._deadline import (
+    DEFAULT_FORCE_QUIT,
     FORCED_EXIT_CODE,
     Clock,
     ForceQuitAction,
     ForceQuitTimer,
     MonotonicClock,
-    check_budget,
     check_clock,
 )
 from ._diagnostics import format_report, format_sections
@@ -75,7 +75,36 @@ from ._listeners import (
     run_soon,
 )
 
-__all__ = ["Event", "Lifecycle", "Observers", "Phases", "ReloadHandle", "Reloads", "State", "Status"]
+if TYPE_CHECKING:
+    import asyncio
+
+__all__ = [
+    "Event",
+    "Lifecycle",
+    "Observers",
+    "Phases",
+    "ReloadHandle",
+    "Reloads",
+    "State",
+    "Status",
+    "add_report_section",
+    "budget",
+    "clock",
+    "join",
+    "listener_loop",
+    "on_force_quit",
+    "progress",
+    "record_failure",
+    "reload_listener_count",
+    "report_progress",
+    "set_daemon",
+    "set_default_budget",
+    "set_listener_loop",
+    "shutdown_requested",
+    "subscribe",
+    "triggered_at",
+    "wait_until_idle",
+]
 
 log = logging.getLogger("graceful")
 
@@ -369,12 +398,14 @@ class Lifecycle:
 
     Args:
         force_quit: the budget in seconds, counted from the first shutdown trigger, after which
-            the process reports what is still running and exits with code 70.
+            the process reports what is still running and exits with code 70. None (the
+            default): ``GRACEFUL_FORCE_QUIT`` if it is set, else 25 s, read when ``run()`` or
+            a host starts, or else when the deadline is armed (never at import).
         clock: where time comes from (``graceful.testing.FakeClock`` in tests).
         exit: called with 70 when the deadline passes; ``os._exit`` by default (tests record).
-        daemon: run the sequence on a daemon thread. False (the default) keeps the interpreter
-            alive until the cleanup is done; the test harness passes True so that a listener a
-            test leaves stuck cannot hang the test run at exit.
+
+    Integration hooks (events, report sections, force-quit hooks, the sequence's thread) are
+    not methods: they take the lifecycle as their first argument in ``graceful.lowlevel``.
 
     Raises:
         TypeError, ValueError: a bad argument (``force_quit`` must be a finite number > 0).
@@ -382,17 +413,21 @@ class Lifecycle:
 
     def __init__(
         self,
-        force_quit: float = 25.0,
+        force_quit: float | None = None,
         *,
         clock: Clock | None = None,
         exit: Callable[[int], object] = os._exit,
-        daemon: bool = False,
     ) -> None:
-        budget = check_budget(force_quit, "Lifecycle(force_quit=...)")
-        self._clock: Clock = check_clock(clock) or MonotonicClock()
+        budget = (
+            DEFAULT_FORCE_QUIT
+            if force_quit is None
+            else check_seconds(force_quit, "Lifecycle(force_quit=...)")
+        )
+        self._budget_chosen = force_quit is not None  # else the environment may still choose it
+        self._time: Clock = check_clock(clock) or MonotonicClock()
         self._action = ForceQuitAction(exit)
-        self._daemon = bool(daemon)
-        self._lock = threading.Condition(threading.Lock())
+        self._daemon = False  # lowlevel.set_daemon(): the sequence's thread a daemon
+        self._sequence_lock = threading.Condition(threading.Lock())
         self._state = State.RUNNING
         self.stopping = False
         """True from the moment wrap-up starts. Read-only: written by the lifecycle only, under
@@ -403,16 +438,16 @@ class Lifecycle:
         self._triggers: list[str] = []  # each trigger's reason, in order, for the final log line
         self._triggered_at: float | None = None
         self._shutdown_requested = False
-        self._phases = Phases(self._lock)
+        self._phases = Phases(self._sequence_lock)
         self._observers = Observers()
-        self._reloads = Reloads(self._observers)
+        self._reload_listeners = Reloads(self._observers)
         self._stopped = Moment()
         self._forced: str | None = None
         self._report_sections: list[Callable[[], list[str]]] = []
         self._progress = 0
         self._driver: threading.Thread | None = None
-        self._timer = ForceQuitTimer(self._clock, budget, self._deadline_passed)
-        self._loops = DefaultLoop()
+        self._timer = ForceQuitTimer(self._time, budget, self._deadline_passed)
+        self._listener_loops = DefaultLoop()
 
     # -- registries ---------------------------------------------------------------------------
 
@@ -440,7 +475,7 @@ class Lifecycle:
         checked = check_listener(fn, what)
         label = check_name(name, what) or default_name(checked)
         listener = Listener(
-            checked, label, phase, self._clock.monotonic, self._phases.finished, loops=self._loops
+            checked, label, phase, self._time.monotonic, self._phases.finished, loops=self._listener_loops
         )
         self._phases.add(listener)
         return Waiter(listener, self._phases.remove)
@@ -452,15 +487,14 @@ class Lifecycle:
             TypeError: as for ``add_wrap_up_listener``.
         """
         checked = check_listener(fn, "add_reload_listener")
-        return self._reloads.add(checked, check_name(name, "add_reload_listener") or default_name(checked))
-
-    def reload_listener_count(self) -> int:  # how many are registered
-        return self._reloads.count()
+        return self._reload_listeners.add(
+            checked, check_name(name, "add_reload_listener") or default_name(checked)
+        )
 
     def reload(self, reason: str = "requested") -> int:
         """Run every reload listener in turn, in this thread (one that raises is logged, the
         others still run; ``Event.RELOADING`` before, ``RELOADED`` after); returns how many."""
-        return self._reloads.run_all(check_reason(reason, "reload()"))
+        return self._reload_listeners.run_all(check_reason(reason, "reload()"))
 
     # -- triggers -----------------------------------------------------------------------------
 
@@ -497,9 +531,9 @@ class Lifecycle:
         # lock while it waits for exactly the listeners this starts (gunicorn #3198).
         arm = start = False
         notes: list[str] = []
-        with self._lock:
+        with self._sequence_lock:
             if self._state is State.RUNNING:
-                self._triggered_at = self._clock.monotonic()
+                self._triggered_at = self._time.monotonic()
                 self._reason = reason
                 self._triggers.append(reason)
                 self.stopping = True
@@ -512,7 +546,7 @@ class Lifecycle:
                     self._reason = reason
                     self._triggers.append(reason)
                     notes.append(f"shutdown requested ({reason}): continuing after the wrap-up phase")
-                self._lock.notify_all()
+                self._sequence_lock.notify_all()
             # Explicitly daemon or not: a thread inherits its creator's flag, and the signal
             # coordinator is a daemon; the interpreter must wait for the cleanup.
             driver = (
@@ -525,6 +559,7 @@ class Lifecycle:
             if start:
                 self._wrap_up_started.set()
             if arm:
+                self._budget_from_environment()
                 self._timer.arm()
             if driver is not None:
                 driver.start()
@@ -538,6 +573,25 @@ class Lifecycle:
         if arm:
             self._observers.emit(Event.SHUTDOWN_REQUESTED, reason)
 
+    def _budget_from_environment(self) -> None:
+        """Nothing chose the budget (no ``run()``, no host, no call): ``GRACEFUL_FORCE_QUIT`` now.
+
+        A bad value must not stop a shutdown that is under way: it is logged, and the default
+        applies (``run()`` and the hosts refuse such a value at start, before anything runs).
+        """
+        if self._budget_chosen:
+            return
+        self._budget_chosen = True
+        from ._settings import read_budget  # the environment, read when the deadline starts
+
+        try:
+            seconds = read_budget()
+        except ValueError as exc:
+            log.error("%s; the default budget of %g s applies", exc, DEFAULT_FORCE_QUIT)  # noqa: TRY400 - the message is the news, not a traceback
+            return
+        if seconds is not None:
+            self._timer.set_budget(seconds)
+
     def _set_state(self, state: State, why: str) -> str:
         """Move to ``state`` (the caller holds the lock); returns the line to log afterwards."""
         self._state = state
@@ -547,19 +601,19 @@ class Lifecycle:
 
     def _drive(self) -> None:
         self._run_phase(Phase.WRAP_UP)
-        with self._lock:
+        with self._sequence_lock:
             # Wrap-up listeners registered late (during a pause, say) must finish first too.
             while not self._shutdown_requested or self._phases.outstanding(Phase.WRAP_UP):
-                self._lock.wait()
+                self._sequence_lock.wait()
             note = self._set_state(State.SHUTTING_DOWN, f"wrap-up done; {self._reason}")
         self._observers.emit(Event.SHUTTING_DOWN, self._reason or "")
         self._run_phase(Phase.SHUTDOWN, note)
-        with self._lock:
+        with self._sequence_lock:
             while self._phases.outstanding(Phase.WRAP_UP) or self._phases.outstanding(Phase.SHUTDOWN):
-                self._lock.wait()
+                self._sequence_lock.wait()
             late = self._timer.disarm_unless_passed()
         if late:  # the deadline came first: the force quit owns the end (a no-op if it began)
-            self.force_quit(f"the force-quit deadline of {self._timer.budget:g} s passed")
+            self.force_quit_now(f"the force-quit deadline of {self._timer.budget:g} s passed")
         self._finish()
 
     def _finish(self) -> None:
@@ -567,8 +621,8 @@ class Lifecycle:
             # The force quit owns the end (its hooks may still be naming what they cut): nobody
             # is told STOPPED before it is over (in tests, when the recorded exit returns).
             self._action.done.wait()
-        with self._lock:
-            took = self._clock.monotonic() - (self._triggered_at or 0.0)
+        with self._sequence_lock:
+            took = self._time.monotonic() - (self._triggered_at or 0.0)
             detail = f"{took:.3f} s after {' then '.join(self._triggers)}"
             note = self._set_state(State.STOPPED, detail)
             forced = self._forced is not None
@@ -579,117 +633,49 @@ class Lifecycle:
 
     def _run_phase(self, phase: Phase, note: str | None = None) -> None:
         """Start the phase's listeners, log ``note``, then wait until every one has finished."""
-        t0 = self._clock.monotonic()
+        t0 = self._time.monotonic()
         count, own = self._phases.run(phase)
         if note is not None:
             log.info("%s", note)
-        with self._lock:
+        with self._sequence_lock:
             self._phases.wait(phase)
         self._announced.wait()  # its listeners ran first (act first); its lines follow the trigger's
         theirs = f", {own} of them graceful's own (the servers')" if own else ""  # a reader counts theirs
         log.info(
-            "%s phase done: %d listener(s)%s in %.3f s", phase, count, theirs, self._clock.monotonic() - t0
+            "%s phase done: %d listener(s)%s in %.3f s", phase, count, theirs, self._time.monotonic() - t0
         )
-
-    # -- seams for integrations ---------------------------------------------------------------
-
-    def subscribe(self, fn: Callable[[Event, str], object]) -> Callable[[], None]:
-        """Call ``fn(event, detail)`` at each transition (an ``Event``); returns the undo.
-
-        For integrations (systemd, hosts): called in the thread that made the transition,
-        outside the lifecycle's lock; it must not block. One that raises is logged.
-        """
-        return self._observers.subscribe(fn)
-
-    def record_failure(self, what: str) -> None:
-        """Note that a server (or anything else the caller runs) failed: the exit code becomes 1."""
-        with self._lock:
-            self._phases.failures.append(what)
-
-    def report_progress(self) -> None:
-        """Say the drain moved forward (a request answered, a job finished): ``progress`` grows.
-
-        Adapters call it as in-flight work ends; systemd turns progress into more time.
-        """
-        with self._lock:
-            self._progress += 1
-
-    # Read-only views for integrations.
-    @property
-    def progress(self) -> int:  # how many report_progress() calls
-        return self._progress
-
-    @property
-    def shutdown_requested(self) -> bool:  # a shutdown, not only a pause: the deadline runs
-        return self._shutdown_requested
-
-    @property
-    def clock(self) -> Clock:  # where this lifecycle's time comes from
-        return self._clock
-
-    @property
-    def triggered_at(self) -> float | None:  # when wrap-up began, on clock's scale
-        return self._triggered_at
-
-    @property
-    def listener_loop(self) -> DefaultLoop:  # async listeners registered with no loop run on its .loop
-        return self._loops  # run() sets .loop to the loop it drives, for as long as it does
-
-    @property
-    def force_quit_budget(self) -> float:  # seconds
-        return self._timer.budget
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Block until the sequence's thread has ended (True; also if none began): for tests."""
-        limit = check_timeout(timeout, "join()")
-        driver = self._driver
-        if driver is None:
-            return True
-        driver.join(limit)
-        return not driver.is_alive()
-
-    def wait_until_idle(self, timeout: float | None = None) -> bool:
-        """Block until no listener of this lifecycle is running; True if so within ``timeout``."""
-        return self._phases.wait_idle(check_timeout(timeout, "wait_until_idle()"))
 
     # -- force quit ---------------------------------------------------------------------------
 
     def set_time_to_force_quit(self, seconds: float) -> None:
         """Set the force-quit budget (a finite number of seconds > 0, else ``TypeError`` or
         ``ValueError``); a running deadline moves, still counted from the first trigger."""
-        self._timer.set_budget(check_budget(seconds))
+        self._timer.set_budget(check_seconds(seconds, "set_time_to_force_quit()"))
+        self._budget_chosen = True
 
     def _deadline_passed(self) -> None:
-        self.force_quit(f"the force-quit deadline of {self._timer.budget:g} s passed")
+        self.force_quit_now(f"the force-quit deadline of {self._timer.budget:g} s passed")
 
-    def force_quit(self, why: str = "requested") -> None:
-        """Report what is still running, then exit with code 70 now. Only the first call acts."""
+    def force_quit_now(self, why: str = "requested") -> None:
+        """Report what is still running, then exit with code 70 now. Only the first call acts.
+
+        What the deadline, a second SIGINT and SIGQUIT do. The report goes to stderr first,
+        then to the ``graceful`` logger; then the force-quit hooks run (bounded); then the exit.
+
+        Raises:
+            TypeError: ``why`` is not a str.
+        """
+        why = check_reason(why, "force_quit_now()")
         listeners = self._phases.listeners()  # takes the lock itself
-        with self._lock:
+        with self._sequence_lock:
             if self._forced is not None:
                 return
-            now = self._clock.monotonic()
+            now = self._time.monotonic()
             since = None if self._triggered_at is None else now - self._triggered_at
             report = format_report(why, since, self._triggers, FORCED_EXIT_CODE, listeners, now)
             self._forced = report  # claimed: only this call goes on
         report = self._forced = "\n".join([report, *format_sections(list(self._report_sections))])
         self._action.execute(report, lambda: self._observers.emit(Event.FORCED, why))
-
-    def on_force_quit(self, fn: Callable[[], object], *, name: str | None = None) -> None:
-        """Call ``fn()`` at the force quit, after the report, before the exit (cut connections,
-        name dropped requests, requeue jobs); in turn, in one thread given 2 s, errors logged."""
-        checked = check_listener(fn, "on_force_quit")
-        self._action.add_hook(checked, check_name(name, "on_force_quit") or default_name(checked))
-
-    def add_report_section(self, fn: Callable[[], list[str]]) -> None:
-        """Append ``fn()``'s lines to the force-quit report (``run()`` adds its servers' stacks)."""
-        check_listener(fn, "add_report_section")
-        self._report_sections.append(fn)
-
-    @property
-    def forced(self) -> str | None:
-        """The force-quit report, if the lifecycle was forced (None otherwise)."""
-        return self._forced
 
     # -- observing ----------------------------------------------------------------------------
 
@@ -728,18 +714,23 @@ class Lifecycle:
             return FORCED_EXIT_CODE
         return 1 if self._phases.failures else 0
 
+    @property
+    def force_quit_report(self) -> str | None:
+        """The force-quit report, once the lifecycle was forced; None until then."""
+        return self._forced
+
     def time_remaining(self) -> float | None:
         """Seconds left before force quit, or None while no shutdown was triggered."""
         return self._timer.remaining()
 
     def status(self) -> Status:
         """A snapshot: state, reason, time since the trigger, and every listener's progress."""
-        now = self._clock.monotonic()
+        now = self._time.monotonic()
         listeners = tuple(
             ListenerStatus(item.name, item.phase, item.state, item.duration(now))
             for item in self._phases.listeners()
         )
-        with self._lock:
+        with self._sequence_lock:
             since = None if self._triggered_at is None else now - self._triggered_at
             return Status(
                 self._state, self._reason, since, self._timer.budget, listeners, self._forced is not None
@@ -747,3 +738,119 @@ class Lifecycle:
 
     def __repr__(self) -> str:
         return f"<graceful.Lifecycle {self._state.value} reason={self._reason!r}>"
+
+
+# -- graceful.lowlevel: the integration hooks, off the public Lifecycle --------------------------
+
+
+def subscribe(lifecycle: Lifecycle, fn: Callable[[Event, str], object]) -> Callable[[], None]:
+    """Call ``fn(event, detail)`` at each transition of ``lifecycle`` (an ``Event``); returns the undo.
+
+    For integrations (systemd, hosts): called in the thread that made the transition, outside
+    the lifecycle's lock; it must not block. One that raises is logged.
+    """
+    return lifecycle._observers.subscribe(fn)
+
+
+def record_failure(lifecycle: Lifecycle, what: str) -> None:
+    """Note that ``what`` (a server the caller runs, say) failed: the exit code becomes 1."""
+    with lifecycle._sequence_lock:
+        lifecycle._phases.failures.append(what)
+
+
+def report_progress(lifecycle: Lifecycle) -> None:
+    """Say the drain moved forward (a request answered, a job finished): ``progress()`` grows.
+
+    Adapters call it as in-flight work ends; the systemd notifier turns progress into more time.
+    """
+    with lifecycle._sequence_lock:
+        lifecycle._progress += 1
+
+
+def progress(lifecycle: Lifecycle) -> int:
+    """How many times ``report_progress()`` was called for ``lifecycle``."""
+    return lifecycle._progress
+
+
+def add_report_section(lifecycle: Lifecycle, fn: Callable[[], list[str]]) -> None:
+    """Append ``fn()``'s lines to the force-quit report (``run()`` adds its servers' stacks)."""
+    check_listener(fn, "add_report_section")
+    lifecycle._report_sections.append(fn)
+
+
+def on_force_quit(lifecycle: Lifecycle, fn: Callable[[], object], *, name: str | None = None) -> None:
+    """Call ``fn()`` at the force quit, after the report, before the exit (cut connections, name
+    dropped requests, requeue jobs); in turn, in one thread given 2 s in all, errors logged."""
+    checked = check_listener(fn, "on_force_quit")
+    lifecycle._action.add_hook(checked, check_name(name, "on_force_quit") or default_name(checked))
+
+
+def set_listener_loop(lifecycle: Lifecycle, loop: asyncio.AbstractEventLoop | None) -> None:
+    """Run ``lifecycle``'s ``async def`` listeners registered where no loop was running on
+    ``loop`` (``run()`` sets the loop it drives, and None when it stops driving it)."""
+    lifecycle._listener_loops.loop = loop
+
+
+def listener_loop(lifecycle: Lifecycle) -> asyncio.AbstractEventLoop | None:
+    """The loop set by ``set_listener_loop()``, or None."""
+    return lifecycle._listener_loops.loop
+
+
+def set_daemon(lifecycle: Lifecycle, daemon: bool) -> None:
+    """Run ``lifecycle``'s sequence on a daemon thread (before it starts; False by default).
+
+    False keeps the interpreter alive until the cleanup is done; a test harness sets True so
+    that a listener a test leaves stuck cannot hang the test run at exit.
+    """
+    if not isinstance(daemon, bool):
+        raise TypeError(f"set_daemon() takes True or False, not {daemon!r}")
+    lifecycle._daemon = daemon
+
+
+def join(lifecycle: Lifecycle, timeout: float | None = None) -> bool:
+    """Block until the sequence's thread has ended (True; also if none began): for tests."""
+    limit = check_timeout(timeout, "join()")
+    driver = lifecycle._driver
+    if driver is None:
+        return True
+    driver.join(limit)
+    return not driver.is_alive()
+
+
+def wait_until_idle(lifecycle: Lifecycle, timeout: float | None = None) -> bool:
+    """Block until no listener of ``lifecycle`` is running; True if so within ``timeout``."""
+    return lifecycle._phases.wait_idle(check_timeout(timeout, "wait_until_idle()"))
+
+
+def shutdown_requested(lifecycle: Lifecycle) -> bool:
+    """True once a shutdown (not only a pause) was asked for: the deadline runs."""
+    return lifecycle._shutdown_requested
+
+
+def triggered_at(lifecycle: Lifecycle) -> float | None:
+    """When wrap-up began, on ``clock(lifecycle)``'s scale; None before."""
+    return lifecycle._triggered_at
+
+
+def clock(lifecycle: Lifecycle) -> Clock:
+    """Where ``lifecycle``'s time comes from."""
+    return lifecycle._time
+
+
+def budget(lifecycle: Lifecycle) -> float:
+    """``lifecycle``'s force-quit budget in seconds."""
+    return lifecycle._timer.budget
+
+
+def set_default_budget(lifecycle: Lifecycle, seconds: float | None) -> None:
+    """Use ``seconds`` as ``lifecycle``'s budget unless the program chose one (a host's default,
+    such as gunicorn's ``graceful_timeout - 1``, or ``GRACEFUL_FORCE_QUIT`` read at start).
+    None changes nothing."""
+    if seconds is not None and not lifecycle._budget_chosen:
+        lifecycle._timer.set_budget(check_seconds(seconds, "set_default_budget()"))
+        lifecycle._budget_chosen = True
+
+
+def reload_listener_count(lifecycle: Lifecycle) -> int:
+    """How many reload listeners ``lifecycle`` has (with none, SIGHUP shuts down)."""
+    return lifecycle._reload_listeners.count()

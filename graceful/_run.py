@@ -33,12 +33,23 @@ from collections.abc import Iterator, Sequence
 
 from . import readiness, systemd
 from ._aio import is_awaitable, run_awaitable
-from ._checks import TYPE_CHECKING, is_coroutine_function
-from ._deadline import check_budget
+from ._checks import TYPE_CHECKING, check_seconds, is_coroutine_function
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
-from ._lifecycle import Lifecycle, State
+from ._lifecycle import (
+    Lifecycle,
+    State,
+    add_report_section,
+    listener_loop,
+    record_failure,
+    set_listener_loop,
+    shutdown_requested,
+)
+from ._lifecycle import (
+    budget as budget_of,
+)
 from ._listeners import Waiter, current_listener, mark_own, serving_as
 from ._service import Context, Service
+from ._settings import Settings
 from ._signals import signal_handlers
 from .adapters import adapt
 
@@ -69,7 +80,7 @@ def run_with(
             "runs during the shutdown sequence and must return, and run() would block until "
             "that sequence is over; start servers before the shutdown, from the main code"
         )
-    budget = None if force_quit is None else check_budget(force_quit, "graceful.run(force_quit=...)")
+    budget = None if force_quit is None else check_seconds(force_quit, "graceful.run(force_quit=...)")
     if not isinstance(handle_signals, bool):
         raise TypeError(f"graceful.run(handle_signals=...) takes True or False, not {handle_signals!r}")
     if handle_signals and threading.current_thread() is not threading.main_thread():
@@ -87,15 +98,10 @@ def run_with(
     if not items:
         raise ValueError("graceful.run() needs at least one server; it got an empty list")
     services = [adapt(item) for item in items]
-    probe_port = readiness.probe_port_from_env()
-    previous = lifecycle.force_quit_budget
+    settings = Settings.read()  # every GRACEFUL_* variable; a bad one raises here, naming it
     if budget is not None:  # all checked: now it may change
         lifecycle.set_time_to_force_quit(budget)
-    try:
-        readiness.check_platform_grace(lifecycle)  # reads the budget; raises on a bad variable
-    except BaseException:
-        lifecycle.set_time_to_force_quit(previous)
-        raise
+    readiness.configure_from_env(lifecycle, settings)
     runner = _Runner(lifecycle, services)
     guard = signal_handlers(lifecycle) if handle_signals else contextlib.nullcontext()
     with guard as router:
@@ -103,8 +109,7 @@ def run_with(
         if os.environ.get("NOTIFY_SOCKET"):  # under systemd (or graceful_process)
             notifier = systemd.SystemdNotifier(lifecycle, router)
         try:
-            if probe_port is not None:  # read and checked above, before anything changed
-                probes = readiness.serve_probes_from_env(lifecycle, probe_port)
+            probes = readiness.serve_probes_from_env(lifecycle, settings)
             runner.run()
         finally:
             if probes is not None:
@@ -142,7 +147,7 @@ class _Runner:
     def run(self) -> None:
         # A server that never returns: the report shows where the user's code is stuck, not
         # only graceful's listener waiting for it to return.
-        self.lifecycle.add_report_section(self._server_stacks)
+        add_report_section(self.lifecycle, self._server_stacks)
         if any(is_coroutine_function(service.serve) for service in self.services):
             self._run_async()
         else:
@@ -158,7 +163,7 @@ class _Runner:
                 self._start_thread(service, ctx)
         self._block()
         for waiter in self._waiters:  # registered after STOPPED (a race with shutdown()): run at once
-            waiter.wait(self.lifecycle.force_quit_budget)
+            waiter.wait(budget_of(self.lifecycle))
         self._reraise()
 
     def _run_async(self) -> None:
@@ -173,7 +178,7 @@ class _Runner:
         remember_loop(self.loop)
         # An ``async def`` listener registered before this loop ran (at module level, for a
         # pool bound to this loop) runs on it, not on a fresh loop that the pool refuses.
-        self.lifecycle.listener_loop.loop = self.loop
+        set_listener_loop(self.lifecycle, self.loop)
         tasks = []
         try:
             with self._whatever_happens():
@@ -188,21 +193,21 @@ class _Runner:
             await self._block_async()
             # As in _run_sync.
             await asyncio.wait(
-                [asyncio.ensure_future(w) for w in self._waiters], timeout=self.lifecycle.force_quit_budget
+                [asyncio.ensure_future(w) for w in self._waiters], timeout=budget_of(self.lifecycle)
             )
             if tasks:
                 await asyncio.wait(tasks, timeout=self.lifecycle.time_remaining())
             self._reraise()
         finally:
-            if self.lifecycle.listener_loop.loop is self.loop:
-                self.lifecycle.listener_loop.loop = None
+            if listener_loop(self.lifecycle) is self.loop:
+                set_listener_loop(self.lifecycle, None)
             forget_loop(self.loop)
 
     # -- pieces -------------------------------------------------------------------------------
 
     def _register(self) -> None:
         """One wrap-up and one shutdown listener per service, chained in reverse list order."""
-        self.contexts = [Context(self.lifecycle, s.name, self._started, self.loop) for s in self.services]
+        self.contexts = [Context(self.lifecycle, s.name, self._started) for s in self.services]
         pairs = list(zip(self.services, self.contexts, strict=True))[::-1]
         previous: Waiter | None = None
         for service, ctx in pairs:
@@ -318,13 +323,13 @@ class _Runner:
             log.error(
                 "server %r could not start: %s: stopping everything", service.name, _address_in_use(exc)
             )
-            self.lifecycle.record_failure(f"server {service.name!r}")
+            record_failure(self.lifecycle, f"server {service.name!r}")
             self.lifecycle.shutdown(f"server {service.name!r} could not start", wait=False)
         elif exc is not None:
             log.error("server %r crashed: stopping everything", service.name, exc_info=exc)
-            self.lifecycle.record_failure(f"server {service.name!r}")
+            record_failure(self.lifecycle, f"server {service.name!r}")
             self.lifecycle.shutdown(f"server {service.name!r} crashed", wait=False)
-        elif self.lifecycle.forced is not None:  # the force quit owns the end: claim nothing
+        elif self.lifecycle.force_quit_report is not None:  # the force quit owns the end: claim nothing
             log.info("server %r ended at the force quit", service.name)
         elif self.lifecycle.is_stopping():
             self._stopped_half(ctx)
@@ -348,7 +353,7 @@ class _Runner:
                     if self._interrupted():
                         return
                 except KeyboardInterrupt:  # the next Ctrl-C came while handling this one
-                    self.lifecycle.force_quit("KeyboardInterrupt again while shutting down")
+                    self.lifecycle.force_quit_now("KeyboardInterrupt again while shutting down")
                     return
 
     async def _block_async(self) -> None:
@@ -364,8 +369,8 @@ class _Runner:
 
     def _interrupted(self) -> bool:
         """Ctrl-C as the signal table has it: the first shuts down, any later one forces."""
-        if self.lifecycle.shutdown_requested:
-            self.lifecycle.force_quit("KeyboardInterrupt again while shutting down")
+        if shutdown_requested(self.lifecycle):
+            self.lifecycle.force_quit_now("KeyboardInterrupt again while shutting down")
             return True
         self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
         return False
@@ -380,10 +385,10 @@ class _Runner:
                 self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
                 log.info("interrupted while starting: shutting down")
             except KeyboardInterrupt:  # the next Ctrl-C came while handling this one
-                self.lifecycle.force_quit("KeyboardInterrupt again while starting")
+                self.lifecycle.force_quit_now("KeyboardInterrupt again while starting")
         except BaseException as exc:  # kept, and raised again after the sequence
             log.exception("graceful.run() failed: running the shutdown sequence anyway")
-            self.lifecycle.record_failure("graceful.run()")
+            record_failure(self.lifecycle, "graceful.run()")
             self.lifecycle.shutdown("graceful.run() failed", wait=False)
             self._error = exc
 

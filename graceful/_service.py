@@ -16,9 +16,9 @@ import threading
 from collections.abc import Callable
 
 from ._checks import TYPE_CHECKING
+from ._lifecycle import shutdown_requested
 
 if TYPE_CHECKING:
-    import asyncio
     from typing import Protocol
 
     from ._lifecycle import Lifecycle
@@ -36,11 +36,9 @@ class Context:
         lifecycle: Lifecycle,
         name: str,
         on_started: Callable[[Context], None] = lambda ctx: None,
-        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.lifecycle = lifecycle
         self.name = name
-        self.loop = loop
         self._on_started = on_started
         self._started = threading.Event()
         self.entered = False
@@ -55,16 +53,13 @@ class Context:
             self._started.set()
             self._on_started(self)
 
-    def is_started(self) -> bool:
-        return self._started.is_set()
-
     def remaining(self) -> float | None:
         """Seconds left before force quit; None while no shutdown was triggered (a pause)."""
         return self.lifecycle.time_remaining()
 
     def shutting_down(self) -> bool:
         """True once a shutdown (not only a pause) was asked for."""
-        return self.lifecycle.shutdown_requested
+        return shutdown_requested(self.lifecycle)
 
     def wrapping_up(self) -> bool:
         """True once ``run()`` has called *this* service's wrap-up step.

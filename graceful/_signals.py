@@ -53,7 +53,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from ._diagnostics import dump_threads, write_stderr
-from ._lifecycle import Lifecycle
+from ._lifecycle import Lifecycle, reload_listener_count, shutdown_requested
 
 __all__ = ["Router", "handled_signals", "signal_handlers"]
 
@@ -89,14 +89,10 @@ class _Offload:
         self._lock = threading.Lock()
         self._running = False
         self._pending: Callable[[], object] | None = None
-        self.coalesced = 0
-        """Jobs dropped because one of their kind was already waiting."""
 
     def submit(self, job: Callable[[], object]) -> None:
         with self._lock:
             if self._running:
-                if self._pending is not None:
-                    self.coalesced += 1
                 self._pending = job
                 return
             self._running = True
@@ -171,22 +167,22 @@ class Router:
         if name == "SIGINT":
             with self._lock:
                 self._interrupts += 1
-                again = self._interrupts > 1 or lc.shutdown_requested
+                again = self._interrupts > 1 or shutdown_requested(lc)
             if again:
-                lc.force_quit(f"{name} again while shutting down")
+                lc.force_quit_now(f"{name} again while shutting down")
                 return
             lc.shutdown(name, wait=False)
             log.info("received %s: shutting down gracefully (press Ctrl-C again to force)", name)
             return
         if name in ("SIGTERM", "SIGBREAK"):
-            if lc.shutdown_requested:
+            if shutdown_requested(lc):
                 log.info("received %s again: already shutting down, ignored", name)
                 return
             lc.shutdown(name, wait=False)
             log.info("received %s: shutting down gracefully", name)
             return
         if name == "SIGQUIT":
-            lc.force_quit(f"{name} received")
+            lc.force_quit_now(f"{name} received")
             return
         if name == "SIGTSTP":
             if lc.is_stopping():
@@ -199,8 +195,8 @@ class Router:
             self._offload(self._dumps, self._dump)
             return
         if name == "SIGHUP":
-            if lc.reload_listener_count() == 0:
-                if lc.shutdown_requested:
+            if reload_listener_count(lc) == 0:
+                if shutdown_requested(lc):
                     log.info("received %s again: already shutting down, ignored", name)
                     return
                 lc.shutdown(name, wait=False)

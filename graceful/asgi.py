@@ -39,8 +39,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from . import Lifecycle, ListenerState, get_lifecycle
-from ._deadline import check_budget
-from .readiness import ProbeServer, check_platform_grace, serve_probes_from_env, set_ready
+from ._checks import check_seconds
+from ._settings import Settings
+from .readiness import ProbeServer, configure_from_env, serve_probes_from_env, set_ready
 
 __all__ = ["GracefulLifespan", "lifespan"]
 
@@ -106,7 +107,9 @@ class GracefulLifespan:
         if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
             raise TypeError(f"lifecycle= takes a graceful.Lifecycle, not {type(lifecycle).__name__}")
         self.app = app
-        self.force_quit = None if force_quit is None else check_budget(force_quit, "lifespan(force_quit=...)")
+        self.force_quit = (
+            None if force_quit is None else check_seconds(force_quit, "lifespan(force_quit=...)")
+        )
         self._lifecycle = lifecycle
 
     @property
@@ -164,7 +167,7 @@ class GracefulLifespan:
     def _mark_ready(self, lc: Lifecycle) -> list[Any]:
         """Ready, and what ``run()`` would start: probes and the systemd notifier."""
         extras: list[Any] = []
-        check_platform_grace(lc)
+        settings = configure_from_env(lc)
         if os.environ.get("NOTIFY_SOCKET"):
             from .systemd import SystemdNotifier, notify
 
@@ -172,7 +175,7 @@ class GracefulLifespan:
         set_ready(lc)
         if os.environ.get("NOTIFY_SOCKET"):
             notify("READY=1", "STATUS=serving (ASGI lifespan)")
-        probes = _serve_probes(lc)
+        probes = _serve_probes(lc, settings)
         if probes is not None:
             extras.append(probes)
         log.info("graceful.asgi: lifespan startup complete: ready")
@@ -194,9 +197,9 @@ class GracefulLifespan:
         return f"graceful: {', '.join(failed) or 'a listener'} failed (see the log above)"
 
 
-def _serve_probes(lc: Lifecycle) -> ProbeServer | None:
+def _serve_probes(lc: Lifecycle, settings: Settings) -> ProbeServer | None:
     try:
-        return serve_probes_from_env(lc)
+        return serve_probes_from_env(lc, settings)
     except RuntimeError as exc:  # another worker of the same server answers on that port
         log.warning("graceful.asgi: %s", exc)
         return None

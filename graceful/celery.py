@@ -51,6 +51,7 @@ from . import Lifecycle, State, get_lifecycle, readiness, systemd, use
 from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork
 from ._checks import TYPE_CHECKING
 from ._diagnostics import write_fd2
+from ._lifecycle import on_force_quit
 
 if TYPE_CHECKING:
     from typing import Any
@@ -127,8 +128,8 @@ class _Worker:
         self.drained = threading.Event()  # set at worker_shutdown: the pool has no task left
         self._finished = False
         lifecycle.add_wrap_up_listener(self._stop_consuming, name="celery: tasks in flight")
-        lifecycle.on_force_quit(self._at_deadline, name="celery: requeue unacknowledged tasks")
-        readiness.check_platform_grace(lifecycle)
+        on_force_quit(lifecycle, self._at_deadline, name="celery: requeue unacknowledged tasks")
+        self.settings = readiness.configure_from_env(lifecycle)
         self.probes = self._serve_probes()
         self.notifier = systemd.SystemdNotifier(lifecycle) if os.environ.get("NOTIFY_SOCKET") else None
         threading.Thread(
@@ -136,7 +137,7 @@ class _Worker:
         ).start()
 
     def _serve_probes(self) -> readiness.ProbeServer | None:
-        return readiness.serve_probes_from_env(self.lifecycle)
+        return readiness.serve_probes_from_env(self.lifecycle, self.settings)
 
     def is_main(self) -> bool:
         return os.getpid() == self.pipes.main_pid

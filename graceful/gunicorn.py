@@ -52,8 +52,8 @@ from types import FrameType
 import graceful
 from graceful import readiness
 
-from ._deadline import ENV_FORCE_QUIT, budget_from_env
 from ._gunicorn_worker import WorkerWatch
+from ._settings import ENV_FORCE_QUIT
 
 __all__ = [
     "child_exit",
@@ -88,13 +88,6 @@ DRAIN_POLL = 0.02  # seconds between two looks, while draining, at whether a sib
 def budget_for(graceful_timeout: float) -> float:
     """graceful's budget under gunicorn: ``graceful_timeout - 1``, or half of it if that is <= 2 s."""
     return graceful_timeout - 1.0 if graceful_timeout > 2.0 else graceful_timeout / 2.0
-
-
-def _env_budget() -> float | None:
-    """``GRACEFUL_FORCE_QUIT`` if set (checked as everywhere else), else None."""
-    if not os.environ.get(ENV_FORCE_QUIT, "").strip():
-        return None
-    return budget_from_env(0.0)
 
 
 def _bridge_logging(glog: object) -> None:
@@ -212,8 +205,7 @@ def post_fork(server: object, worker: object) -> None:
             os.close(_records[0])  # the arbiter's end
     if graceful.state() is not graceful.State.RUNNING:
         # The arbiter started graceful itself: its threads did not survive the fork.
-        env = _env_budget()
-        graceful.use(graceful.Lifecycle(env if env is not None else 25.0))
+        graceful.use(graceful.Lifecycle())  # its budget: set in post_worker_init, as for any worker
         log.warning(
             "graceful: the arbiter's lifecycle was already stopping; worker %d starts a fresh one "
             "(listeners registered before the fork are not carried over)",
@@ -228,10 +220,10 @@ def post_worker_init(worker: object) -> None:
     lifecycle = graceful.get_lifecycle()
     cfg = getattr(worker, "cfg", None)
     graceful_timeout = float(getattr(cfg, "graceful_timeout", 30))
-    env = _env_budget()
-    if env is None:
-        lifecycle.set_time_to_force_quit(budget_for(graceful_timeout))
-    elif env >= graceful_timeout:
+    # Every GRACEFUL_* variable, checked before anything starts: a bad one is a ValueError, no boot.
+    settings = readiness.configure_from_env(lifecycle, budget=budget_for(graceful_timeout))
+    env = settings.force_quit
+    if env is not None and env >= graceful_timeout:
         log.warning(
             "graceful: %s=%g s is not below gunicorn's graceful_timeout (%g s): the arbiter's SIGKILL "
             "may come before graceful's report",
@@ -239,7 +231,7 @@ def post_worker_init(worker: object) -> None:
             env,
             graceful_timeout,
         )
-    drain = readiness.drain_delay(lifecycle) > 0  # ValueError on a bad GRACEFUL_DRAIN_DELAY: no boot
+    drain = readiness.drain_delay(lifecycle) > 0
     _watch = WorkerWatch(
         worker,
         lifecycle,
@@ -252,7 +244,7 @@ def post_worker_init(worker: object) -> None:
     readiness.set_ready(lifecycle)
     global _probes, _traffic
     _traffic = readiness.traffic(lifecycle)
-    _probes = readiness.serve_probes_from_env(lifecycle, reuse_port=True)
+    _probes = readiness.serve_probes_from_env(lifecycle, settings, reuse_port=True)
 
 
 def _instance_stopping() -> bool:

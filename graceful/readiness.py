@@ -1,11 +1,11 @@
-"""Readiness for Kubernetes probes and load balancers, and the drain delay.
+"""Readiness for Kubernetes probes and load balancers, and the drain delay: the public face.
 
 Why: when a pod is deleted, Kubernetes sends SIGTERM and removes the pod from its Service's
 endpoints *at the same time*; proxies keep sending new connections for a few seconds more.
 A server that closes its listening socket at once refuses them (the "endpoint race"). The
 cure is to turn not-ready first, keep serving for a *drain delay*, and only then stop
-accepting. Every web adapter calls :func:`wait_drain_delay` at the start of its wrap-up, so
-one delay, counted from the first wrap-up trigger, covers every server in the process.
+accepting. Every web adapter waits the delay out at the start of its wrap-up, so one delay,
+counted from the first wrap-up trigger, covers every server in the process.
 
 * ready: ``run()`` marks the lifecycle ready once every server has started; it turns not-ready
   the moment wrap-up starts (a pause or a shutdown) and never back. A program that does not
@@ -14,9 +14,10 @@ one delay, counted from the first wrap-up trigger, covers every server in the pr
   draining).
 * drain delay: ``set_drain_delay(seconds)`` or ``GRACEFUL_DRAIN_DELAY`` (seconds, default 0;
   or ``auto[:MAX]``: until the balancer has visibly stopped sending), bounded by what is left
-  of the force-quit budget (graceful/_drain_delay.py says why and how).
-* probes: ``serve_probes(port)`` (or ``GRACEFUL_PROBE_PORT`` under ``run()``) answers
-  ``/readyz`` and ``/livez`` from a tiny stdlib HTTP server on its own thread.
+  of the force-quit budget. The functions here are the public face of one object per
+  lifecycle (graceful/_drain_delay.py says how it works).
+* probes: ``serve_probes(port)`` (or ``GRACEFUL_PROBE_PORT`` under ``run()`` and the hosts)
+  answers ``/readyz`` and ``/livez`` from a tiny stdlib HTTP server on its own thread.
 * platform grace: ``check_platform_grace()`` warns at start when the drain delay plus the
   force-quit budget would outlast the grace Kubernetes or systemd give before SIGKILL.
 """
@@ -25,31 +26,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import selectors
 import socket
 import threading
-import weakref
 
-from . import _drain_delay
-from ._checks import port_from_env
 from ._current import or_default
-from ._drain_delay import ENV_DRAIN_DELAY, DrainDelay, Traffic
-from ._lifecycle import Lifecycle, State
-from ._platform import platform_grace
+from ._drain_delay import Traffic, drain_delay_of
+from ._lifecycle import Lifecycle, State, budget, set_default_budget
+from ._settings import ENV_PROBE_PORT, DrainDelaySetting, Settings, parse_drain_delay
 
 __all__ = [
-    "ENV_DRAIN_DELAY",
-    "DrainDelay",
+    "DrainDelaySetting",
     "ProbeServer",
     "Traffic",
     "check_platform_grace",
+    "configure_from_env",
     "drain_delay",
     "drain_delay_is_auto",
     "drain_delay_left",
     "is_live",
     "is_ready",
-    "probe_port_from_env",
     "serve_probes",
     "serve_probes_from_env",
     "set_drain_delay",
@@ -62,40 +58,19 @@ __all__ = [
 log = logging.getLogger("graceful")
 
 
-class _Readiness:
-    """What this module keeps for one lifecycle (the lifecycle itself knows nothing of it)."""
-
-    __slots__ = ("ready",)
-
-    def __init__(self) -> None:
-        self.ready = False
-
-
-_state: weakref.WeakKeyDictionary[Lifecycle, _Readiness] = weakref.WeakKeyDictionary()
-_state_lock = threading.Lock()
-
-
-def _of(lifecycle: Lifecycle) -> _Readiness:
-    found = _state.get(lifecycle)
-    if found is None:
-        with _state_lock:
-            found = _state.setdefault(lifecycle, _Readiness())
-    return found
-
-
 def _lc(lifecycle: Lifecycle | None) -> Lifecycle:
     return or_default(lifecycle, "graceful.readiness")
 
 
 def set_ready(lifecycle: Lifecycle | None = None) -> None:
     """Say the service accepts work (``run()`` does this once every server has started)."""
-    _of(_lc(lifecycle)).ready = True
+    drain_delay_of(_lc(lifecycle)).ready = True
 
 
 def is_ready(lifecycle: Lifecycle | None = None) -> bool:
     """True while the service takes new work: marked ready and not wrapping up or stopping."""
     lc = _lc(lifecycle)
-    return _of(lc).ready and not lc.is_stopping()
+    return drain_delay_of(lc).ready and not lc.is_stopping()
 
 
 def is_live(lifecycle: Lifecycle | None = None) -> bool:
@@ -103,7 +78,7 @@ def is_live(lifecycle: Lifecycle | None = None) -> bool:
     return _lc(lifecycle).state() is not State.STOPPED
 
 
-# -- the drain delay (graceful/_drain_delay.py) ----------------------------------------------------
+# -- the drain delay --------------------------------------------------------------------------------
 
 
 def set_drain_delay(seconds: float | str, lifecycle: Lifecycle | None = None) -> None:
@@ -115,8 +90,8 @@ def set_drain_delay(seconds: float | str, lifecycle: Lifecycle | None = None) ->
     Raises:
         TypeError, ValueError: anything else (a negative number, NaN, ``"auto:0"``, ...).
     """
-    setting = _drain_delay.parse_drain_delay(seconds, "set_drain_delay()")
-    _drain_delay.set_drain_delay_setting(_lc(lifecycle), setting)
+    setting = parse_drain_delay(seconds, "set_drain_delay()")
+    drain_delay_of(_lc(lifecycle)).set(setting)
 
 
 def drain_delay(lifecycle: Lifecycle | None = None) -> float:
@@ -126,12 +101,12 @@ def drain_delay(lifecycle: Lifecycle | None = None) -> float:
     Raises:
         ValueError: ``GRACEFUL_DRAIN_DELAY`` is neither seconds nor ``auto[:MAX]``.
     """
-    return _drain_delay.drain_delay_setting(_lc(lifecycle)).seconds
+    return drain_delay_of(_lc(lifecycle)).setting.seconds
 
 
 def drain_delay_is_auto(lifecycle: Lifecycle | None = None) -> bool:
     """True when the drain delay is ``auto``: it ends once the balancer has stopped sending."""
-    return _drain_delay.drain_delay_setting(_lc(lifecycle)).auto
+    return drain_delay_of(_lc(lifecycle)).setting.auto
 
 
 def drain_delay_left(lifecycle: Lifecycle | None = None) -> float:
@@ -142,7 +117,7 @@ def drain_delay_left(lifecycle: Lifecycle | None = None) -> float:
     long and ask again until 0 (or call :func:`wait_drain_delay` /
     :func:`wait_drain_delay_async`, which also wake when a probe is answered 503).
     """
-    return _drain_delay.drain_delay_left(_lc(lifecycle))
+    return drain_delay_of(_lc(lifecycle)).left()
 
 
 def wait_drain_delay(lifecycle: Lifecycle | None = None) -> float:
@@ -151,24 +126,22 @@ def wait_drain_delay(lifecycle: Lifecycle | None = None) -> float:
     Bounded by the force-quit budget left. Returns the seconds waited (0 when the delay was
     over already, was 0, or no wrap-up has started).
     """
-    return _drain_delay.wait_drain_delay(_lc(lifecycle))
+    return drain_delay_of(_lc(lifecycle)).wait()
 
 
 async def wait_drain_delay_async(lifecycle: Lifecycle | None = None) -> float:
     """:func:`wait_drain_delay` for a server on an event loop: it waits on the loop."""
-    return await _drain_delay.wait_drain_delay_async(_lc(lifecycle))
+    return await drain_delay_of(_lc(lifecycle)).wait_async()
 
 
 def traffic(lifecycle: Lifecycle | None = None) -> Traffic:
     """Where a server reports each request's arrival (``.arrived()``), so that an ``auto``
     drain delay sees it. graceful's adapters do it themselves."""
-    return _drain_delay.traffic(_lc(lifecycle))
+    return drain_delay_of(_lc(lifecycle)).traffic
 
 
 # -- the probe endpoint ----------------------------------------------------------------------------
 
-ENV_PROBE_PORT = "GRACEFUL_PROBE_PORT"
-ENV_PROBE_HOST = "GRACEFUL_PROBE_HOST"
 PROBE_PATHS = ("/readyz", "/livez")
 
 
@@ -185,6 +158,7 @@ class ProbeServer:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         lc = lifecycle
+        delay = drain_delay_of(lc)
 
         class Probe(BaseHTTPRequestHandler):
             def _answer(self, *, body: bool) -> None:
@@ -193,7 +167,7 @@ class ProbeServer:
                     ok = is_ready(lc)
                     text = "ready" if ok else "not ready"
                     if not ok:
-                        _drain_delay.probe_refused(lc)  # in a wrap-up: the balancer has been told
+                        delay.probe_refused()  # in a wrap-up: the balancer has been told
                 elif path == "/livez":
                     ok = is_live(lc)
                     text = "live" if ok else "stopped"
@@ -257,14 +231,14 @@ class ProbeServer:
         self._thread.start()
         self._closed = False
         self._lifecycle = lc
-        _drain_delay.probes_served(lc, +1)  # an auto drain delay waits for a 503 answered to a probe
+        delay.probes_served(+1)  # an auto drain delay waits for a 503 answered to a probe
 
     def close(self) -> None:
         """Stop answering: the port refuses connections from now on. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        _drain_delay.probes_served(self._lifecycle, -1)
+        drain_delay_of(self._lifecycle).probes_served(-1)
         with contextlib.suppress(OSError):
             self._wake[1].send(b"x")
         self._thread.join(5)
@@ -315,38 +289,48 @@ def serve_probes(
     return ProbeServer(_lc(lifecycle), host, port, reuse_port=reuse_port)
 
 
-def probe_port_from_env() -> int | None:
-    """``GRACEFUL_PROBE_PORT`` as a port number, or None when unset.
-
-    Raises:
-        ValueError: it is set to something that is not a port number 1-65535.
-    """
-    return port_from_env(ENV_PROBE_PORT, None)
-
-
 def serve_probes_from_env(
-    lifecycle: Lifecycle, port: int | None = None, *, reuse_port: bool = False
+    lifecycle: Lifecycle, settings: Settings | None = None, *, reuse_port: bool = False
 ) -> ProbeServer | None:
-    """The probes ``run()`` and the hosts serve: on ``port`` (``GRACEFUL_PROBE_PORT`` if None;
-    None and nothing served when it is unset), on ``GRACEFUL_PROBE_HOST`` or every interface
-    (the kubelet probes the pod's IP). Logs the port. ``reuse_port``: as for :func:`serve_probes`.
+    """The probes ``run()`` and the hosts serve: on ``GRACEFUL_PROBE_PORT`` (None and nothing
+    served when it is unset), on ``GRACEFUL_PROBE_HOST`` or every interface (the kubelet probes
+    the pod's IP), as ``settings`` read them (read now if None). Logs the port.
+    ``reuse_port``: as for :func:`serve_probes`.
 
     Raises:
-        ValueError: ``GRACEFUL_PROBE_PORT`` is not a port number.
+        ValueError: a ``GRACEFUL_*`` variable is not usable (``settings`` None).
         RuntimeError: the port cannot be bound.
     """
-    port = probe_port_from_env() if port is None else port
-    if port is None:
+    settings = Settings.read() if settings is None else settings
+    if settings.probe_port is None:
         return None
-    probes = serve_probes(port, os.environ.get(ENV_PROBE_HOST, "0.0.0.0"), lifecycle, reuse_port=reuse_port)
+    probes = serve_probes(settings.probe_port, settings.probe_host, lifecycle, reuse_port=reuse_port)
     log.info("answering probes on port %d (/readyz, /livez)", probes.port)
     return probes
+
+
+def configure_from_env(
+    lifecycle: Lifecycle, settings: Settings | None = None, *, budget: float | None = None
+) -> Settings:
+    """What ``run()`` and every host do first, before anything runs; returns the settings.
+
+    Reads every ``GRACEFUL_*`` variable at once unless ``settings`` were read already (a bad
+    one is a ``ValueError`` that names it, before anything changes); then gives ``lifecycle`` the environment's force-quit budget (or
+    ``budget``, a host's own default, when ``GRACEFUL_FORCE_QUIT`` is unset) unless the program
+    chose one, and the environment's drain delay unless one was set; then warns if the
+    platform's grace is too short (:func:`check_platform_grace`).
+    """
+    settings = Settings.read() if settings is None else settings
+    set_default_budget(lifecycle, settings.force_quit if settings.force_quit is not None else budget)
+    drain_delay_of(lifecycle).default(settings.drain_delay)
+    check_platform_grace(lifecycle, settings)
+    return settings
 
 
 # -- the platform's grace --------------------------------------------------------------------------
 
 
-def check_platform_grace(lifecycle: Lifecycle | None = None) -> str | None:
+def check_platform_grace(lifecycle: Lifecycle | None = None, settings: Settings | None = None) -> str | None:
     """Warn when the drain delay plus the force-quit budget would outlast the platform's grace.
 
     The grace comes from ``GRACEFUL_TERMINATION_GRACE`` (Kubernetes'
@@ -354,23 +338,24 @@ def check_platform_grace(lifecycle: Lifecycle | None = None) -> str | None:
     ``TimeoutStopSec``: seconds or a systemd time span such as ``1min 30s``; 0 or
     ``infinity`` is no limit), the shorter if both are set; neither platform tells the process
     (see docs/kubernetes.md and docs/systemd.md). Past it the platform sends SIGKILL and
-    graceful never writes its report of what was stuck (SolidQueue #653). ``run()`` calls this
-    once at start. Returns the warning (also logged at WARNING on ``graceful``), or None.
+    graceful never writes its report of what was stuck (SolidQueue #653). ``run()`` and the
+    hosts call this once at start, with the ``settings`` they read (read now if None). Returns
+    the warning (also logged at WARNING on ``graceful``), or None.
 
     Raises:
         ValueError: one of the variables is not a duration.
     """
     lc = _lc(lifecycle)
-    found = platform_grace()
+    found = (Settings.read() if settings is None else settings).platform_grace
     if found is None:
         return None
     grace, where = found
-    delay, budget = drain_delay(lc), lc.status().force_quit
-    needed = delay + budget
+    delay, seconds = drain_delay(lc), budget(lc)
+    needed = delay + seconds
     if needed < grace:
         return None
     warning = (
-        f"the drain delay ({delay:g} s) plus the force-quit budget ({budget:g} s) is {needed:g} s, "
+        f"the drain delay ({delay:g} s) plus the force-quit budget ({seconds:g} s) is {needed:g} s, "
         f"not less than the platform's grace of {grace:g} s ({where}): the process would be "
         f"SIGKILLed before graceful reports what is stuck. Lower GRACEFUL_FORCE_QUIT or "
         f"GRACEFUL_DRAIN_DELAY, or give the process more time"

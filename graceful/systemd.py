@@ -40,7 +40,8 @@ import time
 
 from ._checks import TYPE_CHECKING
 from ._current import or_default
-from ._lifecycle import Event, Lifecycle
+from ._lifecycle import Event, Lifecycle, progress, shutdown_requested, subscribe
+from ._lifecycle import report_progress as lowlevel_report_progress
 from ._listeners import ListenerState
 
 if TYPE_CHECKING:
@@ -108,11 +109,11 @@ def watchdog_interval() -> float | None:
 def report_progress(lifecycle: Lifecycle | None = None) -> None:
     """Say the drain moved forward (a request answered, a job finished): worth more time.
 
-    Cheap and thread-safe (``Lifecycle.report_progress()``); a ``SystemdNotifier`` watching the
+    Cheap and thread-safe (``graceful.lowlevel.report_progress()``); a ``SystemdNotifier`` watching the
     lifecycle turns it into more time, and nothing else reads it. Adapters and long wrap-up listeners call it as their in-flight work ends,
     so one server draining many requests counts as progress before its listener returns.
     """
-    or_default(lifecycle, "report_progress()").report_progress()
+    lowlevel_report_progress(or_default(lifecycle, "report_progress()"))
 
 
 def _usec(seconds: float) -> int:
@@ -149,7 +150,7 @@ class SystemdNotifier:
         self._draining = threading.Event()  # set once a shutdown runs: progress checks
         self._seen = (0, 0)  # (listeners finished, reports) at the last progress check
         self._stuck = False  # the coordinator has not answered the watchdog's last ask
-        self._unobserve = lifecycle.subscribe(self._on_event)
+        self._unobserve = subscribe(lifecycle, self._on_event)
         self._thread = threading.Thread(target=self._tick, name="graceful-systemd", daemon=True)
         self._thread.start()
 
@@ -171,7 +172,7 @@ class SystemdNotifier:
     def _on_event(self, event: Event, detail: str) -> None:
         with self._lock:
             if event is Event.WRAPPING_UP:
-                if self.lifecycle.shutdown_requested:
+                if shutdown_requested(self.lifecycle):
                     self._begin_shutdown(detail)
                 elif not self._stopping_sent:
                     notify(f"STATUS=paused ({detail}): not taking new work; SIGTERM stops the service")
@@ -198,7 +199,7 @@ class SystemdNotifier:
             return
         self._stopping_sent = True
         notify("STOPPING=1", f"STATUS=wrapping up ({reason})")
-        self._seen = (self._finished(), self.lifecycle.progress)
+        self._seen = (self._finished(), progress(self.lifecycle))
         self._extend()  # the start of the shutdown counts as progress
         self._draining.set()
 
@@ -246,7 +247,7 @@ class SystemdNotifier:
     def _check_progress(self) -> None:
         status = self.lifecycle.status()
         finished = sum(1 for item in status.listeners if item.state in _FINISHED)
-        seen = (finished, self.lifecycle.progress)
+        seen = (finished, progress(self.lifecycle))
         if seen[0] > self._seen[0] or seen[1] > self._seen[1]:
             with self._lock:
                 if not self._stop.is_set():

@@ -28,7 +28,7 @@ from types import TracebackType
 
 from ._current import use
 from ._deadline import FakeClock
-from ._lifecycle import Lifecycle, State
+from ._lifecycle import Lifecycle, State, join, set_daemon, wait_until_idle
 from ._listeners import ListenerState
 from ._signals import Router, handled_signals
 from ._testing_process import (
@@ -82,7 +82,8 @@ class LifecycleHarness:
         self.clock = FakeClock()
         self.exit_codes: list[int] = []
         # daemon: a listener a test leaves stuck must not keep pytest alive at exit.
-        self.lifecycle = Lifecycle(force_quit, clock=self.clock, exit=self.exit_codes.append, daemon=True)
+        self.lifecycle = Lifecycle(force_quit, clock=self.clock, exit=self.exit_codes.append)
+        set_daemon(self.lifecycle, True)
         self.teardown_timeout = check_seconds(teardown_timeout, "LifecycleHarness(teardown_timeout=...)")
         self._router = Router(self.lifecycle, offload=False)
         self._previous: Lifecycle | None = None
@@ -142,9 +143,9 @@ class LifecycleHarness:
         lc.shutdown("graceful_lifecycle teardown", wait=False)
         stopped = lc.wait_for_shutdown(self.teardown_timeout)
         # A listener added after STOPPED runs on its own: wait for it too, within the bound.
-        lc.wait_until_idle(max(0.0, deadline - time.monotonic()))
+        wait_until_idle(lc, max(0.0, deadline - time.monotonic()))
         if stopped:
-            lc.join(max(0.0, deadline - time.monotonic()))
+            join(lc, max(0.0, deadline - time.monotonic()))
         listeners = lc.status().listeners
         lines = [
             f"  - {item.phase} listener {item.name!r} is still running"
@@ -202,7 +203,7 @@ class LifecycleHarness:
     @property
     def forced(self) -> str | None:
         """The force-quit report (it names each unfinished listener), or None if not forced."""
-        return self.lifecycle.forced
+        return self.lifecycle.force_quit_report
 
     def __repr__(self) -> str:
         return f"<graceful.testing.LifecycleHarness {self._phase} {self.lifecycle!r}>"

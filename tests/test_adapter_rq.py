@@ -30,7 +30,7 @@ WORKER = r"""
 import logging, sys
 import redis, rq
 import graceful
-from graceful.adapters.registry import Registration
+from graceful.adapters.heartbeat import Registration
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
 connection = redis.Redis.from_url(sys.argv[1])

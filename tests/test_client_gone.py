@@ -18,7 +18,7 @@ import struct
 
 import pytest
 
-from graceful.adapters import _gone
+from graceful.adapters import _inflight as _gone
 
 from .child import PREAMBLE, Child
 from .conftest import BOUND

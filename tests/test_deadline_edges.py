@@ -41,9 +41,9 @@ def test_blocking_callable_at_the_deadline_exits_70_and_claims_no_clean_stop(chi
     child = start(
         children,
         """
-        import graceful
+        import graceful, graceful.lowlevel
         # A force-quit hook that takes its time: the window in which a clean stop was claimed.
-        graceful.get_lifecycle().on_force_quit(lambda: threading.Event().wait(1.5))
+        graceful.lowlevel.on_force_quit(graceful.get_lifecycle(), lambda: threading.Event().wait(1.5))
         def serve():
             say("serving")
             threading.Event().wait()

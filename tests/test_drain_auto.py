@@ -15,7 +15,9 @@ import pytest
 
 from graceful import Lifecycle, readiness
 from graceful._deadline import FakeClock
-from graceful._drain_delay import AUTO_MAX, AUTO_QUIET, DrainDelay, drain_delay_ended_why
+from graceful._drain_delay import AUTO_QUIET, drain_delay_of
+from graceful._settings import AUTO_MAX
+from graceful._settings import DrainDelaySetting as DrainDelay
 
 from .child import Child
 from .conftest import BOUND, Recorder
@@ -106,7 +108,7 @@ def test_without_probes_auto_ends_after_a_quiet_window_that_each_request_restart
     clock.advance(AUTO_QUIET / 2)  # QUIET since the last arrival
     thread.join(BOUND)
     assert waited == [pytest.approx(AUTO_QUIET * 1.5)]
-    assert drain_delay_ended_why(lc) == f"no new request for {AUTO_QUIET:g} s (no probes served)"
+    assert drain_delay_of(lc).ended_why == f"no new request for {AUTO_QUIET:g} s (no probes served)"
     assert readiness.drain_delay_left(lc) == 0
     release.set()
     assert lc.wait_for_shutdown(BOUND)
@@ -127,7 +129,7 @@ def test_with_probes_auto_waits_for_a_503_answered_then_the_quiet_window() -> No
         clock.advance(AUTO_QUIET)
         thread.join(BOUND)
         assert waited == [pytest.approx(1 + AUTO_QUIET)]
-    assert drain_delay_ended_why(lc) == f"no new request for {AUTO_QUIET:g} s, a probe answered 503"
+    assert drain_delay_of(lc).ended_why == f"no new request for {AUTO_QUIET:g} s, a probe answered 503"
     release.set()
     assert lc.wait_for_shutdown(BOUND)
 
@@ -155,7 +157,7 @@ def test_auto_ends_at_its_bound_and_says_so() -> None:
         clock.advance(2)
         thread.join(BOUND)
     assert waited == [2]
-    assert drain_delay_ended_why(lc) == "at its maximum of auto:2"
+    assert drain_delay_of(lc).ended_why == "at its maximum of auto:2"
     release.set()
     assert lc.wait_for_shutdown(BOUND)
 
@@ -169,7 +171,7 @@ def test_auto_is_bounded_by_the_budget_left() -> None:
         assert readiness.drain_delay_left(lc) == 10
         clock.advance(10)
         assert readiness.drain_delay_left(lc) == 0
-    assert drain_delay_ended_why(lc) == "the force-quit budget ran out"
+    assert drain_delay_of(lc).ended_why == "the force-quit budget ran out"
     release.set()
 
 
@@ -193,7 +195,7 @@ def test_the_async_wait_wakes_on_a_probe_answered_503() -> None:
 
         waited = asyncio.run(main())
     assert 0 < waited < 30
-    assert drain_delay_ended_why(lc) == f"no new request for {AUTO_QUIET:g} s, a probe answered 503"
+    assert drain_delay_of(lc).ended_why == f"no new request for {AUTO_QUIET:g} s, a probe answered 503"
     release.set()
     assert lc.wait_for_shutdown(BOUND)
 

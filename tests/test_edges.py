@@ -114,7 +114,7 @@ def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
     code = graceful.run(serve, handle_signals=False)
     assert exits.codes == [70]
     assert code == 70
-    assert "KeyboardInterrupt again" in (lifecycle.forced or ""), sent_at
+    assert "KeyboardInterrupt again" in (lifecycle.force_quit_report or ""), sent_at
 
 
 @pytest.mark.timeout(30)

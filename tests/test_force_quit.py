@@ -12,8 +12,9 @@ from collections.abc import Callable
 import pytest
 
 from graceful import Lifecycle
-from graceful._deadline import FakeClock, MonotonicClock, TimerHandle
-from graceful._deadline import budget_from_env, emit_report
+from graceful._deadline import FakeClock, MonotonicClock, TimerHandle, emit_report
+from graceful._settings import read_budget
+from graceful.lowlevel import on_force_quit
 
 from .conftest import BOUND, Recorder, run_python
 
@@ -37,7 +38,7 @@ def test_deadline_fires_once_with_a_report_naming_the_stuck_listener_and_its_sta
     with caplog.at_level(logging.CRITICAL, logger="graceful"):
         clock.advance(0.1)
     assert exits.codes == [70]
-    report = lc.forced
+    report = lc.force_quit_report
     assert report is not None
     assert "deadline of 25 s passed" in report
     assert "shutdown listener 'flush-metrics': running for" in report
@@ -49,7 +50,7 @@ def test_deadline_fires_once_with_a_report_naming_the_stuck_listener_and_its_sta
         report.removeprefix("graceful: ")
     ]
     clock.advance(100)
-    lc.force_quit("again")
+    lc.force_quit_now("again")
     assert exits.codes == [70]
     release.set()
 
@@ -61,7 +62,7 @@ def test_report_lists_listeners_that_never_started(lc: Lifecycle, clock: FakeClo
     lc.shutdown(wait=False)
     assert started.wait(BOUND)
     clock.advance(25)
-    report = lc.forced or ""
+    report = lc.force_quit_report or ""
     assert "wrap_up listener 'drain-http': running" in report
     assert "Not started:\n  - shutdown listener 'close-db': never started" in report
     release.set()
@@ -93,7 +94,7 @@ def test_async_listener_report_shows_the_await_chain(
         lc.shutdown(wait=False)
         assert started.wait(BOUND)
         clock.advance(25)
-        report = lc.forced or ""
+        report = lc.force_quit_report or ""
         assert "awaiting:" in report
         assert "in drain_queue" in report
         assert "in wait_for_ack" in report
@@ -106,10 +107,10 @@ def test_async_listener_report_shows_the_await_chain(
 
 
 def test_no_listener_running_still_reports(lc: Lifecycle, exits: Recorder) -> None:
-    lc.force_quit("SIGQUIT")
+    lc.force_quit_now("SIGQUIT")
     assert exits.codes == [70]
-    assert "force quit: SIGQUIT" in (lc.forced or "")
-    assert "No listener was still running." in (lc.forced or "")
+    assert "force quit: SIGQUIT" in (lc.force_quit_report or "")
+    assert "No listener was still running." in (lc.force_quit_report or "")
 
 
 def test_a_pause_alone_starts_no_deadline(lc: Lifecycle, clock: FakeClock, exits: Recorder) -> None:
@@ -148,7 +149,7 @@ def test_finishing_in_time_disarms_the_deadline(lc: Lifecycle, clock: FakeClock,
     assert lc.shutdown(timeout=BOUND)
     clock.advance(1000)
     assert exits.codes == []
-    assert lc.forced is None
+    assert lc.force_quit_report is None
 
 
 def test_a_timer_that_fires_as_the_sequence_disarms_it_in_time_forces_nothing(exits: Recorder) -> None:
@@ -167,7 +168,7 @@ def test_a_timer_that_fires_as_the_sequence_disarms_it_in_time_forces_nothing(ex
     # A _ThreadTimer that checked "cancelled?" a moment before the disarm calls it anyway.
     scheduled[-1]()
     assert exits.codes == []
-    assert lc.forced is None
+    assert lc.force_quit_report is None
 
 
 def test_monotonic_clock_timer_fires_and_cancels() -> None:
@@ -212,25 +213,39 @@ def test_report_is_not_doubled_when_logging_prints_to_stderr(capsys: pytest.Capt
 
 def test_env_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRACEFUL_FORCE_QUIT", "7.5")
-    assert budget_from_env(25) == 7.5
+    assert read_budget() == 7.5
     monkeypatch.setenv("GRACEFUL_FORCE_QUIT", " ")
-    assert budget_from_env(25) == 25
+    assert read_budget() is None
     monkeypatch.setenv("GRACEFUL_FORCE_QUIT", "soon")
     with pytest.raises(ValueError, match="GRACEFUL_FORCE_QUIT='soon' is not a number"):
-        budget_from_env(25)
+        read_budget()
     monkeypatch.setenv("GRACEFUL_FORCE_QUIT", "-3")
     with pytest.raises(ValueError, match="GRACEFUL_FORCE_QUIT"):
-        budget_from_env(25)
+        read_budget()
 
 
-def test_default_lifecycle_takes_its_budget_from_the_environment() -> None:
+def test_default_lifecycle_takes_its_budget_from_the_environment_when_armed() -> None:
+    """Not at import: when the deadline is armed (no run(), no host read it before)."""
     result = run_python(
-        "import graceful; print(graceful.status().force_quit)", env={"GRACEFUL_FORCE_QUIT": "9"}
+        "import graceful; print(graceful.status().force_quit); graceful.shutdown(); "
+        "print(graceful.status().force_quit)",
+        env={"GRACEFUL_FORCE_QUIT": "9"},
     )
-    assert result.stdout.strip() == "9.0"
-    bad = run_python("import graceful", env={"GRACEFUL_FORCE_QUIT": "abc"})
-    assert bad.returncode == 1
-    assert "GRACEFUL_FORCE_QUIT='abc' is not a number" in bad.stderr
+    assert result.stdout.split() == ["25.0", "9.0"], result.stderr
+
+
+def test_a_bad_budget_in_the_environment_fails_no_import_and_no_shutdown() -> None:
+    """``import graceful`` never fails on a deployment variable; a shutdown that finds a bad one
+    logs it and uses the default budget (run() and the hosts refuse it at start instead)."""
+    result = run_python(
+        "import logging, graceful; logging.basicConfig(); graceful.shutdown(); "
+        "print(graceful.status().force_quit, graceful.get_lifecycle().exit_code)",
+        env={"GRACEFUL_FORCE_QUIT": "abc", "GRACEFUL_DRAIN_DELAY": "soon", "GRACEFUL_PROBE_PORT": "80a"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["25.0", "0"]
+    assert "GRACEFUL_FORCE_QUIT='abc' is not a number" in result.stderr
+    assert "the default budget of 25 s applies" in result.stderr
 
 
 def test_hung_shutdown_listener_makes_a_real_process_exit_70_with_a_report() -> None:
@@ -263,14 +278,17 @@ def test_force_quit_hooks_run_after_the_report_and_before_the_exit(
     def bad() -> None:
         raise RuntimeError("requeue failed")
 
-    lc.on_force_quit(
-        lambda: seen.append(f"hook sees report: {lc.forced is not None}; exited: {bool(exits.codes)}")
+    on_force_quit(
+        lc,
+        lambda: seen.append(
+            f"hook sees report: {lc.force_quit_report is not None}; exited: {bool(exits.codes)}"
+        ),
     )
-    lc.on_force_quit(bad, name="requeue-jobs")
-    lc.on_force_quit(lambda: seen.append("after the bad one"))
-    lc.force_quit("SIGQUIT")
+    on_force_quit(lc, bad, name="requeue-jobs")
+    on_force_quit(lc, lambda: seen.append("after the bad one"))
+    lc.force_quit_now("SIGQUIT")
     assert seen == ["hook sees report: True; exited: False", "after the bad one"]
     assert exits.codes == [70]
     assert "requeue-jobs" in caplog.text
     with pytest.raises(TypeError, match="on_force_quit"):
-        lc.on_force_quit("nope")  # type: ignore[arg-type]
+        on_force_quit(lc, "nope")  # type: ignore[arg-type]

@@ -35,6 +35,40 @@ def test_import_graceful_imports_nothing_heavy_and_nothing_third_party() -> None
     assert top - set(sys.stdlib_module_names) == {"graceful"}
 
 
+def test_import_graceful_loads_at_most_ten_of_its_own_modules() -> None:
+    """Each module costs ~0.2 ms of import machinery whatever it holds: one concept a file,
+    and no more files on the import path than concepts."""
+    code = "import sys, graceful; print(' '.join(m for m in sys.modules if m.split('.')[0] == 'graceful'))"
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    own = result.stdout.split()
+    assert len(own) <= 10, own
+
+
+def test_import_graceful_reads_no_environment_variable() -> None:
+    """A test runner, a linter or a docs build importing graceful never fails on a deployment
+    variable: every GRACEFUL_* value, however wrong, leaves ``import graceful`` alone."""
+    bad = {
+        name: "abc"
+        for name in (
+            "GRACEFUL_FORCE_QUIT",
+            "GRACEFUL_DRAIN_DELAY",
+            "GRACEFUL_PROBE_PORT",
+            "GRACEFUL_PROBE_HOST",
+            "GRACEFUL_TERMINATION_GRACE",
+            "GRACEFUL_TIMEOUT_STOP_SEC",
+        )
+    }
+    code = (
+        "import os, graceful, graceful.readiness, graceful.systemd, graceful.testing, graceful.lowlevel\n"
+        "seen = [name for name in os.environ if name.startswith('GRACEFUL_')]\n"
+        "print(len(seen), graceful.status().force_quit)"
+    )
+    result = run_python(code, env=bad)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(len(bad)), "25.0"]
+
+
 def test_public_face_is_exactly_all() -> None:
     # Public submodules (graceful.systemd, graceful.pytest_plugin, ...) show up once imported.
     public = {

@@ -13,6 +13,7 @@ import pytest
 import graceful
 from graceful import Lifecycle, State
 from graceful._deadline import FakeClock
+from graceful.lowlevel import record_failure
 
 from .conftest import BOUND, Recorder
 
@@ -424,7 +425,7 @@ def test_module_level_functions_act_on_the_default_and_use_swaps_it(exits: Recor
 
 def test_record_failure_makes_the_exit_code_one(lc: Lifecycle) -> None:
     assert lc.exit_code == 0
-    lc.record_failure("server 'api' crashed")
+    record_failure(lc, "server 'api' crashed")
     assert lc.exit_code == 1
 
 

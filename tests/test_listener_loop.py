@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import graceful
+from graceful.lowlevel import listener_loop
 
 from .conftest import BOUND
 
@@ -42,7 +43,7 @@ def test_async_listener_registered_with_no_loop_runs_on_runs_loop(fresh: gracefu
 
     assert graceful.run(app(), handle_signals=False) == 0
     assert results == ["closed"]
-    assert fresh.listener_loop.loop is None  # run() gave it back
+    assert listener_loop(fresh) is None  # run() gave it back
 
 
 @pytest.mark.timeout(30)

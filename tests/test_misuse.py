@@ -4,6 +4,7 @@ nothing has changed when it is raised."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import socket
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 import graceful
-from graceful import Lifecycle, State
+from graceful import Lifecycle, State, lowlevel
 
 from .conftest import BOUND, ROOT, Recorder, run_python
 
@@ -104,8 +105,9 @@ def test_shutdown_bad_timeout_rejected_before_anything_starts(timeout: object, e
 def test_wait_bad_timeout_rejected(method: str, timeout: object, error: type) -> None:
     """Every blocking wait of a Lifecycle checks its timeout the same way."""
     lc = _new()
+    wait = getattr(lc, method, None) or functools.partial(getattr(lowlevel, method), lc)
     with pytest.raises(error, match="number of seconds"):
-        getattr(lc, method)(timeout)
+        wait(timeout)
     assert lc.state() is State.RUNNING
 
 
@@ -173,7 +175,7 @@ def test_wait_for_wrap_up_async_exists_and_wakes(fresh: Lifecycle) -> None:
 @pytest.mark.parametrize(
     ("make", "says"),
     [
-        pytest.param(lambda: Lifecycle(clock="x"), "monotonic\\(\\) and call_at\\(\\)", id="clock"),  # type: ignore[arg-type]
+        pytest.param(lambda: Lifecycle(clock="x"), "monotonic\\(\\), call_at\\(\\) and wait_until\\(\\)", id="clock"),  # type: ignore[arg-type]
         pytest.param(lambda: Lifecycle(exit="x"), "takes a callable", id="exit"),  # type: ignore[arg-type]
         pytest.param(lambda: Lifecycle(force_quit="5"), "number of seconds", id="force_quit-str"),  # type: ignore[arg-type]
         pytest.param(lambda: graceful.signal_handlers("oops"), "graceful.Lifecycle", id="signal_handlers"),  # type: ignore[arg-type]
@@ -198,14 +200,19 @@ def test_budget_out_of_range_rejected(budget: float) -> None:
     lc = _new()
     with pytest.raises(ValueError, match="at most"):
         lc.set_time_to_force_quit(budget)
-    assert lc.force_quit_budget == BOUND
+    assert lowlevel.budget(lc) == BOUND
     with pytest.raises(ValueError, match="at most"):
         Lifecycle(force_quit=budget)
 
 
-def test_env_budget_too_large_is_a_clear_error_at_import() -> None:
-    """``GRACEFUL_FORCE_QUIT=1e10`` fails ``import graceful`` with a ValueError naming the variable."""
-    result = run_python("import graceful", env={"GRACEFUL_FORCE_QUIT": "1e10"})
+def test_env_budget_too_large_is_a_clear_error_when_run_starts() -> None:
+    """``GRACEFUL_FORCE_QUIT=1e10`` fails ``run()`` (not ``import graceful``) with a ValueError
+    naming the variable, before anything starts."""
+    result = run_python(
+        "import graceful; print('imported', flush=True); graceful.run(lambda: None)",
+        env={"GRACEFUL_FORCE_QUIT": "1e10"},
+    )
+    assert result.stdout == "imported\n"
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ValueError: GRACEFUL_FORCE_QUIT"), result.stderr
@@ -220,7 +227,7 @@ def test_run_generator_function_is_type_error_at_the_call() -> None:
     lc = _new()
     with pytest.raises(TypeError, match="generator function"):
         graceful.run(_gen, force_quit=3, handle_signals=False, lifecycle=lc)
-    assert lc.force_quit_budget == BOUND
+    assert lowlevel.budget(lc) == BOUND
     assert lc.state() is State.RUNNING
 
 
@@ -297,7 +304,7 @@ def test_run_off_main_thread_raises_before_changing_the_budget() -> None:
     assert len(errors) == 1
     assert isinstance(errors[0], RuntimeError)
     assert "handle_signals=False" in str(errors[0])
-    assert lc.force_quit_budget == BOUND
+    assert lowlevel.budget(lc) == BOUND
     assert lc.state() is State.RUNNING
 
 
@@ -316,7 +323,7 @@ def test_run_bad_arguments_leave_the_budget_alone(kwargs: dict[str, object], err
     call: dict[str, object] = {"server": lambda: None, "handle_signals": False, **kwargs}
     with pytest.raises(error, match=says):
         graceful.run(call.pop("server"), force_quit=3, lifecycle=lc, **call)  # type: ignore[arg-type]
-    assert lc.force_quit_budget == BOUND
+    assert lowlevel.budget(lc) == BOUND
     assert lc.state() is State.RUNNING
 
 

@@ -47,6 +47,7 @@ def test_process(graceful_process):
 LEAKS = """
 import signal, threading
 import graceful
+from graceful.lowlevel import join
 
 ORIGINAL = graceful.get_lifecycle()
 ORIGINAL_BUDGET = ORIGINAL.status().force_quit
@@ -54,7 +55,7 @@ SEEN = []  # every harness so far: none may still have a live sequence thread
 
 def fresh(harness):
     for earlier in SEEN:
-        assert earlier.lifecycle.join(0), "a sequence thread leaked"
+        assert join(earlier.lifecycle, 0), "a sequence thread leaked"
         assert graceful.get_lifecycle() is not earlier.lifecycle
     SEEN.append(harness)
     assert graceful.get_lifecycle() is harness.lifecycle is not ORIGINAL

@@ -15,6 +15,7 @@ import pytest
 import graceful
 from graceful import Lifecycle, readiness
 from graceful._deadline import FakeClock
+from graceful._settings import Settings
 
 from .child import Child
 from .conftest import BOUND, ROOT, Recorder
@@ -280,7 +281,8 @@ def test_bad_probe_settings_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> N
         readiness.serve_probes(70000)
     monkeypatch.setenv("GRACEFUL_PROBE_PORT", "http")
     with pytest.raises(ValueError, match="GRACEFUL_PROBE_PORT"):
-        readiness.probe_port_from_env()
+        Settings.read()
+    monkeypatch.delenv("GRACEFUL_PROBE_PORT")
     monkeypatch.setenv("GRACEFUL_TERMINATION_GRACE", "half a minute")
     with pytest.raises(ValueError, match=r"GRACEFUL_TERMINATION_GRACE.*terminationGracePeriodSeconds"):
         readiness.check_platform_grace(Lifecycle())

@@ -23,7 +23,7 @@ from .conftest import BOUND, Recorder
 def fresh(fresh: Lifecycle) -> Iterator[Lifecycle]:
     """conftest's ``fresh``, and no test here may reach the force-quit deadline."""
     yield fresh
-    assert fresh.forced is None, fresh.forced
+    assert fresh.force_quit_report is None, fresh.force_quit_report
 
 
 def handlers() -> dict[int, object]:

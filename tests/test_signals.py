@@ -13,6 +13,7 @@ import pytest
 import graceful
 from graceful import Lifecycle, State
 from graceful._signals import Router, handled_signals, signal_handlers
+from graceful.lowlevel import shutdown_requested
 
 from .child import Child
 from .conftest import BOUND, Recorder
@@ -415,7 +416,7 @@ def test_hup_with_and_without_reload_listeners(lc: Lifecycle, caplog: pytest.Log
     with caplog.at_level(logging.INFO, logger="graceful"):
         router.dispatch(signal.SIGHUP)
     assert "with no reload listener" in caplog.text
-    assert lc.shutdown_requested
+    assert shutdown_requested(lc)
 
 
 # -- installation: main thread only, restore everything, survive a takeover -------------------------

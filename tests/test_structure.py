@@ -19,7 +19,7 @@ CORE = {
     "graceful._diagnostics",
     "graceful._lifecycle",
     "graceful._listeners",
-    "graceful._platform",
+    "graceful._settings",
 }
 """The core: ``Lifecycle``, listeners, the deadline and its clock, and their helpers."""
 
@@ -27,9 +27,9 @@ CORE_ORDER = [
     "graceful._lifecycle",
     "graceful._deadline",
     "graceful._diagnostics",
+    "graceful._settings",
     "graceful._listeners",
     "graceful._aio",
-    "graceful._platform",
     "graceful._checks",
 ]
 """The core from top to bottom: what each module may import is below it in this list."""

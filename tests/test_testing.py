@@ -16,6 +16,7 @@ import pytest
 import graceful
 from graceful import State
 from graceful._deadline import FakeClock as CoreFakeClock
+from graceful.lowlevel import join
 from graceful.testing import (
     FakeClock,
     LifecycleHarness,
@@ -232,7 +233,7 @@ def test_close_finishes_a_paused_sequence_so_its_thread_ends() -> None:
     assert harness.close() is None
     assert closed.is_set()
     assert harness.lifecycle.state() is State.STOPPED
-    assert harness.lifecycle.join(0)  # the sequence's thread has ended
+    assert join(harness.lifecycle, 0)  # the sequence's thread has ended
 
 
 @pytest.mark.timeout(30)

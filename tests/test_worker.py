@@ -20,7 +20,7 @@ import redis
 import graceful
 from graceful import Lifecycle
 from graceful._service import Context
-from graceful.adapters.registry import Registration
+from graceful.adapters.heartbeat import Registration
 from graceful.adapters.worker import Requeue, Worker
 from graceful.testing import ProcessFactory
 
@@ -31,7 +31,7 @@ WORKER = r"""
 import logging, sys, threading
 import redis
 import graceful
-from graceful.adapters.registry import Registration
+from graceful.adapters.heartbeat import Registration
 from graceful.adapters.worker import Requeue, Worker
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")

@@ -3,16 +3,27 @@
 Why: at the force-quit deadline a server's connections are cut; the operator must learn which
 requests were lost (method, path, client, how long each had run), not only how many. Every
 web adapter records each request here when it starts and removes it when it ends.
+
+A client that went away early is told apart from a real error here too. Behind a load balancer
+clients leave all the time (the balancer resets its pooled keep-alive connections, a health
+check closes once it has the status line), and the standard library prints a traceback for
+each. But the same exceptions (``ConnectionResetError`` and its kin) also come from a handler's
+own call to a backend, which *is* an error. So an exception counts as "the client went away"
+only when the client's own socket shows the peer gone: the kernel's TCP state on Linux, else a
+peek that consumes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import select
+import socket
 import time
 
 from .._checks import TYPE_CHECKING
-from ..readiness import traffic
+from .._drain_delay import drain_delay_of
+from .._lifecycle import report_progress
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -22,9 +33,13 @@ if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
 
 __all__ = [
+    "GONE",
+    "TIMED_OUT",
     "InFlight",
     "Request",
+    "describe_client",
     "log_ended_long_lived",
+    "peer_gone",
 ]
 
 log = logging.getLogger("graceful")
@@ -65,7 +80,7 @@ class InFlight:
     @lifecycle.setter
     def lifecycle(self, lifecycle: Lifecycle | None) -> None:
         self._lifecycle = lifecycle
-        self._traffic = None if lifecycle is None else traffic(lifecycle)
+        self._traffic = None if lifecycle is None else drain_delay_of(lifecycle).traffic
 
     # Every request passes through add() and discard(): one dict store each, atomic under the
     # GIL (and in free-threaded builds, whose dicts lock themselves), so no lock of our own.
@@ -81,7 +96,7 @@ class InFlight:
         ended = self._requests.pop(key, None)
         lifecycle = self._lifecycle
         if ended is not None and lifecycle is not None and lifecycle.stopping:
-            lifecycle.report_progress()  # the drain moves: systemd gives more time
+            report_progress(lifecycle)  # the drain moves: systemd gives more time
 
     def requests(self) -> list[Request]:
         items = list(self._requests.values())  # one C call: a consistent copy
@@ -115,3 +130,48 @@ def log_ended_long_lived(name: str, websockets: int, streams: int) -> None:
         log.info(
             "%s: closed %d WebSocket(s) with 1001 (going away), ended %d stream(s)", name, websockets, streams
         )
+
+
+# -- clients that went away -------------------------------------------------------------------
+
+# What a client going away raises on our side of its socket: a reset (RST) read or written, a
+# write after it closed (EPIPE), an abort (Windows). ConnectionRefusedError, the fourth
+# ConnectionError, only comes from connect(): the user's handler calling a backend.
+GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux: struct tcp_info, state first
+TCP_CLOSE = 7  # tcpi_state of a connection reset while our end is still open
+TIMED_OUT = "Request timed out: %r"  # BaseHTTPRequestHandler's line (3.6 to 3.13 alike)
+
+
+def describe_client(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return repr(address) if address else "(unnamed socket)"
+
+
+def peer_gone(sock: object) -> bool:
+    """The peer has closed or reset ``sock``: end of stream or an error waits on it.
+
+    A live connection, merely quiet or with bytes still to read, is not gone. On Linux the
+    kernel's TCP state says it first (CLOSE: reset, even with unread bytes left before the
+    reset); else a peek at the raw socket (a TLS socket's bytes too, undecrypted) without
+    consuming anything or blocking.
+    """
+    if not isinstance(sock, socket.socket):
+        return False  # a datagram server's (data, socket): no connection to lose
+    try:
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if tcp and TCP_INFO is not None and sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_CLOSE:
+            return True
+        if hasattr(select, "poll"):  # no FD_SETSIZE limit: a busy server has fds over 1024
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        return readable and not socket.socket.recv(sock, 1, socket.MSG_PEEK)
+    except GONE:
+        return True
+    except (OSError, ValueError):  # closed already, or not a stream: cannot tell, so not gone
+        return False

@@ -45,8 +45,9 @@ from functools import partial
 from aiohttp import web
 
 from .._checks import TYPE_CHECKING, port_from_env
+from .._drain_delay import drain_delay_of
+from .._lifecycle import on_force_quit
 from .._service import Context
-from ._drain import sleep_drain_delay_said
 from ._inflight import InFlight, Request, log_ended_long_lived
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ class AiohttpService:
         self._done = asyncio.Event()
         self._prepare_done = self._loop.create_future()
         self._prepare_done.set_result(None)
-        ctx.lifecycle.on_force_quit(self._forced, name=f"cut requests still running on {self.name}")
+        on_force_quit(ctx.lifecycle, self._forced, name=f"cut requests still running on {self.name}")
         await self.runner.setup()
         server = self.runner.server
         assert server is not None  # setup() made it
@@ -232,7 +233,7 @@ class AiohttpService:
     async def wrap_up(self, ctx: Context) -> None:
         if self._done is None or self._done.is_set():
             return
-        await sleep_drain_delay_said(ctx.lifecycle)  # not-ready, still serving
+        await drain_delay_of(ctx.lifecycle).wait_said_async()  # not-ready, still serving
         self._draining = True
         for site in list(self.runner.sites):
             await site.stop()  # the listening socket closes: new connections are refused

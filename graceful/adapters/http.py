@@ -28,7 +28,7 @@ asks graceful for a shutdown instead (``serve_forever()`` is not what runs the l
 
 A client that goes away early (a balancer resetting its pooled connections) is counted and
 logged at DEBUG, never a traceback: ``handle_error`` is overridden on the server *instance*,
-and ``_gone`` says how it is told from a handler's own failing call to a backend, which is
+and ``_inflight`` says how it is told from a handler's own failing call to a backend, which is
 still reported. Only the error path changes: a request served costs what it cost.
 """
 
@@ -47,11 +47,10 @@ from http.server import BaseHTTPRequestHandler
 from socketserver import TCPServer
 
 from .._checks import TYPE_CHECKING
+from .._drain_delay import drain_delay_of
+from .._lifecycle import on_force_quit, report_progress
 from .._service import Context
-from ..readiness import traffic
-from ._drain import wait_drain_delay_said
-from ._gone import GONE, TIMED_OUT, describe_client, peer_gone
-from ._inflight import Request
+from ._inflight import GONE, TIMED_OUT, Request, describe_client, peer_gone
 
 monotonic = time.monotonic
 
@@ -198,7 +197,7 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
                     served[self] += 1
                     lifecycle = tracker.lifecycle
                     if lifecycle is not None and lifecycle.stopping:
-                        lifecycle.report_progress()  # the drain moves: systemd gives more time
+                        report_progress(lifecycle)  # the drain moves: systemd gives more time
                     if self in upgraded:  # the upgraded protocol has ended with its handler
                         tracker.upgrade(self, None)
 
@@ -298,8 +297,8 @@ class HTTPServerService:
     def serve(self, ctx: Context) -> None:
         self._ctx = ctx
         self.tracker.lifecycle = ctx.lifecycle
-        self.tracker.traffic = traffic(ctx.lifecycle)
-        ctx.lifecycle.on_force_quit(self._drop_the_rest, name=f"drop requests of {self.name}")
+        self.tracker.traffic = drain_delay_of(ctx.lifecycle).traffic
+        on_force_quit(ctx.lifecycle, self._drop_the_rest, name=f"drop requests of {self.name}")
         self.server.shutdown = self._shutdown_asked  # type: ignore[method-assign]
         self._wake = socket.socketpair()
         wake_r = self._wake[0]
@@ -340,7 +339,7 @@ class HTTPServerService:
     # -- wrap-up: stop accepting, drain -------------------------------------------------------
 
     def wrap_up(self, ctx: Context) -> None:
-        wait_drain_delay_said(ctx.lifecycle)
+        drain_delay_of(ctx.lifecycle).wait_said()
         self.tracker.draining = True
         self._stop.set()
         if self._wake is not None:

@@ -29,6 +29,7 @@ import sys
 import threading
 
 from .._checks import TYPE_CHECKING
+from .._lifecycle import on_force_quit
 from .._service import Context
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class ProcessService:
             self._child.send(signal.SIGTERM)
 
     def serve(self, ctx: Context) -> None:
-        ctx.lifecycle.on_force_quit(self._kill, name=f"kill {self.name}")
+        on_force_quit(ctx.lifecycle, self._kill, name=f"kill {self.name}")
         if ctx.lifecycle.is_stopping():  # a stop that came while we were starting is not lost
             self._by_us.set()
             self._pause_or_terminate(ctx)

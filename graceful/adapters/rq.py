@@ -36,6 +36,7 @@ from rq.exceptions import StopRequested
 from rq.timeouts import TimerDeathPenalty, UnixSignalDeathPenalty
 
 from .._checks import TYPE_CHECKING
+from .._lifecycle import on_force_quit
 from .._service import Context
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class RqService:
         _coordinate(worker, self._asked)
 
     def serve(self, ctx: Context) -> None:
-        ctx.lifecycle.on_force_quit(self._put_back, name=f"requeue the job of {self.name}")
+        on_force_quit(ctx.lifecycle, self._put_back, name=f"requeue the job of {self.name}")
         worker = self.worker
         register_birth = worker.register_birth
 

@@ -41,8 +41,9 @@ from time import monotonic
 import uvicorn
 
 from .._checks import TYPE_CHECKING
+from .._drain_delay import drain_delay_of
+from .._lifecycle import on_force_quit
 from .._service import Context
-from ._drain import sleep_drain_delay_said
 from ._inflight import InFlight, Request, log_ended_long_lived
 
 if TYPE_CHECKING:
@@ -249,7 +250,7 @@ class UvicornService:
         self._loop = asyncio.get_running_loop()
         self.in_flight.lifecycle = ctx.lifecycle
         self._draining, self._done, self._exit = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        ctx.lifecycle.on_force_quit(self._forced, name=f"cut requests still running on {self.name}")
+        on_force_quit(ctx.lifecycle, self._forced, name=f"cut requests still running on {self.name}")
         server, config = self.server, self.server.config
         if not config.loaded:
             config.load()
@@ -338,7 +339,7 @@ class UvicornService:
     async def wrap_up(self, ctx: Context) -> None:
         if self._done is None or self._draining is None or self._done.is_set():
             return
-        await sleep_drain_delay_said(ctx.lifecycle)  # not-ready, still serving
+        await drain_delay_of(ctx.lifecycle).wait_said_async()  # not-ready, still serving
         self._draining.set()
         for listener in getattr(self.server, "servers", ()):
             listener.close()  # refuse new connections now, not at uvicorn's next tick

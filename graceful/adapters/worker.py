@@ -31,6 +31,7 @@ import threading
 import time
 
 from .._checks import TYPE_CHECKING
+from .._lifecycle import on_force_quit, report_progress
 from .._service import Context
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class Worker:
     # -- the service ---------------------------------------------------------------------------
 
     def serve(self, ctx: Context) -> None:
-        ctx.lifecycle.on_force_quit(self._requeue_running, name=f"requeue the jobs of {self.name}")
+        on_force_quit(ctx.lifecycle, self._requeue_running, name=f"requeue the jobs of {self.name}")
         if ctx.lifecycle.is_stopping():  # a stop that came while we were starting is not lost
             self._stop.set()
         consumers = [
@@ -161,7 +162,7 @@ class Worker:
                 with self._lock:
                     self._running.pop(index, None)
                 if self._stop.is_set():
-                    ctx.lifecycle.report_progress()  # the drain moves: systemd gives more time
+                    report_progress(ctx.lifecycle)  # the drain moves: systemd gives more time
 
     def _handle(self, job: Any) -> None:
         try:

@@ -16,8 +16,9 @@ import grpc
 import grpc.aio
 
 from ..._checks import TYPE_CHECKING
+from ..._drain_delay import drain_delay_of
+from ..._lifecycle import on_force_quit
 from ..._service import Context
-from .._drain import sleep_drain_delay_said
 from ._health import check_health, end_sync_watches, not_serving
 from ._tracking import CUT_WAIT, GRACE_MARGIN, AioRpcInterceptor, log_dropped
 
@@ -81,7 +82,7 @@ class GrpcAioService:
         here = asyncio.get_running_loop()
         own = getattr(self.server, "_loop", None)
         self._loop = own if isinstance(own, asyncio.AbstractEventLoop) else here
-        ctx.lifecycle.on_force_quit(self._cut, name=f"cancel RPCs of {self.name}")
+        on_force_quit(ctx.lifecycle, self._cut, name=f"cancel RPCs of {self.name}")
         if self._loop is not here:
             log.info(
                 "%s: the server was made outside graceful.run()'s loop: serving it on its own", self.name
@@ -104,7 +105,9 @@ class GrpcAioService:
         if self.health is not None:
             await self._on_server_loop(self._health_not_serving())
             log.info("%s: health service NOT_SERVING", self.name)
-        await sleep_drain_delay_said(ctx.lifecycle)  # on this loop: no thread, woken by a probe's 503
+        await drain_delay_of(
+            ctx.lifecycle
+        ).wait_said_async()  # on this loop: no thread, woken by a probe's 503
         if ctx.remaining() is None:
             log.info("%s: paused; still serving the RPCs that come until shutdown", self.name)
             return

@@ -15,8 +15,9 @@ import grpc
 import grpc.aio
 
 from ..._checks import TYPE_CHECKING
+from ..._drain_delay import drain_delay_of
+from ..._lifecycle import on_force_quit
 from ..._service import Context
-from .._drain import wait_drain_delay_said
 from ._health import check_health, end_sync_watches, found_health, not_serving
 from ._tracking import CUT_WAIT, GRACE_MARGIN, RpcInterceptor, log_dropped
 
@@ -70,7 +71,7 @@ class GrpcService:
         self._stop_lock = threading.Lock()
 
     def serve(self, ctx: Context) -> None:
-        ctx.lifecycle.on_force_quit(self._cut, name=f"cancel RPCs of {self.name}")
+        on_force_quit(ctx.lifecycle, self._cut, name=f"cancel RPCs of {self.name}")
         if self.interceptor is not None:
             self.interceptor.in_flight.server_name = self.name
             self.interceptor.in_flight.lifecycle = ctx.lifecycle
@@ -82,7 +83,7 @@ class GrpcService:
         if self.health is not None:
             not_serving(self.health)
             log.info("%s: health service NOT_SERVING", self.name)
-        wait_drain_delay_said(ctx.lifecycle)
+        drain_delay_of(ctx.lifecycle).wait_said()
         if ctx.remaining() is None:
             log.info("%s: paused; still serving the RPCs that come until shutdown", self.name)
             return

@@ -30,6 +30,7 @@ import threading
 import time
 
 from .._checks import TYPE_CHECKING
+from .._lifecycle import on_force_quit
 from .._service import Context
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class Registration:
                 self._failing = False
 
     def serve(self, ctx: Context) -> None:
-        ctx.lifecycle.on_force_quit(self._remove, name=f"remove {self.key}")
+        on_force_quit(ctx.lifecycle, self._remove, name=f"remove {self.key}")
         self._write()
         self._beating = threading.Thread(
             target=self._beat, name=f"graceful-heartbeat-{self.key}", daemon=True

@@ -1,0 +1,288 @@
+"""The ``GRACEFUL_*`` environment: read in one place, when a service starts, never at import.
+
+Why: a test runner, a linter or a docs build that imports ``graceful`` must never fail because
+of a deployment variable (``GRACEFUL_FORCE_QUIT=abc python -c "import graceful"`` used to raise).
+And a service must not start half-configured: uvicorn's ``Config`` reads its environment once,
+at construction, and refuses what it cannot use. So every variable is known here, read by
+``Settings.read()`` when ``run()`` or a host (gunicorn, the ASGI lifespan, Celery) starts, and
+a bad value is a ``ValueError`` there that names the variable and says what to set. A program
+that starts nothing of graceful's (its own main loop, a library) gets the force-quit budget
+read when the deadline is armed, and the drain delay when it is first needed.
+
+The variables:
+
+* ``GRACEFUL_FORCE_QUIT``: the force-quit budget in seconds (default 25).
+* ``GRACEFUL_DRAIN_DELAY``: seconds, or ``auto[:MAX]`` (docs/deploys.md).
+* ``GRACEFUL_PROBE_PORT`` / ``GRACEFUL_PROBE_HOST``: where ``/readyz`` and ``/livez`` answer.
+* ``GRACEFUL_TERMINATION_GRACE``: Kubernetes' ``terminationGracePeriodSeconds``, which the
+  downward API does not expose, passed by hand (whole seconds; a preStop hook's time counts
+  against it; 0 means no grace at all).
+* ``GRACEFUL_TIMEOUT_STOP_SEC``: systemd's ``TimeoutStopSec``, which is not in a service's
+  environment (graceful queries nothing: no D-Bus, no ``systemctl`` from inside a service),
+  copied from the unit in seconds or systemd's time-span syntax (``90``, ``1min 30s``,
+  ``infinity``); 0 and ``infinity`` mean no timeout, as in systemd.
+
+Those two are the platform's grace before SIGKILL (SolidQueue #653: when it is shorter than the
+service's own shutdown timeout, the SIGKILL comes first and nothing says what was stuck).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ._checks import TYPE_CHECKING, check_seconds, port_number
+from ._listeners import Frozen
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "AUTO_MAX",
+    "ENV_DRAIN_DELAY",
+    "ENV_FORCE_QUIT",
+    "ENV_PROBE_HOST",
+    "ENV_PROBE_PORT",
+    "ENV_TERMINATION_GRACE",
+    "ENV_TIMEOUT_STOP_SEC",
+    "DrainDelaySetting",
+    "Settings",
+    "parse_drain_delay",
+    "parse_timespan",
+    "read_budget",
+    "read_drain_delay",
+]
+
+ENV_FORCE_QUIT = "GRACEFUL_FORCE_QUIT"
+ENV_DRAIN_DELAY = "GRACEFUL_DRAIN_DELAY"
+ENV_PROBE_PORT = "GRACEFUL_PROBE_PORT"
+ENV_PROBE_HOST = "GRACEFUL_PROBE_HOST"
+ENV_TERMINATION_GRACE = "GRACEFUL_TERMINATION_GRACE"
+ENV_TIMEOUT_STOP_SEC = "GRACEFUL_TIMEOUT_STOP_SEC"
+
+AUTO_MAX = 10.0
+"""The bound of a plain ``auto`` drain delay: HAProxy's default check (``inter 2s fall 3``)
+takes 6 s to mark a server down."""
+
+_HOW_DRAIN = "a number of seconds such as 5, or auto (auto:MAX to bound it, such as auto:10)"
+
+
+def _raw(name: str, environ: Mapping[str, str] | None) -> str:
+    return (os.environ if environ is None else environ).get(name, "").strip()
+
+
+def _seconds(name: str, environ: Mapping[str, str] | None, *, zero: bool = False) -> float | None:
+    raw = _raw(name, environ)
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"{name}={raw!r} is not a number: set it to a number of seconds such as 5, or unset it"
+        ) from None
+    return check_seconds(value, name, zero=zero)
+
+
+def read_budget(environ: Mapping[str, str] | None = None) -> float | None:
+    """``GRACEFUL_FORCE_QUIT`` in seconds, None when unset.
+
+    Raises:
+        ValueError: set to something that is not a number of seconds > 0; the message names it.
+    """
+    return _seconds(ENV_FORCE_QUIT, environ)
+
+
+# -- the drain delay ----------------------------------------------------------------------------
+
+
+class DrainDelaySetting(Frozen):
+    """A drain delay setting: ``seconds`` (fixed), or ``auto`` with ``seconds`` as its bound."""
+
+    __slots__ = ("auto", "seconds")
+    _fields = ("seconds", "auto")
+    seconds: float
+    auto: bool
+
+    def __init__(self, seconds: float, auto: bool = False) -> None:
+        super().__init__(seconds, auto)
+
+    def __str__(self) -> str:
+        return f"auto:{self.seconds:g}" if self.auto else f"{self.seconds:g} s"
+
+
+def parse_drain_delay(value: object, where: str, *, from_text: bool = False) -> DrainDelaySetting:
+    """A number of seconds >= 0, ``"auto"`` or ``"auto:MAX"`` (MAX > 0) as a setting.
+
+    ``from_text`` (an environment variable): a number written as text is taken too; from
+    Python, ``"5"`` is a ``TypeError`` like every other number of seconds given as a string.
+
+    Raises:
+        TypeError, ValueError: anything else; the message names ``where`` and says what to set.
+    """
+    if not isinstance(value, str):
+        return DrainDelaySetting(check_seconds(value, where, zero=True, example="5"))
+    text = value.strip().lower()
+    if text == "auto":
+        return DrainDelaySetting(AUTO_MAX, auto=True)
+    if not text.startswith("auto:") and not from_text:
+        raise TypeError(f"{where} takes {_HOW_DRAIN}, not {value!r}")
+    bound = text[5:] if text.startswith("auto:") else None
+    try:
+        number = float(text if bound is None else bound)
+    except ValueError:
+        raise ValueError(f"{where} takes {_HOW_DRAIN}, not {value!r}") from None
+    if bound is None:
+        return DrainDelaySetting(check_seconds(number, where, zero=True, example="5"))
+    return DrainDelaySetting(check_seconds(number, f"{where} (the MAX of auto:MAX)", example="10"), auto=True)
+
+
+def read_drain_delay(environ: Mapping[str, str] | None = None) -> DrainDelaySetting | None:
+    """``GRACEFUL_DRAIN_DELAY`` as a setting, None when unset.
+
+    Raises:
+        ValueError: neither seconds nor ``auto[:MAX]``; the message names the variable.
+    """
+    raw = _raw(ENV_DRAIN_DELAY, environ)
+    if not raw:
+        return None
+    try:
+        return parse_drain_delay(raw, ENV_DRAIN_DELAY, from_text=True)
+    except (TypeError, ValueError):
+        raise ValueError(f"{ENV_DRAIN_DELAY}={raw!r}: set it to {_HOW_DRAIN}, or unset it") from None
+
+
+# -- the platform's grace -----------------------------------------------------------------------
+
+_UNITS = {
+    "us": 1e-6,
+    "usec": 1e-6,
+    "ms": 1e-3,
+    "msec": 1e-3,
+    "": 1.0,
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "seconds": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "minutes": 60.0,
+    "h": 3600.0,
+    "hr": 3600.0,
+    "hour": 3600.0,
+    "hours": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+    "days": 86400.0,
+}
+_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)")
+
+
+def parse_timespan(raw: str, name: str) -> float | None:
+    """Seconds in a systemd time span (``"90"``, ``"1min 30s"``, ``"500ms"``); None for no limit.
+
+    Raises:
+        ValueError: not a time span; the message names ``name`` and shows the expected form.
+    """
+    text = raw.strip().lower()
+    if text == "infinity":
+        return None
+    total, pos = 0.0, 0
+    while pos < len(text):
+        match = _PART.match(text, pos)
+        if match is None or match.group(2) not in _UNITS:
+            raise ValueError(
+                f"{name}={raw!r} is not a time span: set it to seconds (e.g. 90) or to the unit's "
+                f"TimeoutStopSec value (e.g. 1min 30s, infinity)"
+            )
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    if pos == 0:
+        raise ValueError(f"{name}={raw!r} is empty: unset it, or set it to seconds (e.g. 90)")
+    return total if total > 0 else None  # TimeoutStopSec=0 turns the timeout off
+
+
+def _kubernetes_grace(environ: Mapping[str, str] | None) -> float | None:
+    raw = _raw(ENV_TERMINATION_GRACE, environ)
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):  # NaN fails it too
+        raise ValueError(
+            f"{ENV_TERMINATION_GRACE}={raw!r} is not a number of seconds: set it to the pod's "
+            f"terminationGracePeriodSeconds, e.g. 30"
+        )
+    return value
+
+
+def _platform_grace(environ: Mapping[str, str] | None) -> tuple[float, str] | None:
+    found = []
+    kubernetes = _kubernetes_grace(environ)
+    if kubernetes is not None:
+        found.append((kubernetes, f"Kubernetes' terminationGracePeriodSeconds ({ENV_TERMINATION_GRACE})"))
+    raw = _raw(ENV_TIMEOUT_STOP_SEC, environ)
+    systemd = parse_timespan(raw, ENV_TIMEOUT_STOP_SEC) if raw else None
+    if systemd is not None:
+        found.append((systemd, f"systemd's TimeoutStopSec ({ENV_TIMEOUT_STOP_SEC})"))
+    return min(found) if found else None
+
+
+# -- all of them ---------------------------------------------------------------------------------
+
+
+class Settings(Frozen):
+    """Every ``GRACEFUL_*`` variable, read and checked at once (``Settings.read()``).
+
+    ``force_quit``: seconds or None (unset); ``drain_delay``: a ``DrainDelaySetting`` or None;
+    ``probe_port``: a port or None; ``probe_host``: the interface the probes bind (default all,
+    ``0.0.0.0``: the kubelet probes the pod's IP); ``platform_grace``: the shortest grace the
+    environment declares, with a phrase naming where it comes from, or None.
+    """
+
+    __slots__ = ("drain_delay", "force_quit", "platform_grace", "probe_host", "probe_port")
+    _fields = ("force_quit", "drain_delay", "probe_port", "probe_host", "platform_grace")
+    force_quit: float | None
+    drain_delay: DrainDelaySetting | None
+    probe_port: int | None
+    probe_host: str
+    platform_grace: tuple[float, str] | None
+
+    def __init__(
+        self,
+        force_quit: float | None = None,
+        drain_delay: DrainDelaySetting | None = None,
+        probe_port: int | None = None,
+        probe_host: str = "0.0.0.0",
+        platform_grace: tuple[float, str] | None = None,
+    ) -> None:
+        super().__init__(force_quit, drain_delay, probe_port, probe_host, platform_grace)
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every variable from ``environ`` (``os.environ`` by default).
+
+        Raises:
+            ValueError: one is set to a value graceful cannot use; the message names it and
+                says what to set. Nothing is half-read: call it before changing any state.
+        """
+        raw_port = _raw(ENV_PROBE_PORT, environ)
+        port = None
+        if raw_port:
+            port = port_number(raw_port)
+            if port is None or port == 0:
+                raise ValueError(
+                    f"{ENV_PROBE_PORT}={raw_port!r} is not a port number (1-65535): set it to e.g. 8081"
+                )
+        return cls(
+            read_budget(environ),
+            read_drain_delay(environ),
+            port,
+            _raw(ENV_PROBE_HOST, environ) or "0.0.0.0",
+            _platform_grace(environ),
+        )
