@@ -48,17 +48,17 @@ def test_import_graceful_loads_at_most_ten_of_its_own_modules() -> None:
 def test_import_graceful_reads_no_environment_variable() -> None:
     """A test runner, a linter or a docs build importing graceful never fails on a deployment
     variable: every GRACEFUL_* value, however wrong, leaves ``import graceful`` alone."""
-    bad = {
-        name: "abc"
-        for name in (
+    bad = dict.fromkeys(
+        (
             "GRACEFUL_FORCE_QUIT",
             "GRACEFUL_DRAIN_DELAY",
             "GRACEFUL_PROBE_PORT",
             "GRACEFUL_PROBE_HOST",
             "GRACEFUL_TERMINATION_GRACE",
             "GRACEFUL_TIMEOUT_STOP_SEC",
-        )
-    }
+        ),
+        "abc",
+    )
     code = (
         "import os, graceful, graceful.readiness, graceful.systemd, graceful.testing, graceful.lowlevel\n"
         "seen = [name for name in os.environ if name.startswith('GRACEFUL_')]\n"

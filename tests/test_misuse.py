@@ -175,7 +175,9 @@ def test_wait_for_wrap_up_async_exists_and_wakes(fresh: Lifecycle) -> None:
 @pytest.mark.parametrize(
     ("make", "says"),
     [
-        pytest.param(lambda: Lifecycle(clock="x"), "monotonic\\(\\), call_at\\(\\) and wait_until\\(\\)", id="clock"),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: Lifecycle(clock="x"), "monotonic\\(\\), call_at\\(\\) and wait_until\\(\\)", id="clock"
+        ),  # type: ignore[arg-type]
         pytest.param(lambda: Lifecycle(exit="x"), "takes a callable", id="exit"),  # type: ignore[arg-type]
         pytest.param(lambda: Lifecycle(force_quit="5"), "number of seconds", id="force_quit-str"),  # type: ignore[arg-type]
         pytest.param(lambda: graceful.signal_handlers("oops"), "graceful.Lifecycle", id="signal_handlers"),  # type: ignore[arg-type]
