@@ -63,7 +63,9 @@ def test_at_the_thread_limit_sigterm_still_runs_every_listener_and_exits_0(
 
 
 @pytest.mark.timeout(60)
-def test_at_the_thread_limit_the_deadline_still_fires_with_its_report(graceful_process: ProcessFactory) -> None:
+def test_at_the_thread_limit_the_deadline_still_fires_with_its_report(
+    graceful_process: ProcessFactory,
+) -> None:
     proc = graceful_process(SERVICE.format(close="threading.Event().wait()"))
     proc.wait_for_output("at the thread limit")
     proc.send_signal(signal.SIGTERM)
