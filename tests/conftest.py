@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .child import Child  # child.py imports this module
 
 # A real redis-server for the queue-worker tests (the test extra brings the binary): the fixtures.
-from .redis_server import rdb, redis_url  # noqa: F401 - fixtures, found by pytest here
+from .support.redis_server import rdb, redis_url  # noqa: F401 - fixtures, found by pytest here
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds: the longest any test waits for an event that should come at once

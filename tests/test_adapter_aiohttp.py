@@ -16,7 +16,7 @@ from graceful.adapters.aiohttp import AiohttpService
 
 from .child import PREAMBLE, Child
 from .conftest import BOUND, ROOT
-from .web import (
+from .support.web import (
     assert_refused_fast,
     check_a_stuck_request_is_named_at_the_deadline,
     check_serving_during_the_drain_delay,

@@ -1,6 +1,6 @@
 """The gRPC adapters against real grpcio servers and clients on 127.0.0.1, with real signals.
 
-The server programs and the client helpers are in ``tests/grpc_service.py``.
+The server programs and the client helpers are in ``tests/support/grpc_service.py``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from graceful.adapters.grpc import (
 
 from .child import Child
 from .conftest import BOUND, ROOT, run_python
-from .grpc_service import Stream, Watch, code, echo, health_status, refused
-from .web import start, start_script
+from .support.grpc_service import Stream, Watch, code, echo, health_status, refused
+from .support.web import start, start_script
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -16,7 +16,7 @@ from graceful.adapters.http import HTTPServerService
 
 from .child import PREAMBLE, Child
 from .conftest import BOUND
-from .web import (
+from .support.web import (
     check_a_stuck_request_is_named_at_the_deadline,
     check_serving_during_the_drain_delay,
     get,

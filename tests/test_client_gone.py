@@ -22,7 +22,7 @@ from graceful.adapters import _gone
 
 from .child import PREAMBLE, Child
 from .conftest import BOUND
-from .web import free_port, get, start
+from .support.web import free_port, get, start
 
 SERVER = (
     PREAMBLE

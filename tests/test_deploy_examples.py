@@ -123,6 +123,6 @@ def test_the_demo_runs_with_the_deployments_environment(graceful_process: Proces
 
 
 def _free() -> int:
-    from .web import free_port
+    from .support.web import free_port
 
     return free_port()

@@ -19,8 +19,8 @@ from graceful._drain_delay import AUTO_MAX, AUTO_QUIET, DrainDelay, drain_delay_
 
 from .child import Child
 from .conftest import BOUND, Recorder
+from .support.web import free_port, get
 from .test_readiness import SERVICE, probe
-from .web import free_port, get
 
 
 def stopping(clock: FakeClock, setting: str, *, force_quit: float = 60) -> tuple[Lifecycle, threading.Event]:

@@ -9,7 +9,7 @@ import pytest
 
 from .child import Child
 from .conftest import BOUND, ROOT
-from .web import start_script
+from .support.web import start_script
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 from websockets.exceptions import ConnectionClosed  # noqa: E402 - after the skip

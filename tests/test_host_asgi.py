@@ -1,7 +1,7 @@
 """graceful.asgi.lifespan() under real ASGI servers it does not start, with real SIGTERMs.
 
 Each server runs its own CLI (``python -m uvicorn``, ``hypercorn``, ``granian``) on
-tests/asgi_app.py in a child process; the test talks to it with a real HTTP client and reads
+tests/support/asgi_app.py in a child process; the test talks to it with a real HTTP client and reads
 the lines the app and graceful's listeners print. The in-process tests at the end drive the
 lifespan protocol by hand, as a server would, for the edge cases.
 """
@@ -26,7 +26,7 @@ from graceful import Lifecycle, readiness
 
 from .child import Child
 from .conftest import BOUND, Recorder
-from .web import free_port, get
+from .support.web import free_port, get
 
 pytest.importorskip("hypercorn")
 pytest.importorskip("granian")
@@ -35,12 +35,12 @@ pytest.importorskip("granian")
 # default handler and re-raises the signal it caught (uvicorn #1600): the process dies of
 # SIGTERM, -15 here (143 in a shell). hypercorn and granian return 0.
 SERVERS: dict[str, tuple[Callable[[int], list[str]], int]] = {
-    "uvicorn": (lambda port: ["uvicorn", "tests.asgi_app:app", "--port", str(port)], -15),
+    "uvicorn": (lambda port: ["uvicorn", "tests.support.asgi_app:app", "--port", str(port)], -15),
     # hypercorn's 3 s drain would be tight on a loaded machine: 20 s, the test releases at once
     "hypercorn": (
         lambda port: [
             "hypercorn",
-            "tests.asgi_app:app",
+            "tests.support.asgi_app:app",
             "--bind",
             f"127.0.0.1:{port}",
             "--graceful-timeout",
@@ -50,7 +50,14 @@ SERVERS: dict[str, tuple[Callable[[int], list[str]], int]] = {
     ),
     # --workers 0: hypercorn serves in its own process, no worker process (what docs/hosts/asgi.md advises)
     "hypercorn-w0": (
-        lambda port: ["hypercorn", "tests.asgi_app:app", "--bind", f"127.0.0.1:{port}", "--workers", "0"],
+        lambda port: [
+            "hypercorn",
+            "tests.support.asgi_app:app",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "0",
+        ],
         0,
     ),
     "granian": (
@@ -62,7 +69,7 @@ SERVERS: dict[str, tuple[Callable[[int], list[str]], int]] = {
             str(port),
             "--workers-kill-timeout",
             "30",  # the host's own bound: graceful's report must come well before it
-            "tests.asgi_app:app",
+            "tests.support.asgi_app:app",
         ],
         0,
     ),

@@ -2,7 +2,7 @@
 
 Each test starts ``gunicorn`` in a subprocess (HOME in tmp_path: gunicorn 27 opens a control
 socket under ~/.gunicorn), signals the arbiter itself, and reads the ``EVENT <pid> <what>`` lines
-that tests/gunicorn_app.py prints, to check the order of things in every worker.
+that tests/support/gunicorn_app.py prints, to check the order of things in every worker.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from .conftest import BOUND, ROOT
 
 pytest.importorskip("gunicorn")
 
-WSGI = "tests.gunicorn_app:app"
-ASGI = "tests.gunicorn_app:asgi_app"
-CONF = "python:tests.gunicorn_conf"
+WSGI = "tests.support.gunicorn_app:app"
+ASGI = "tests.support.gunicorn_app:asgi_app"
+CONF = "python:tests.support.gunicorn_conf"
 PLAIN = "python:graceful.gunicorn"
 
 Start = Callable[..., tuple[Child, str]]

@@ -13,7 +13,7 @@ import pytest
 
 from .child import Child
 from .conftest import BOUND
-from .web import free_port
+from .support.web import free_port
 
 pytestmark = [pytest.mark.load, pytest.mark.timeout(120)]
 
@@ -90,7 +90,7 @@ def test_no_accepted_request_fails_when_sigterm_arrives_under_load(
     children.append(service)
     port = int(service.expect("port").split()[1])
     service.expect_err("ready")
-    client = Child(f"from tests.load_client import main; main({port})")
+    client = Child(f"from tests.support.load_client import main; main({port})")
     children.append(client)
     client.expect("started", timeout=BOUND)
     service.send(signal.SIGTERM)

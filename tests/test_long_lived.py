@@ -13,7 +13,7 @@ import pytest
 
 from .child import PREAMBLE, Child
 from .conftest import BOUND
-from .web import free_port, start
+from .support.web import free_port, start
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 from websockets.exceptions import ConnectionClosed  # noqa: E402 - after the skip

@@ -14,7 +14,7 @@ import pytest
 
 from .child import PREAMBLE, Child
 from .conftest import BOUND
-from .web import start
+from .support.web import start
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 from websockets.exceptions import ConnectionClosed  # noqa: E402 - after the skip

@@ -18,7 +18,7 @@ from graceful._clock import FakeClock
 
 from .child import Child
 from .conftest import BOUND, ROOT, Recorder
-from .web import free_port, get, refused_within
+from .support.web import free_port, get, refused_within
 
 
 def probe(port: int, path: str, method: str = "GET") -> tuple[int, str]:

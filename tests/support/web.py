@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from .child import Child
-from .conftest import BOUND
+from ..child import Child
+from ..conftest import BOUND
 
 __all__ = [
     "assert_refused_fast",
