@@ -14,8 +14,8 @@ import pytest
 import graceful
 from graceful import Lifecycle, ListenerStatus, State, Status
 from graceful._signals import _name
+from graceful.testing import ProcessFactory
 
-from .child import Child
 from .conftest import BOUND, Recorder
 
 
@@ -191,7 +191,7 @@ def test_an_async_service_that_raises_keyboard_interrupt_is_graceful(
 
 
 @pytest.mark.timeout(30)
-def test_usr1_dump_lists_the_asyncio_tasks_of_the_loop_run_drives() -> None:
+def test_usr1_dump_lists_the_asyncio_tasks_of_the_loop_run_drives(graceful_process: ProcessFactory) -> None:
     code = """
 import asyncio, graceful, sys
 async def pump_messages():
@@ -199,15 +199,15 @@ async def pump_messages():
     await asyncio.sleep(60)
 sys.exit(graceful.run(pump_messages()))
 """
-    child = Child(code)
+    child = graceful_process(code)
     try:
-        child.expect("serving")
-        child.send(signal.SIGUSR1)
-        child.expect_err("end of thread dump")
-        assert "asyncio tasks of" in child.err
-        assert "in pump_messages" in child.err
-        child.send(signal.SIGTERM)
-        assert child.wait() == 0
+        child.wait_for_line("serving")
+        child.send_signal(signal.SIGUSR1)
+        child.wait_for_output("end of thread dump", stream="stderr")
+        assert "asyncio tasks of" in child.stderr
+        assert "in pump_messages" in child.stderr
+        child.send_signal(signal.SIGTERM)
+        assert child.wait().returncode == 0
     finally:
         child.kill()
 
