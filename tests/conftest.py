@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import graceful
 from graceful import Lifecycle, State
 from graceful._clock import FakeClock
 
@@ -20,6 +21,10 @@ from .support.redis_server import rdb, redis_url  # noqa: F401 - fixtures, found
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds: the longest any test waits for an event that should come at once
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "never_forced: the ``fresh`` lifecycle must end without a force quit")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -97,17 +102,23 @@ def lc(clock: FakeClock, exits: Recorder) -> Iterator[Lifecycle]:
 
 
 @pytest.fixture
-def fresh() -> Iterator[Lifecycle]:
-    """A real-clock lifecycle installed as the default (``graceful.*`` lands on it); exit recorded."""
-    lifecycle = Lifecycle(force_quit=BOUND, exit=Recorder())
-    import graceful
+def fresh(exits: Recorder, request: pytest.FixtureRequest) -> Iterator[Lifecycle]:
+    """A real-clock lifecycle installed as the default (``graceful.*`` lands on it).
 
+    Its exit is recorded in ``exits`` (a test that asks for both reads the codes). Its
+    sequence ends with the test. In a module marked ``never_forced``, a test whose lifecycle
+    was forced fails at teardown.
+    """
+    lifecycle = Lifecycle(force_quit=BOUND, exit=exits)
     previous = graceful.use(lifecycle)
     yield lifecycle
     graceful.use(previous)
+    forced = lifecycle.forced
     if lifecycle.state() is not State.RUNNING:
         lifecycle.shutdown("test teardown", wait=False)
         assert lifecycle.wait_for_shutdown(BOUND), "the test left a listener running"
+    if request.node.get_closest_marker("never_forced") is not None:
+        assert forced is None, forced
 
 
 def run_python(

@@ -7,7 +7,6 @@ import asyncio
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,18 +16,6 @@ from graceful._signals import _name
 from graceful.testing import ProcessFactory
 
 from .conftest import BOUND, Recorder
-
-
-@pytest.fixture
-def fresh() -> Iterator[tuple[Lifecycle, Recorder]]:
-    exits = Recorder()
-    lifecycle = Lifecycle(force_quit=BOUND, exit=exits)
-    previous = graceful.use(lifecycle)
-    yield lifecycle, exits
-    graceful.use(previous)
-    if lifecycle.state() is not State.RUNNING:
-        lifecycle.shutdown(wait=False)
-        assert lifecycle.wait_for_shutdown(BOUND)
 
 
 def test_status_records_are_frozen_comparable_and_readable() -> None:
@@ -54,10 +41,10 @@ def test_unknown_signal_numbers_get_a_readable_name() -> None:
 
 @pytest.mark.timeout(30)
 def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
-    fresh: tuple[Lifecycle, Recorder],
+    fresh: Lifecycle, exits: Recorder
 ) -> None:
     """handle_signals=False: Python's own KeyboardInterrupt in the main thread is honoured."""
-    lifecycle, exits = fresh
+    lifecycle = fresh
     release = threading.Event()
     wrapping = threading.Event()
     lifecycle.add_wrap_up_listener(lambda: (wrapping.set(), release.wait(BOUND)), name="slow")
@@ -119,7 +106,7 @@ def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
 
 @pytest.mark.timeout(30)
 def test_a_ctrl_c_pending_while_the_main_thread_is_blocked_is_not_lost(
-    fresh: tuple[Lifecycle, Recorder],
+    fresh: Lifecycle,
 ) -> None:
     """handle_signals=False: a Ctrl-C whose Python handler is pending while the main thread is
     blocked in run()'s wait still shuts down (within a slice of the wait).
@@ -129,7 +116,7 @@ def test_a_ctrl_c_pending_while_the_main_thread_is_blocked_is_not_lost(
     ``_thread.interrupt_main()`` makes exactly that state (the handler pending, no signal to
     interrupt the wait); with one endless wait, run() never saw it.
     """
-    lifecycle, _ = fresh
+    lifecycle = fresh
     wrapping = threading.Event()
     release = threading.Event()
     lifecycle.add_wrap_up_listener(lambda: (wrapping.set(), release.set()), name="note")
@@ -161,7 +148,7 @@ def test_a_ctrl_c_pending_while_the_main_thread_is_blocked_is_not_lost(
 
 
 @pytest.mark.timeout(30)
-def test_an_async_server_crash_gives_exit_code_1(fresh: tuple[Lifecycle, Recorder]) -> None:
+def test_an_async_server_crash_gives_exit_code_1(fresh: Lifecycle) -> None:
     async def crash() -> None:
         raise RuntimeError("async boom")
 
@@ -170,7 +157,7 @@ def test_an_async_server_crash_gives_exit_code_1(fresh: tuple[Lifecycle, Recorde
 
 @pytest.mark.timeout(30)
 def test_an_async_service_that_raises_keyboard_interrupt_is_graceful(
-    fresh: tuple[Lifecycle, Recorder],
+    fresh: Lifecycle,
 ) -> None:
     class Interrupted:
         name = "interrupted"
@@ -185,7 +172,7 @@ def test_an_async_service_that_raises_keyboard_interrupt_is_graceful(
         async def close(self, ctx: graceful.Context) -> None:
             return None
 
-    lifecycle, _ = fresh
+    lifecycle = fresh
     assert graceful.run(Interrupted()) == 0
     assert lifecycle.status().reason == "KeyboardInterrupt"
 
@@ -212,7 +199,7 @@ sys.exit(graceful.run(pump_messages()))
         child.kill()
 
 
-def test_a_coroutine_service_wrap_up_before_it_started_is_harmless(fresh: tuple[Lifecycle, Recorder]) -> None:
+def test_a_coroutine_service_wrap_up_before_it_started_is_harmless(fresh: Lifecycle) -> None:
     from graceful.adapters import CoroutineService
 
     async def never() -> None:
@@ -220,7 +207,7 @@ def test_a_coroutine_service_wrap_up_before_it_started_is_harmless(fresh: tuple[
 
     coro = never()
     service = CoroutineService(coro, name="never")
-    lifecycle, _ = fresh
+    lifecycle = fresh
     ctx = graceful.Context(lifecycle, "never")
     asyncio.run(service.wrap_up(ctx))
     asyncio.run(service.close(ctx))

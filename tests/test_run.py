@@ -7,7 +7,6 @@ import logging
 import signal
 import socketserver
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,12 +17,7 @@ from graceful.adapters import CallableService, CoroutineService, SocketServerSer
 
 from .conftest import BOUND, Recorder
 
-
-@pytest.fixture
-def fresh(fresh: Lifecycle) -> Iterator[Lifecycle]:
-    """conftest's ``fresh``, and no test here may reach the force-quit deadline."""
-    yield fresh
-    assert fresh.forced is None, fresh.forced
+pytestmark = pytest.mark.never_forced  # no test here may reach the force-quit deadline
 
 
 def handlers() -> dict[int, object]:
