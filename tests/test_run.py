@@ -162,6 +162,51 @@ def test_a_coroutine_returning_on_its_own_stops_everything(fresh: Lifecycle) -> 
 
 
 @pytest.mark.timeout(30)
+def test_an_async_server_crash_gives_exit_code_1(fresh: Lifecycle) -> None:
+    async def crash() -> None:
+        raise RuntimeError("async boom")
+
+    assert graceful.run(crash()) == 1
+
+
+@pytest.mark.timeout(30)
+def test_an_async_service_that_raises_keyboard_interrupt_is_graceful(
+    fresh: Lifecycle,
+) -> None:
+    class Interrupted:
+        name = "interrupted"
+
+        async def serve(self, ctx: graceful.Context) -> None:
+            ctx.started()
+            raise KeyboardInterrupt
+
+        async def wrap_up(self, ctx: graceful.Context) -> None:
+            return None
+
+        async def close(self, ctx: graceful.Context) -> None:
+            return None
+
+    lifecycle = fresh
+    assert graceful.run(Interrupted()) == 0
+    assert lifecycle.status().reason == "KeyboardInterrupt"
+
+
+def test_a_coroutine_service_wrap_up_before_it_started_is_harmless(fresh: Lifecycle) -> None:
+    from graceful.adapters import CoroutineService
+
+    async def never() -> None:
+        return None
+
+    coro = never()
+    service = CoroutineService(coro, name="never")
+    lifecycle = fresh
+    ctx = graceful.Context(lifecycle, "never")
+    asyncio.run(service.wrap_up(ctx))
+    asyncio.run(service.close(ctx))
+    coro.close()
+
+
+@pytest.mark.timeout(30)
 def test_mixed_sync_and_async_servers(fresh: Lifecycle) -> None:
     def worker() -> None:
         while not graceful.is_stopping():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
+import sys
 import threading
 import types
 
@@ -12,7 +14,7 @@ import pytest
 
 import graceful
 from graceful import Lifecycle, State
-from graceful._signals import Router, handled_signals, signal_handlers
+from graceful._signals import Router, _name, handled_signals, signal_handlers
 from graceful.testing import GracefulProcess, ProcessFactory
 
 from .conftest import BOUND, Recorder
@@ -143,6 +145,28 @@ def test_usr1_dumps_threads_tasks_and_status_and_keeps_running(graceful_process:
 
 
 @pytest.mark.timeout(30)
+def test_usr1_dump_lists_the_asyncio_tasks_of_the_loop_run_drives(graceful_process: ProcessFactory) -> None:
+    code = """
+import asyncio, graceful, sys
+async def pump_messages():
+    print("serving", flush=True)
+    await asyncio.sleep(60)
+sys.exit(graceful.run(pump_messages()))
+"""
+    child = graceful_process(code)
+    try:
+        child.wait_for_line("serving")
+        child.send_signal(signal.SIGUSR1)
+        child.wait_for_output("end of thread dump", stream="stderr")
+        assert "asyncio tasks of" in child.stderr
+        assert "in pump_messages" in child.stderr
+        child.send_signal(signal.SIGTERM)
+        assert child.wait().returncode == 0
+    finally:
+        child.kill()
+
+
+@pytest.mark.timeout(30)
 def test_hup_runs_reload_listeners(graceful_process: ProcessFactory) -> None:
     child = service(graceful_process, reload=True)
     child.send_signal(signal.SIGHUP)
@@ -179,6 +203,117 @@ def test_deadline_gives_exit_code_70(graceful_process: ProcessFactory) -> None:
     assert child.wait().returncode == 70
     assert "deadline of 0.5 s passed" in child.stderr
     assert "wrap_up listener 'drain'" in child.stderr
+
+
+# -- Ctrl-C without graceful's handlers: run(handle_signals=False) ---------------------------
+
+
+@pytest.mark.timeout(30)
+def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
+    fresh: Lifecycle, exits: Recorder
+) -> None:
+    """handle_signals=False: Python's own KeyboardInterrupt in the main thread is honoured."""
+    lifecycle = fresh
+    release = threading.Event()
+    wrapping = threading.Event()
+    lifecycle.add_wrap_up_listener(lambda: (wrapping.set(), release.wait(BOUND)), name="slow")
+
+    main = threading.main_thread().ident
+    assert main is not None
+
+    sent_at: list[str] = []  # the main thread's stack as each Ctrl-C was sent: said on failure
+
+    def stack() -> str:
+        frame, names = sys._current_frames().get(main), []
+        while frame is not None:
+            names.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            frame = frame.f_back
+        return " < ".join(names)
+
+    def main_thread_is_blocked_in_run() -> bool:
+        """Waiting in run()'s final wait: not starting up, not handling the last Ctrl-C."""
+        frame = sys._current_frames().get(main)
+        if frame is None or frame.f_code.co_name != "wait":
+            return False
+        while frame is not None and frame.f_code.co_name in {"wait", "wait_for_shutdown"}:
+            frame = frame.f_back
+        return frame is not None and frame.f_code.co_name == "_block"
+
+    def ctrl_c() -> None:
+        """A real Ctrl-C at the main thread, once it waits in run(), as an operator's finds it.
+
+        Python's KeyboardInterrupt lands wherever the main thread is: sent the moment serve()
+        runs, it could land in the instant between run()'s start-up and its wait, and
+        propagate out of run() instead of starting the shutdown.
+        """
+        pause = threading.Event()
+        for _ in range(int(BOUND / 0.005)):
+            if main_thread_is_blocked_in_run():
+                break
+            pause.wait(0.005)  # polling a stack: there is no event to wait on
+        else:
+            raise AssertionError("the main thread never waited in run()")
+        sent_at.append(stack())
+        signal.pthread_kill(main, signal.SIGINT)
+
+    def interrupter() -> None:
+        ctrl_c()  # the first shuts down gracefully
+        assert wrapping.wait(BOUND)
+        ctrl_c()  # the second one forces
+        assert exits.called.wait(BOUND), sent_at
+        release.set()
+
+    def serve() -> None:
+        threading.Thread(target=interrupter).start()
+        assert release.wait(BOUND)
+
+    code = graceful.run(serve, handle_signals=False)
+    assert exits.codes == [70]
+    assert code == 70
+    assert "KeyboardInterrupt again" in (lifecycle.forced or ""), sent_at
+
+
+@pytest.mark.timeout(30)
+def test_a_ctrl_c_pending_while_the_main_thread_is_blocked_is_not_lost(
+    fresh: Lifecycle,
+) -> None:
+    """handle_signals=False: a Ctrl-C whose Python handler is pending while the main thread is
+    blocked in run()'s wait still shuts down (within a slice of the wait).
+
+    CPython runs a signal's Python handler only between bytecodes: a SIGINT landing after the
+    last check and before the lock wait blocks stays pending until the lock is acquired.
+    ``_thread.interrupt_main()`` makes exactly that state (the handler pending, no signal to
+    interrupt the wait); with one endless wait, run() never saw it.
+    """
+    lifecycle = fresh
+    wrapping = threading.Event()
+    release = threading.Event()
+    lifecycle.add_wrap_up_listener(lambda: (wrapping.set(), release.set()), name="note")
+    main = threading.main_thread().ident
+
+    def main_waits_in_run() -> bool:
+        frame = sys._current_frames().get(main or -1)
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return bool(names) and names[0] == "wait" and "_block" in names
+
+    def interrupter() -> None:
+        pause = threading.Event()
+        for _ in range(int(BOUND / 0.005)):
+            if main_waits_in_run():
+                break
+            pause.wait(0.005)  # polling a stack: there is no event to wait on
+        _thread.interrupt_main()  # the handler is pending; nothing interrupts the wait
+
+    def serve() -> None:
+        threading.Thread(target=interrupter).start()
+        assert release.wait(BOUND)
+
+    assert graceful.run(serve, handle_signals=False) == 0
+    assert wrapping.is_set()
+    assert lifecycle.status().reason == "KeyboardInterrupt"
 
 
 # -- the systemd stop sequence ------------------------------------------------------------------
@@ -346,6 +481,11 @@ def test_handled_signals_skip_what_the_platform_lacks() -> None:
     assert handled_signals() == [
         int(getattr(signal, n)) for n in ("SIGTERM", "SIGINT", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP")
     ]
+
+
+def test_unknown_signal_numbers_get_a_readable_name() -> None:
+    assert _name(signal.SIGTERM) == "SIGTERM"
+    assert _name(250) == "signal 250"
 
 
 def test_sigbreak_acts_like_sigterm(lc: Lifecycle) -> None:
