@@ -8,11 +8,8 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from aiohttp import web
 
-import graceful.adapters.aiohttp
 from graceful.adapters import adapt
-from graceful.adapters.aiohttp import AiohttpService
 from graceful.testing import ProcessFactory
 
 from .conftest import BOUND, ROOT
@@ -30,6 +27,10 @@ from .support.web import (
     run_on_a_taken_port,
     start,
 )
+
+web = pytest.importorskip("aiohttp.web")
+import graceful.adapters.aiohttp  # noqa: E402 - after the skip: it imports aiohttp
+from graceful.adapters.aiohttp import AiohttpService  # noqa: E402
 
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; on_shutdown
 # and on_cleanup print. AIOHTTP_GRACE sets shutdown_timeout=; AIOHTTP_RUNNER=1 passes an

@@ -10,12 +10,19 @@ import re
 import signal
 from concurrent import futures
 
-import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from graceful.adapters import adapt
-from graceful.adapters.grpc import (
+from graceful.testing import ProcessFactory
+
+from .conftest import BOUND, ROOT, run_python
+from .support.web import start, start_script
+
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("grpc_health.v1")
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402 - after the skip
+
+from graceful.adapters.grpc import (  # noqa: E402 - after the skip: it imports grpc
     AioRpcInterceptor,
     GrpcAioService,
     GrpcService,
@@ -23,11 +30,8 @@ from graceful.adapters.grpc import (
     aio_interceptor,
     interceptor,
 )
-from graceful.testing import ProcessFactory
 
-from .conftest import BOUND, ROOT, run_python
-from .support.grpc_service import Stream, Watch, code, echo, health_status, refused
-from .support.web import start, start_script
+from .support.grpc_service import Stream, Watch, code, echo, health_status, refused  # noqa: E402
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -13,18 +13,20 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-import redis
-import rq
-from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 import graceful
 from graceful import Lifecycle
 from graceful._service import Context
 from graceful.adapters import adapt
-from graceful.adapters.rq import RqService
 from graceful.testing import GracefulProcess, ProcessFactory
 
 from .conftest import BOUND
+
+redis = pytest.importorskip("redis")
+rq = pytest.importorskip("rq")
+from rq.registry import FailedJobRegistry, StartedJobRegistry  # noqa: E402 - after the skip
+
+from graceful.adapters.rq import RqService  # noqa: E402 - after the skip: it imports rq
 
 WORKER = r"""
 import logging, sys

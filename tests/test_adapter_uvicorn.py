@@ -6,11 +6,8 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import uvicorn
 
-import graceful.adapters.uvicorn
 from graceful.adapters import adapt
-from graceful.adapters.uvicorn import UvicornService
 from graceful.testing import ProcessFactory
 
 from .conftest import BOUND, ROOT
@@ -28,6 +25,10 @@ from .support.web import (
     run_on_a_taken_port,
     start,
 )
+
+uvicorn = pytest.importorskip("uvicorn")
+import graceful.adapters.uvicorn  # noqa: E402 - after the skip: it imports uvicorn
+from graceful.adapters.uvicorn import UvicornService  # noqa: E402
 
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; the lifespan
 # prints its startup and shutdown. UVICORN_GRACE sets uvicorn's timeout_graceful_shutdown.

@@ -19,11 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis
 
 from graceful.testing import GracefulProcess
 
 from .conftest import BOUND, ROOT
+
+pytest.importorskip("celery")
+redis = pytest.importorskip("redis")
 
 CELERY = "import sys; from celery.__main__ import main; main()"
 WORKER_START = 30.0  # seconds: importing Celery and forking the pool is slow on a busy machine

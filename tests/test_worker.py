@@ -15,7 +15,6 @@ import signal
 import threading
 
 import pytest
-import redis
 
 import graceful
 from graceful import Lifecycle
@@ -25,6 +24,12 @@ from graceful.adapters.worker import Requeue, Worker
 from graceful.testing import GracefulProcess, ProcessFactory
 
 from .conftest import BOUND, ROOT
+
+# The redis client (an extra) only for annotations: the rdb and redis_url fixtures skip a test
+# when it is not installed, and the tests that need no Redis still run.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import redis
 
 WORKER = r"""
 import logging, sys, threading
