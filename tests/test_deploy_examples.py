@@ -13,11 +13,16 @@ import signal
 import subprocess
 
 import pytest
-import redis
 
 from graceful.testing import ProcessFactory
 
 from .conftest import BOUND, ROOT
+
+# The redis client (an extra) only for annotations: the rdb and redis_url fixtures skip a test
+# when it is not installed, and the tests that need no Redis still run.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import redis
 
 SYSTEMD = ROOT / "examples" / "systemd"
 DEPLOYMENT = ROOT / "examples" / "kubernetes" / "deployment.yaml"
@@ -123,6 +128,6 @@ def test_the_demo_runs_with_the_deployments_environment(graceful_process: Proces
 
 
 def _free() -> int:
-    from .web import free_port
+    from .support.web import free_port
 
     return free_port()
