@@ -26,22 +26,22 @@ from arq.connections import RedisSettings
 
 
 async def job(ctx: dict[str, Any], spec: _chaos_job.Job) -> str:
-    await asyncio.to_thread(_chaos_job.started)
+    await asyncio.to_thread(_chaos_job.started, spec)
     items = int(spec["n"])
     if not items:
         await asyncio.sleep(float(spec["s"]))
         await asyncio.to_thread(_chaos_job.effect, str(spec["id"]))
-        await asyncio.to_thread(_chaos_job.finished)
+        await asyncio.to_thread(_chaos_job.finished, spec)
         return "done"
     per_item = float(spec["s"]) / items
     for item in range(int(spec["c"]), items):
         if _chaos_job.GRACEFUL and _stopping():
-            await asyncio.to_thread(_chaos_job.finished)
+            await asyncio.to_thread(_chaos_job.finished, spec, f"checkpoint at {item}")
             await ctx["redis"].enqueue_job("job", {**spec, "c": item})
             return f"checkpointed at {item}"
         await asyncio.sleep(per_item)
         await asyncio.to_thread(_chaos_job.effect, f"{spec['id']}:{item}")
-    await asyncio.to_thread(_chaos_job.finished)
+    await asyncio.to_thread(_chaos_job.finished, spec)
     return "done"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import _chaos_job
 from celery import Celery, signals
@@ -30,11 +31,12 @@ if _chaos_job.GRACEFUL:
     graceful.celery.install(app)
 
 
-@app.task(name="chaos.job")
-def job(spec: _chaos_job.Job) -> str:
+@app.task(name="chaos.job", bind=True)
+def job(self: Any, spec: _chaos_job.Job) -> str:
+    ref = str(self.request.id)
     if not _chaos_job.GRACEFUL:
-        return _chaos_job.run(spec)
-    return _chaos_job.run(spec, graceful.is_stopping, _send)
+        return _chaos_job.run(spec, ref=ref)
+    return _chaos_job.run(spec, graceful.is_stopping, _send, ref)
 
 
 def _send(spec: _chaos_job.Job) -> None:

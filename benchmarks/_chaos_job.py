@@ -61,34 +61,50 @@ def effect(key: str) -> None:
         db.rpush("dup", f"{key} gen {GEN}")
 
 
-def started() -> None:
+def started(job: Job | None = None, ref: str = "") -> None:
     client().hincrby("started", GEN, 1)
+    _say(job, "start", ref)
 
 
-def finished() -> None:
+def finished(job: Job | None = None, how: str = "end", ref: str = "") -> None:
     client().rpush(f"fin:{GEN}", repr(time.monotonic()))
+    _say(job, how, ref)
+
+
+def _say(job: Job | None, what: str, ref: str) -> None:
+    """One line in the worker's log (fd 2, one write: whole lines from every process), so that a
+    duplicate or a lost job can be followed from the log to the queue's own lines (``ref``: the
+    queue's id of the message)."""
+    if job is not None:
+        line = f"chaos job {job['id']} c={job['c']} {what}: gen {GEN} pid {os.getpid()} {ref}".rstrip()
+        os.write(2, f"{line}\n".encode())
 
 
 def run(
-    job: Job, stopping: Callable[[], bool] | None = None, requeue: Callable[[Job], object] | None = None
+    job: Job,
+    stopping: Callable[[], bool] | None = None,
+    requeue: Callable[[Job], object] | None = None,
+    ref: str = "",
 ) -> str:
     """Do ``job``; with ``stopping`` and ``requeue``, an iterating job hands its rest on at a stop."""
-    started()
+    started(job, ref)
     items = int(job["n"])
     if not items:
         time.sleep(float(job["s"]))
         effect(str(job["id"]))
-        finished()
+        finished(job, ref=ref)
         return "done"
     per_item = float(job["s"]) / items
     for item in range(int(job["c"]), items):
         if stopping is not None and requeue is not None and stopping():
-            finished()  # the job in hand ends here: what follows is the hand-over
+            finished(
+                job, f"checkpoint at {item}", ref
+            )  # the job in hand ends here: what follows is the hand-over
             requeue({**job, "c": item})
             return f"checkpointed at {item}"
         time.sleep(per_item)
         effect(f"{job['id']}:{item}")
-    finished()
+    finished(job, ref=ref)
     return "done"
 
 

@@ -23,11 +23,13 @@ QUEUE = "chaos"
 
 
 def job(spec: _chaos_job.Job) -> str:
+    current = rq.get_current_job()
+    ref = current.id if current is not None else ""
     if not _chaos_job.GRACEFUL:
-        return _chaos_job.run(spec)
+        return _chaos_job.run(spec, ref=ref)
     import graceful
 
-    return _chaos_job.run(spec, graceful.is_stopping, _enqueue_one)
+    return _chaos_job.run(spec, graceful.is_stopping, _enqueue_one, ref)
 
 
 def _enqueue_one(spec: _chaos_job.Job) -> None:

@@ -197,17 +197,24 @@ class Worker:
         term = time.monotonic()
         if not early:
             os.kill(self.proc.pid, signal.SIGTERM)
+            self.note(f"SIGTERM to {self.proc.pid}")
         exited = self.wait_exit(bound)
         ended = time.monotonic()
         if not exited:
             self.proc.kill()
             self.proc.wait()
+        self.note(
+            f"exit {self.proc.returncode} after {ended - term:.3f} s"
+            + ("" if exited else f" (SIGKILL past {bound:g} s)")
+        )
         dying: list[int] = []
         left = tagged(self.tag, dying)
         named = [describe(pid) for pid in left]
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        if left or dying:
+            self.note(f"left running: {named or '-'}; dying of a pending SIGKILL: {dying or '-'}")
         return Stop(
             int(self.gen) if self.gen.isdigit() else -1,
             self.proc.pid,
@@ -220,6 +227,15 @@ class Worker:
             left=named,
             dying=len(dying),
         )
+
+    def note(self, text: str) -> None:
+        """A controller line in the run's log, stamped like the workers' (wall clock) and with
+        the monotonic time the figures use."""
+        stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+        self._log.write(
+            f"[{stamp}] controller: generation {self.gen}: {text} (t={time.monotonic():.3f})\n".encode()
+        )
+        self._log.flush()
 
     def close(self) -> None:
         if self.proc.poll() is None:
