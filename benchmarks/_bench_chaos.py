@@ -128,6 +128,7 @@ ROWS: list[Contender] = [
     *_pair("arq", "arq CLI", "arq + graceful.arq", host="arq"),
 ]
 options: dict[str, object] = {"jobs": None, "stops": None, "seeds": None, "parallel": None, "names": ()}
+_used: dict[str, tuple[str, dict[str, str]]] = {}  # the environments the last run used
 
 
 def configure(
@@ -162,6 +163,15 @@ def _pythons(setup: Setup) -> dict[str, tuple[str, dict[str, str]]]:
         name: ensure_venv(ROOT / "benchmarks" / f".peers-{name}", modules, reqs)
         for name, (modules, reqs) in VENVS.items()
     }
+
+
+def peers_line() -> str:
+    """Which interpreter and which versions of the queues the chaos rows ran with."""
+    parts = []
+    for python, versions in dict(_used.values()).items():  # --quick: one interpreter for all
+        listed = ", ".join(f"{module} {version}" for module, version in sorted(versions.items()))
+        parts.append(f"{python} ({listed or 'none'})")
+    return "chaos peers: " + "; ".join(parts)
 
 
 def _unavailable(contender: Contender, pythons: dict[str, tuple[str, dict[str, str]]]) -> str:
@@ -220,6 +230,8 @@ def run(setup: Setup, runs: int) -> list[Row]:
     names: tuple[str, ...] = options["names"]  # type: ignore[assignment]
     chosen = [c for c in ROWS if (_named(c, names) if names else (c.quick or not setup.quick))]
     pythons = _pythons(setup)
+    _used.clear()
+    _used.update(pythons)
     skipped = {c: why for c in chosen if (why := _unavailable(c, pythons))}
     # the longest runs first, so that the last ones to finish are short
     todo = sorted(

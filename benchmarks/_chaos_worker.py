@@ -14,6 +14,7 @@ at between two jobs, the main thread joining them (what one writes without a lib
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -86,4 +87,5 @@ def run_plain() -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     sys.exit(run_graceful() if _chaos_job.GRACEFUL else run_plain())

@@ -47,6 +47,7 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "chaos": _bench_chaos.run,
 }
 OPT_IN = {"rolling", "chaos"}  # minutes long, need haproxy and hey / a redis-server: only when named
+OWN_PEERS = {"chaos"}  # installs its peers in environments of its own: no benchmarks/.peers needed
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.quick:
         setup = Setup(python=sys.executable, quick=True)
+    elif args.only and set(args.only) <= OWN_PEERS:
+        setup = Setup(python=sys.executable, quick=False)
     else:
         python, versions = ensure_peers()
         setup = Setup(python=python, quick=False, peers=versions)
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(row.bench.startswith(_bench_chaos.BENCH) for row in rows):
         print("\nChaos: queue workers stopped at random moments (times: median / max):\n")
         print(_bench_chaos.compact_table(rows))
+        print(f"\n{_bench_chaos.peers_line()}")
     _save(args.json, setup, rows, runs)
     return 0
 
