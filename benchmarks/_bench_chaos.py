@@ -397,8 +397,8 @@ def _row(contender: Contender, outcomes: list[Outcome], jobs: int, logs: Path | 
         **f,
         "seeds": [o.seed for o in outcomes],
         "jobs": jobs,
-        "lost_keys": [k for o in outcomes for k in o.lost][:200],
-        "duplicated_keys": [k for o in outcomes for k in o.duplicated][:200],
+        "lost_keys": {str(o.seed): o.lost[:200] for o in outcomes},
+        "duplicated_keys": {str(o.seed): o.duplicated[:200] for o in outcomes},
         "per_stop": [[vars(s) for s in o.stops] for o in outcomes],
         "logs": str(logs) if logs else "",
     }
