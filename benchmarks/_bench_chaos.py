@@ -398,6 +398,8 @@ def _row(contender: Contender, outcomes: list[Outcome], jobs: int, logs: Path | 
         "seeds": [o.seed for o in outcomes],
         "jobs": jobs,
         "lost_keys": {str(o.seed): o.lost[:200] for o in outcomes},
+        "lost_found_in": {str(o.seed): o.found for o in outcomes},
+        "leftover": {str(o.seed): o.leftover for o in outcomes},
         "duplicated_keys": {str(o.seed): o.duplicated[:200] for o in outcomes},
         "per_stop": [[vars(s) for s in o.stops] for o in outcomes],
         "logs": str(logs) if logs else "",

@@ -89,6 +89,8 @@ class Outcome:
     duplicates: int = 0
     duplicated: list[str] = field(default_factory=list)
     stranded: int = 0  # lost keys whose message sits in kombu's "unacked" hash (Celery)
+    leftover: dict[str, int] = field(default_factory=dict)  # the queue's keys at the end, and their sizes
+    found: dict[str, str] = field(default_factory=dict)  # lost job id -> the Redis key its message is in
     drained: bool = False  # every key done before the final bound
     took: float = 0.0
 
@@ -387,8 +389,60 @@ def _count(db: object, outcome: Outcome, expected: set[str]) -> None:
         after = [t for t in ends if t >= stop.term]
         if after and not stop.cut and not stop.killed:
             stop.last_job = stop.exit - max(after)
+    outcome.leftover = _leftover(db)
     if outcome.lost:
         outcome.stranded = _stranded(db, set(outcome.lost))
+        outcome.found = _find(db, {key.split(":")[0] for key in outcome.lost}, outcome.leftover)
+
+
+OURS = ("done", "dup", "duplicates", "started", "fin:", "ready:")
+SIZE = {"list": "llen", "hash": "hlen", "set": "scard", "zset": "zcard", "string": "strlen"}
+
+
+def _leftover(db: object) -> dict[str, int]:
+    """Every key of the queue itself (not the run's bookkeeping) still in Redis, with its size."""
+    sizes = {}
+    for key in db.scan_iter(count=1000):  # type: ignore[attr-defined]
+        if key.startswith(OURS):
+            continue
+        kind = db.type(key)  # type: ignore[attr-defined]
+        size = getattr(db, SIZE[kind])(key) if kind in SIZE else -1
+        sizes[key] = size
+    return dict(sorted(sizes.items()))
+
+
+def _find(db: object, jobs: set[str], leftover: dict[str, int]) -> dict[str, str]:
+    """Where the message of each lost job is: the first Redis key one of whose values names it
+    (as is, or in a kombu message's base64 body). Keys of up to 5,000 values only."""
+    found: dict[str, str] = {}
+    for key, size in leftover.items():
+        if not 0 < size <= 5000:
+            continue
+        kind = db.type(key)  # type: ignore[attr-defined]
+        values: list[str] = (
+            db.lrange(key, 0, -1) if kind == "list"  # type: ignore[attr-defined]
+            else db.hvals(key) if kind == "hash"  # type: ignore[attr-defined]
+            else list(db.zrange(key, 0, -1)) if kind == "zset"  # type: ignore[attr-defined]
+            else []
+        )  # fmt: skip
+        text = "\n".join(_readable(value) for value in values)
+        for job in jobs:
+            if job not in found and f'"{job}"' in text:
+                found[job] = key
+    return found
+
+
+def _readable(value: str) -> str:
+    """The value, and the decoded body if it is a kombu message (plain or [message, ...])."""
+    import base64
+
+    try:
+        parsed = json.loads(value)
+        message = parsed[0] if isinstance(parsed, list) and parsed and isinstance(parsed[0], dict) else parsed
+        body = base64.b64decode(message["body"]).decode(errors="replace")
+    except (ValueError, TypeError, KeyError, IndexError):
+        return value
+    return f"{value}\n{body}"
 
 
 def _stranded(db: object, lost: set[str]) -> int:
