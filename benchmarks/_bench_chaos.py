@@ -383,9 +383,7 @@ def _row(contender: Contender, outcomes: list[Outcome], jobs: int, logs: Path | 
         f"duplicated {f['duplicated']}, jobs cut {f['cut']} (in {f['stops_cut']} stops); exit "
         f"{_codes(f['codes'])}; SIGTERM->exit median/max {_spread(term_exit)}; last job->exit "
         f"{_spread(last)} ({len(last)} stops); children left {f['children']}; killed past "
-        f"{BOUND:g} s {f['killed']}"
-        + (f"; exited before the SIGTERM {f['early']}" if f["early"] else "")
-        + ("" if f["drained"] else "; the final drain did not finish")
+        f"{BOUND:g} s {f['killed']}" + (f"; exited before the SIGTERM {f['early']}" if f["early"] else "")
     )
     goal = ""
     if contender.graceful:
