@@ -219,7 +219,7 @@ def run(setup: Setup, runs: int) -> list[Row]:
         import redis  # noqa: F401 - the controller reads the results with it
 
         sys.path.insert(0, str(ROOT))
-        from tests.redis_server import RedisServer, find_redis_server
+        from tests.support.redis_server import RedisServer, find_redis_server
 
         find_redis_server()
     except (ImportError, RuntimeError) as exc:

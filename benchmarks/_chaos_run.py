@@ -2,7 +2,7 @@
 
 Why it is built this way:
 
-* **Its own redis-server** (the test extra's, found as tests/redis_server.py finds it) on a free
+* **Its own redis-server** (the test extra's, found as tests/support/redis_server.py finds it) on a free
   port of 127.0.0.1, per run: runs can go side by side and nothing of one leaks into another.
 * **Jobs and stop moments come from the seed**: the same seed gives every queue the same jobs
   (10-500 ms, uniform; one in five iterates over 3-10 items) and the same waits.
