@@ -1,0 +1,462 @@
+"""Dramatiq workers: graceful's listeners, deadline, report and probes in every worker process.
+
+``graceful.dramatiq.install(broker)``, once, where the broker is made (the module the
+``dramatiq`` command imports); or ``GracefulMiddleware()`` in the broker's middleware list,
+which is what ``install`` adds. The ``dramatiq`` command forks worker processes and forwards
+SIGTERM, SIGINT (as SIGTERM) and SIGHUP to them; each worker process imports the broker module
+and so runs graceful on its own lifecycle:
+
+* **Stop** (the forwarded SIGTERM, or ``graceful.shutdown()`` in the process): the wrap-up
+  listeners run at once; ``is_stopping()`` and ``wait_for_wrap_up()`` turn True for the actors
+  running in the worker threads, so a long actor can send the rest of itself from its cursor
+  (``graceful.iteration``); no worker thread starts another message (one taken in that very
+  instant goes back to its queue unrun), and the messages prefetched but not started go back to
+  their queues at once, for other workers to take. Dramatiq's own stop waits up to a second
+  (its worker process polls a flag once a second) and then waits for the threads.
+* The **shutdown listeners** run once Dramatiq's stop is complete (its threads joined, what it
+  held put back), and the process exits only once they are done: 0, or 1 if a listener raised
+  (``dramatiq`` then exits 1 too).
+* **Deadline** (graceful's budget from the SIGTERM; Dramatiq's ``--worker-shutdown-timeout`` is
+  10 minutes): graceful's report names each message still running (actor, message id, queue,
+  for how long) with the stack of the actor's own code, then every message the process holds
+  (running, prefetched, delayed, fetched but not handed over) is put back on its queue and
+  logged, then exit 70, which ``dramatiq`` passes on. A message cut there runs again
+  elsewhere: at-least-once, as the docs say.
+* **A second SIGTERM** (a second Ctrl-C: ``dramatiq`` forwards SIGINT as SIGTERM) is a force
+  quit now, graceful's way: the report, everything held put back, exit 70. Plain Dramatiq exits
+  1 from inside its signal handler and leaves the messages to its heartbeat timeout.
+* **Heartbeat** (Redis broker): the broker records a worker's heartbeat with each command its
+  consumers run, and a worker silent for ``heartbeat_timeout`` (60 s) is taken for dead: another
+  worker puts its messages back and they run twice (Dramatiq #159: the heartbeat stopped while
+  a worker drained). Today Dramatiq's stop keeps its consumers fetching for that reason.
+  graceful pauses them at the stop instead (what they fetch during a drain would only be handed
+  back at its end, out of other workers' reach meanwhile) and beats for the worker itself,
+  every quarter of ``heartbeat_timeout``, from boot to exit.
+* **Probes** (``GRACEFUL_PROBE_PORT``): each worker process answers ``/readyz`` (200 from
+  Dramatiq's ``after_worker_boot`` until the stop) and ``/livez`` on the same port
+  (``SO_REUSEPORT``), from memory. Under systemd each worker process sends ``READY=1`` and the
+  stop's notifications (``NotifyAccess=all``).
+* **Start**: every ``GRACEFUL_*`` variable is read and the probe port bound before the worker
+  threads start; a value graceful cannot use stops the worker process there with one line
+  naming it (``dramatiq`` exits 1), never a worker that runs without graceful.
+
+Only the ``dramatiq`` command's worker processes are hosted: a ``dramatiq.Worker`` a program
+starts itself (a test suite with the ``StubBroker``) runs as it would without graceful, so that
+graceful never takes over a test runner's signals or lifecycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections import defaultdict
+
+import dramatiq
+from dramatiq.middleware import Middleware, SkipMessage
+
+from . import Lifecycle, get_lifecycle, readiness, systemd
+from ._checks import TYPE_CHECKING
+from ._lifecycle import Event, add_report_section, on_force_quit, prepare, shutdown_requested, subscribe
+from ._listeners import mark_own
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any
+
+__all__ = ["GracefulMiddleware", "install"]
+
+log = logging.getLogger("graceful")
+
+_ACTOR_CALL = os.path.join("dramatiq", "actor.py")
+
+
+def install(broker: dramatiq.Broker) -> None:
+    """Add graceful to every worker process of ``broker``; see the module docstring. Idempotent.
+
+    Call it where the broker is made, in the module ``dramatiq`` imports. Listeners registered
+    at import time run in every worker process (each imports the module).
+
+    Raises:
+        TypeError: ``broker`` is not a ``dramatiq.Broker``.
+    """
+    if not isinstance(broker, dramatiq.Broker):
+        raise TypeError(f"graceful.dramatiq.install() takes a dramatiq.Broker, not {type(broker).__name__}")
+    if not any(isinstance(middleware, GracefulMiddleware) for middleware in broker.middleware):
+        broker.add_middleware(GracefulMiddleware())
+
+
+class GracefulMiddleware(Middleware):
+    """The Dramatiq middleware ``install()`` adds: graceful in each ``dramatiq`` worker process."""
+
+    def __init__(self) -> None:
+        self._host: _Host | None = None
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if not _in_a_dramatiq_worker_process():
+            log.debug("graceful.dramatiq: a Worker started outside the dramatiq command: left alone")
+            return
+        try:
+            self._host = _Host(broker, worker, get_lifecycle())
+        except (ValueError, RuntimeError) as exc:
+            # Dramatiq logs and swallows what a middleware raises; a SystemExit it lets through,
+            # and the ``dramatiq`` command then stops with exit code 1.
+            raise SystemExit(f"graceful: the dramatiq worker cannot start: {exc}") from exc
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._host is not None:
+            self._host.ready()
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if self._host is not None:
+            self._host.starting(message)
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        if self._host is not None:
+            self._host.running.remove(message)
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if self._host is not None:
+            self._host.running.remove(message)
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._host is not None:
+            self._host.lifecycle.shutdown("dramatiq worker stops", wait=False)
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._host is not None:
+            self._host.finish()
+
+
+def _in_a_dramatiq_worker_process() -> bool:
+    """True when called (at any depth) from the ``dramatiq`` command's worker process function."""
+    import sys
+
+    cli = sys.modules.get("dramatiq.cli")
+    code = getattr(getattr(cli, "worker_process", None), "__code__", None)
+    return code is not None and any(frame.f_code is code for frame, _ in traceback.walk_stack(None))
+
+
+class _Running:
+    """The messages this process's worker threads run: message id -> (message, thread, since)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._messages: dict[str, tuple[Any, int, float]] = {}
+
+    def add(self, message: Any) -> None:
+        with self._changed:
+            self._messages[message.message_id] = (message, threading.get_ident(), time.monotonic())
+
+    def remove(self, message: Any) -> None:
+        with self._changed:
+            if self._messages.pop(message.message_id, None) is not None and not self._messages:
+                self._changed.notify_all()
+
+    def snapshot(self) -> list[tuple[Any, int, float]]:
+        with self._changed:
+            return sorted(self._messages.values(), key=lambda entry: entry[2])
+
+    def wait_until_none(self) -> None:
+        """Block until no message runs (no timeout: graceful's deadline bounds the wait)."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._messages)
+
+
+class _Host:
+    """graceful's side of one ``dramatiq`` worker process, made at ``before_worker_boot``."""
+
+    def __init__(self, broker: dramatiq.Broker, worker: dramatiq.Worker, lifecycle: Lifecycle) -> None:
+        # What can fail comes first, before anything is registered: every variable read and
+        # checked (ValueError), the sequence's threads started ahead of need, then the probe
+        # port bound (RuntimeError).
+        self.settings = readiness.configure_from_env(lifecycle)
+        prepare(lifecycle)
+        self.probes = readiness.serve_probes_from_env(lifecycle, self.settings, reuse_port=True)
+        self.broker = broker
+        self.worker = worker
+        self.lifecycle = lifecycle
+        self.running = _Running()
+        self.drained = threading.Event()
+        """Set at ``after_worker_shutdown``: Dramatiq's stop has joined its threads."""
+        self._dramatiq_stop = signal.getsignal(signal.SIGTERM)
+        self._told = threading.Lock()
+        self._finished = False
+        lifecycle.add_wrap_up_listener(
+            mark_own(self._messages_in_flight), name="dramatiq: messages in flight"
+        )
+        add_report_section(lifecycle, self._report_section)
+        on_force_quit(lifecycle, self._at_deadline, name="dramatiq: put back the messages held")
+        subscribe(lifecycle, self._on_event)
+        self.notifier = systemd.SystemdNotifier(lifecycle) if os.environ.get("NOTIFY_SOCKET") else None
+        self.signals = _SignalHandOff(self._on_signal)
+        self.heartbeat = _Heartbeat.start_for(broker)
+
+    def ready(self) -> None:
+        readiness.set_ready(self.lifecycle)
+        systemd.notify("READY=1", f"STATUS=dramatiq worker process {os.getpid()} ready")
+
+    # -- the stop --------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, count: int) -> None:
+        name = signal.Signals(signum).name
+        if count == 1:
+            self.lifecycle.shutdown(f"dramatiq {name}", wait=False)
+        else:
+            self.lifecycle.force_quit_now(f"{name} again: dramatiq's cold stop")
+
+    def _on_event(self, event: Event, detail: str) -> None:
+        if event is Event.SHUTDOWN_REQUESTED:
+            self._tell_dramatiq()
+
+    def _tell_dramatiq(self) -> None:
+        """Have the worker process's main loop call ``worker.stop()`` (its own handler, once)."""
+        if not self._told.acquire(blocking=False):
+            return
+        stop = self._dramatiq_stop
+        if callable(stop):
+            stop(signal.SIGTERM, None)
+
+    def _messages_in_flight(self) -> None:
+        """The wrap-up listener: take no new message, put back the prefetched ones, wait for the
+        running ones; at a shutdown, also for Dramatiq's own stop (its threads joined)."""
+        self._stop_taking()
+        self.running.wait_until_none()
+        if shutdown_requested(self.lifecycle):
+            self.drained.wait()
+
+    def _stop_taking(self) -> None:
+        for thread in self.worker.workers:
+            thread.pause()  # finishes its message, takes no other
+        for consumer in list(self.worker.consumers.values()):
+            consumer.pause()
+        prefetched = []
+        work = self.worker.work_queue
+        while True:
+            try:
+                item = work.get_nowait()
+            except queue.Empty:
+                break
+            work.task_done()
+            prefetched.append(item.message)
+        self._put_back(prefetched, "prefetched, not started")
+
+    def starting(self, message: Any) -> None:
+        """``before_process_message``, in the worker thread: note it, or put it back if stopping."""
+        if self.lifecycle.is_stopping() and not message.failed:
+            # A worker thread took it from the work queue as the stop began: it never starts.
+            self._put_back([message], "taken as the worker began to stop, not started")
+            raise SkipMessage(f"graceful: put back on queue {message.queue_name!r}: the worker is stopping")
+        self.running.add(message)
+
+    def finish(self) -> None:
+        """``after_worker_shutdown``, in the main thread: run the rest of the sequence, wait for it."""
+        if self._finished:
+            return
+        self._finished = True
+        self._put_back(self._fetched_not_handed_over(), "fetched, not handed over")
+        self.drained.set()
+        lc = self.lifecycle
+        lc.shutdown("dramatiq worker stopped", wait=False)
+        lc.wait_for_shutdown()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.notifier is not None:
+            self.notifier.close()
+        if self.probes is not None:
+            self.probes.close()  # only now: /livez answers until the very end
+        code = lc.exit_code
+        if code:
+            self._exit_with(code)
+
+    def _exit_with(self, code: int) -> None:
+        """Make the worker process exit with ``code``: the ``dramatiq`` command calls
+        ``broker.close()`` right after ``worker.stop()``, then returns (exit code 0)."""
+        close = self.broker.close
+
+        def close_then_exit() -> None:
+            try:
+                close()
+            finally:
+                raise SystemExit(code)
+
+        self.broker.close = close_then_exit  # type: ignore[method-assign]
+
+    # -- putting messages back -------------------------------------------------------------------
+
+    def _put_back(self, messages: Iterable[Any], why: str) -> int:
+        """Put ``messages`` back on their queues through Dramatiq's consumers; one log line each."""
+        by_queue: defaultdict[str, list[Any]] = defaultdict(list)
+        for message in messages:
+            by_queue[message.queue_name].append(message)
+        done = 0
+        for queue_name, held in by_queue.items():
+            try:
+                self.worker.consumers[queue_name].requeue_messages(held)
+            except Exception:  # the other queues must still be put back
+                log.exception(
+                    "dramatiq: %d message(s) of queue %r could not be put back (%s): %s",
+                    len(held),
+                    queue_name,
+                    why,
+                    ", ".join(_describe(message) for message in held),
+                )
+                continue
+            done += len(held)
+            for message in held:
+                log.warning(
+                    "dramatiq message %s put back on queue %r (%s)", _describe(message), queue_name, why
+                )
+        return done
+
+    def _fetched_not_handed_over(self) -> list[Any]:
+        """What a consumer fetched from Redis but never handed to the worker (Dramatiq's consumer
+        stops in the middle of its batch; those messages would wait for the heartbeat timeout)."""
+        found = []
+        for queue_name, thread in list(self.worker.consumers.items()):
+            cache = getattr(thread.consumer, "message_cache", None)
+            while cache:
+                data = cache.pop(0)
+                if data is not None:
+                    with contextlib.suppress(Exception):
+                        found.append(dramatiq.Message.decode(data).copy(queue_name=queue_name))
+        return found
+
+    def _held(self) -> list[Any]:
+        """Every message this process holds unacknowledged: running, prefetched, delayed, cached."""
+        held = [message for message, _, _ in self.running.snapshot()]
+        held.extend(item.message for item in list(self.worker.work_queue.queue))
+        for thread in list(self.worker.consumers.values()):
+            held.extend(item.message for item in list(thread.delay_queue.queue))
+        held.extend(self._fetched_not_handed_over())
+        return held
+
+    # -- the deadline ----------------------------------------------------------------------------
+
+    def _report_section(self) -> list[str]:
+        running = self.running.snapshot()
+        now = time.monotonic()
+        lines = [f"graceful: dramatiq messages still running at the deadline: {len(running)}"]
+        for message, thread_id, since in running:
+            lines.append(
+                f"  - {_describe(message)} on queue {message.queue_name!r}, thread {thread_id}, "
+                f"running for {now - since:.1f} s: put back on its queue"
+            )
+            lines.extend(_actor_stack(thread_id))
+        return lines
+
+    def _at_deadline(self) -> None:
+        """Put back every message held (the report named the running ones), before the exit."""
+        for thread in self.worker.workers:
+            thread.pause()
+        held = {message.message_id: message for message in self._held()}
+        self._put_back(held.values(), "held at the force-quit deadline")
+
+
+def _describe(message: Any) -> str:
+    return f"{message.actor_name}[{message.message_id}]"
+
+
+def _actor_stack(thread_id: int, indent: str = "      ") -> list[str]:
+    """The stack of the thread running an actor, from the actor's own code inward."""
+    import sys
+
+    frame = sys._current_frames().get(thread_id)
+    if frame is None:
+        return [f"{indent}(its thread has finished)"]
+    frames = traceback.extract_stack(frame)
+    inner = [i for i, summary in enumerate(frames) if summary.filename.endswith(_ACTOR_CALL)]
+    cut = inner[-1] + 1 if inner and inner[-1] + 1 < len(frames) else 0
+    lines = [f"{indent}({cut} outer frames of Dramatiq's worker thread)"] if cut else []
+    for text in traceback.format_list(frames[cut:]):
+        lines.extend(indent + line for line in text.rstrip().split("\n"))
+    return lines
+
+
+class _SignalHandOff:
+    """SIGTERM and SIGHUP in the worker process: a byte to a pipe, acted on by a thread.
+
+    Dramatiq's own handler logs from inside the handler and exits from wherever the main thread
+    is at a second signal; graceful's handler only writes the signal number (no lock, no log:
+    see graceful/_signals.py), and its thread starts the shutdown (first) or the force quit
+    (any later one). SIGINT stays ignored, as Dramatiq has it (the ``dramatiq`` command forwards
+    SIGINT as SIGTERM).
+    """
+
+    def __init__(self, on_signal: Callable[[int, int], object]) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._on_signal = on_signal
+        threading.Thread(target=self._relay, name="graceful-dramatiq-signals", daemon=True).start()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._handler)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):  # a full pipe drops a repeat: the stop is under way
+            os.write(self._write, bytes([signum]))
+
+    def _relay(self) -> None:
+        count = 0
+        while True:
+            try:
+                received = os.read(self._read, 16)
+            except OSError:
+                return
+            if not received:
+                return
+            for signum in received:
+                count += 1
+                try:
+                    self._on_signal(signum, count)
+                except Exception:  # the next signal must still be acted on
+                    log.exception("graceful: the dramatiq worker process could not act on a signal")
+
+
+class _Heartbeat:
+    """The Redis broker's heartbeat, kept beating for the worker's whole life (module docstring).
+
+    Each command Dramatiq's Redis script runs records the worker's heartbeat first; a cheap one
+    (``qsize``) every quarter of ``heartbeat_timeout`` keeps it alive whatever the consumers do:
+    paused by graceful at a stop, or holding as many messages as their prefetch.
+    """
+
+    def __init__(self, broker: Any, every: float) -> None:
+        self.broker = broker
+        self.every = every
+        self._stopped = threading.Event()
+        self._failing = False
+        threading.Thread(target=self._beat, name="graceful-dramatiq-heartbeat", daemon=True).start()
+
+    @classmethod
+    def start_for(cls, broker: dramatiq.Broker) -> _Heartbeat | None:
+        try:
+            from dramatiq.brokers.redis import RedisBroker
+        except ImportError:  # no redis client: no Redis broker either
+            return None
+        if not isinstance(broker, RedisBroker):
+            return None
+        return cls(broker, max(0.05, broker.heartbeat_timeout / 1000 / 4))
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.every):
+            queues = sorted(self.broker.get_declared_queues())
+            if not queues:
+                continue
+            try:
+                self.broker.do_qsize(queues[0])
+            except Exception:
+                if not self._failing:
+                    log.warning("graceful: the dramatiq heartbeat failed; retrying", exc_info=True)
+                self._failing = True
+            else:
+                self._failing = False
+
+    def stop(self) -> None:
+        self._stopped.set()
