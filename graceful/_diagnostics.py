@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ._listeners import Listener
 
 __all__ = [
+    "coroutine_lines",
     "dump_threads",
     "emit_report",
     "flush_logging",
@@ -52,8 +53,9 @@ def _frame_lines(frame: FrameType | None, indent: str) -> list[str]:
     return out
 
 
-def _coroutine_lines(awaitable: object, indent: str) -> list[str]:
-    """``file:line in function`` for each coroutine in an await chain, outermost first."""
+def coroutine_lines(awaitable: object, indent: str) -> list[str]:
+    """``file:line in function`` for each coroutine in an await chain, outermost first (the
+    report's asyncio tasks; the arq host names its jobs with it)."""
     out: list[str] = []
     current: object = awaitable
     for _ in range(64):  # an await chain is short; a bound guards against odd objects
@@ -71,7 +73,7 @@ def listener_stack(listener: Listener, indent: str = "      ") -> list[str]:
     """Where ``listener`` is now: the stack of the thread running it, then, for an ``async
     def`` one, the chain of coroutines it awaits."""
     lines = _frame_lines(sys._current_frames().get(listener.thread_id or 0), indent)
-    chain = _coroutine_lines(listener.awaiting(), indent)
+    chain = coroutine_lines(listener.awaiting(), indent)
     if chain:
         lines.append(f"{indent[:-2]}awaiting:")
         lines.extend(chain)
@@ -165,7 +167,7 @@ def _task_lines() -> list[str]:
         lines.append(f"asyncio tasks of {loop!r}: {len(tasks)}")
         for task in sorted(tasks, key=lambda t: t.get_name()):
             lines.append(f"  task {task.get_name()!r}: {task.get_coro()!r}")
-            lines.extend(_coroutine_lines(task.get_coro(), "      "))
+            lines.extend(coroutine_lines(task.get_coro(), "      "))
     return lines
 
 
