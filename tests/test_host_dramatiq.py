@@ -182,6 +182,30 @@ def test_a_message_past_the_deadline_is_named_put_back_and_runs_on_the_next_work
     assert rdb.llen("s:done") == 1
 
 
+@pytest.mark.timeout(90)
+def test_job_iteration_hands_the_rest_on_and_the_next_worker_finishes_it(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis
+) -> None:
+    """graceful.iteration in a real Dramatiq worker: SIGTERM mid-walk, the job sends the rest of
+    itself from its cursor, the next worker finishes it: every item done exactly once."""
+    total = 40
+    send(redis_url, "walk", "w", total)
+    first = worker(graceful_process, redis_url, ITEM_SECONDS="0.05")
+    first.wait_for_output("EV item-3")
+    first.send_signal(signal.SIGTERM)
+    one = first.wait(START)
+    assert one.returncode == 0, one.stderr
+    handed = re.search(r"^EV handed-on-at-(\d+) ", one.stdout, re.MULTILINE)
+    assert handed is not None, one.stdout
+    assert 3 < int(handed.group(1)) < total  # it stopped mid-walk, between two items
+
+    second = worker(graceful_process, redis_url)
+    second.wait_for_output("EV walked-w")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(START).returncode == 0
+    assert sorted(int(item) for item in rdb.lrange("w:items", 0, -1)) == list(range(total))
+
+
 @pytest.mark.timeout(60)
 def test_a_second_sigterm_forces_the_quit_with_the_message_put_back(
     graceful_process: Any, redis_url: str, rdb: redis.Redis

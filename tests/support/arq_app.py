@@ -4,7 +4,8 @@ The worker writes what happens to it on stdout as ``EV <event> <pid>`` lines (on
 each). The jobs wait on events, never on time: ``hold`` waits for the wrap-up and then for the
 test's release (a Redis list); ``stuck`` sleeps past graceful's deadline on its first run and
 returns at once on the next; ``note`` records that it ran. ``APP_FAIL_SHUTDOWN`` adds a
-shutdown listener that raises.
+shutdown listener that raises. ``walk`` is the job-iteration example: it does its items
+(``ITEM_SECONDS`` each) from a cursor and, stopped, enqueues the rest of itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from arq.connections import RedisSettings
 
 import graceful
 import graceful.arq
+import graceful.iteration
 
 BOUND = 20.0
 
@@ -63,6 +65,19 @@ async def note(ctx: dict[str, Any], key: str) -> None:
     say(f"end-{key}")
 
 
+async def walk(ctx: dict[str, Any], key: str, total: int, cursor: int = 0) -> None:
+    steps = graceful.iteration.iterate(range(total), cursor=cursor)
+    async for item in steps:
+        await asyncio.sleep(float(os.environ.get("ITEM_SECONDS", "0")))  # the work of one item
+        await ctx["redis"].rpush(f"{key}:items", item)
+        say(f"item-{item}")
+    if steps.stopped:
+        await ctx["redis"].enqueue_job("walk", key, total, steps.cursor)  # the rest, from the cursor
+        say(f"handed-on-at-{steps.cursor}")
+    else:
+        say(f"walked-{key}")
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     say("arq-on-startup")
 
@@ -72,7 +87,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 class WorkerSettings:
-    functions = [hold, stuck, note]  # noqa: RUF012 - arq reads class attributes
+    functions = [hold, stuck, note, walk]  # noqa: RUF012 - arq reads class attributes
     redis_settings = RedisSettings.from_dsn(os.environ["ARQ_REDIS_URL"])
     on_startup = startup
     on_shutdown = shutdown

@@ -6,12 +6,14 @@ The actors wait on events, never on time: ``hold`` waits for its process's wrap-
 the test's release (a Redis list), ``stuck`` for ever on its first run (until graceful's
 deadline) and returns at once on the next, ``note`` records that it ran.
 ``DRAMATIQ_HEARTBEAT_MS`` sets the broker's heartbeat timeout (the heartbeat test makes it short);
-``APP_FAIL_SHUTDOWN`` adds a shutdown listener that raises.
+``APP_FAIL_SHUTDOWN`` adds a shutdown listener that raises. ``walk`` is the job-iteration example:
+it does its items (``ITEM_SECONDS`` each) from a cursor and, stopped, sends the rest of itself.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import dramatiq
 import redis
@@ -19,6 +21,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 import graceful
 import graceful.dramatiq
+import graceful.iteration
 
 BOUND = 20.0
 
@@ -71,3 +74,17 @@ def stuck(key: str) -> None:
 def note(key: str) -> None:
     store.rpush(f"{key}:done", os.getpid())
     say(f"end-{key}")
+
+
+@dramatiq.actor(max_retries=0)
+def walk(key: str, total: int, cursor: int = 0) -> None:
+    steps = graceful.iteration.iterate(range(total), cursor=cursor)
+    for item in steps:
+        time.sleep(float(os.environ.get("ITEM_SECONDS", "0")))  # the work of one item
+        store.rpush(f"{key}:items", item)
+        say(f"item-{item}")
+    if steps.stopped:
+        walk.send(key, total, steps.cursor)  # the rest, from where this run got to
+        say(f"handed-on-at-{steps.cursor}")
+    else:
+        say(f"walked-{key}")
