@@ -10,12 +10,13 @@ and so runs graceful on its own lifecycle:
   listeners run at once; ``is_stopping()`` and ``wait_for_wrap_up()`` turn True for the actors
   running in the worker threads, so a long actor can send the rest of itself from its cursor
   (``graceful.iteration``); no worker thread starts another message (one taken in that very
-  instant goes back to its queue unrun), and the messages prefetched but not started go back to
-  their queues at once, for other workers to take. Dramatiq's own stop waits up to a second
-  (its worker process polls a flag once a second) and then waits for the threads.
-* The **shutdown listeners** run once Dramatiq's stop is complete (its threads joined, what it
-  held put back), and the process exits only once they are done: 0, or 1 if a listener raised
-  (``dramatiq`` then exits 1 too).
+  instant goes back to its queue unrun), the consumers fetch no more, and the messages
+  prefetched but not started go back to their queues at once, for other workers to take.
+* Once every message in hand is done with (acknowledged), Dramatiq's own stop runs (its
+  middleware hooks, what it still holds put back), then the **shutdown listeners**, and the
+  worker process exits at once: 0, or 1 if a listener raised; ``dramatiq`` passes the code on.
+  Plain Dramatiq looks at its stop flag once a second and waits up to a second more for each
+  idle thread: a stop there takes 1-2 s more than its messages.
 * **Deadline** (graceful's budget from the SIGTERM; Dramatiq's ``--worker-shutdown-timeout`` is
   10 minutes): graceful's report names each message still running (actor, message id, queue,
   for how long) with the stack of the actor's own code, then every message the process holds
@@ -29,7 +30,7 @@ and so runs graceful on its own lifecycle:
   consumers run, and a worker silent for ``heartbeat_timeout`` (60 s) is taken for dead: another
   worker puts its messages back and they run twice (Dramatiq #159: the heartbeat stopped while
   a worker drained). Today Dramatiq's stop keeps its consumers fetching for that reason.
-  graceful pauses them at the stop instead (what they fetch during a drain would only be handed
+  graceful stops them at the stop instead (what they fetch during a drain would only be handed
   back at its end, out of other workers' reach meanwhile) and beats for the worker itself,
   every quarter of ``heartbeat_timeout``, from boot to exit.
 * **Probes** (``GRACEFUL_PROBE_PORT``): each worker process answers ``/readyz`` (200 from
@@ -116,19 +117,13 @@ class GracefulMiddleware(Middleware):
         if self._host is not None:
             self._host.starting(message)
 
-    def after_process_message(
-        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
-    ) -> None:
+    def after_ack(self, broker: dramatiq.Broker, message: Any) -> None:
         if self._host is not None:
-            self._host.running.remove(message)
+            self._host.running.remove(message)  # done with: acknowledged after it ran
 
-    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+    def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         if self._host is not None:
-            self._host.running.remove(message)
-
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        if self._host is not None:
-            self._host.lifecycle.shutdown("dramatiq worker stops", wait=False)
+            self._host.running.remove(message)  # done with: dead-lettered
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self._host is not None:
@@ -185,9 +180,13 @@ class _Host:
         self.lifecycle = lifecycle
         self.running = _Running()
         self.drained = threading.Event()
-        """Set at ``after_worker_shutdown``: Dramatiq's stop has joined its threads."""
+        """Set at ``after_worker_shutdown``: Dramatiq's own stop is over."""
         self._dramatiq_stop = signal.getsignal(signal.SIGTERM)
-        self._told = threading.Lock()
+        self._main = threading.get_ident()
+        self._booted = threading.Event()
+        self._stop_asked = threading.Event()
+        self._exited = threading.Event()
+        self._exit_code = 0
         self._finished = False
         lifecycle.add_wrap_up_listener(
             mark_own(self._messages_in_flight), name="dramatiq: messages in flight"
@@ -196,10 +195,13 @@ class _Host:
         on_force_quit(lifecycle, self._at_deadline, name="dramatiq: put back the messages held")
         subscribe(lifecycle, self._on_event)
         self.notifier = systemd.SystemdNotifier(lifecycle) if os.environ.get("NOTIFY_SOCKET") else None
-        self.signals = _SignalHandOff(self._on_signal)
+        worker.stop = self._stop_from_dramatiq  # type: ignore[method-assign]
+        threading.Thread(target=self._stop_when_asked, name="graceful-dramatiq-stop", daemon=True).start()
+        self.signals = _SignalHandOff(self._on_signal, self._exit_now)
         self.heartbeat = _Heartbeat.start_for(broker)
 
     def ready(self) -> None:
+        self._booted.set()
         readiness.set_ready(self.lifecycle)
         systemd.notify("READY=1", f"STATUS=dramatiq worker process {os.getpid()} ready")
 
@@ -214,29 +216,25 @@ class _Host:
 
     def _on_event(self, event: Event, detail: str) -> None:
         if event is Event.SHUTDOWN_REQUESTED:
-            self._tell_dramatiq()
-
-    def _tell_dramatiq(self) -> None:
-        """Have the worker process's main loop call ``worker.stop()`` (its own handler, once)."""
-        if not self._told.acquire(blocking=False):
-            return
-        stop = self._dramatiq_stop
-        if callable(stop):
-            stop(signal.SIGTERM, None)
+            self._stop_asked.set()
 
     def _messages_in_flight(self) -> None:
-        """The wrap-up listener: take no new message, put back the prefetched ones, wait for the
-        running ones; at a shutdown, also for Dramatiq's own stop (its threads joined)."""
-        self._stop_taking()
+        """The wrap-up listener: take no new message, put back the prefetched ones, wait until
+        the running ones are done with (acknowledged); at a shutdown, also for Dramatiq's stop."""
+        shutdown = shutdown_requested(self.lifecycle)
+        self._stop_taking(shutdown=shutdown)
         self.running.wait_until_none()
-        if shutdown_requested(self.lifecycle):
+        if shutdown:
             self.drained.wait()
 
-    def _stop_taking(self) -> None:
+    def _stop_taking(self, *, shutdown: bool) -> None:
+        """Worker threads finish their message and take no other; consumers fetch no more
+        (stopped at a shutdown; paused at a pause, which Dramatiq makes last 3 s or more);
+        the messages prefetched go back to their queues at once."""
         for thread in self.worker.workers:
-            thread.pause()  # finishes its message, takes no other
+            (thread.stop if shutdown else thread.pause)()
         for consumer in list(self.worker.consumers.values()):
-            consumer.pause()
+            (consumer.stop if shutdown else consumer.pause)()
         prefetched = []
         work = self.worker.work_queue
         while True:
@@ -248,6 +246,48 @@ class _Host:
             prefetched.append(item.message)
         self._put_back(prefetched, "prefetched, not started")
 
+    def _stop_when_asked(self) -> None:
+        """The stop, on a thread of its own started at boot: once the messages in hand are done
+        with, Dramatiq's own ``Worker.stop`` (its middleware hooks, what it holds put back), the
+        rest of graceful's sequence, then the worker process's exit, at once.
+
+        Dramatiq's worker process looks at its stop flag once a second, and its stop waits up to
+        a second more for each idle thread; neither is needed once every message is done with.
+        """
+        self._stop_asked.wait()
+        self._booted.wait()
+        self._tell_dramatiq()
+        self._stop_taking(shutdown=True)
+        self.running.wait_until_none()
+        try:
+            type(self.worker).stop(self.worker, timeout=0)  # the threads have nothing left to do
+        except Exception:
+            log.exception("graceful: Dramatiq's worker stop failed")
+        finally:
+            self.finish()
+            self._exit_code = self.lifecycle.exit_code
+            self._exited.set()
+            signal.pthread_kill(self._main, signal.SIGTERM)  # see _exit_now
+
+    def _tell_dramatiq(self) -> None:
+        """Dramatiq's own handler, once: its main loop then calls ``worker.stop()`` (ours) within
+        a second, should the wake-up of ``_exit_now`` not come."""
+        stop = self._dramatiq_stop
+        if callable(stop):
+            with contextlib.suppress(Exception):
+                stop(signal.SIGTERM, None)
+
+    def _stop_from_dramatiq(self, timeout: int = 0) -> None:
+        """What the worker process's main thread calls as ``worker.stop()``: wait for ours."""
+        self.lifecycle.shutdown("dramatiq worker stops", wait=False)
+        self._exited.wait()
+        raise SystemExit(self._exit_code)
+
+    def _exit_now(self) -> int | None:
+        """In the main thread's signal handler: the exit code once the stop is over, else None.
+        Raising ``SystemExit`` there ends the worker process the way Dramatiq's own does."""
+        return self._exit_code if self._exited.is_set() else None
+
     def starting(self, message: Any) -> None:
         """``before_process_message``, in the worker thread: note it, or put it back if stopping."""
         if self.lifecycle.is_stopping() and not message.failed:
@@ -257,7 +297,7 @@ class _Host:
         self.running.add(message)
 
     def finish(self) -> None:
-        """``after_worker_shutdown``, in the main thread: run the rest of the sequence, wait for it."""
+        """At ``after_worker_shutdown``: run the rest of the sequence and wait for it."""
         if self._finished:
             return
         self._finished = True
@@ -272,22 +312,6 @@ class _Host:
             self.notifier.close()
         if self.probes is not None:
             self.probes.close()  # only now: /livez answers until the very end
-        code = lc.exit_code
-        if code:
-            self._exit_with(code)
-
-    def _exit_with(self, code: int) -> None:
-        """Make the worker process exit with ``code``: the ``dramatiq`` command calls
-        ``broker.close()`` right after ``worker.stop()``, then returns (exit code 0)."""
-        close = self.broker.close
-
-        def close_then_exit() -> None:
-            try:
-                close()
-            finally:
-                raise SystemExit(code)
-
-        self.broker.close = close_then_exit  # type: ignore[method-assign]
 
     # -- putting messages back -------------------------------------------------------------------
 
@@ -387,18 +411,24 @@ class _SignalHandOff:
     is at a second signal; graceful's handler only writes the signal number (no lock, no log:
     see graceful/_signals.py), and its thread starts the shutdown (first) or the force quit
     (any later one). SIGINT stays ignored, as Dramatiq has it (the ``dramatiq`` command forwards
-    SIGINT as SIGTERM).
+    SIGINT as SIGTERM). Once graceful's stop is over, graceful sends the main thread a SIGTERM of
+    its own and the handler raises ``SystemExit`` with the exit code there: the main thread is
+    asleep in Dramatiq's once-a-second loop, and that is how the worker process ends at once.
     """
 
-    def __init__(self, on_signal: Callable[[int, int], object]) -> None:
+    def __init__(self, on_signal: Callable[[int, int], object], exit_now: Callable[[], int | None]) -> None:
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self._on_signal = on_signal
+        self._exit_now = exit_now
         threading.Thread(target=self._relay, name="graceful-dramatiq-signals", daemon=True).start()
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._handler)
 
     def _handler(self, signum: int, frame: object) -> None:
+        code = self._exit_now()
+        if code is not None:
+            raise SystemExit(code)  # the stop is over: the main thread ends the process
         with contextlib.suppress(OSError):  # a full pipe drops a repeat: the stop is under way
             os.write(self._write, bytes([signum]))
 

@@ -159,7 +159,7 @@ def test_job_iteration_hands_the_rest_on_and_the_next_worker_finishes_it(
 
 
 @pytest.mark.timeout(60)
-def test_a_failed_listener_makes_arq_exit_1(graceful_process: Any, redis_url: str) -> None:
+def test_a_failed_listener_makes_arq_exit_1(graceful_process: Any, redis_url: str, rdb: redis.Redis) -> None:
     """The exit code says what happened: a shutdown listener raised, so ``arq`` exits 1."""
     proc = worker(graceful_process, redis_url, APP_FAIL_SHUTDOWN="1")
     proc.send_signal(signal.SIGTERM)
@@ -170,7 +170,9 @@ def test_a_failed_listener_makes_arq_exit_1(graceful_process: Any, redis_url: st
 
 
 @pytest.mark.timeout(60)
-def test_a_bad_graceful_variable_stops_the_worker_at_start(graceful_process: Any, redis_url: str) -> None:
+def test_a_bad_graceful_variable_stops_the_worker_at_start(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis
+) -> None:
     """GRACEFUL_PROBE_PORT=abc: the worker does not run without graceful; exit 1, said why."""
     proc = worker(graceful_process, redis_url, wait_ready=False, GRACEFUL_PROBE_PORT="abc")
     result = proc.wait(START)

@@ -227,7 +227,9 @@ def test_a_second_sigterm_forces_the_quit_with_the_message_put_back(
 
 
 @pytest.mark.timeout(60)
-def test_a_failed_listener_makes_dramatiq_exit_1(graceful_process: Any, redis_url: str) -> None:
+def test_a_failed_listener_makes_dramatiq_exit_1(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis
+) -> None:
     """The exit code says what happened: a shutdown listener raised, so the worker process and
     ``dramatiq`` exit 1 (a worker process returning normally would exit 0)."""
     proc = worker(graceful_process, redis_url, APP_FAIL_SHUTDOWN="1")
@@ -239,7 +241,9 @@ def test_a_failed_listener_makes_dramatiq_exit_1(graceful_process: Any, redis_ur
 
 
 @pytest.mark.timeout(60)
-def test_a_bad_graceful_variable_stops_the_worker_at_start(graceful_process: Any, redis_url: str) -> None:
+def test_a_bad_graceful_variable_stops_the_worker_at_start(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis
+) -> None:
     """GRACEFUL_PROBE_PORT=abc: the worker process does not start without graceful; exit 1, said why."""
     proc = worker(graceful_process, redis_url, wait_ready=False, GRACEFUL_PROBE_PORT="abc")
     result = proc.wait(START)
