@@ -31,7 +31,7 @@ from ._current import or_default
 from ._drain_delay import Traffic, drain_delay_of
 from ._lifecycle import Lifecycle, State, budget, set_default_budget
 from ._probe_server import ProbeServer
-from ._settings import DrainDelaySetting, Settings, parse_drain_delay
+from ._settings import ENV_DRAIN_DELAY, ENV_FORCE_QUIT, DrainDelaySetting, Settings, parse_drain_delay
 
 __all__ = [
     "DrainDelaySetting",
@@ -42,6 +42,7 @@ __all__ = [
     "drain_delay",
     "drain_delay_is_auto",
     "drain_delay_left",
+    "fit_drain_delay",
     "is_live",
     "is_ready",
     "serve_probes",
@@ -190,16 +191,71 @@ def configure_from_env(
     """What ``run()`` and every host do first, before anything runs; returns the settings.
 
     Reads every ``GRACEFUL_*`` variable at once unless ``settings`` were read already (a bad
-    one is a ``ValueError`` that names it, before anything changes); then gives ``lifecycle`` the environment's force-quit budget (or
-    ``budget``, a host's own default, when ``GRACEFUL_FORCE_QUIT`` is unset) unless the program
-    chose one, and the environment's drain delay unless one was set; then warns if the
-    platform's grace is too short (:func:`check_platform_grace`).
+    one is a ``ValueError`` that names it, before anything changes); then gives ``lifecycle``
+    the environment's force-quit budget (or ``budget``, a host's own default, when
+    ``GRACEFUL_FORCE_QUIT`` is unset) unless the program chose one, and the environment's drain
+    delay unless one was set; then fits the drain delay to the budget
+    (:func:`fit_drain_delay`) and warns if the platform's grace is too short
+    (:func:`check_platform_grace`).
     """
     settings = Settings.read() if settings is None else settings
     set_default_budget(lifecycle, settings.force_quit if settings.force_quit is not None else budget)
     drain_delay_of(lifecycle).default(settings.drain_delay)
+    fit_drain_delay(lifecycle)
     check_platform_grace(lifecycle, settings)
     return settings
+
+
+# -- the drain delay within the budget --------------------------------------------------------------
+
+DRAIN_ROOM = 1.0
+"""Seconds of the force-quit budget a drain delay must leave for the drain itself (the requests
+in flight finishing, the shutdown listeners), or half the budget when that is 2 s or less: the
+rule gunicorn's host uses for the budget within ``graceful_timeout``."""
+
+
+def _room_for_the_drain(seconds: float) -> float:
+    """What a budget of ``seconds`` keeps for the drain after the delay: :data:`DRAIN_ROOM`,
+    or half of it when it is 2 s or less."""
+    return DRAIN_ROOM if seconds > 2 * DRAIN_ROOM else seconds / 2
+
+
+def fit_drain_delay(lifecycle: Lifecycle | None = None) -> str | None:
+    """Fit the drain delay to the force-quit budget, at start; returns what was logged, or None.
+
+    The delay counts from the first wrap-up trigger and the deadline from the shutdown (one
+    moment, at SIGTERM), so a delay that reaches the budget ends in the forced exit, on an idle
+    server too. ``auto`` is cut to the budget less ``_room_for_the_drain`` (an INFO line
+    says so): it only ends sooner than its maximum when the balancer is seen to stop. A fixed
+    delay is the operator's number, so it is kept and said at WARNING, with both numbers and
+    what to change: a warning and not an error because the service works (it serves, drains
+    and reports what the deadline cut), and the contract says so (docs/deploys.md).
+    ``run()`` and the hosts call it once, from :func:`configure_from_env`.
+    """
+    lc = _lc(lifecycle)
+    delay = drain_delay_of(lc)
+    setting, seconds = delay.setting, budget(lc)
+    room = _room_for_the_drain(seconds)
+    most = seconds - room
+    if setting.seconds <= most:
+        return None
+    if setting.auto:
+        delay.set(DrainDelaySetting(most, auto=True))
+        line = (
+            f"drain delay {setting}: at most {most:g} s, the force-quit budget ({seconds:g} s) less "
+            f"{room:g} s for the drain; raise the budget ({ENV_FORCE_QUIT}; under gunicorn, "
+            f"--graceful-timeout) to let it run longer"
+        )
+        log.info("%s", line)
+        return line
+    line = (
+        f"the drain delay ({setting.seconds:g} s) leaves no room in the force-quit budget ({seconds:g} s): "
+        f"every stop would end in graceful's forced exit (70) once the delay is over. Set "
+        f"{ENV_DRAIN_DELAY} to at most {most:g} s, or the budget ({ENV_FORCE_QUIT}; under gunicorn, "
+        f"--graceful-timeout) to at least {setting.seconds + room:g} s"
+    )
+    log.warning("%s", line)
+    return line
 
 
 # -- the platform's grace --------------------------------------------------------------------------
