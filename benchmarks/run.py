@@ -27,6 +27,7 @@ import _bench_fanout
 import _bench_forcequit
 import _bench_import
 import _bench_long_lived
+import _bench_probes
 import _bench_rolling
 import _bench_serving
 import _bench_sigterm
@@ -42,6 +43,7 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "long_lived": _bench_long_lived.run,
     "rolling": _bench_rolling.run,
     "serving": _bench_serving.run,
+    "probes": _bench_probes.run,
 }
 OPT_IN = {"rolling"}  # minutes long and needs haproxy and hey: runs only when named with --only
 

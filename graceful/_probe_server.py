@@ -129,8 +129,11 @@ class ProbeServer:
     """Connections open at once; at the cap the oldest is closed for the new one."""
     MAX_REQUEST = 8192
     """Bytes of request line and headers; past it, 431."""
-    BACKLOG = 128
-    """Connections the kernel queues before this thread accepts them."""
+    BACKLOG = 1024
+    """Connections the kernel queues before this thread accepts them (``somaxconn`` caps it).
+    Generous: a burst of connections while this thread waits for a core must not overflow the
+    queue, since a SYN dropped there is sent again only 1 s later, the kubelet's default probe
+    timeout (``http.server`` queues 5: a tight loop of connects lost every sixth for 1 s)."""
     ACCEPT_PAUSE = 0.1
     """Seconds without accepting when ``accept()`` fails and no probe connection can be closed
     to help (out of file descriptors, say): the listening socket stays readable, so trying again
