@@ -162,12 +162,22 @@ class ProbeServer:
         self.evicted = 0
         """Connections closed, oldest first, to make room at :attr:`MAX_CONNECTIONS`."""
         self._closed = False
+        self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="graceful-probes", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as exc:  # "can't start new thread": the process is at its limit
+            self._selector.close()
+            for sock in (self._listener, *self._wake):
+                sock.close()
+            raise RuntimeError(
+                f"graceful cannot answer probes on {_where(host, self.port)}: no thread to answer "
+                f"them ({exc}). The process is at its thread limit (a container's pids limit, "
+                f"RLIMIT_NPROC): raise it, or find what holds its threads"
+            ) from exc
         self._delay.probes_served(+1)  # an auto drain delay waits for a 503 answered to a probe
 
-    @staticmethod
-    def _bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    def _bind(self, host: str, port: int, *, reuse_port: bool) -> socket.socket:
         """A listening, non-blocking socket on ``host:port``, of the family ``host`` names."""
         try:
             found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
@@ -184,7 +194,7 @@ class ProbeServer:
             if reuse_port:  # several processes answer on one port (gunicorn's workers)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
-            sock.listen(ProbeServer.BACKLOG)
+            sock.listen(self.BACKLOG)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
@@ -201,9 +211,10 @@ class ProbeServer:
 
     def close(self) -> None:
         """Stop answering: the port refuses connections from now on. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._close_lock:  # gunicorn may close it from its watcher thread and its main one
+            if self._closed:
+                return
+            self._closed = True
         self._delay.probes_served(-1)
         with contextlib.suppress(OSError):
             self._wake[1].send(b"x")
