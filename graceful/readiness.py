@@ -225,11 +225,11 @@ def fit_drain_delay(lifecycle: Lifecycle | None = None) -> str | None:
 
     The delay counts from the first wrap-up trigger and the deadline from the shutdown (one
     moment, at SIGTERM), so a delay that reaches the budget ends in the forced exit, on an idle
-    server too. ``auto`` is cut to the budget less ``_room_for_the_drain`` (an INFO line
-    says so): it only ends sooner than its maximum when the balancer is seen to stop. A fixed
-    delay is the operator's number, so it is kept and said at WARNING, with both numbers and
-    what to change: a warning and not an error because the service works (it serves, drains
-    and reports what the deadline cut), and the contract says so (docs/deploys.md).
+    server too. ``auto`` is cut to the budget less the drain's room (:data:`DRAIN_ROOM`; an
+    INFO line says so): it ends sooner than its maximum only when the balancer is seen to stop.
+    A fixed delay is the operator's number, so it is kept and said at WARNING, with both numbers
+    and what to change: a warning and not an error because the service works (it serves, drains
+    and reports what the deadline cut), and the contract says so (docs/kubernetes.md).
     ``run()`` and the hosts call it once, from :func:`configure_from_env`.
     """
     lc = _lc(lifecycle)
