@@ -21,11 +21,13 @@ if TYPE_CHECKING:
     from ._signals import Router
 
 __all__ = [
+    "add_flush_listener",
     "add_reload_listener",
     "add_shutdown_listener",
     "add_wrap_up_listener",
     "run",
     "set_time_to_force_quit",
+    "set_wrap_up_timeout",
     "shutdown",
     "signal_handlers",
     "state",
@@ -38,14 +40,26 @@ __all__ = [
 ]
 
 
-def add_wrap_up_listener(fn: Callable[[], object], *, name: str | None = None) -> Waiter:
+def add_wrap_up_listener(
+    fn: Callable[[], object], *, name: str | None = None, timeout: float | None = None
+) -> Waiter:
     """Run ``fn`` in the wrap-up phase of the default lifecycle; see ``Lifecycle``."""
-    return _current.get_lifecycle().add_wrap_up_listener(fn, name=name)
+    return _current.get_lifecycle().add_wrap_up_listener(fn, name=name, timeout=timeout)
 
 
-def add_shutdown_listener(fn: Callable[[], object], *, name: str | None = None) -> Waiter:
+def add_shutdown_listener(
+    fn: Callable[[], object], *, name: str | None = None, timeout: float | None = None
+) -> Waiter:
     """Run ``fn`` in the shutdown phase of the default lifecycle; see ``Lifecycle``."""
-    return _current.get_lifecycle().add_shutdown_listener(fn, name=name)
+    return _current.get_lifecycle().add_shutdown_listener(fn, name=name, timeout=timeout)
+
+
+def add_flush_listener(
+    fn: Callable[[], object], *, name: str | None = None, timeout: float | None = None
+) -> Waiter:
+    """Run ``fn`` in the flush phase of the default lifecycle (after the shutdown phase, and at
+    a force quit before the exit); see ``Lifecycle.add_flush_listener``."""
+    return _current.get_lifecycle().add_flush_listener(fn, name=name, timeout=timeout)
 
 
 def add_reload_listener(fn: Callable[[], object], *, name: str | None = None) -> ReloadHandle:
@@ -56,6 +70,11 @@ def add_reload_listener(fn: Callable[[], object], *, name: str | None = None) ->
 def set_time_to_force_quit(seconds: float) -> None:
     """Set the force-quit budget of the default lifecycle; ``ValueError`` for <= 0, NaN, inf."""
     _current.get_lifecycle().set_time_to_force_quit(seconds)
+
+
+def set_wrap_up_timeout(seconds: float) -> None:
+    """Set the wrap-up timeout of the default lifecycle; see ``Lifecycle.set_wrap_up_timeout``."""
+    _current.get_lifecycle().set_wrap_up_timeout(seconds)
 
 
 def shutdown(reason: str = "requested", *, wait: bool = True, timeout: float | None = None) -> bool:

@@ -29,7 +29,7 @@ import logging
 
 from ._current import or_default
 from ._drain_delay import Traffic, drain_delay_of
-from ._lifecycle import Lifecycle, State, budget, set_default_budget
+from ._lifecycle import Lifecycle, State, budget, set_defaults
 from ._probe_server import ProbeServer
 from ._settings import ENV_DRAIN_DELAY, ENV_FORCE_QUIT, DrainDelaySetting, Settings, parse_drain_delay
 
@@ -199,7 +199,14 @@ def configure_from_env(
     (:func:`check_platform_grace`).
     """
     settings = Settings.read() if settings is None else settings
-    set_default_budget(lifecycle, settings.force_quit if settings.force_quit is not None else budget)
+    set_defaults(
+        lifecycle,
+        budget=settings.force_quit if settings.force_quit is not None else budget,
+        wrap_up_timeout=settings.wrap_up_timeout,
+        source="GRACEFUL_FORCE_QUIT / GRACEFUL_WRAP_UP_TIMEOUT"
+        if settings.force_quit is not None or settings.wrap_up_timeout is not None
+        else "the host",
+    )
     drain_delay_of(lifecycle).default(settings.drain_delay)
     fit_drain_delay(lifecycle)
     check_platform_grace(lifecycle, settings)

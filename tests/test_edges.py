@@ -38,7 +38,9 @@ def test_status_records_are_frozen_comparable_and_readable() -> None:
     assert hash(one) == hash(same)
     assert one != ListenerStatus("flush", "shutdown", "failed", 0.5)
     assert one != ("flush", "shutdown", "done", 0.5)
-    assert repr(one) == "ListenerStatus(name='flush', phase='shutdown', state='done', duration=0.5)"
+    assert repr(one) == (
+        "ListenerStatus(name='flush', phase='shutdown', state='done', duration=0.5, timeout=None, abandoned_for=None)"
+    )
     with pytest.raises(AttributeError, match="snapshot"):
         one.state = "running"  # type: ignore[misc]
     status = Status(State.STOPPED, "SIGTERM", 1.0, 25.0, (one,))

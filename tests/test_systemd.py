@@ -50,7 +50,11 @@ def stop_serving():
         word("drained").wait()  # the drain goes on until the test says so
 
 graceful.add_wrap_up_listener(stop_serving, name="stop-serving")
-graceful.add_shutdown_listener(lambda: None, name="close-pool")
+def close_pool():
+    if "hold-close" in sys.argv:
+        word("closed").wait()  # past the wrap-up timeout, a stuck close is what meets the deadline
+
+graceful.add_shutdown_listener(close_pool, name="close-pool")
 
 def reload():
     if "block-reload" in sys.argv:
@@ -264,13 +268,15 @@ def test_hup_without_reload_listeners_is_a_graceful_stop(
 @pytest.mark.timeout(60)
 def test_a_forced_exit_says_why_in_the_status(children: list[Child], path_peer: tuple[Peer, str]) -> None:
     p, notify_socket = path_peer
-    child = Child(service("hold-drain", "0.5"), env={"NOTIFY_SOCKET": notify_socket})
+    child = Child(service("hold-drain", "hold-close", "0.5"), env={"NOTIFY_SOCKET": notify_socket})
     children.append(child)
     p.expect("READY=1")
     child.send(signal.SIGTERM)
     assert child.wait() == 70
     p.wait_for("STATUS=forced")
-    stopping, extend, forced = _messages(p)[1:]
+    messages = _messages(p)
+    stopping, extend, forced = messages[1], messages[2], messages[-1]
+    assert "STATUS=shutting down" in messages  # the stuck drain was abandoned; the close is stuck
     assert stopping == "STOPPING=1\nSTATUS=wrapping up (SIGTERM)"
     assert 5_000_000 < int(extend.removeprefix("EXTEND_TIMEOUT_USEC=")) <= 5_500_000  # never past
     assert forced == "STATUS=forced: the force-quit deadline of 0.5 s passed"  # the deadline + 5 s
