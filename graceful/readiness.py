@@ -31,7 +31,14 @@ from ._current import or_default
 from ._drain_delay import Traffic, drain_delay_of
 from ._lifecycle import Lifecycle, State, budget, set_defaults
 from ._probe_server import ProbeServer
-from ._settings import ENV_DRAIN_DELAY, ENV_FORCE_QUIT, DrainDelaySetting, Settings, parse_drain_delay
+from ._settings import (
+    ENV_DRAIN_DELAY,
+    ENV_FORCE_QUIT,
+    ENV_WRAP_UP_TIMEOUT,
+    DrainDelaySetting,
+    Settings,
+    parse_drain_delay,
+)
 
 __all__ = [
     "DrainDelaySetting",
@@ -216,14 +223,14 @@ def configure_from_env(
 # -- the drain delay within the budget --------------------------------------------------------------
 
 DRAIN_ROOM = 1.0
-"""Seconds of the force-quit budget a drain delay must leave for the drain itself (the requests
-in flight finishing, the shutdown listeners), or half the budget when that is 2 s or less: the
-rule gunicorn's host uses for the budget within ``graceful_timeout``."""
+"""Seconds a drain delay must end before the wrap-up timeout, so that the requests in flight can
+finish within the wrap-up phase (the rest of the budget is the shutdown listeners'); half the
+wrap-up timeout when that is 2 s or less, the rule gunicorn's host uses within ``graceful_timeout``."""
 
 
 def _room_for_the_drain(seconds: float) -> float:
-    """What a budget of ``seconds`` keeps for the drain after the delay: :data:`DRAIN_ROOM`,
-    or half of it when it is 2 s or less."""
+    """What a wrap-up timeout of ``seconds`` keeps for the drain after the delay:
+    :data:`DRAIN_ROOM`, or half of it when it is 2 s or less."""
     return DRAIN_ROOM if seconds > 2 * DRAIN_ROOM else seconds / 2
 
 
@@ -231,35 +238,45 @@ def fit_drain_delay(lifecycle: Lifecycle | None = None) -> str | None:
     """Fit the drain delay to the force-quit budget, at start; returns what was logged, or None.
 
     The delay counts from the first wrap-up trigger and the deadline from the shutdown (one
-    moment, at SIGTERM), so a delay that reaches the budget ends in the forced exit, on an idle
-    server too. ``auto`` is cut to the budget less the drain's room (:data:`DRAIN_ROOM`; an
-    INFO line says so): it ends sooner than its maximum only when the balancer is seen to stop.
-    A fixed delay is the operator's number, so it is kept and said at WARNING, with both numbers
-    and what to change: a warning and not an error because the service works (it serves, drains
-    and reports what the deadline cut), and the contract says so (docs/kubernetes.md).
+    moment, at SIGTERM), so a delay that reaches the budget ends every stop in the forced exit,
+    on an idle server too; one that reaches the wrap-up timeout (what a drain may take, the rest
+    of the budget being the shutdown listeners') leaves the drain no time. So the delay must end
+    :data:`DRAIN_ROOM` s before the wrap-up timeout. ``auto`` is cut to that (an INFO line says
+    so): it ends sooner than its maximum only when the balancer is seen to stop. A fixed delay
+    is the operator's number, so it is kept and said at WARNING, with the numbers and what to
+    change: a warning and not an error because the service works (it serves, drains, and the
+    deadline's report says what was cut), and the contract says so (docs/kubernetes.md).
     ``run()`` and the hosts call it once, from :func:`configure_from_env`.
     """
     lc = _lc(lifecycle)
     delay = drain_delay_of(lc)
-    setting, seconds = delay.setting, budget(lc)
-    room = _room_for_the_drain(seconds)
-    most = seconds - room
+    setting, seconds, wrap_up = delay.setting, budget(lc), lc.wrap_up_timeout
+    room = _room_for_the_drain(wrap_up)
+    most = wrap_up - room
     if setting.seconds <= most:
         return None
     if setting.auto:
         delay.set(DrainDelaySetting(most, auto=True))
         line = (
-            f"drain delay {setting}: at most {most:g} s, the force-quit budget ({seconds:g} s) less "
-            f"{room:g} s for the drain; raise the budget ({ENV_FORCE_QUIT}; under gunicorn, "
-            f"--graceful-timeout) to let it run longer"
+            f"drain delay {setting}: at most {most:g} s, to end {room:g} s before the wrap-up timeout "
+            f"({wrap_up:g} s of the {seconds:g} s force-quit budget) so that the requests in flight can "
+            f"finish; a longer budget ({ENV_FORCE_QUIT}; under gunicorn, --graceful-timeout) or wrap-up "
+            f"timeout ({ENV_WRAP_UP_TIMEOUT}) lets it run longer"
         )
         log.info("%s", line)
         return line
+    if setting.seconds + _room_for_the_drain(seconds) > seconds:
+        then = "every stop would end in graceful's forced exit (70) once the delay is over"
+    else:
+        then = (
+            f"the requests in flight and the shutdown listeners would share the "
+            f"{seconds - setting.seconds:g} s left of the budget"
+        )
     line = (
-        f"the drain delay ({setting.seconds:g} s) leaves no room in the force-quit budget ({seconds:g} s): "
-        f"every stop would end in graceful's forced exit (70) once the delay is over. Set "
-        f"{ENV_DRAIN_DELAY} to at most {most:g} s, or the budget ({ENV_FORCE_QUIT}; under gunicorn, "
-        f"--graceful-timeout) to at least {setting.seconds + room:g} s"
+        f"the drain delay ({setting.seconds:g} s) leaves the drain no room in the force-quit budget "
+        f"({seconds:g} s, wrap-up timeout {wrap_up:g} s): {then}. Set {ENV_DRAIN_DELAY} to at most "
+        f"{most:g} s, or give the drain more time ({ENV_FORCE_QUIT}, {ENV_WRAP_UP_TIMEOUT}; under "
+        f"gunicorn, --graceful-timeout)"
     )
     log.warning("%s", line)
     return line

@@ -3,7 +3,7 @@
 The issue's case under a real arbiter: ``auto`` (at most 10 s), a served probe port that nobody
 probes, and a ``graceful_timeout`` whose budget (``graceful_timeout - 1``) is shorter than 10 s.
 The delay used to take the whole budget and both workers were forced; ``auto`` is now cut, at
-each worker's start, to the budget less 1 s for the drain.
+each worker's start, to end 1 s before the wrap-up timeout (the budget less a fifth of it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ __all__ = ["gunicorn"]  # the fixture, imported for these tests
 
 @pytest.mark.timeout(90)
 def test_with_auto_and_probes_nobody_asks_every_worker_stops_gracefully(gunicorn: Start) -> None:
-    """graceful_timeout 4: a 3 s budget, auto cut to 2 s; both workers stop gracefully, exit 0."""
+    """graceful_timeout 4: a 3 s budget, a 2.4 s wrap-up timeout, auto cut to 1.4 s; both workers
+    stop gracefully, exit 0."""
     env = {
         "GRACEFUL_PROBE_PORT": str(_free_port()),
         "GRACEFUL_PROBE_HOST": "127.0.0.1",
@@ -31,5 +32,5 @@ def test_with_auto_and_probes_nobody_asks_every_worker_stops_gracefully(gunicorn
     child.send(signal.SIGTERM)
     assert child.wait() == 0, child.err
     assert "2 worker(s) stopped: 2 gracefully, 0 with a failed listener, 0 forced" in child.err, child.err
-    assert child.err.count("drain delay auto:10: at most 2 s, the force-quit budget (3 s) less 1 s") == 2
+    assert child.err.count("drain delay auto:10: at most 1.4 s, to end 1 s before the wrap-up timeout") == 2
     assert child.err.count("of drain delay: its drain delay is over") == 2, child.err
