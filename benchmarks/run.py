@@ -29,6 +29,7 @@ import _bench_fanout
 import _bench_forcequit
 import _bench_import
 import _bench_long_lived
+import _bench_probes
 import _bench_rolling
 import _bench_serving
 import _bench_sigterm
@@ -45,6 +46,7 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "rolling": _bench_rolling.run,
     "serving": _bench_serving.run,
     "chaos": _bench_chaos.run,
+    "probes": _bench_probes.run,
 }
 OPT_IN = {"rolling", "chaos"}  # minutes long, need haproxy and hey / a redis-server: only when named
 OWN_PEERS = {"chaos"}  # installs its peers in environments of its own: no benchmarks/.peers needed

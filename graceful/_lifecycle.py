@@ -603,10 +603,13 @@ class Lifecycle:
         thread; the force-quit deadline starts at the first call.
 
         Raises:
-            TypeError, ValueError: a bad ``reason`` or ``timeout``, before anything starts.
+            TypeError, ValueError: a bad ``reason``, ``wait`` (a bool only: ``wait="no"`` would
+                be truthy and block) or ``timeout``, before anything starts.
             RuntimeError: ``wait`` from a server's thread under ``run()``: it would wait for itself.
         """
         reason = check_reason(reason, "shutdown()")
+        if not isinstance(wait, bool):
+            raise TypeError(f"shutdown(wait=...) takes True or False, not {wait!r}")
         limit = check_timeout(timeout, "shutdown()")
         if wait and limit != 0:
             refuse_in_server("shutdown()", "graceful.shutdown(wait=False)")

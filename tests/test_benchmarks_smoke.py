@@ -28,6 +28,7 @@ SECTIONS = (
     "6. is_stopping()",
     "7. long-lived",
     "9. serving cost",
+    "10. probe port soak",
 )
 MEASURED = (  # (section, contender, a word its measured result must contain)
     ("1. import", "graceful", "own modules"),
@@ -41,6 +42,12 @@ MEASURED = (  # (section, contender, a word its measured result must contain)
     ("6. is_stopping()", "graceful vs threading.Event", "ns"),
     ("7. long-lived", "graceful.run(uvicorn.Server)", "close frame 1001"),
     ("7. long-lived", "graceful.run(AiohttpService)", "close frame 1001"),
+    ("10. probe port soak", "graceful ProbeServer (one selector thread)", "/readyz median"),
+    (
+        "10. probe port soak",
+        "thread per connection (ThreadingHTTPServer; graceful before #27)",
+        "/readyz median",
+    ),
 )
 
 
