@@ -4,9 +4,12 @@ Why it is built this way:
 
 * No balancer: ``hey`` (16 keep-alive clients, no rate limit, as in issue #25) sends to the
   service's port on 127.0.0.1, so what a client of a service on one machine sees is what is
-  counted. hey rather than wrk: a wrk connection whose reconnect is refused is never opened
-  again (``connect_socket`` counts the error and gives the connection up), so after one in-place
-  restart wrk's load is gone; hey's workers just make their next request.
+  counted. hey rather than wrk: wrk counts errors by the call that failed, not by their cause
+  (on Linux a refused non-blocking connect returns EINPROGRESS and the refusal surfaces at the
+  first write: an in-place restart shows as tens of thousands of "write" errors, a reset as a
+  "read" or "write" one), and it keeps a latency histogram, not a time per request, so neither
+  refused-or-reset nor the latency during a window can be had from it. hey names each error's
+  cause and times each answered request.
 * What hey saw comes from one report (``_rolling_rig.HEY_TEMPLATE``): every answered request
   (duration, status, start offset) and its error distribution, the text of each error with its
   count. hey does not time its errors, so they are counted per run, split into refused, reset and
