@@ -358,12 +358,18 @@ class _Rig:
         self._signal(signal.SIGUSR2)
         main: int | None = None
         ready_at: float | None = None
+        readied: set[int] = set()  # senders of a READY=1 since the signal
 
         def successor(message: Message) -> bool:
+            """MAINPID= of a new pid, and READY=1 with it, after it, or before it from that pid."""
             nonlocal main, ready_at
-            if message.fields.get("MAINPID", "").isdigit() and int(message.fields["MAINPID"]) != old.pid:
-                main, ready_at = int(message.fields["MAINPID"]), None  # READY=1 must come with it or after
-            if message.fields.get("READY") == "1" and main is not None:
+            if message.fields.get("READY") == "1":
+                readied.add(message.sender)
+            value = message.fields.get("MAINPID", "")
+            if value.isdigit() and int(value) != old.pid:
+                main = int(value)
+                ready_at = message.at if message.fields.get("READY") == "1" or main in readied else None
+            elif message.fields.get("READY") == "1" and main is not None:
                 ready_at = message.at
             return main is not None and ready_at is not None
 
