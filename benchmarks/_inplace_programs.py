@@ -28,8 +28,9 @@ Why it is built this way:
   ``sys.orig_argv``, never in ``sys.argv``.
 * gunicorn is started through a two-line script in the run's directory, as its console script
   would be: its USR2 re-execs ``sys.executable`` with ``sys.argv``, so what ``argv[0]`` is must
-  survive an exec (``python -m gunicorn`` re-execs ``gunicorn/__main__.py`` as a script, with
-  the package's own folder first on ``sys.path``).
+  survive an exec. ``python -m gunicorn`` does not: USR2 re-execs ``gunicorn/__main__.py`` as a
+  script, with the package's own folder first on ``sys.path``, where gunicorn's ``http`` package
+  hides the stdlib's (an app that imports ``http.client`` then fails to load in the new master).
 """
 
 from __future__ import annotations
