@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from _harness import BenchError, Child, Row, Setup, free_port, log, median, ms
 
-BENCH = "10. probe port soak"
+BENCH = "12. probe port soak"
 
 GRACEFUL = """
 import sys, threading
