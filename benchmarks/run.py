@@ -64,6 +64,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke mode: graceful and bare only, few runs")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 30, --quick 3)")
     parser.add_argument(
+        "--import-before",
+        default="",
+        help="import: also measure graceful from this checkout (before a change)",
+    )
+    parser.add_argument(
         "--only", action="append", choices=sorted(SECTIONS), help="run only this section (repeatable)"
     )
     parser.add_argument(
@@ -172,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(n.strip() for n in args.contenders.split(",") if n.strip()) if args.contenders else ()
     source = str(Path(args.graceful_from).resolve()) if args.graceful_from else ""
     _bench_rolling.configure(delays, args.restarts, source, names)
+    _bench_import.configure(str(Path(args.import_before).resolve()) if args.import_before else "")
     _bench_chaos.configure(args.jobs, args.stops, args.seeds, args.parallel, names)
     _bench_inplace.configure(args.restarts, source, names, args.method)
     if args.rounds is not None:
