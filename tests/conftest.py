@@ -21,9 +21,20 @@ if TYPE_CHECKING:
 
 # A real redis-server for the queue-worker tests (the test extra brings the binary): the fixtures.
 from .redis_server import rdb, redis_url  # noqa: F401 - fixtures, found by pytest here
+from .stale_coverage import ERASED, erase_stale_coverage_data
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds: the longest any test waits for an event that should come at once
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under ``coverage run``: erase the data files a failed run left (tests/stale_coverage.py)."""
+    erase_stale_coverage_data(session.config)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    erased = config.stash.get(ERASED, [])
+    return f"coverage: erased {len(erased)} data file(s) an earlier run left behind" if erased else None
 
 
 _WATCHED = tuple(
