@@ -49,10 +49,12 @@ def test_a_worker_timeout_writes_the_report_before_the_arbiter_kills_it(gunicorn
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("quick", [signal.SIGQUIT, signal.SIGINT])
-def test_a_quick_shutdown_after_term_writes_the_report_at_once(gunicorn: Start, quick: int) -> None:
+@pytest.mark.parametrize(("quick", "kind"), [(signal.SIGQUIT, "sync"), (signal.SIGINT, "gthread")])
+def test_a_quick_shutdown_after_term_writes_the_report_at_once(
+    gunicorn: Start, quick: int, kind: str
+) -> None:
     """TERM, a shutdown listener of 8 s under way, then QUIT or INT: the report, exit 70, in 2 s."""
-    child, _ = gunicorn("-c", CONF, "-w", "1", WSGI, env={"SLOW": "8"})
+    child, _ = gunicorn("-c", CONF, "-w", "1", "-k", kind, WSGI, env={"SLOW": "8"})
     worker = _pid(child.expect("ready"))
     child.send(signal.SIGTERM)
     child.expect("slow-close")
