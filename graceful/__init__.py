@@ -11,6 +11,7 @@ out, and why, is in docs/architecture.md.
 from ._api import add_reload_listener as add_reload_listener
 from ._api import add_shutdown_listener as add_shutdown_listener
 from ._api import add_wrap_up_listener as add_wrap_up_listener
+from ._api import listen as listen
 from ._api import run as run
 from ._api import set_time_to_force_quit as set_time_to_force_quit
 from ._api import shutdown as shutdown
@@ -57,6 +58,7 @@ __all__ = [
     "add_wrap_up_listener",
     "get_lifecycle",
     "is_stopping",
+    "listen",
     "run",
     "set_time_to_force_quit",
     "shutdown",

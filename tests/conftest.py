@@ -28,7 +28,7 @@ BOUND = 10.0  # seconds: the longest any test waits for an event that should com
 
 _WATCHED = tuple(
     getattr(signal, name)
-    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP")
+    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP", "SIGUSR2")
     if hasattr(signal, name)
 )
 
