@@ -281,11 +281,11 @@ class _Runner:
         if all_up:  # ready first, then say so: a probe sent on reading the line finds it ready
             readiness.set_ready(self.lifecycle)
             _sockets.report_unclaimed()
+            if self.upgrader is not None:  # before READY=1: a SIGUSR2 sent on reading it is taken
+                self.upgrader.serving = True
             ready = ["READY=1", f"STATUS=serving ({len(self.services)} server(s))"]
             if not _upgrade.successor_ready(ready):  # a new generation also says MAINPID=
                 systemd.notify(*ready)
-            if self.upgrader is not None:
-                self.upgrader.serving = True
             log.info("all %d server(s) started: ready", len(self.services))
 
     def _start_thread(self, service: Service, ctx: Context) -> None:

@@ -222,6 +222,9 @@ class _Attempt:
             try:
                 self.proc = self._spawn(fds)
             except OSError as exc:
+                if self.guard is not None:
+                    self.guard.remove()
+                self.upgrader.release(self)
                 log.error(  # noqa: TRY400 - the cause is the message; a traceback says nothing more
                     "upgrade failed: the next generation could not be started (%s): this generation "
                     "(pid %d) keeps serving",
@@ -363,6 +366,9 @@ class _Attempt:
         if self.tail is not None:
             self.tail.join()
         tail = self.tail.text() if self.tail is not None else ""
+        if self.guard is not None:
+            self.guard.remove()
+        self.upgrader.release(self)  # before the line: a SIGUSR2 sent on reading it is taken
         log.error(
             "upgrade failed: the next generation (pid %d) %s (%s). This generation (pid %d) keeps "
             "serving; SIGUSR2 tries again.%s",
@@ -373,8 +379,6 @@ class _Attempt:
             f" The last lines of its stderr:{tail}" if tail else " It wrote nothing on stderr.",
         )
         systemd.notify("READY=1", f"STATUS=serving (upgrade failed: pid {proc.pid} {why})")
-        if self.guard is not None:
-            self.guard.remove()
 
     def _stop(self, proc: subprocess.Popen[bytes], why: str | None) -> int | None:
         """SIGTERM, its own budget to drain what it may have accepted, then SIGKILL; reaped."""
@@ -493,9 +497,13 @@ class Upgrader:
         except BaseException:  # an upgrade must never end this generation
             log.exception("upgrade failed: this generation keeps serving")
         finally:
-            with self.lock:
-                if self.handed_over_to is None and not attempt.aborted:
-                    self._attempt = None
+            self.release(attempt)
+
+    def release(self, attempt: _Attempt) -> None:
+        """``attempt`` is over and failed: the next SIGUSR2 may start another (idempotent)."""
+        with self.lock:
+            if self._attempt is attempt and self.handed_over_to is None and not attempt.aborted:
+                self._attempt = None
 
     def _kill(self) -> None:
         attempt = self._attempt

@@ -17,7 +17,9 @@ counted from the first wrap-up trigger, covers every server in the process.
   of the force-quit budget. The functions here are the public face of one object per
   lifecycle (graceful/_drain_delay.py says how it works).
 * probes: ``serve_probes(port)`` (or ``GRACEFUL_PROBE_PORT`` under ``run()`` and the hosts)
-  answers ``/readyz`` and ``/livez`` from a tiny stdlib HTTP server on its own thread.
+  answers ``/readyz`` and ``/livez`` from a tiny stdlib HTTP server on its own thread. Its
+  port is opened with ``Lifecycle.listen()`` (unless ``reuse_port``): an upgrade in place passes
+  it to the next generation, which answers the probes once it is ready.
 * platform grace: ``check_platform_grace()`` warns at start when the drain delay plus the
   force-quit budget would outlast the grace Kubernetes or systemd give before SIGKILL.
 """
@@ -216,7 +218,15 @@ class ProbeServer:
                 super().server_bind()
 
         try:
-            self._server = Server((host, port), Probe)
+            self._server = Server((host, port), Probe, bind_and_activate=reuse_port)
+            if not reuse_port:  # systemd's or the previous generation's socket, else bound here
+                self._server.socket.close()
+                sock = lc.listen((host, port))
+                self._server.socket = sock
+                self._server.server_address = sock.getsockname()
+                # The previous or next generation may accept on it too: a blocking accept() whose
+                # connection the other process took would hang this loop.
+                sock.setblocking(False)
         except OSError as exc:
             raise RuntimeError(
                 f"graceful cannot answer probes on {host}:{port}: {exc.strerror or exc}. Free that "
