@@ -624,9 +624,14 @@ class _Lines:
         self._thread.join(BOUND)
 
     def wait(self, text: str, timeout: float = BOUND) -> str:
+        return self.wait_until(lambda seen: text in seen, timeout, repr(text))
+
+    def wait_until(self, predicate: Callable[[str], bool], timeout: float = BOUND, what: str = "") -> str:
         with self._changed:
-            if not self._changed.wait_for(lambda: text in self.text, timeout):
-                raise AssertionError(f"{text!r} did not come within {timeout} s:\n{self.text}")
+            if not self._changed.wait_for(lambda: predicate(self.text), timeout):
+                raise AssertionError(
+                    f"{what or 'the text awaited'} did not come within {timeout} s:\n{self.text}"
+                )
             return self.text
 
 
@@ -681,3 +686,85 @@ def test_socket_activation_answers_a_client_that_connected_before_the_service_st
             os.close(successor)
         proc.wait(BOUND)
         err.join()
+
+
+# -- gunicorn's own USR2 -------------------------------------------------------------------------
+
+WSGI_APP = """
+import os
+
+os.write(1, f"loaded in {os.getpid()}\\n".encode())  # a worker imports the app before it accepts
+
+
+def app(environ, start_response):
+    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+@pytest.mark.load
+@pytest.mark.timeout(90)
+def test_gunicorns_own_usr2_upgrade_keeps_working_under_graceful_gunicorn(
+    load: Callable[[int], Load], tmp_path: Path
+) -> None:
+    """gunicorn's binary upgrade with ``-c python:graceful.gunicorn``: USR2 to the master starts a
+    new master on the inherited socket, then TERM to the old one; not one request lost."""
+    pytest.importorskip("gunicorn")
+    (tmp_path / "upgrade_wsgi.py").write_text(WSGI_APP)
+    launcher = tmp_path / "gunicorn_launch.py"  # USR2 re-executes sys.argv: a script, as gunicorn's own
+    launcher.write_text("from gunicorn.app.wsgiapp import run\n\nrun()\n")
+    port = free_port()
+    argv = [sys.executable, str(launcher), "--chdir", str(tmp_path), "-b", f"127.0.0.1:{port}"]
+    argv += [
+        "-k",
+        "gthread",
+        "-w",
+        "1",
+        "--threads",
+        "8",
+        "--log-level",
+        "info",
+        "-c",
+        "python:graceful.gunicorn",
+    ]
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    proc = subprocess.Popen(
+        [*argv, "upgrade_wsgi:app"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out, err = _Lines(proc.stdout), _Lines(proc.stderr)
+    new_master: int | None = None  # not this test's child: followed with a pidfd
+    try:
+        err.wait("Booting worker with pid")
+        client = load(port)
+        old_worker = int(next(line for line in client.lines if line.startswith("pid ")).split()[1])
+        os.kill(proc.pid, signal.SIGUSR2)
+        text = out.wait_until(lambda text: len(_loaded(text)) >= 2)  # the new master's worker is up
+        new_worker = _loaded(text)[1]
+        masters = re.findall(r"\[(\d+)\] \[INFO\] Starting gunicorn", err.wait("Starting gunicorn"))
+        new_master = os.pidfd_open(int(masters[-1]))
+        os.kill(proc.pid, signal.SIGTERM)  # gunicorn's way: TERM the old master once the new one serves
+        client.wait_line(f"pid {new_worker}")  # the new worker answers, on the same socket
+        assert proc.wait(BOUND * 3) == 0
+        counts = client.stop()
+        assert counts["failed"] == 0, counts["errors"]
+        assert set(counts["pids"]) == {str(old_worker), str(new_worker)}
+        assert " ERROR " not in err.text, err.text
+        signal.pidfd_send_signal(new_master, signal.SIGTERM)
+        assert select.select([new_master], [], [], BOUND * 3)[0], "the new master did not exit"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if new_master is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(new_master, signal.SIGKILL)
+            os.close(new_master)
+        proc.wait(BOUND)
+        out.join()
+        err.join()
+
+
+def _loaded(text: str) -> list[int]:
+    """The pids of the workers that loaded the app, in order."""
+    return [int(pid) for pid in re.findall(r"loaded in (\d+)", text)]
