@@ -383,3 +383,22 @@ def section(name: str) -> Iterator[None]:
     log(f"{name} ...")
     yield
     log(f"{name} done in {time.perf_counter() - start:.1f} s")
+
+
+@contextlib.contextmanager
+def term_unwinds() -> Iterator[None]:
+    """SIGTERM to the benchmark raises KeyboardInterrupt while the block runs: like Ctrl-C, it unwinds
+    through a rig's cleanup and leaves no process behind (main thread only; else a no-op)."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -3,6 +3,7 @@
     python benchmarks/run.py            # full run: creates benchmarks/.peers (pip, from PyPI)
     python benchmarks/run.py --quick    # smoke: graceful and the bare baseline, few iterations
     python benchmarks/run.py --only rolling [--quick]   # rolling restarts behind HAProxy (opt-in)
+    python benchmarks/run.py --only inplace [--quick]   # replaced in place, no balancer (opt-in)
 
 Every figure of one run is measured on the same machine, with the same interpreter, in the same
 minutes: compare the ratios within a run, not the absolute numbers across runs or machines.
@@ -26,6 +27,7 @@ import _bench_drain
 import _bench_fanout
 import _bench_forcequit
 import _bench_import
+import _bench_inplace
 import _bench_long_lived
 import _bench_rolling
 import _bench_serving
@@ -42,8 +44,9 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "long_lived": _bench_long_lived.run,
     "rolling": _bench_rolling.run,
     "serving": _bench_serving.run,
+    "inplace": _bench_inplace.run,
 }
-OPT_IN = {"rolling"}  # minutes long and needs haproxy and hey: runs only when named with --only
+OPT_IN = {"rolling", "inplace"}  # minutes long and needs hey (and haproxy): runs only when named with --only
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -64,16 +67,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--graceful-from",
         default="",
-        help="rolling: run the contenders with graceful from this checkout (default: this one)",
+        help="rolling, inplace: run the contenders with graceful from this checkout (default: this one)",
     )
     parser.add_argument(
         "--contenders",
         default=None,
-        help="rolling: run only the contenders whose name contains one of these, comma-separated "
+        help="rolling, inplace: run only the contenders whose name contains one of these, comma-separated "
         "(case-insensitive; with --quick they run even if the quick mode would skip them)",
     )
     parser.add_argument(
-        "--restarts", type=int, default=None, help="rolling: restarts per run (default 6, --quick 3)"
+        "--restarts",
+        type=int,
+        default=None,
+        help="rolling, inplace: restarts (upgrades) per run (rolling 6, inplace 20; --quick 3)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("GET", "POST"),
+        default="GET",
+        help="inplace: hey's HTTP method (POST: hey's client replays no request that failed on a reused connection)",
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="serving: alone/graceful rounds (default 5, --quick 1)"
@@ -138,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         tuple(d.strip() for d in args.drain_delays.split(",") if d.strip()) if args.drain_delays else None
     )
     names = tuple(n.strip() for n in args.contenders.split(",") if n.strip()) if args.contenders else ()
-    _bench_rolling.configure(
-        delays, args.restarts, str(Path(args.graceful_from).resolve()) if args.graceful_from else "", names
-    )
+    source = str(Path(args.graceful_from).resolve()) if args.graceful_from else ""
+    _bench_rolling.configure(delays, args.restarts, source, names)
+    _bench_inplace.configure(args.restarts, source, names, args.method)
     if args.rounds is not None:
         _bench_serving.ROUNDS = max(1, args.rounds)
     rows: list[Row] = []
@@ -152,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     took = time.perf_counter() - started
     print("\n".join(_machine(setup)))
     if args.graceful_from:
-        print(f"rolling contenders: graceful from {Path(args.graceful_from).resolve()}")
+        print(f"rolling and inplace contenders: graceful from {Path(args.graceful_from).resolve()}")
     print(f"command: python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(f"runs per figure: {runs}; whole run took {took:.0f} s\n")
     print(format_table(rows))
     if any(row.bench.startswith(_bench_rolling.BENCH) for row in rows):
         print("\nRolling restarts side by side (median / max of each time, seconds from SIGTERM):\n")
         print(_bench_rolling.compact_table(rows))
+    if any(row.bench.startswith(_bench_inplace.BENCH) for row in rows):
+        print("\nReplaced in place side by side (median / max of each time, seconds from the signal):\n")
+        print(_bench_inplace.compact_table(rows))
     _save(args.json, setup, rows, runs)
     return 0
 

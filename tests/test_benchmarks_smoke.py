@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,56 @@ def test_quick_run_prints_one_table_with_every_section() -> None:
     for row in body:
         if row[1].split()[0] in ("aiomisc", "cotyledon", "uvicorn", "grpcio"):
             assert row[2].startswith("skipped"), row
+
+
+INPLACE_BOUND = 40.0  # seconds for the in-place rig's smoke (~10 s on the loaded 2-core box)
+INPLACE_ROW = re.compile(
+    r"failed \d+ in 2 (restarts|upgrades) \(refused \d+, reset \d+, other \d+, non-2xx \d+\); "
+    r"p50/p99 \d+/\d+ ms vs steady \d+/\d+ ms \(p99 x\d+\.\d\); signal -> old gone \d+\.\d\d/\d+\.\d\d s, "
+    r"-> new serving \d+\.\d\d/\d+\.\d\d s \(median/max\); old exit .*; tracebacks \d+; \d+ req at \d+/s"
+)
+
+
+@pytest.mark.skipif(shutil.which("hey") is None, reason="hey not installed (apt-get install hey)")
+@pytest.mark.timeout(INPLACE_BOUND + 30)
+def test_inplace_rig_measures_restarts_and_leaves_no_process(tmp_path: Path) -> None:
+    """``--only inplace --quick``: the in-place restarts are measured, graceful's upgrade rows are
+    measured or say why not, and no process of the run outlives it."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COVERAGE_")}
+    env["TMPDIR"] = str(tmp_path)  # the rig's processes all run in a directory under it
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            *("--only", "inplace", "--quick", "--restarts", "2", "--contenders", "restarted,SIGUSR2"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=INPLACE_BOUND,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, table = _table(result.stdout)
+    rows = {row[1]: row[2] for row in table if row[0] == "10. in-place"}
+    assert "graceful.run(ThreadingHTTPServer), restarted in place" in rows, rows
+    for name, text in rows.items():
+        if text.startswith(("skipped: uvicorn", "skipped (graceful.listen not present)")):
+            assert "SIGUSR2" in name or "uvicorn" in name, (name, text)
+            continue
+        assert INPLACE_ROW.fullmatch(text), (name, text)
+    assert not _running_in(tmp_path), "the rig left processes behind"
+
+
+def _running_in(folder: Path) -> list[str]:
+    """The processes whose working directory is under ``folder``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(folder)):
+            found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:200]!r}")
+    return found
