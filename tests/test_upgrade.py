@@ -768,3 +768,44 @@ def test_gunicorns_own_usr2_upgrade_keeps_working_under_graceful_gunicorn(
 def _loaded(text: str) -> list[int]:
     """The pids of the workers that loaded the app, in order."""
     return [int(pid) for pid in re.findall(r"loaded in (\d+)", text)]
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return [int(child) for child in listing.read().split()]
+
+
+@pytest.mark.timeout(60)
+def test_under_tini_as_pid_1_sigusr2_is_refused_and_the_service_keeps_serving(tmp_path: Path) -> None:
+    """A container: tini is PID 1 and exits when its one child does, ending the container, so
+    handing over would kill the new generation with the old one. graceful says so instead."""
+    tini, unshare = shutil.which("tini"), shutil.which("unshare")
+    if tini is None or unshare is None:
+        pytest.skip("tini or unshare not installed")
+    port, script = free_port(), tmp_path / "service.py"
+    script.write_text(STDLIB)
+    argv = [unshare, "--pid", "--fork", "--mount-proc", tini, "--", sys.executable, str(script), str(port)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = _Lines(proc.stderr)
+    try:
+        try:
+            err.wait("all 1 server(s) started")
+        except AssertionError:
+            if proc.poll() is not None:
+                pytest.skip(f"no PID namespace here: {err.text.strip()}")
+            raise
+        (init,) = _children(proc.pid)  # tini, PID 1 in its namespace
+        (service,) = _children(init)
+        os.kill(service, signal.SIGUSR2)
+        err.wait(
+            "received SIGUSR2: PID 1 is tini, which exits when this process does, and the container with it"
+        )
+        assert _post(port) == "2"  # still the same process (pid 2 in the container) serving
+        os.kill(service, signal.SIGTERM)
+        assert proc.wait(BOUND) == 0
+        assert "upgrade: started" not in err.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(BOUND)
+        err.join()
