@@ -51,6 +51,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -65,7 +66,6 @@ from ._settings import DrainDelaySetting
 from ._sockets import ENV_UPGRADE, SYSTEMD_VARIABLES, describe, is_listening, take_handover, unclaimed
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Callable
 
     from ._listeners import Waiter
@@ -147,7 +147,9 @@ class _Tail:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self._stop_r, self._stop_w = os.pipe()
+        # A socket pair, not a pipe: once closed, a late stop() fails on it instead of writing
+        # into whatever file reused its fd number.
+        self._stop_r, self._stop_w = socket.socketpair()
         self._thread = threading.Thread(target=self._pump, name="graceful-upgrade-stderr", daemon=True)
         self._thread.start()
 
@@ -158,7 +160,7 @@ class _Tail:
                 selector.register(self.fd, selectors.EVENT_READ)
                 selector.register(self._stop_r, selectors.EVENT_READ)
                 while True:
-                    events = [key.fd for key, _ in selector.select()]
+                    events = [key.fileobj for key, _ in selector.select()]
                     if self._stop_r in events:
                         break
                     chunk = os.read(self.fd, 65536)
@@ -172,21 +174,20 @@ class _Tail:
                 _write_all(2, partial + b"\n")
                 self.lines.append(partial.decode("utf-8", "replace"))
         finally:
-            for fd in (self.fd, self._stop_r):
-                os.close(fd)
+            os.close(self.fd)
+            self._stop_r.close()
 
     def stop(self) -> None:
         """Stop forwarding now (the new generation writes to the real stderr from now on)."""
         with contextlib.suppress(OSError):
-            os.write(self._stop_w, b"x")
+            self._stop_w.send(b"x")
         self.join()
 
     def join(self) -> None:
         """Wait (bounded) for the pipe's end: the process and whatever it started are gone."""
         self._thread.join(BOUND)
         if not self._thread.is_alive():
-            with contextlib.suppress(OSError):
-                os.close(self._stop_w)
+            self._stop_w.close()
 
     def text(self) -> str:
         return "".join(f"\n    {line}" for line in self.lines)
@@ -203,7 +204,7 @@ class _Attempt:
         self.aborted = False  # this generation began to stop first: the guard stops the new one
         self.tail: _Tail | None = None
         self.guard: Waiter | None = None
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = socket.socketpair()  # closed, a late write fails: no fd reuse
         self._ready_r = -1
 
     # -- the steps ------------------------------------------------------------------------------
@@ -253,10 +254,10 @@ class _Attempt:
                 outcome = "stopping"
             self._failed(outcome)
         finally:
-            for fd in (self._wake_r, self._wake_w, self._ready_r):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            self._wake_r.close()
+            self._wake_w.close()
+            if self._ready_r >= 0:
+                os.close(self._ready_r)
 
     def _sockets(self) -> dict[int, socket.socket]:
         """fd -> socket: what ``listen()`` gave and the inherited ones nobody claimed."""
@@ -319,7 +320,7 @@ class _Attempt:
                 if left <= 0:
                     return "timeout"
                 for key, _ in selector.select(left):
-                    if key.fd == self._wake_r:
+                    if key.fileobj is self._wake_r:
                         return "stopping"
                     chunk = os.read(self._ready_r, 64)
                     if not chunk:
@@ -405,8 +406,8 @@ class _Attempt:
             if self.upgrader.handed_over_to is not None:
                 return  # the hand-over's own wrap-up
             self.aborted = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        with contextlib.suppress(OSError):  # closed: the attempt is over already
+            self._wake_w.send(b"x")
         self.spawned.wait(BOUND)
         proc = self.proc
         if proc is None:

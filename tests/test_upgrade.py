@@ -478,7 +478,8 @@ def test_listen_binds_ipv4_ipv6_and_unix_and_remembers_them(
     path = tmp_path / "app.sock"
     with socket.socket(socket.AF_UNIX) as stale:  # a crashed server's socket file
         stale.bind(str(path))
-    made = [graceful.listen(("127.0.0.1", 0)), graceful.listen(path)]
+    abstract = f"@graceful-test-{os.getpid()}"  # Linux's abstract namespace: no file
+    made = [graceful.listen(("127.0.0.1", 0)), graceful.listen(path), graceful.listen(abstract)]
     if socket.has_ipv6:
         with contextlib.suppress(OSError):  # no IPv6 on this host
             made.append(graceful.listen(("::1", 0)))
@@ -494,6 +495,8 @@ def test_listen_binds_ipv4_ipv6_and_unix_and_remembers_them(
             graceful.listen(made[0].getsockname())
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(str(path))
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect("\0" + abstract[1:])
     finally:
         for sock in made:
             sock.close()
