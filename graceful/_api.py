@@ -80,11 +80,11 @@ def listen(address: object, *, backlog: int | None = None) -> socket.socket:
         TypeError, ValueError: a bad address or backlog, before anything is bound.
         OSError: the address cannot be bound (in use, say); the message names it.
 
-    Example::
+    Example, a server that binds itself (``run()``'s adapters need no change; a stdlib server
+    is built with ``bind_and_activate=False`` and ``run()`` binds it)::
 
         sock = graceful.listen(("0.0.0.0", 8000))
-        server = ThreadingHTTPServer(sock.getsockname(), Handler, bind_and_activate=False)
-        server.socket = sock
+        server = await loop.create_server(Protocol, sock=sock)
     """
     return _current.get_lifecycle().listen(address, backlog=backlog)
 
