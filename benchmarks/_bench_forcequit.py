@@ -41,7 +41,7 @@ threading.Event().wait()  # the cleanup that never finishes
 GRACEFUL = (
     GRACEFUL_IDLE_SERVICE
     + """
-graceful.add_wrap_up_listener(lambda: threading.Event().wait(), name="stuck listener")
+graceful.add_shutdown_listener(lambda: threading.Event().wait(), name="stuck listener")
 sys.exit(graceful.run(Idle(), force_quit=BUDGET))
 """
 )

@@ -39,7 +39,7 @@ from _inplace_run import RunResult, Upgrade, run_one
 from _rolling_programs import chosen, module_present
 from _rolling_rig import tool
 
-BENCH = "10. in-place"
+BENCH = "11. in-place"
 QUICK_UPGRADES = 3
 FULL_UPGRADES = 20
 GOAL_UPGRADES = 20  # issue #25: 0 failed and 0 resets over >= 20 upgrades

@@ -3,6 +3,7 @@
     python benchmarks/run.py            # full run: creates benchmarks/.peers (pip, from PyPI)
     python benchmarks/run.py --quick    # smoke: graceful and the bare baseline, few iterations
     python benchmarks/run.py --only rolling [--quick]   # rolling restarts behind HAProxy (opt-in)
+    python benchmarks/run.py --only chaos [--quick]     # queue workers stopped at random (opt-in)
     python benchmarks/run.py --only inplace [--quick]   # replaced in place, no balancer (opt-in)
 
 Every figure of one run is measured on the same machine, with the same interpreter, in the same
@@ -23,12 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _bench_chaos
 import _bench_drain
 import _bench_fanout
 import _bench_forcequit
 import _bench_import
 import _bench_inplace
 import _bench_long_lived
+import _bench_probes
 import _bench_rolling
 import _bench_serving
 import _bench_sigterm
@@ -44,9 +47,16 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "long_lived": _bench_long_lived.run,
     "rolling": _bench_rolling.run,
     "serving": _bench_serving.run,
+    "chaos": _bench_chaos.run,
+    "probes": _bench_probes.run,
     "inplace": _bench_inplace.run,
 }
-OPT_IN = {"rolling", "inplace"}  # minutes long and needs hey (and haproxy): runs only when named with --only
+OPT_IN = {
+    "rolling",
+    "chaos",
+    "inplace",
+}  # minutes long, need haproxy and hey / a redis-server: only when named
+OWN_PEERS = {"chaos"}  # installs its peers in environments of its own: no benchmarks/.peers needed
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -72,8 +82,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--contenders",
         default=None,
-        help="rolling, inplace: run only the contenders whose name contains one of these, comma-separated "
-        "(case-insensitive; with --quick they run even if the quick mode would skip them)",
+        help="rolling, chaos, inplace: run only the contenders (rows) whose name contains one of these, "
+        "comma-separated (case-insensitive; with --quick they run even if the quick mode would skip them)",
     )
     parser.add_argument(
         "--restarts",
@@ -87,6 +97,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default="GET",
         help="inplace: hey's HTTP method (POST: hey's client replays no request that failed on a reused connection)",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="chaos: jobs per seed (default 500, --quick 20)"
+    )
+    parser.add_argument(
+        "--stops", type=int, default=None, help="chaos: stops per seed (default 12, --quick 3)"
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="chaos: seeds per row (default 2, --quick 1)")
+    parser.add_argument("--parallel", type=int, default=None, help="chaos: runs side by side (default 4)")
     parser.add_argument(
         "--rounds", type=int, default=None, help="serving: alone/graceful rounds (default 5, --quick 1)"
     )
@@ -143,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.quick:
         setup = Setup(python=sys.executable, quick=True)
+    elif args.only and set(args.only) <= OWN_PEERS:
+        setup = Setup(python=sys.executable, quick=False)
     else:
         python, versions = ensure_peers()
         setup = Setup(python=python, quick=False, peers=versions)
@@ -152,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(n.strip() for n in args.contenders.split(",") if n.strip()) if args.contenders else ()
     source = str(Path(args.graceful_from).resolve()) if args.graceful_from else ""
     _bench_rolling.configure(delays, args.restarts, source, names)
+    _bench_chaos.configure(args.jobs, args.stops, args.seeds, args.parallel, names)
     _bench_inplace.configure(args.restarts, source, names, args.method)
     if args.rounds is not None:
         _bench_serving.ROUNDS = max(1, args.rounds)
@@ -171,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(row.bench.startswith(_bench_rolling.BENCH) for row in rows):
         print("\nRolling restarts side by side (median / max of each time, seconds from SIGTERM):\n")
         print(_bench_rolling.compact_table(rows))
+    if any(row.bench.startswith(_bench_chaos.BENCH) for row in rows):
+        print("\nChaos: queue workers stopped at random moments (times: median / max):\n")
+        print(_bench_chaos.compact_table(rows))
+        print(f"\n{_bench_chaos.peers_line()}")
     if any(row.bench.startswith(_bench_inplace.BENCH) for row in rows):
         print("\nReplaced in place side by side (median / max of each time, seconds from the signal):\n")
         print(_bench_inplace.compact_table(rows))

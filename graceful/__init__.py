@@ -8,12 +8,14 @@ standard library, not ``asyncio``, and reads no environment variable. How the pa
 out, and why, is in docs/architecture.md.
 """
 
+from ._api import add_flush_listener as add_flush_listener
 from ._api import add_reload_listener as add_reload_listener
 from ._api import add_shutdown_listener as add_shutdown_listener
 from ._api import add_wrap_up_listener as add_wrap_up_listener
 from ._api import listen as listen
 from ._api import run as run
 from ._api import set_time_to_force_quit as set_time_to_force_quit
+from ._api import set_wrap_up_timeout as set_wrap_up_timeout
 from ._api import shutdown as shutdown
 from ._api import signal_handlers as signal_handlers
 from ._api import state as state
@@ -53,6 +55,7 @@ __all__ = [
     "State",
     "Status",
     "Waiter",
+    "add_flush_listener",
     "add_reload_listener",
     "add_shutdown_listener",
     "add_wrap_up_listener",
@@ -61,6 +64,7 @@ __all__ = [
     "listen",
     "run",
     "set_time_to_force_quit",
+    "set_wrap_up_timeout",
     "shutdown",
     "signal_handlers",
     "state",

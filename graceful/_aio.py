@@ -48,10 +48,17 @@ def is_awaitable(value: object) -> bool:
     return hasattr(value, "__await__")
 
 
-def run_awaitable(awaitable: Any, loop: asyncio.AbstractEventLoop | None = None) -> object:
+def run_awaitable(
+    awaitable: Any,
+    loop: asyncio.AbstractEventLoop | None = None,
+    *,
+    on_start: Callable[[Callable[[], object]], object] | None = None,
+) -> object:
     """Run ``awaitable`` to completion from a plain thread and return its result.
 
     On ``loop`` if it is running (in another thread), else on a fresh loop in this thread.
+    ``on_start(cancel)`` is called once it runs, with a function that cancels it from any
+    thread (its ``finally`` blocks run; this call then raises ``CancelledError``).
 
     Raises:
         RuntimeError: called on ``loop``'s own thread, where blocking would deadlock it.
@@ -69,8 +76,24 @@ def run_awaitable(awaitable: Any, loop: asyncio.AbstractEventLoop | None = None)
                 "graceful cannot block the event loop's own thread to wait for a coroutine on it: "
                 "await it instead"
             )
-        return asyncio.run_coroutine_threadsafe(main(), loop).result()
-    return asyncio.run(main())
+        future = asyncio.run_coroutine_threadsafe(main(), loop)
+        if on_start is not None:
+            on_start(future.cancel)  # concurrent.futures' cancel cancels the task on its loop
+        return future.result()
+
+    async def cancellable() -> object:
+        task = asyncio.ensure_future(main())
+        own = asyncio.get_running_loop()
+
+        def cancel() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to cancel
+                own.call_soon_threadsafe(task.cancel)
+
+        if on_start is not None:
+            on_start(cancel)
+        return await task
+
+    return asyncio.run(cancellable() if on_start is not None else main())
 
 
 def _set_true(future: asyncio.Future[bool]) -> None:

@@ -23,12 +23,14 @@ if TYPE_CHECKING:
     from ._signals import Router
 
 __all__ = [
+    "add_flush_listener",
     "add_reload_listener",
     "add_shutdown_listener",
     "add_wrap_up_listener",
     "listen",
     "run",
     "set_time_to_force_quit",
+    "set_wrap_up_timeout",
     "shutdown",
     "signal_handlers",
     "state",
@@ -41,14 +43,26 @@ __all__ = [
 ]
 
 
-def add_wrap_up_listener(fn: Callable[[], object], *, name: str | None = None) -> Waiter:
+def add_wrap_up_listener(
+    fn: Callable[[], object], *, name: str | None = None, timeout: float | None = None
+) -> Waiter:
     """Run ``fn`` in the wrap-up phase of the default lifecycle; see ``Lifecycle``."""
-    return _current.get_lifecycle().add_wrap_up_listener(fn, name=name)
+    return _current.get_lifecycle().add_wrap_up_listener(fn, name=name, timeout=timeout)
 
 
-def add_shutdown_listener(fn: Callable[[], object], *, name: str | None = None) -> Waiter:
+def add_shutdown_listener(
+    fn: Callable[[], object], *, name: str | None = None, timeout: float | None = None
+) -> Waiter:
     """Run ``fn`` in the shutdown phase of the default lifecycle; see ``Lifecycle``."""
-    return _current.get_lifecycle().add_shutdown_listener(fn, name=name)
+    return _current.get_lifecycle().add_shutdown_listener(fn, name=name, timeout=timeout)
+
+
+def add_flush_listener(
+    fn: Callable[[], object], *, name: str | None = None, timeout: float | None = None
+) -> Waiter:
+    """Run ``fn`` in the flush phase of the default lifecycle (after the shutdown phase, and at
+    a force quit before the exit); see ``Lifecycle.add_flush_listener``."""
+    return _current.get_lifecycle().add_flush_listener(fn, name=name, timeout=timeout)
 
 
 def add_reload_listener(fn: Callable[[], object], *, name: str | None = None) -> ReloadHandle:
@@ -87,6 +101,11 @@ def listen(address: object, *, backlog: int | None = None) -> socket.socket:
         server = await loop.create_server(Protocol, sock=sock)
     """
     return _current.get_lifecycle().listen(address, backlog=backlog)
+
+
+def set_wrap_up_timeout(seconds: float) -> None:
+    """Set the wrap-up timeout of the default lifecycle; see ``Lifecycle.set_wrap_up_timeout``."""
+    _current.get_lifecycle().set_wrap_up_timeout(seconds)
 
 
 def shutdown(reason: str = "requested", *, wait: bool = True, timeout: float | None = None) -> bool:

@@ -11,8 +11,9 @@ Why it works this way:
   hold the logging lock or a handler's lock (gunicorn #3198, celery #7339 are about exactly
   those locks), so the report is first written straight to fd 2, taking no lock, then given to
   the logging handlers that do not print to stderr from a bounded helper thread
-  (``_diagnostics.emit_report``), then the hooks run (bounded), then the process exits with
-  code 70 whatever is still running.
+  (``_diagnostics.emit_report``). Then one slice of at most a second for the hooks and the
+  flush listeners (``ForceQuitAction`` says why), the logging handlers flushed, and the process
+  exits with code 70 whatever is still running.
 * Once the deadline has passed, the force quit owns the end: the lifecycle checks the deadline
   before it claims STOPPED, so an adapter whose own budget wait ends at the same instant can
   never beat it to a clean-looking exit.
@@ -27,13 +28,15 @@ Why it works this way:
 
 from __future__ import annotations
 
+import heapq
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
 from ._checks import TYPE_CHECKING
-from ._diagnostics import emit_report
+from ._diagnostics import emit_report, flush_logging, write_fd2
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -42,6 +45,7 @@ else:
 
 __all__ = [
     "DEFAULT_FORCE_QUIT",
+    "FLUSH_SLICE",
     "FORCED_EXIT_CODE",
     "Clock",
     "FakeClock",
@@ -55,8 +59,11 @@ __all__ = [
 log = logging.getLogger("graceful")
 
 FORCED_EXIT_CODE = 70
-HOOKS_GRACE = 2.0
-"""Seconds the force-quit hooks get, in all, between the report and the exit."""
+FLUSH_SLICE = 1.0
+"""Seconds between the force-quit report and the exit: for the hooks, the flush listeners that
+have not run, and the logging handlers (contract section 10: at most 1 s)."""
+HOOKS_SHARE = 0.5
+"""Of the slice, what the hooks get before the flush listeners start whatever they do."""
 DEFAULT_FORCE_QUIT = 25.0
 """The budget when nothing chose one: below Kubernetes' 30 s grace period."""
 
@@ -80,25 +87,110 @@ class Clock(Protocol):
     def call_at(self, when: float, fn: Callable[[], None], *, name: str) -> TimerHandle:
         """Run ``fn()`` once, when ``monotonic()`` reaches ``when``, unless cancelled first."""
 
-    def wait_until(self, when: float, event: threading.Event) -> None:
-        """Block until ``event`` is set or ``monotonic()`` reaches ``when``, whichever is first."""
+    def wait_until(self, cond: threading.Condition, until: float | None) -> None:
+        """With ``cond`` held, wait until it is notified or ``monotonic()`` reaches ``until``
+        (None: no time limit). It may return early: the caller looks again, in a loop."""
+
+
+class _Timer:
+    __slots__ = ("cancelled", "fn", "name", "seq", "when")
+
+    def __init__(self, when: float, seq: int, fn: Callable[[], None], name: str) -> None:
+        self.when = when
+        self.seq = seq
+        self.fn = fn
+        self.name = name
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: _Timer) -> bool:
+        return (self.when, self.seq) < (other.when, other.seq)
+
+
+class _Timers:
+    """The real clock's timers: one daemon thread for the whole process, not one per timer.
+
+    Why one thread: a process at its thread limit (a container's pids limit) must still reach
+    its deadline, report and exit; ``prepare()`` (``run()`` and the hosts call it at start)
+    starts the thread ahead, so nothing on the way out needs a new one. Callbacks run on it,
+    one at a time: they must be short (the force quit, the last one, ends the process).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[_Timer] = []
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def prepare(self) -> None:
+        """Start the thread now if it is not running.
+
+        Raises:
+            RuntimeError: no thread can be started (the process is at its thread limit).
+        """
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            thread = threading.Thread(target=self._run, name="graceful-timers", daemon=True)
+            thread.start()
+            self._thread = thread
+
+    def call_at(self, when: float, fn: Callable[[], None], name: str) -> _Timer:
+        self.prepare()
+        with self._cond:
+            self._seq += 1
+            timer = _Timer(when, self._seq, fn, name)
+            heapq.heappush(self._heap, timer)
+            self._cond.notify()
+        return timer
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0].cancelled or self._heap[0].when > time.monotonic():
+                    if self._heap and self._heap[0].cancelled:
+                        heapq.heappop(self._heap)
+                        continue
+                    self._cond.wait(
+                        None if not self._heap else max(0.0, self._heap[0].when - time.monotonic())
+                    )
+                timer = heapq.heappop(self._heap)
+            try:
+                timer.fn()
+            except Exception:  # one timer's failure must not stop the others
+                log.exception("graceful: timer %r failed", timer.name)
+
+    def _after_fork(self) -> None:
+        # Threads do not survive a fork: the child starts its own when it needs one.
+        self._cond = threading.Condition(threading.Lock())
+        self._heap = []
+        self._thread = None
+
+
+_timers = _Timers()
 
 
 class MonotonicClock:
-    """The real clock: ``time.monotonic()`` and a ``threading.Timer`` (a daemon) per scheduled call."""
+    """The real clock: ``time.monotonic()``, and timers on one shared thread (``prepare()``
+    starts it ahead of need)."""
 
     monotonic = staticmethod(time.monotonic)  # the C function itself: hot paths call it as is
 
-    def call_at(self, when: float, fn: Callable[[], None], *, name: str) -> TimerHandle:
-        timer = threading.Timer(max(0.0, when - time.monotonic()), fn)
-        timer.name = name
-        timer.daemon = True
-        timer.start()
-        return timer
+    @staticmethod
+    def call_at(when: float, fn: Callable[[], None], *, name: str) -> TimerHandle:
+        return _timers.call_at(when, fn, name)
 
     @staticmethod
-    def wait_until(when: float, event: threading.Event) -> None:
-        event.wait(max(0.0, when - time.monotonic()))  # no thread: the wait's own timeout
+    def wait_until(cond: threading.Condition, until: float | None) -> None:
+        cond.wait(None if until is None else max(0.0, until - time.monotonic()))
+
+    @staticmethod
+    def prepare() -> None:
+        """Start the timers' thread now, so that no deadline needs a new thread later."""
+        _timers.prepare()
 
 
 class _FakeTimer:
@@ -143,11 +235,19 @@ class FakeClock:
             self._timers.append(timer)
         return timer
 
-    def wait_until(self, when: float, event: threading.Event) -> None:
-        """Block until ``event`` is set, which ``advance()`` does once the clock reaches ``when``."""
-        timer = self.call_at(when, event.set)
+    def wait_until(self, cond: threading.Condition, until: float | None) -> None:
+        """With ``cond`` held, wait until notified, or until ``advance()`` reaches ``until``."""
+        if until is None:
+            cond.wait()
+            return
+
+        def wake() -> None:
+            with cond:
+                cond.notify_all()
+
+        timer = self.call_at(until, wake)
         try:
-            event.wait()
+            cond.wait()
         finally:
             timer.cancel()
 
@@ -231,6 +331,11 @@ class ForceQuitTimer:
             self._cancel()
             return False
 
+    def passed(self) -> bool:
+        """True once the deadline has come (it is armed, and its time is reached)."""
+        deadline = self.deadline
+        return deadline is not None and self._clock.monotonic() >= deadline
+
     def remaining(self) -> float | None:
         deadline = self.deadline
         return None if deadline is None else max(0.0, deadline - self._clock.monotonic())
@@ -258,12 +363,20 @@ class ForceQuitTimer:
 
 
 class ForceQuitAction:
-    """What happens when the process is forced: report, hooks, exit. Acts once.
+    """What happens when the process is forced: report, hooks, flush, exit. Acts once.
 
-    The report goes out first (``emit_report``: fd 2 before anything that takes a lock), then
-    the hooks adapters registered (close connections and name each dropped request, push jobs
-    back on their queue, SIGKILL children), in one helper thread given ``HOOKS_GRACE`` seconds
-    in all, then ``exit(70)`` whatever is still running.
+    The order (contract section 10): the report goes out first (``emit_report``: fd 2 before
+    anything that takes a lock: it must never be lost); then one slice of at most
+    ``FLUSH_SLICE`` seconds, shared by the hooks adapters registered (close connections and name
+    each dropped request, push jobs back on their queue, SIGKILL children: ``HOOKS_SHARE`` of
+    the slice before the flush starts whatever they are doing) and the flush listeners that
+    have not run (``flush(until)``: OpenTelemetry's ``force_flush``, Sentry's ``flush``, a log
+    queue); then the ``logging`` handlers and stdio that can be flushed without waiting on a
+    lock a stuck thread holds; then ``exit(70)`` whatever is still running. ``os._exit`` skips
+    ``atexit`` and every buffer (dd-trace-py #16412, opentelemetry-python #2284): this slice is
+    their one chance. The exit comes at most ``FLUSH_SLICE`` seconds (plus a few milliseconds)
+    after the force quit began. Each helper thread is optional: a process at its thread limit
+    still reports and exits.
     """
 
     def __init__(self, exit: Callable[[int], object]) -> None:
@@ -282,17 +395,27 @@ class ForceQuitAction:
         with self._lock:
             self._hooks.append((name, fn))
 
-    def execute(self, report: str, announce: Callable[[], object]) -> None:
-        """Write ``report``, call ``announce()``, run the hooks (bounded), exit with 70."""
+    def execute(
+        self,
+        report: str,
+        announce: Callable[[], object],
+        flush: Callable[[float], object] = lambda until: None,
+    ) -> None:
+        """Write ``report``, call ``announce()``, then hooks and ``flush(until)`` within one slice,
+        flush logging, exit with 70. ``until`` is on ``time.monotonic()``'s scale."""
+        until = time.monotonic() + FLUSH_SLICE
         try:
-            emit_report(report)
+            logged = emit_report(report, timeout=0)
             announce()
-            self._run_hooks()
+            self._run_hooks(min(until, time.monotonic() + FLUSH_SLICE * HOOKS_SHARE))
+            flush(until)
+            _bounded(flush_logging, until, "graceful-force-quit-flush")
+            logged.wait(max(0.0, until - time.monotonic()))
             self._exit(FORCED_EXIT_CODE)
         finally:
             self.done.set()
 
-    def _run_hooks(self) -> None:
+    def _run_hooks(self, until: float) -> None:
         with self._lock:
             hooks = list(self._hooks)
         if not hooks:
@@ -305,6 +428,15 @@ class ForceQuitAction:
                 except Exception:
                     log.exception("force-quit hook %r failed", name)
 
-        thread = threading.Thread(target=run_hooks, name="graceful-force-quit-hooks", daemon=True)
+        _bounded(run_hooks, until, "graceful-force-quit-hooks")
+
+
+def _bounded(fn: Callable[[], object], until: float, name: str) -> None:
+    """Run ``fn`` on a daemon thread and wait for it until ``until`` (at least a few ms)."""
+    thread = threading.Thread(target=fn, name=name, daemon=True)
+    try:
         thread.start()
-        thread.join(HOOKS_GRACE)
+    except RuntimeError:  # at the thread limit: skip it, the exit must still come
+        write_fd2(f"graceful: no thread for {name} (thread limit): skipped\n")
+        return
+    thread.join(max(0.005, until - time.monotonic()))

@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 __all__ = [
     "dump_threads",
     "emit_report",
+    "flush_logging",
     "format_report",
     "format_sections",
     "format_thread_stacks",
     "format_unfinished",
+    "listener_stack",
     "write_fd2",
     "write_stderr",
 ]
@@ -65,27 +67,40 @@ def _coroutine_lines(awaitable: object, indent: str) -> list[str]:
     return out
 
 
+def listener_stack(listener: Listener, indent: str = "      ") -> list[str]:
+    """Where ``listener`` is now: the stack of the thread running it, then, for an ``async
+    def`` one, the chain of coroutines it awaits."""
+    lines = _frame_lines(sys._current_frames().get(listener.thread_id or 0), indent)
+    chain = _coroutine_lines(listener.awaiting(), indent)
+    if chain:
+        lines.append(f"{indent[:-2]}awaiting:")
+        lines.extend(chain)
+    return lines
+
+
 def format_unfinished(listeners: Iterable[Listener], now: float) -> list[str]:
-    """The listener part of the force-quit report."""
-    frames = sys._current_frames()
+    """The listener part of the force-quit report: what runs (abandoned ones included, with
+    when they were abandoned: a thread cannot be stopped) and what never started."""
     names = {t.ident: t.name for t in threading.enumerate()}
     running: list[str] = []
     waiting: list[str] = []
     for listener in listeners:
         label = f"{listener.phase} listener {listener.name!r}"
-        if listener.state is ListenerState.RUNNING and listener.started is not None:
+        bound = "" if listener.timeout is None else f", timeout {listener.timeout:g} s"
+        if listener.is_alive() and listener.started is not None:
             thread = names.get(listener.thread_id, "?")
+            left = (
+                ""
+                if listener.abandoned_at is None
+                else f", abandoned {now - listener.abandoned_at:.3f} s ago and still running"
+            )
             running.append(
-                f"  - {label}: running for {now - listener.started:.3f} s "
+                f"  - {label}: running for {now - listener.started:.3f} s{bound}{left} "
                 f"in thread {thread!r} (id {listener.thread_id}), at:"
             )
-            running.extend(_frame_lines(frames.get(listener.thread_id or 0), "      "))
-            chain = _coroutine_lines(listener.awaiting(), "      ")
-            if chain:
-                running.append("    awaiting:")
-                running.extend(chain)
+            running.extend(listener_stack(listener))
         elif listener.state is ListenerState.PENDING:
-            waiting.append(f"  - {label}: never started")
+            waiting.append(f"  - {label}: never started{bound}")
     lines: list[str] = []
     if running:
         lines.append("Still running:")
@@ -237,14 +252,15 @@ def _log_elsewhere(text: str) -> None:
         current = current.parent
 
 
-def emit_report(report: str) -> None:
+def emit_report(report: str, timeout: float = LOG_GRACE) -> threading.Event:
     """Put the force-quit report on stderr first, then on the ``graceful`` logger, bounded.
 
     The thread that is stuck may hold logging's module lock or a handler's lock (gunicorn
     #3198, celery #7339 are about exactly those locks): the report goes straight to fd 2,
     taking no lock at all, and only then to the logging handlers that do not print to stderr,
-    from a helper thread given ``LOG_GRACE`` seconds. A blocked handler costs its copy of the
-    report, never the report.
+    from a helper thread given ``timeout`` seconds here (the caller may wait longer on the
+    event returned, set once the logging copy is done). A blocked handler costs its copy of the
+    report, never the report; so does a process that cannot start one more thread.
     """
     write_stderr(report + "\n")
     done = threading.Event()
@@ -255,5 +271,54 @@ def emit_report(report: str) -> None:
         finally:
             done.set()
 
-    threading.Thread(target=log_it, name="graceful-force-quit-log", daemon=True).start()
-    done.wait(LOG_GRACE)
+    if not _start_daemon(log_it, "graceful-force-quit-log"):
+        write_fd2("graceful: no thread for the report's logging copy (thread limit): stderr only\n")
+        done.set()
+    done.wait(timeout)
+    return done
+
+
+def _start_daemon(target: Callable[[], object], name: str) -> bool:
+    try:
+        threading.Thread(target=target, name=name, daemon=True).start()
+    except RuntimeError:  # "can't start new thread": at the process's thread limit
+        return False
+    return True
+
+
+def _handlers() -> list[logging.Handler]:
+    """Every handler of every logger logging knows of (a copy: no lock taken to read it)."""
+    loggers: list[object] = [logging.getLogger(), *list(logging.Logger.manager.loggerDict.values())]
+    seen: dict[int, logging.Handler] = {}
+    for logger in loggers:
+        for handler in list(getattr(logger, "handlers", ())):
+            seen.setdefault(id(handler), handler)
+    return list(seen.values())
+
+
+def flush_logging() -> int:
+    """Flush every logging handler whose lock is free, and stdout and stderr; never wait on a
+    lock a stuck thread may hold. What ``os._exit`` would otherwise throw away. Returns how
+    many handlers were skipped because their lock was held."""
+    skipped = 0
+    for handler in _handlers():
+        lock = handler.lock
+        if lock is None:
+            handler.flush()
+            continue
+        if not lock.acquire(blocking=False):
+            skipped += 1
+            continue
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - a broken handler must not cost the others their flush
+            skipped += 1
+        finally:
+            lock.release()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe: nothing more to save
+            pass
+    return skipped

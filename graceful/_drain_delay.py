@@ -179,20 +179,30 @@ class DrainDelay:
 
     def wait(self) -> float:
         """Block until the delay is over; the seconds waited (0 if it was over already)."""
-        woken = threading.Event()
+        changed = threading.Condition(threading.Lock())
+        woken = [False]  # a wake between a look at left() and the wait is not lost
+
+        def wake() -> None:
+            with changed:
+                woken[0] = True
+                changed.notify_all()
+
         begun = self._clock.monotonic()
         with self._lock:
-            self._wakers.add(woken.set)
+            self._wakers.add(wake)
         try:
             while True:
-                woken.clear()
+                with changed:
+                    woken[0] = False
                 left = self.left()
                 if left <= 0:
                     return self._clock.monotonic() - begun
-                self._clock.wait_until(self._clock.monotonic() + left, woken)
+                with changed:
+                    if not woken[0]:
+                        self._clock.wait_until(changed, self._clock.monotonic() + left)
         finally:
             with self._lock:
-                self._wakers.discard(woken.set)
+                self._wakers.discard(wake)
 
     async def wait_async(self) -> float:
         """``wait()`` on an event loop: it sleeps on the loop, no thread held."""

@@ -50,6 +50,7 @@ from types import FrameType
 from . import Lifecycle
 from ._diagnostics import format_thread_stacks
 from ._lifecycle import add_report_section, on_force_quit
+from ._listeners import mark_own
 
 __all__ = ["POLL", "QUICK_GRACE", "WorkerWatch"]
 
@@ -109,11 +110,17 @@ class WorkerWatch:
         self._prev_term = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn: a TERM must not break a request's I/O
-        self.lifecycle.add_wrap_up_listener(self.loop_ended.wait, name="gunicorn: requests in flight")
+        self.lifecycle.add_wrap_up_listener(
+            mark_own(self._requests_in_flight), name="gunicorn: requests in flight"
+        )
         add_report_section(self.lifecycle, self._main_thread_stack)
         on_force_quit(self.lifecycle, self._forced, name="gunicorn: forced outcome")
         self._thread = threading.Thread(target=self._watch, name="graceful-gunicorn-watch", daemon=True)
         self._thread.start()
+
+    def _requests_in_flight(self) -> None:
+        """The wrap-up listener: until the worker's loop has ended (its requests answered)."""
+        self.loop_ended.wait()
 
     def _on_term(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: one write to a non-blocking pipe (re-entrant), then gunicorn's own

@@ -47,6 +47,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from ._aio import Moment, is_awaitable, run_awaitable, running_loop
@@ -60,7 +61,7 @@ from ._deadline import (
     MonotonicClock,
     check_clock,
 )
-from ._diagnostics import format_report, format_sections
+from ._diagnostics import format_report, format_sections, listener_stack, write_fd2
 from ._listeners import (
     DefaultLoop,
     Frozen,
@@ -95,12 +96,13 @@ __all__ = [
     "listener_loop",
     "listening_sockets",
     "on_force_quit",
+    "prepare",
     "progress",
     "record_failure",
     "reload_listener_count",
     "report_progress",
     "set_daemon",
-    "set_default_budget",
+    "set_defaults",
     "set_listener_loop",
     "shutdown_requested",
     "subscribe",
@@ -128,17 +130,35 @@ class Status(Frozen):
 
     ``state``; ``reason`` of the latest trigger; ``seconds_since_trigger`` (None before any);
     ``force_quit``, the budget in seconds; ``listeners``, one ``ListenerStatus`` each;
-    ``forced``, True once the force-quit report was written.
+    ``forced``, True once the force-quit report was written; ``wrap_up_timeout``, the longest
+    the wrap-up phase may take, in seconds from the shutdown trigger.
     """
 
-    __slots__ = ("force_quit", "forced", "listeners", "reason", "seconds_since_trigger", "state")
-    _fields = ("state", "reason", "seconds_since_trigger", "force_quit", "listeners", "forced")
+    __slots__ = (
+        "force_quit",
+        "forced",
+        "listeners",
+        "reason",
+        "seconds_since_trigger",
+        "state",
+        "wrap_up_timeout",
+    )
+    _fields = (
+        "state",
+        "reason",
+        "seconds_since_trigger",
+        "force_quit",
+        "listeners",
+        "forced",
+        "wrap_up_timeout",
+    )
     state: State
     reason: str | None
     seconds_since_trigger: float | None
     force_quit: float
     listeners: tuple[ListenerStatus, ...]
     forced: bool
+    wrap_up_timeout: float | None
 
     def __init__(  # noqa: PLR0917 - one positional argument per field, as a dataclass would take
         self,
@@ -148,8 +168,9 @@ class Status(Frozen):
         force_quit: float,
         listeners: tuple[ListenerStatus, ...],
         forced: bool = False,
+        wrap_up_timeout: float | None = None,
     ) -> None:
-        super().__init__(state, reason, seconds_since_trigger, force_quit, listeners, forced)
+        super().__init__(state, reason, seconds_since_trigger, force_quit, listeners, forced, wrap_up_timeout)
 
     def format(self) -> str:
         """A few human-readable lines, as the SIGUSR1 dump prints them."""
@@ -158,10 +179,11 @@ class Status(Frozen):
             if self.seconds_since_trigger is None
             else f"{self.seconds_since_trigger:.3f} s since {self.reason!r}"
         )
-        lines = [f"graceful: state {self.state.value}, {since}, force quit after {self.force_quit:g} s"]
-        for item in self.listeners:
-            took = "" if item.duration is None else f" ({item.duration:.3f} s)"
-            lines.append(f"  {item.phase} listener {item.name!r}: {item.state}{took}")
+        bound = "" if self.wrap_up_timeout is None else f" (wrap-up within {self.wrap_up_timeout:g} s)"
+        lines = [
+            f"graceful: state {self.state.value}, {since}, force quit after {self.force_quit:g} s{bound}"
+        ]
+        lines.extend(f"  {item.describe()}" for item in self.listeners)
         return "\n".join(lines)
 
 
@@ -234,7 +256,7 @@ class _Registry:
 
 
 class Phases:
-    """Both phases of one lifecycle. Every method takes the shared lock itself."""
+    """The phases of one lifecycle. Every method takes the shared lock itself, unless it says so."""
 
     def __init__(self, changed: threading.Condition) -> None:
         self._changed = changed
@@ -288,30 +310,51 @@ class Phases:
         """Listeners of ``phase`` scheduled and not finished (the caller holds the lock)."""
         return self._registries[phase].outstanding
 
-    def wait(self, phase: Phase) -> None:
-        """Block until every scheduled listener of ``phase`` has finished (the caller holds the lock)."""
-        while self._registries[phase].outstanding:
-            self._changed.wait()
-
     def wait_idle(self, timeout: float | None) -> bool:
-        """Block until no listener of either phase is running; True if so within ``timeout``."""
+        """Block until no listener of any phase is running; True if so within ``timeout``."""
         with self._changed:
             return self._changed.wait_for(
                 lambda: not any(registry.outstanding for registry in self._registries.values()), timeout
             )
 
     def finished(self, listener: Listener) -> None:
-        """What each listener calls as it finishes (from its pool thread)."""
+        """What each listener calls as it finishes (from its pool thread), or is abandoned."""
         with self._changed:
             registry = self._registries[listener.phase]
             registry.outstanding -= 1
             if listener.error is not None:
-                self.failures.append(f"{listener.phase} listener {listener.name!r}")
+                abandoned = " (abandoned)" if listener.state is ListenerState.ABANDONED else ""
+                self.failures.append(f"{listener.phase} listener {listener.name!r}{abandoned}")
             if registry.outstanding == 0:  # only then can the sequence move on
                 self._changed.notify_all()
 
+    def started(self, listener: Listener) -> None:
+        """What a listener with a timeout calls as it starts: the sequence learns its expiry."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def unfinished(self, phases: tuple[Phase, ...]) -> list[Listener]:
+        """The listeners of ``phases`` scheduled and not finished (the caller holds the lock)."""
+        return [
+            item
+            for phase in phases
+            for item in self._registries[phase].listeners
+            if item.scheduled and item.state in (ListenerState.PENDING, ListenerState.RUNNING)
+        ]
+
+    def wait_real(self, phase: Phase, until: float) -> bool:
+        """Block until every scheduled listener of ``phase`` has finished, or ``until`` on
+        ``time.monotonic()``'s scale (the force quit's slice); True if they all did."""
+        with self._changed:
+            while self._registries[phase].outstanding:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+            return True
+
     def listeners(self) -> list[Listener]:
-        """Every registered listener, wrap-up first, in registration order (a copy)."""
+        """Every registered listener, phase by phase, in registration order (a copy)."""
         with self._changed:
             return [item for registry in self._registries.values() for item in registry.listeners]
 
@@ -400,9 +443,14 @@ class Lifecycle:
 
     Args:
         force_quit: the budget in seconds, counted from the first shutdown trigger, after which
-            the process reports what is still running and exits with code 70. None (the
-            default): ``GRACEFUL_FORCE_QUIT`` if it is set, else 25 s, read when ``run()`` or
-            a host starts, or else when the deadline is armed (never at import).
+            the process reports what is still running, gives the flush listeners their last
+            slice and exits with code 70. None (the default): ``GRACEFUL_FORCE_QUIT`` if it is
+            set, else 25 s, read when ``run()`` or a host starts, or else when the deadline is
+            armed (never at import).
+        wrap_up_timeout: the longest the wrap-up phase may take, in seconds from the shutdown
+            trigger; past it the wrap-up listeners still running are abandoned and the shutdown
+            phase starts. None (the default): ``GRACEFUL_WRAP_UP_TIMEOUT`` if set, else the
+            budget minus ``min(5 s, budget / 5)`` (20 s of 25). Must be below the budget.
         clock: where time comes from (``graceful.testing.FakeClock`` in tests).
         exit: called with 70 when the deadline passes; ``os._exit`` by default (tests record).
 
@@ -410,13 +458,15 @@ class Lifecycle:
     not methods: they take the lifecycle as their first argument in ``graceful.lowlevel``.
 
     Raises:
-        TypeError, ValueError: a bad argument (``force_quit`` must be a finite number > 0).
+        TypeError, ValueError: a bad argument (``force_quit`` must be a finite number > 0;
+            ``wrap_up_timeout`` one below it).
     """
 
     def __init__(
         self,
         force_quit: float | None = None,
         *,
+        wrap_up_timeout: float | None = None,
         clock: Clock | None = None,
         exit: Callable[[int], object] = os._exit,
     ) -> None:
@@ -424,6 +474,11 @@ class Lifecycle:
             DEFAULT_FORCE_QUIT
             if force_quit is None
             else check_seconds(force_quit, "Lifecycle(force_quit=...)")
+        )
+        self._wrap_up_timeout = (
+            None
+            if wrap_up_timeout is None
+            else _check_wrap_up_timeout(wrap_up_timeout, budget, "Lifecycle(wrap_up_timeout=...)")
         )
         self._budget_chosen = force_quit is not None  # else the environment may still choose it
         self._time: Clock = check_clock(clock) or MonotonicClock()
@@ -448,37 +503,71 @@ class Lifecycle:
         self._report_sections: list[Callable[[], list[str]]] = []
         self._progress = 0
         self._driver: threading.Thread | None = None
+        self._driver_waiting = False  # lowlevel.prepare() started the sequence's thread ahead
         self._timer = ForceQuitTimer(self._time, budget, self._deadline_passed)
         self._listener_loops = DefaultLoop()
         self._listen_sockets: list[socket.socket] = []  # what listen() gave: an upgrade passes them down
 
     # -- registries ---------------------------------------------------------------------------
 
-    def add_wrap_up_listener(self, fn: Callable[[], object], *, name: str | None = None) -> Waiter:
+    def add_wrap_up_listener(
+        self, fn: Callable[[], object], *, name: str | None = None, timeout: float | None = None
+    ) -> Waiter:
         """Run ``fn`` in the wrap-up phase ("stop taking new work, finish what is in flight").
 
         ``fn`` is a callable with no arguments, sync or ``async def``. It runs at most once,
         concurrently with the other wrap-up listeners. Registered after the phase began, it
         runs at once. Returns its ``Waiter``.
 
+        ``timeout``: seconds it may run; past them (or past the wrap-up timeout, whichever
+        comes first) it is *abandoned*: logged at ERROR with where it is stuck, its waiter done
+        with a ``TimeoutError``, an ``async def`` one cancelled, and the sequence goes on (a
+        thread cannot be killed: it runs on as a daemon). The exit code becomes 1.
+
         Raises:
-            TypeError: ``fn`` is not callable with no arguments, is a generator function, or
-                ``name`` is not a str.
+            TypeError: ``fn`` is not callable with no arguments, is a generator function,
+                ``name`` is not a str, or ``timeout`` not a number.
+            ValueError: ``timeout`` is not a finite number of seconds > 0.
         """
-        return self._add(Phase.WRAP_UP, fn, name, "add_wrap_up_listener")
+        return self._add(Phase.WRAP_UP, fn, name, timeout, "add_wrap_up_listener")
 
-    def add_shutdown_listener(self, fn: Callable[[], object], *, name: str | None = None) -> Waiter:
-        """Run ``fn`` in the shutdown phase ("release resources"), after every wrap-up listener.
+    def add_shutdown_listener(
+        self, fn: Callable[[], object], *, name: str | None = None, timeout: float | None = None
+    ) -> Waiter:
+        """Run ``fn`` in the shutdown phase ("release resources"), after every wrap-up listener
+        has finished or was abandoned.
 
-        Same rules as ``add_wrap_up_listener``.
+        Same rules as ``add_wrap_up_listener``; ``timeout`` bounds it alone.
         """
-        return self._add(Phase.SHUTDOWN, fn, name, "add_shutdown_listener")
+        return self._add(Phase.SHUTDOWN, fn, name, timeout, "add_shutdown_listener")
 
-    def _add(self, phase: Phase, fn: object, name: object, what: str) -> Waiter:
+    def add_flush_listener(
+        self, fn: Callable[[], object], *, name: str | None = None, timeout: float | None = None
+    ) -> Waiter:
+        """Run ``fn`` in the flush phase: after the shutdown phase, **and** at a force quit.
+
+        For what must leave the process before it ends: telemetry exporters (OpenTelemetry's
+        ``force_flush``), error reporters (Sentry's ``flush``), a log queue
+        (``QueueListener.stop``), a metrics push. At a force quit (the deadline, a second
+        SIGINT, SIGQUIT) the report is written first, then the flush listeners that have not
+        run get one slice of at most 1 s together, then the exit: give them a ``timeout`` well
+        under a second for that case. Same rules as ``add_wrap_up_listener`` otherwise.
+        """
+        return self._add(Phase.FLUSH, fn, name, timeout, "add_flush_listener")
+
+    def _add(self, phase: Phase, fn: object, name: object, timeout: object, what: str) -> Waiter:
         checked = check_listener(fn, what)
         label = check_name(name, what) or default_name(checked)
+        bound = None if timeout is None else check_seconds(timeout, f"{what}(timeout=...)", example="5")
         listener = Listener(
-            checked, label, phase, self._time.monotonic, self._phases.finished, loops=self._listener_loops
+            checked,
+            label,
+            phase,
+            self._time.monotonic,
+            self._phases.finished,
+            loops=self._listener_loops,
+            timeout=bound,
+            on_start=None if bound is None else self._phases.started,
         )
         self._phases.add(listener)
         return Waiter(listener, self._phases.remove)
@@ -545,10 +634,13 @@ class Lifecycle:
         thread; the force-quit deadline starts at the first call.
 
         Raises:
-            TypeError, ValueError: a bad ``reason`` or ``timeout``, before anything starts.
+            TypeError, ValueError: a bad ``reason``, ``wait`` (a bool only: ``wait="no"`` would
+                be truthy and block) or ``timeout``, before anything starts.
             RuntimeError: ``wait`` from a server's thread under ``run()``: it would wait for itself.
         """
         reason = check_reason(reason, "shutdown()")
+        if not isinstance(wait, bool):
+            raise TypeError(f"shutdown(wait=...) takes True or False, not {wait!r}")
         limit = check_timeout(timeout, "shutdown()")
         if wait and limit != 0:
             refuse_in_server("shutdown()", "graceful.shutdown(wait=False)")
@@ -578,14 +670,7 @@ class Lifecycle:
                     self._triggers.append(reason)
                     notes.append(f"shutdown requested ({reason}): continuing after the wrap-up phase")
                 self._sequence_lock.notify_all()
-            # Explicitly daemon or not: a thread inherits its creator's flag, and the signal
-            # coordinator is a daemon; the interpreter must wait for the cleanup.
-            driver = (
-                threading.Thread(target=self._drive, name="graceful-lifecycle", daemon=self._daemon)
-                if start
-                else None
-            )
-            self._driver = driver or self._driver
+            driver = self._driver_to_start() if start else None
         try:  # whatever happens here (a Ctrl-C in the main thread), the sequence is not held
             if start:
                 self._wrap_up_started.set()
@@ -604,6 +689,17 @@ class Lifecycle:
         if arm:
             self._observers.emit(Event.SHUTDOWN_REQUESTED, reason)
 
+    def _driver_to_start(self) -> threading.Thread | None:
+        """The sequence's thread, to start once out of the lock; None when ``prepare()`` started
+        one ahead (woken here: the caller holds the lock)."""
+        if self._driver_waiting and self._driver is not None and self._driver.is_alive():
+            self._sequence_lock.notify_all()
+            return None
+        # Explicitly daemon or not: a thread inherits its creator's flag, and the signal
+        # coordinator is a daemon; the interpreter must wait for the cleanup.
+        self._driver = threading.Thread(target=self._drive, name="graceful-lifecycle", daemon=self._daemon)
+        return self._driver
+
     def _budget_from_environment(self) -> None:
         """Nothing chose the budget (no ``run()``, no host, no call): ``GRACEFUL_FORCE_QUIT`` now.
 
@@ -613,15 +709,20 @@ class Lifecycle:
         if self._budget_chosen:
             return
         self._budget_chosen = True
-        from ._settings import read_budget  # the environment, read when the deadline starts
+        from ._settings import read_budget, read_wrap_up_timeout  # read when the deadline starts
 
         try:
             seconds = read_budget()
+            if seconds is not None:
+                self._timer.set_budget(seconds)
+            if self._wrap_up_timeout is None:
+                wrap_up = read_wrap_up_timeout()
+                if wrap_up is not None:
+                    self._wrap_up_timeout = _check_wrap_up_timeout(
+                        wrap_up, self._timer.budget, "GRACEFUL_WRAP_UP_TIMEOUT"
+                    )
         except ValueError as exc:
-            log.error("%s; the default budget of %g s applies", exc, DEFAULT_FORCE_QUIT)  # noqa: TRY400 - the message is the news, not a traceback
-            return
-        if seconds is not None:
-            self._timer.set_budget(seconds)
+            log.error("%s; graceful's defaults apply", exc)  # noqa: TRY400 - the message is the news, not a traceback
 
     def _set_state(self, state: State, why: str) -> str:
         """Move to ``state`` (the caller holds the lock); returns the line to log afterwards."""
@@ -630,19 +731,41 @@ class Lifecycle:
 
     # -- the sequence -------------------------------------------------------------------------
 
+    def _wait_for_trigger(self) -> None:
+        """The sequence's thread, started ahead by ``lowlevel.prepare()``: wait, then drive."""
+        with self._sequence_lock:
+            while self._state is State.RUNNING:
+                self._sequence_lock.wait()
+        self._drive()
+
     def _drive(self) -> None:
         self._run_phase(Phase.WRAP_UP)
+        # Wrap-up listeners registered late (during a pause, say) must finish first too; the
+        # wrap-up timeout bounds them all once a shutdown is asked for.
+        self._await(
+            lambda: self._shutdown_requested and not self._phases.outstanding(Phase.WRAP_UP), (Phase.WRAP_UP,)
+        )
         with self._sequence_lock:
-            # Wrap-up listeners registered late (during a pause, say) must finish first too.
-            while not self._shutdown_requested or self._phases.outstanding(Phase.WRAP_UP):
-                self._sequence_lock.wait()
             note = self._set_state(State.SHUTTING_DOWN, f"wrap-up done; {self._reason}")
         self._observers.emit(Event.SHUTTING_DOWN, self._reason or "")
         self._run_phase(Phase.SHUTDOWN, note)
+        self._run_phase(Phase.FLUSH)
+        self._await(lambda: not any(self._phases.outstanding(phase) for phase in Phase), tuple(Phase))
+        left = [
+            item for item in self._phases.listeners() if item.abandoned_at is not None and item.is_alive()
+        ]
         with self._sequence_lock:
-            while self._phases.outstanding(Phase.WRAP_UP) or self._phases.outstanding(Phase.SHUTDOWN):
-                self._sequence_lock.wait()
-            late = self._timer.disarm_unless_passed()
+            # An abandoned listener still running may keep the process alive: the deadline stays
+            # armed for it, and its report names it again (a thread cannot be stopped).
+            late = self._timer.passed() if left else self._timer.disarm_unless_passed()
+        if left and not late:
+            remaining = self._timer.remaining() or 0.0
+            log.warning(
+                "%d abandoned listener(s) still running (%s): the force-quit deadline stays armed, %.3f s left",
+                len(left),
+                ", ".join(repr(item.name) for item in left),
+                remaining,
+            )
         if late:  # the deadline came first: the force quit owns the end (a no-op if it began)
             self.force_quit_now(f"the force-quit deadline of {self._timer.budget:g} s passed")
         self._finish()
@@ -663,26 +786,128 @@ class Lifecycle:
         self._stopped.set()
 
     def _run_phase(self, phase: Phase, note: str | None = None) -> None:
-        """Start the phase's listeners, log ``note``, then wait until every one has finished."""
+        """Start the phase's listeners, log ``note``, then wait until every one has finished
+        (or was abandoned)."""
         t0 = self._time.monotonic()
         count, own = self._phases.run(phase)
         if note is not None:
             log.info("%s", note)
-        with self._sequence_lock:
-            self._phases.wait(phase)
+        self._await(lambda: not self._phases.outstanding(phase), (phase,))
         self._announced.wait()  # its listeners ran first (act first); its lines follow the trigger's
+        if phase is Phase.FLUSH and not count:
+            return  # most programs have none: no line for a phase that did nothing
         theirs = f", {own} of them graceful's own (the servers')" if own else ""  # a reader counts theirs
         log.info(
             "%s phase done: %d listener(s)%s in %.3f s", phase, count, theirs, self._time.monotonic() - t0
         )
 
+    def _await(self, done: Callable[[], bool], phases: tuple[Phase, ...]) -> None:
+        """Block until ``done()``, abandoning on the way every listener of ``phases`` past its
+        own timeout, and every wrap-up listener past the wrap-up timeout."""
+        while True:
+            with self._sequence_lock:
+                if done():
+                    return
+                now = self._time.monotonic()
+                expired, until = self._expired(phases, now)
+                if not expired:
+                    self._time.wait_until(self._sequence_lock, until)
+                    continue
+            for listener, why in expired:  # outside the lock: abandoning takes it to count down
+                self._abandon(listener, now, why)
+
+    def _expired(
+        self, phases: tuple[Phase, ...], now: float
+    ) -> tuple[list[tuple[Listener, str]], float | None]:
+        """The listeners of ``phases`` to abandon now, and when the next one would be due (the
+        caller holds the lock)."""
+        expired: list[tuple[Listener, str]] = []
+        until: float | None = None
+        wrap_up_end = self._wrap_up_end() if Phase.WRAP_UP in phases else None
+        for listener in self._phases.unfinished(phases):
+            due = listener.expires_at()
+            why = "" if due is None else f"its timeout of {listener.timeout} s passed"
+            if (
+                listener.phase is Phase.WRAP_UP
+                and not listener.own  # run()'s steps bound their own drain (Context.wrap_up_remaining)
+                and wrap_up_end is not None
+                and (due is None or wrap_up_end < due)
+            ):
+                due, why = wrap_up_end, f"the wrap-up timeout of {self.wrap_up_timeout:g} s passed"
+            if due is None:
+                continue
+            if now >= due:
+                expired.append((listener, why))
+            elif until is None or due < until:
+                until = due
+        return expired, until
+
+    def _wrap_up_end(self) -> float | None:
+        """When the wrap-up phase must end: the shutdown trigger plus the wrap-up timeout."""
+        armed = self._timer.armed_at
+        return None if armed is None else armed + self.wrap_up_timeout
+
+    def _abandon(self, listener: Listener, now: float, why: str) -> None:
+        if not listener.abandon(now, why):
+            return  # it finished meanwhile
+        took = 0.0 if listener.started is None else now - listener.started
+        stack = listener_stack(listener) if listener.started is not None else ["      (it never started)"]
+        log.error(
+            "%s listener %r abandoned after %.3f s: %s; the sequence goes on without it. It was at:\n%s",
+            listener.phase,
+            listener.name,
+            took,
+            why,
+            "\n".join(stack),
+        )
+
+    # -- the wrap-up timeout ------------------------------------------------------------------
+
+    @property
+    def wrap_up_timeout(self) -> float:
+        """The longest the wrap-up phase may take, in seconds from the shutdown trigger: the one
+        set, else the budget minus ``min(5 s, budget / 5)``."""
+        if self._wrap_up_timeout is not None:
+            return self._wrap_up_timeout
+        budget = self._timer.budget
+        return budget - min(5.0, budget / 5)
+
+    def set_wrap_up_timeout(self, seconds: float) -> None:
+        """Set the wrap-up timeout: seconds from the shutdown trigger, below the budget.
+
+        A pause (``wrap_up()``, SIGTSTP) has no timeout; the count starts at the shutdown
+        trigger. Past it, the wrap-up listeners still running are abandoned and the shutdown
+        phase starts, so resources are released and telemetry flushed even when a drain hangs.
+
+        Raises:
+            TypeError: ``seconds`` is not a number.
+            ValueError: not a finite number > 0, or not below the force-quit budget.
+        """
+        checked = _check_wrap_up_timeout(seconds, self._timer.budget, "set_wrap_up_timeout()")
+        with self._sequence_lock:
+            self._wrap_up_timeout = checked
+            self._sequence_lock.notify_all()  # the sequence looks at the new bound
+
     # -- force quit ---------------------------------------------------------------------------
 
     def set_time_to_force_quit(self, seconds: float) -> None:
-        """Set the force-quit budget (a finite number of seconds > 0, else ``TypeError`` or
-        ``ValueError``); a running deadline moves, still counted from the first trigger."""
-        self._timer.set_budget(check_seconds(seconds, "set_time_to_force_quit()"))
+        """Set the force-quit budget; a running deadline moves, still counted from the first
+        trigger. The wrap-up timeout, unless one was set, follows it.
+
+        Raises:
+            TypeError: ``seconds`` is not a number.
+            ValueError: not a finite number > 0, or not above a wrap-up timeout set before.
+        """
+        budget = check_seconds(seconds, "set_time_to_force_quit()")
+        if self._wrap_up_timeout is not None and self._wrap_up_timeout >= budget:
+            raise ValueError(
+                f"set_time_to_force_quit({seconds!r}) is not above the wrap-up timeout set before "
+                f"({self._wrap_up_timeout:g} s): lower that first (set_wrap_up_timeout()), or choose a longer budget"
+            )
+        self._timer.set_budget(budget)
         self._budget_chosen = True
+        with self._sequence_lock:
+            self._sequence_lock.notify_all()  # a default wrap-up timeout moved with it
 
     def _deadline_passed(self) -> None:
         self.force_quit_now(f"the force-quit deadline of {self._timer.budget:g} s passed")
@@ -691,7 +916,9 @@ class Lifecycle:
         """Report what is still running, then exit with code 70 now. Only the first call acts.
 
         What the deadline, a second SIGINT and SIGQUIT do. The report goes to stderr first,
-        then to the ``graceful`` logger; then the force-quit hooks run (bounded); then the exit.
+        then to the ``graceful`` logger; then, in one slice of at most 1 s, the force-quit
+        hooks and the flush listeners that have not run; then the ``logging`` handlers that can
+        be flushed without waiting on a lock; then the exit.
 
         Raises:
             TypeError: ``why`` is not a str.
@@ -706,7 +933,19 @@ class Lifecycle:
             report = format_report(why, since, self._triggers, FORCED_EXIT_CODE, listeners, now)
             self._forced = report  # claimed: only this call goes on
         report = self._forced = "\n".join([report, *format_sections(list(self._report_sections))])
-        self._action.execute(report, lambda: self._observers.emit(Event.FORCED, why))
+        self._action.execute(
+            report, lambda: self._observers.emit(Event.FORCED, why), self._flush_at_force_quit
+        )
+
+    def _flush_at_force_quit(self, until: float) -> None:
+        """The flush listeners that have not run start now; wait for all of them until ``until``
+        (``time.monotonic()``'s scale: the force quit's slice is real time whatever the clock)."""
+        count, _ = self._phases.run(Phase.FLUSH)
+        if not self._phases.wait_real(Phase.FLUSH, until):
+            still = [item.name for item in self._phases.unfinished((Phase.FLUSH,))]
+            write_fd2(f"graceful: flush listener(s) still running at the end of the slice: {still}\n")
+        elif count:
+            write_fd2(f"graceful: {count} flush listener(s) ran before the exit\n")
 
     # -- observing ----------------------------------------------------------------------------
 
@@ -750,6 +989,12 @@ class Lifecycle:
         """The force-quit report, once the lifecycle was forced; None until then."""
         return self._forced
 
+    def wrap_up_remaining(self) -> float | None:
+        """Seconds left before the wrap-up phase must end (the wrap-up timeout), or None while no
+        shutdown was triggered (a pause has no timeout)."""
+        end = self._wrap_up_end()
+        return None if end is None else max(0.0, end - self._time.monotonic())
+
     def time_remaining(self) -> float | None:
         """Seconds left before force quit, or None while no shutdown was triggered."""
         return self._timer.remaining()
@@ -757,18 +1002,31 @@ class Lifecycle:
     def status(self) -> Status:
         """A snapshot: state, reason, time since the trigger, and every listener's progress."""
         now = self._time.monotonic()
-        listeners = tuple(
-            ListenerStatus(item.name, item.phase, item.state, item.duration(now))
-            for item in self._phases.listeners()
-        )
+        listeners = tuple(item.status(now) for item in self._phases.listeners())
         with self._sequence_lock:
             since = None if self._triggered_at is None else now - self._triggered_at
             return Status(
-                self._state, self._reason, since, self._timer.budget, listeners, self._forced is not None
+                self._state,
+                self._reason,
+                since,
+                self._timer.budget,
+                listeners,
+                self._forced is not None,
+                self.wrap_up_timeout,
             )
 
     def __repr__(self) -> str:
         return f"<graceful.Lifecycle {self._state.value} reason={self._reason!r}>"
+
+
+def _check_wrap_up_timeout(seconds: object, budget: float, what: str) -> float:
+    checked = check_seconds(seconds, what, example="20")
+    if checked >= budget:
+        raise ValueError(
+            f"{what} takes a wrap-up timeout below the force-quit budget ({budget:g} s), so that "
+            f"the shutdown and flush listeners still have time; not {seconds!r}"
+        )
+    return checked
 
 
 # -- graceful.lowlevel: the integration hooks, off the public Lifecycle --------------------------
@@ -880,13 +1138,65 @@ def budget(lifecycle: Lifecycle) -> float:
     return lifecycle._timer.budget
 
 
-def set_default_budget(lifecycle: Lifecycle, seconds: float | None) -> None:
-    """Use ``seconds`` as ``lifecycle``'s budget unless the program chose one (a host's default,
-    such as gunicorn's ``graceful_timeout - 1``, or ``GRACEFUL_FORCE_QUIT`` read at start).
-    None changes nothing."""
-    if seconds is not None and not lifecycle._budget_chosen:
-        lifecycle._timer.set_budget(check_seconds(seconds, "set_default_budget()"))
+def set_defaults(
+    lifecycle: Lifecycle,
+    *,
+    budget: float | None = None,
+    wrap_up_timeout: float | None = None,
+    source: str = "the environment",
+) -> None:
+    """Give ``lifecycle`` a default budget and wrap-up timeout, each unless the program chose
+    one (``run()`` and the hosts: ``GRACEFUL_FORCE_QUIT`` and ``GRACEFUL_WRAP_UP_TIMEOUT`` read at
+    start, or a host's own default such as gunicorn's ``graceful_timeout - 1``). Both are checked
+    together before either changes; None leaves one as it is.
+
+    Raises:
+        ValueError: the wrap-up timeout would not be below the budget; the message names
+            ``source``.
+    """
+    new_budget = lifecycle._timer.budget if lifecycle._budget_chosen or budget is None else budget
+    if budget is not None:
+        check_seconds(budget, f"the budget from {source}")
+    keep = lifecycle._wrap_up_timeout
+    if keep is not None and keep >= new_budget:
+        raise ValueError(
+            f"the force-quit budget from {source} ({new_budget:g} s) is not above the wrap-up timeout "
+            f"set before ({keep:g} s): lower that, or choose a longer budget"
+        )
+    new_wrap_up = (
+        keep
+        if keep is not None or wrap_up_timeout is None
+        else _check_wrap_up_timeout(wrap_up_timeout, new_budget, f"the wrap-up timeout from {source}")
+    )
+    if new_budget != lifecycle._timer.budget:
+        lifecycle._timer.set_budget(new_budget)
+    if budget is not None:
         lifecycle._budget_chosen = True
+    lifecycle._wrap_up_timeout = new_wrap_up
+
+
+def prepare(lifecycle: Lifecycle) -> None:
+    """Start ahead the threads ``lifecycle``'s shutdown needs: the clock's timer thread (the
+    deadline) and the sequence's own thread, waiting for the trigger. ``run()`` and the hosts
+    call it at start, so that a process at its thread limit (a container's pids limit) still
+    stops, reports and exits with the true code. The sequence's thread started here is a
+    daemon: ``run()`` and the hosts wait for STOPPED themselves. Idempotent.
+
+    Raises:
+        RuntimeError: no thread can be started now (the process is at its thread limit).
+    """
+    start_timers = getattr(lifecycle._time, "prepare", None)
+    if callable(start_timers):
+        start_timers()
+    with lifecycle._sequence_lock:
+        if lifecycle.state() is not State.RUNNING or (
+            lifecycle._driver is not None and lifecycle._driver.is_alive()
+        ):
+            return
+        driver = threading.Thread(target=lifecycle._wait_for_trigger, name="graceful-lifecycle", daemon=True)
+        driver.start()
+        lifecycle._driver = driver
+        lifecycle._driver_waiting = True
 
 
 def reload_listener_count(lifecycle: Lifecycle) -> int:

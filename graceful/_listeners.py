@@ -59,17 +59,21 @@ log = logging.getLogger("graceful")
 
 
 class Phase(str, enum.Enum):
-    """The phase a listener belongs to. A ``str`` enum: ``Phase.WRAP_UP == "wrap_up"``."""
+    """The phase a listener belongs to, in the order they run. A ``str`` enum:
+    ``Phase.WRAP_UP == "wrap_up"``. ``FLUSH`` runs after ``SHUTDOWN``, and at a force quit."""
 
     WRAP_UP = "wrap_up"
     SHUTDOWN = "shutdown"
+    FLUSH = "flush"
 
     def __str__(self) -> str:
         return self.value
 
 
 class ListenerState(str, enum.Enum):
-    """Where one listener is: PENDING -> RUNNING -> DONE or FAILED; or REMOVED before it ran.
+    """Where one listener is: PENDING -> RUNNING -> DONE or FAILED; or REMOVED before it ran;
+    or ABANDONED past its timeout (or the wrap-up timeout): the phase no longer waits for it,
+    though its thread may still be running it.
 
     A ``str`` enum, so ``item.state == "done"`` still reads naturally in a test.
     """
@@ -79,6 +83,7 @@ class ListenerState(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     REMOVED = "removed"
+    ABANDONED = "abandoned"
 
     def __str__(self) -> str:
         return self.value
@@ -120,20 +125,38 @@ class Frozen:
 class ListenerStatus(Frozen):
     """One listener, as ``status()`` saw it.
 
-    ``phase`` is a ``Phase`` (``Phase.WRAP_UP`` or ``Phase.SHUTDOWN``); ``state`` a
-    ``ListenerState`` (both ``str`` enums, equal to ``"wrap_up"``, ``"done"`` and so on);
-    ``duration`` is seconds run so far (or in all, once finished), None if it has not started.
+    ``phase`` is a ``Phase``; ``state`` a ``ListenerState`` (both ``str`` enums, equal to
+    ``"wrap_up"``, ``"done"`` and so on); ``duration`` is seconds run so far (or in all, once
+    finished), None if it has not started; ``timeout`` its own timeout in seconds, or None;
+    ``abandoned_for`` seconds since it was abandoned, None unless it was.
     """
 
-    __slots__ = ("duration", "name", "phase", "state")
-    _fields = ("name", "phase", "state", "duration")
+    __slots__ = ("abandoned_for", "duration", "name", "phase", "state", "timeout")
+    _fields = ("name", "phase", "state", "duration", "timeout", "abandoned_for")
     name: str
     phase: Phase
     state: ListenerState
     duration: float | None
+    timeout: float | None
+    abandoned_for: float | None
 
-    def __init__(self, name: str, phase: Phase, state: ListenerState, duration: float | None) -> None:
-        super().__init__(name, phase, state, duration)
+    def __init__(  # noqa: PLR0917 - one positional argument per field, as a dataclass would take
+        self,
+        name: str,
+        phase: Phase,
+        state: ListenerState,
+        duration: float | None,
+        timeout: float | None = None,
+        abandoned_for: float | None = None,
+    ) -> None:
+        super().__init__(name, phase, state, duration, timeout, abandoned_for)
+
+    def describe(self) -> str:
+        """One line, as the SIGUSR1 dump prints it."""
+        took = "" if self.duration is None else f" ({self.duration:.3f} s)"
+        bound = "" if self.timeout is None else f", timeout {self.timeout:g} s"
+        left = "" if self.abandoned_for is None else f", abandoned {self.abandoned_for:.3f} s ago"
+        return f"{self.phase} listener {self.name!r}: {self.state}{took}{bound}{left}"
 
 
 class Pool:
@@ -161,22 +184,38 @@ class Pool:
         self._names = 0
 
     def submit(self, *jobs: Callable[[], None]) -> None:
-        """Queue ``jobs`` (a whole phase at once: one lock round-trip, not one per listener)."""
+        """Queue ``jobs`` (a whole phase at once: one lock round-trip, not one per listener).
+
+        If no thread can be started at all (a process at its thread limit: a container's pids
+        limit, ``RLIMIT_NPROC``), the jobs run here, one after another: slower, never lost.
+        """
         with self._lock:
             self._jobs.extend(jobs)
             if self._idle > 0:
                 self._ready.notify(len(jobs))
             elif self._workers == 0:
                 self._spawn(1)
-            if not self._watching:
-                self._watching = True
-                threading.Thread(target=self._watch, name="graceful-pool-watch", daemon=True).start()
+            stranded = self._workers == 0
+            if not self._watching and not stranded:
+                self._watching = _start_daemon(self._watch, "graceful-pool-watch")
+        if stranded:
+            self._run_here()
+
+    def _run_here(self) -> None:
+        log.warning("graceful: no thread could be started for the listeners: running them one by one")
+        while True:
+            with self._lock:
+                if not self._jobs or self._workers:
+                    return
+                job = self._jobs.popleft()
+            job()
 
     def _spawn(self, count: int) -> None:
         for _ in range(count):
-            self._workers += 1
             self._names += 1
-            threading.Thread(target=self._work, name=f"graceful-listener-{self._names}", daemon=True).start()
+            if not _start_daemon(self._work, f"graceful-listener-{self._names}"):
+                return  # at the thread limit: the workers there are take the jobs in turn
+            self._workers += 1
 
     def _work(self) -> None:
         ran = 0
@@ -211,6 +250,15 @@ class Pool:
                     self._spawn(min(len(self._jobs), self.GROW))
                 seen = self._finished
             time.sleep(self.STALL)
+
+
+def _start_daemon(target: Callable[[], None], name: str) -> bool:
+    """Start a daemon thread; False (not an exception) when the process cannot have one more."""
+    try:
+        threading.Thread(target=target, name=name, daemon=True).start()
+    except RuntimeError:  # "can't start new thread"
+        return False
+    return True
 
 
 pool = Pool()
@@ -273,22 +321,27 @@ class Listener:
     __slots__ = (
         "_awaiting",
         "_callbacks",
+        "_cancel",
+        "_claimed",
         "_default_loop",
         "_done",
         "_event",
         "_now",
+        "abandoned_at",
         "error",
         "finished",
         "fn",
         "loop",
         "name",
         "on_finish",
+        "on_start",
         "own",
         "phase",
         "scheduled",
         "started",
         "state",
         "thread_id",
+        "timeout",
     )
 
     def __init__(
@@ -300,6 +353,8 @@ class Listener:
         on_finish: Callable[[Listener], None],
         *,
         loops: DefaultLoop | None = None,
+        timeout: float | None = None,
+        on_start: Callable[[Listener], None] | None = None,
     ) -> None:
         self.fn: Callable[[], object] | None = fn
         self.name = name
@@ -311,42 +366,108 @@ class Listener:
         self.finished: float | None = None
         self.thread_id: int | None = None
         self.error: BaseException | None = None
+        self.timeout = timeout
+        """Seconds it may run before it is abandoned; None: as long as its phase allows."""
+        self.abandoned_at: float | None = None
         self.loop = running_loop()
         self._default_loop = loops
         self.on_finish = on_finish
+        self.on_start = on_start
         self._now = now  # the lifecycle clock's monotonic()
         self._done = False
         self._event: threading.Event | None = None  # made on first wait: 10,000 listeners register fast
         self._callbacks: list[Callable[[], None]] = []
         self._awaiting: object = None
+        self._cancel: Callable[[], object] | None = None
+        self._claimed = False  # its end was claimed: by its own return, or by abandonment
 
     # -- running -----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Run the listener once, in the calling thread; never raises."""
+        """Run the listener once, in the calling thread; never raises.
+
+        One abandoned before a thread took it up (the wrap-up timeout passed while it waited
+        for one) does not run at all.
+        """
         fn, self.fn = self.fn, None  # a finished listener keeps no reference to its callable
-        self.thread_id = threading.get_ident()
-        self.started = self._now()
-        self.state = ListenerState.RUNNING
+        with _event_lock:
+            if self._claimed:
+                return
+            self.thread_id = threading.get_ident()
+            self.started = self._now()
+            self.state = ListenerState.RUNNING
+        if self.on_start is not None:
+            self.on_start(self)  # its timeout counts from now: the sequence learns when it ends
         _local.listener = self
+        error: BaseException | None = None
         try:
             assert fn is not None, "a listener runs once"
             result = fn()
             if is_awaitable(result):
                 self._awaiting = result
-                run_awaitable(result, self._loop())
+                run_awaitable(result, self._loop(), on_start=self._set_cancel)
         except BaseException as exc:  # isolate the listener (even SystemExit), keep its error
-            self.error = exc
-            log.exception("%s listener %r failed", self.phase, self.name)
+            error = exc
+            if self.abandoned_at is None:
+                log.exception("%s listener %r failed", self.phase, self.name)
         finally:
             _local.listener = None
             self._awaiting = None
-            self.finished = self._now()
-            log.debug(
-                "%s listener %r finished in %.3f s", self.phase, self.name, self.finished - self.started
+            self._cancel = None
+            self._ended(error)
+
+    def _ended(self, error: BaseException | None) -> None:
+        finished = self._now()
+        took = finished - (self.started or finished)
+        if not self._claim():
+            log.warning(
+                "%s listener %r, abandoned %.3f s ago, has finished after all (%.3f s in all)",
+                self.phase,
+                self.name,
+                finished - (self.abandoned_at or finished),
+                took,
             )
-            self._finish(ListenerState.FAILED if self.error is not None else ListenerState.DONE)
-            self.on_finish(self)
+            return
+        self.finished = finished
+        self.error = error
+        log.debug("%s listener %r finished in %.3f s", self.phase, self.name, took)
+        self._finish(ListenerState.FAILED if error is not None else ListenerState.DONE)
+        self.on_finish(self)
+
+    def _claim(self) -> bool:
+        """True for the one caller that ends this listener: its return, or its abandonment."""
+        with _event_lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def _set_cancel(self, cancel: Callable[[], object]) -> None:
+        self._cancel = cancel
+
+    def abandon(self, now: float, why: str) -> bool:
+        """Stop waiting for this listener (past its timeout, or the wrap-up timeout's): its
+        waiter is done with a ``TimeoutError``, an ``async def`` one is cancelled (its
+        ``finally`` blocks run), and a thread runs on as the daemon it is. The caller logs it.
+        Returns False if it had finished (or was abandoned) already.
+        """
+        if self.state not in (ListenerState.RUNNING, ListenerState.PENDING) or not self._claim():
+            return False
+        self.abandoned_at = now
+        took = 0.0 if self.started is None else now - self.started
+        self.error = TimeoutError(f"{self.phase} listener {self.name!r} abandoned after {took:.3f} s: {why}")
+        cancel = self._cancel
+        if cancel is not None:
+            cancel()
+        self._finish(ListenerState.ABANDONED)
+        self.on_finish(self)
+        return True
+
+    def is_alive(self) -> bool:
+        """True while a thread still runs its code (an abandoned one included)."""
+        return self.state is ListenerState.RUNNING or (
+            self.state is ListenerState.ABANDONED and self.started is not None and self.finished is None
+        )
 
     def _loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop of registration, else the lifecycle's default (``run()``'s), else None."""
@@ -406,6 +527,16 @@ class Listener:
         if self.started is None:
             return None
         return (self.finished if self.finished is not None else now) - self.started
+
+    def expires_at(self) -> float | None:
+        """When its own timeout runs out (on the lifecycle's clock), if it has one and runs."""
+        if self.timeout is None or self.started is None or self.state is not ListenerState.RUNNING:
+            return None
+        return self.started + self.timeout
+
+    def status(self, now: float) -> ListenerStatus:
+        abandoned = None if self.abandoned_at is None else now - self.abandoned_at
+        return ListenerStatus(self.name, self.phase, self.state, self.duration(now), self.timeout, abandoned)
 
 
 class Waiter:
@@ -477,9 +608,23 @@ OWN = "graceful_own"
 
 
 def mark_own(fn: Callable[[], object]) -> Callable[[], object]:
-    """Mark ``fn`` as one of graceful's own listeners (``run()``'s steps for its servers), so
-    that "phase done: N listener(s)" can say how many of N the user registered."""
-    setattr(fn, OWN, True)
+    """Mark ``fn`` as one of graceful's own listeners (returns it, or for a bound method a
+    function that calls it):
+    ``run()``'s steps for its servers, a host's wait for the requests, tasks or jobs in flight.
+    The wrap-up timeout does not abandon it (it bounds its own wait: what is in flight is
+    finished, put back or cut and named by its adapter, up to the deadline), and "phase done:
+    N listener(s)" counts it apart from the ones the user registered."""
+    try:
+        setattr(fn, OWN, True)
+    except AttributeError:  # a bound method takes no attribute: mark a function that calls it
+        method = fn
+
+        def own() -> object:
+            return method()
+
+        own.__qualname__ = getattr(method, "__qualname__", own.__qualname__)
+        setattr(own, OWN, True)
+        return own
     return fn
 
 

@@ -40,6 +40,7 @@ from ._lifecycle import (
     State,
     add_report_section,
     listener_loop,
+    prepare,
     record_failure,
     set_listener_loop,
     shutdown_requested,
@@ -102,6 +103,7 @@ def run_with(
     if budget is not None:  # all checked: now it may change
         lifecycle.set_time_to_force_quit(budget)
     readiness.configure_from_env(lifecycle, settings)
+    prepare(lifecycle)  # the deadline's and the sequence's threads, ahead of need (a thread limit)
     _sockets.inherited()  # systemd's or the previous generation's: out of the environment now
     cwd = os.getcwd()  # where an upgrade starts the next generation
     runner = _Runner(lifecycle, services)

@@ -57,6 +57,12 @@ class Context:
         """Seconds left before force quit; None while no shutdown was triggered (a pause)."""
         return self.lifecycle.time_remaining()
 
+    def wrap_up_remaining(self) -> float | None:
+        """Seconds left before the wrap-up phase must end (the wrap-up timeout); None while no
+        shutdown was triggered. ``run()`` does not abandon a service's wrap-up step at the
+        wrap-up timeout: the step bounds itself, by this or by ``remaining()``."""
+        return self.lifecycle.wrap_up_remaining()
+
     def shutting_down(self) -> bool:
         """True once a shutdown (not only a pause) was asked for."""
         return shutdown_requested(self.lifecycle)

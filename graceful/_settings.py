@@ -12,6 +12,8 @@ read when the deadline is armed, and the drain delay when it is first needed.
 The variables:
 
 * ``GRACEFUL_FORCE_QUIT``: the force-quit budget in seconds (default 25).
+* ``GRACEFUL_WRAP_UP_TIMEOUT``: the longest the wrap-up phase may take, in seconds from the
+  shutdown trigger (default: the budget minus ``min(5 s, budget / 5)``).
 * ``GRACEFUL_DRAIN_DELAY``: seconds, or ``auto[:MAX]`` (docs/deploys.md).
 * ``GRACEFUL_PROBE_PORT`` / ``GRACEFUL_PROBE_HOST``: where ``/readyz`` and ``/livez`` answer.
 * ``GRACEFUL_TERMINATION_GRACE``: Kubernetes' ``terminationGracePeriodSeconds``, which the
@@ -53,6 +55,7 @@ __all__ = [
     "ENV_TERMINATION_GRACE",
     "ENV_TIMEOUT_STOP_SEC",
     "ENV_UPGRADE_TIMEOUT",
+    "ENV_WRAP_UP_TIMEOUT",
     "UPGRADE_TIMEOUT",
     "DrainDelaySetting",
     "Settings",
@@ -60,9 +63,11 @@ __all__ = [
     "parse_timespan",
     "read_budget",
     "read_drain_delay",
+    "read_wrap_up_timeout",
 ]
 
 ENV_FORCE_QUIT = "GRACEFUL_FORCE_QUIT"
+ENV_WRAP_UP_TIMEOUT = "GRACEFUL_WRAP_UP_TIMEOUT"
 ENV_DRAIN_DELAY = "GRACEFUL_DRAIN_DELAY"
 ENV_PROBE_PORT = "GRACEFUL_PROBE_PORT"
 ENV_PROBE_HOST = "GRACEFUL_PROBE_HOST"
@@ -105,6 +110,15 @@ def read_budget(environ: Mapping[str, str] | None = None) -> float | None:
         ValueError: set to something that is not a number of seconds > 0; the message names it.
     """
     return _seconds(ENV_FORCE_QUIT, environ)
+
+
+def read_wrap_up_timeout(environ: Mapping[str, str] | None = None) -> float | None:
+    """``GRACEFUL_WRAP_UP_TIMEOUT`` in seconds, None when unset.
+
+    Raises:
+        ValueError: set to something that is not a number of seconds > 0; the message names it.
+    """
+    return _seconds(ENV_WRAP_UP_TIMEOUT, environ)
 
 
 # -- the drain delay ----------------------------------------------------------------------------
@@ -253,16 +267,33 @@ def _platform_grace(environ: Mapping[str, str] | None) -> tuple[float, str] | No
 class Settings(Frozen):
     """Every ``GRACEFUL_*`` variable, read and checked at once (``Settings.read()``).
 
-    ``force_quit``: seconds or None (unset); ``drain_delay``: a ``DrainDelaySetting`` or None;
+    ``force_quit``: seconds or None (unset); ``wrap_up_timeout``: seconds or None; ``drain_delay``: a ``DrainDelaySetting`` or None;
     ``probe_port``: a port or None; ``probe_host``: the interface the probes bind (default all,
     ``0.0.0.0``: the kubelet probes the pod's IP); ``platform_grace``: the shortest grace the
     environment declares, with a phrase naming where it comes from, or None;
     ``upgrade_timeout``: seconds a new generation may take to be ready (SIGUSR2).
     """
 
-    __slots__ = ("drain_delay", "force_quit", "platform_grace", "probe_host", "probe_port", "upgrade_timeout")
-    _fields = ("force_quit", "drain_delay", "probe_port", "probe_host", "platform_grace", "upgrade_timeout")
+    __slots__ = (
+        "drain_delay",
+        "force_quit",
+        "platform_grace",
+        "probe_host",
+        "probe_port",
+        "upgrade_timeout",
+        "wrap_up_timeout",
+    )
+    _fields = (
+        "force_quit",
+        "drain_delay",
+        "probe_port",
+        "probe_host",
+        "platform_grace",
+        "wrap_up_timeout",
+        "upgrade_timeout",
+    )
     force_quit: float | None
+    wrap_up_timeout: float | None
     drain_delay: DrainDelaySetting | None
     probe_port: int | None
     probe_host: str
@@ -276,9 +307,12 @@ class Settings(Frozen):
         probe_port: int | None = None,
         probe_host: str = "0.0.0.0",
         platform_grace: tuple[float, str] | None = None,
+        wrap_up_timeout: float | None = None,
         upgrade_timeout: float = UPGRADE_TIMEOUT,
     ) -> None:
-        super().__init__(force_quit, drain_delay, probe_port, probe_host, platform_grace, upgrade_timeout)
+        super().__init__(
+            force_quit, drain_delay, probe_port, probe_host, platform_grace, wrap_up_timeout, upgrade_timeout
+        )
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -302,5 +336,6 @@ class Settings(Frozen):
             port,
             _raw(ENV_PROBE_HOST, environ) or "0.0.0.0",
             _platform_grace(environ),
+            read_wrap_up_timeout(environ),
             _seconds(ENV_UPGRADE_TIMEOUT, environ) or UPGRADE_TIMEOUT,
         )

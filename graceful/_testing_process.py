@@ -11,6 +11,7 @@ that, bounded. The public names are re-exported by ``graceful.testing``; POSIX o
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import selectors
 import shutil
@@ -21,21 +22,19 @@ import sys
 import tempfile
 import textwrap
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal, TypeVar
 
-from ._checks import check_seconds as _check_seconds
+from ._checks import check_seconds
 
-__all__ = ["GracefulProcess", "NotReadyError", "ProcessFactory", "ProcessResult", "check_seconds"]
+__all__ = ["GracefulProcess", "NotReadyError", "ProcessFactory", "ProcessResult"]
 
 BOUND = 10.0  # seconds: waits for something that should happen at once (pipes closing, exit)
 
-
-def check_seconds(value: object, what: str) -> float:
-    """``value`` as a float if it is a finite number of seconds >= 0; a clear error otherwise."""
-    return _check_seconds(value, what, zero=True, example="10")
+Stream = Literal["stdout", "stderr"]
+T = TypeVar("T")
 
 
 class NotReadyError(RuntimeError):
@@ -55,10 +54,13 @@ class ProcessResult:
 
 
 class _Pipe:
-    """Reads one pipe to the end in a thread, decoding UTF-8 as it comes."""
+    """Reads one pipe to the end in a thread, decoding UTF-8 as it comes; ``read_to`` is where
+    the next ``wait_for_line()`` looks from, ``ended`` says the child closed it."""
 
     def __init__(self, stream: IO[bytes], changed: threading.Condition) -> None:
         self.text = ""
+        self.ended = False
+        self.read_to = 0
         self._stream = stream
         self._changed = changed
         self._thread = threading.Thread(target=self._pump, name="graceful-testing-pipe", daemon=True)
@@ -70,6 +72,7 @@ class _Pipe:
             chunk = self._stream.read1(65536)  # type: ignore[attr-defined]
             with self._changed:
                 self.text += decoder.decode(chunk, final=not chunk)
+                self.ended = not chunk
                 self._changed.notify_all()
             if not chunk:
                 return
@@ -79,15 +82,27 @@ class _Pipe:
         if not self._thread.is_alive():  # else a grandchild holds the pipe open: keep what we have
             self._stream.close()
 
+    def next_line(self, text: str, start: int) -> tuple[str | None, int]:
+        """The first whole line from ``start`` on that holds ``text`` (or None), and where the
+        lines looked at end. Once the pipe ended, a last line without a newline is whole."""
+        while (end := self.text.find("\n", start)) >= 0 or (self.ended and start < len(self.text)):
+            stop = end if end >= 0 else len(self.text)
+            line, start = self.text[start:stop].rstrip("\r"), stop + 1
+            if text in line:
+                return line, start
+        return None, start
+
 
 class GracefulProcess:
-    """A running child, started by ``ProcessFactory``; READY=1 has arrived when you get it.
+    """A running child, started by ``ProcessFactory``; READY=1 has arrived when you get it
+    (unless started with ``wait_ready=False``).
 
-    ``pid``; ``send_signal(sig)``; ``wait(timeout)`` -> ``ProcessResult``;
-    ``wait_for_output(text)``; ``stdout``, ``stderr`` and ``notifications`` so far.
+    ``pid``; ``send_signal(sig)``; ``wait(timeout)`` -> ``ProcessResult``; ``wait_for_output``;
+    ``wait_for_line`` -> the line; ``send_line`` (with ``stdin=True``); ``kill()``; ``stdout``,
+    ``stderr``, ``notifications`` and ``returncode`` so far.
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], what: str) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], what: str, notify: bool, stdin: bool) -> None:
         self.args = argv
         self._dir = tempfile.mkdtemp(prefix="graceful-")  # short: AF_UNIX paths max ~100 bytes
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -99,12 +114,14 @@ class GracefulProcess:
         self._result: ProcessResult | None = None
         try:
             self._sock.bind(os.path.join(self._dir, "notify"))
+            if notify:  # else the caller's env names the peer (wait_ready=False)
+                env = {**env, "NOTIFY_SOCKET": self._sock.getsockname()}
             self._proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env={**env, "NOTIFY_SOCKET": self._sock.getsockname()},
+                env=env,
             )
         except BaseException:
             self._release()
@@ -200,7 +217,7 @@ class GracefulProcess:
             TimeoutError: still running after ``timeout`` s. It is left running (a later
                 ``wait()`` may succeed); the fixture kills it at teardown.
         """
-        timeout = check_seconds(timeout, "wait()")
+        timeout = check_seconds(timeout, "wait()", zero=True, example="10")
         with self._changed:
             exited = self._changed.wait_for(lambda: self._exited, timeout)
         if not exited:
@@ -210,32 +227,76 @@ class GracefulProcess:
             )
         return self._collect()
 
-    def wait_for_output(self, text: str, timeout: float = BOUND) -> None:
-        """Wait (bounded) until ``text`` appears on the child's stdout or stderr.
+    def wait_for_output(self, text: str, timeout: float = BOUND, *, stream: Stream | None = None) -> None:
+        """Wait (bounded) until ``text`` appears on the child's stdout or stderr (``stream``:
+        that one only); at once if it is there already.
 
         Raises:
             TimeoutError: not within ``timeout`` s, or the child exited without writing it.
+            ValueError: ``stream`` is not ``"stdout"``, ``"stderr"`` or None.
         """
-        timeout = check_seconds(timeout, "wait_for_output()")
+        pipes = self._pipes(stream, both=True)
+        wrote = lambda: True if any(text in pipe.text for pipe in pipes) else None  # noqa: E731
+        self._wait_for(wrote, timeout, repr(text), "wait_for_output()")
+
+    def wait_for_line(self, text: str, timeout: float = BOUND, *, stream: Stream = "stdout") -> str:
+        """Wait (bounded) for the next whole line on ``stream`` that holds ``text``; that line,
+        without its line ending. Each call looks on from after the line the last call on that
+        stream returned (as pexpect's ``expect``): two calls find two lines.
+
+        Raises:
+            TimeoutError: no such line within ``timeout`` s, or the child exited without one.
+            ValueError: ``stream`` is not ``"stdout"`` or ``"stderr"``.
+        """
+        (pipe,) = self._pipes(stream, both=False)
+        scan = pipe.read_to
+
+        def next_line() -> str | None:  # with self._changed held: the text does not grow meanwhile
+            nonlocal scan
+            line, scan = pipe.next_line(text, scan)
+            if line is not None:
+                pipe.read_to = scan
+            return line
+
+        return self._wait_for(next_line, timeout, f"a line with {text!r} on {stream}", "wait_for_line()")
+
+    def _pipes(self, stream: object, *, both: bool) -> tuple[_Pipe, ...]:
+        pipes: dict[object, tuple[_Pipe, ...]] = {"stdout": (self._out,), "stderr": (self._err,)}
+        if both:
+            pipes[None] = (self._out, self._err)
+        if stream not in pipes:
+            raise ValueError(f"stream is 'stdout' or 'stderr'{' (or None)' * both}, not {stream!r}")
+        return pipes[stream]
+
+    def _wait_for(self, found: Callable[[], T | None], timeout: float, what: str, call: str) -> T:
+        """``found()``'s first value that is not None (it is called with ``_changed`` held)."""
+        timeout = check_seconds(timeout, call, zero=True, example="10")
+        box: list[T] = []
+
+        def done() -> bool:
+            if not box and (value := found()) is not None:
+                box.append(value)
+            return bool(box) or self._exited
+
         with self._changed:
-            self._changed.wait_for(lambda: self._wrote(text) or self._exited, timeout)
-        if not self._wrote(text) and self._exited:
+            self._changed.wait_for(done, timeout)
+        if not box and self._exited:
             self._collect()  # the pipes may still hold what it wrote just before it exited
-        if self._wrote(text):
-            return
+            with self._changed:
+                done()
+        if box:
+            return box[0]
         raise TimeoutError(
-            f"{self._label} did not write {text!r} within {timeout:g} s"
+            f"{self._label} did not write {what} within {timeout:g} s"
             f"{' (it exited)' if self._exited else ''}"
             f"{_tail('stdout', self.stdout)}{_tail('stderr', self.stderr)}"
         )
-
-    def _wrote(self, text: str) -> bool:
-        return text in self._out.text or text in self._err.text
 
     def _collect(self) -> ProcessResult:
         if self._result is None:
             for pipe in (self._out, self._err):
                 pipe.join(BOUND)
+            self._close_stdin()
             self._stop_listening()
             code = self._proc.returncode
             assert code is not None  # the reaper has seen the exit
@@ -251,6 +312,29 @@ class GracefulProcess:
             return False
         self._proc.send_signal(sig)
         return True
+
+    def send_line(self, line: str) -> bool:
+        """Write ``line`` and a newline to the child's stdin, flushed; False (nothing written) if
+        it has exited or closed its stdin.
+
+        Raises:
+            RuntimeError: it was started without ``stdin=True``: its stdin is ``/dev/null``.
+        """
+        if (stdin := self._proc.stdin) is None:
+            raise RuntimeError(f"{self._label} has no stdin: start it with graceful_process(..., stdin=True)")
+        if self._exited or self._proc.poll() is not None:
+            return False
+        try:
+            stdin.write(line.encode("utf-8") + b"\n")
+            stdin.flush()
+        except (BrokenPipeError, ValueError):  # it closed its stdin (or exited); we closed ours
+            return False
+        return True
+
+    def _close_stdin(self) -> None:
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):  # a dead child's pipe: broken on the final flush
+                self._proc.stdin.close()
 
     def kill(self) -> bool:
         """SIGKILL the child if it still runs, and collect it; True if it was still running."""
@@ -326,29 +410,42 @@ class ProcessFactory:
         ready_timeout: float = BOUND,
         *,
         args: Sequence[str] = (),
+        wait_ready: bool = True,
+        stdin: bool = False,
     ) -> GracefulProcess:
         """Start a child and wait until it is ready; see the class docstring.
+
+        Args:
+            wait_ready: False returns once the child started, without waiting for ``READY=1``:
+                for a program that never sends it, or a test of what comes before. ``env``
+                may then set ``NOTIFY_SOCKET`` (a test that is the notify peer itself).
+            stdin: True gives the child a pipe as stdin, for ``send_line()``; else /dev/null.
 
         Raises:
             NotReadyError: it exited first, or sent no READY=1 within ``ready_timeout`` s
                 (it is killed then); the message carries its stderr.
             ValueError: a script path that does not exist, a bad timeout, or ``env`` sets
-                ``NOTIFY_SOCKET`` (the factory owns it).
+                ``NOTIFY_SOCKET`` while ``wait_ready`` is True (the factory listens on it).
             TypeError: ``code_or_path`` is neither a ``str`` nor a path.
             RuntimeError: not on a POSIX system.
         """
         if not hasattr(socket, "AF_UNIX") or sys.platform == "win32":
             raise RuntimeError("graceful_process needs POSIX (AF_UNIX datagram sockets); skip on Windows")
-        ready_timeout = check_seconds(ready_timeout, "graceful_process(ready_timeout=...)")
-        if env is not None and "NOTIFY_SOCKET" in env:
+        ready_timeout = check_seconds(
+            ready_timeout, "graceful_process(ready_timeout=...)", zero=True, example="10"
+        )
+        own_notify = env is None or "NOTIFY_SOCKET" not in env
+        if wait_ready and not own_notify:
             raise ValueError(
-                "graceful_process sets NOTIFY_SOCKET itself (to listen for READY=1): drop it from env"
+                "graceful_process sets NOTIFY_SOCKET itself (to listen for READY=1): drop it from env, "
+                "or pass wait_ready=False to have the child notify a peer of your own"
             )
         argv, what = _command(code_or_path, list(args))
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
-        child = GracefulProcess(argv, full_env, what)
+        child = GracefulProcess(argv, full_env, what, own_notify, stdin)
         self._children.append(child)
-        child._wait_ready(ready_timeout)
+        if wait_ready:
+            child._wait_ready(ready_timeout)
         return child
 
     def close(self) -> str | None:

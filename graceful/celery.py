@@ -52,6 +52,7 @@ from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork
 from ._checks import TYPE_CHECKING
 from ._diagnostics import write_fd2
 from ._lifecycle import on_force_quit
+from ._listeners import mark_own
 
 if TYPE_CHECKING:
     from typing import Any
@@ -127,7 +128,7 @@ class _Worker:
         ignore_pipes_after_fork(self.pipes)
         self.drained = threading.Event()  # set at worker_shutdown: the pool has no task left
         self._finished = False
-        lifecycle.add_wrap_up_listener(self._stop_consuming, name="celery: tasks in flight")
+        lifecycle.add_wrap_up_listener(mark_own(self._tasks_in_flight), name="celery: tasks in flight")
         on_force_quit(lifecycle, self._at_deadline, name="celery: requeue unacknowledged tasks")
         self.settings = readiness.configure_from_env(lifecycle)
         self.probes = self._serve_probes()
@@ -146,6 +147,10 @@ class _Worker:
 
     def _on_hand_off(self, note: str) -> None:
         self.lifecycle.shutdown(f"celery {note}", wait=False)
+
+    def _tasks_in_flight(self) -> None:
+        """The wrap-up listener (a function, so that it can be marked as graceful's own)."""
+        self._stop_consuming()
 
     def _stop_consuming(self) -> None:
         """Wrap-up: make sure Celery stops, tell the pool, wait until no task is left."""

@@ -26,6 +26,7 @@ import threading
 import time
 from types import TracebackType
 
+from ._checks import check_seconds
 from ._current import use
 from ._deadline import FakeClock
 from ._lifecycle import Lifecycle, State, join, set_daemon, wait_until_idle
@@ -37,7 +38,6 @@ from ._testing_process import (
     NotReadyError,
     ProcessFactory,
     ProcessResult,
-    check_seconds,
 )
 
 __all__ = [
@@ -84,7 +84,9 @@ class LifecycleHarness:
         # daemon: a listener a test leaves stuck must not keep pytest alive at exit.
         self.lifecycle = Lifecycle(force_quit, clock=self.clock, exit=self.exit_codes.append)
         set_daemon(self.lifecycle, True)
-        self.teardown_timeout = check_seconds(teardown_timeout, "LifecycleHarness(teardown_timeout=...)")
+        self.teardown_timeout = check_seconds(
+            teardown_timeout, "LifecycleHarness(teardown_timeout=...)", zero=True, example="10"
+        )
         self._router = Router(self.lifecycle, offload=False)
         self._previous: Lifecycle | None = None
         self._phase = "created"
@@ -198,7 +200,9 @@ class LifecycleHarness:
 
     def wait_for_shutdown(self, timeout: float = BOUND) -> bool:
         """Block until the lifecycle is STOPPED; True if it got there within ``timeout``."""
-        return self.lifecycle.wait_for_shutdown(check_seconds(timeout, "wait_for_shutdown()"))
+        return self.lifecycle.wait_for_shutdown(
+            check_seconds(timeout, "wait_for_shutdown()", zero=True, example="10")
+        )
 
     @property
     def forced(self) -> str | None:

@@ -9,21 +9,35 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
+import graceful
 from graceful import Lifecycle, State
 from graceful._deadline import FakeClock
 
-if TYPE_CHECKING:
-    from .child import Child  # child.py imports this module
-
 # A real redis-server for the queue-worker tests (the test extra brings the binary): the fixtures.
-from .redis_server import rdb, redis_url  # noqa: F401 - fixtures, found by pytest here
+from .support.redis_server import rdb, redis_url  # noqa: F401 - fixtures, found by pytest here
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds: the longest any test waits for an event that should come at once
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "never_forced: the ``fresh`` lifecycle must end without a force quit")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _children_import_this_checkout() -> Iterator[None]:
+    """The programs the tests start import this checkout's graceful, whatever is installed.
+
+    ``graceful_process`` (like any subprocess) passes the environment through, and a child's
+    ``sys.path`` does not have the checkout on it: with graceful installed from a wheel, or
+    editable from another checkout, the child would run other code than the test process.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
+        yield
 
 
 _WATCHED = tuple(
@@ -88,26 +102,23 @@ def lc(clock: FakeClock, exits: Recorder) -> Iterator[Lifecycle]:
 
 
 @pytest.fixture
-def fresh() -> Iterator[Lifecycle]:
-    """A real-clock lifecycle installed as the default (``graceful.*`` lands on it); exit recorded."""
-    lifecycle = Lifecycle(force_quit=BOUND, exit=Recorder())
-    import graceful
+def fresh(exits: Recorder, request: pytest.FixtureRequest) -> Iterator[Lifecycle]:
+    """A real-clock lifecycle installed as the default (``graceful.*`` lands on it).
 
+    Its exit is recorded in ``exits`` (a test that asks for both reads the codes). Its
+    sequence ends with the test. In a module marked ``never_forced``, a test whose lifecycle
+    was forced fails at teardown.
+    """
+    lifecycle = Lifecycle(force_quit=BOUND, exit=exits)
     previous = graceful.use(lifecycle)
     yield lifecycle
     graceful.use(previous)
+    forced = lifecycle.force_quit_report
     if lifecycle.state() is not State.RUNNING:
         lifecycle.shutdown("test teardown", wait=False)
         assert lifecycle.wait_for_shutdown(BOUND), "the test left a listener running"
-
-
-@pytest.fixture
-def children() -> Iterator[list[Child]]:
-    """Child processes a test starts; each is killed (if still running) at teardown."""
-    started: list[Child] = []
-    yield started
-    for child in started:
-        child.kill()
+    if request.node.get_closest_marker("never_forced") is not None:
+        assert forced is None, forced
 
 
 def run_python(

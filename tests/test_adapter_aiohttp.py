@@ -8,15 +8,13 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from aiohttp import web
 
-import graceful.adapters.aiohttp
 from graceful.adapters import adapt
-from graceful.adapters.aiohttp import AiohttpService
+from graceful.testing import ProcessFactory
 
-from .child import PREAMBLE, Child
 from .conftest import BOUND, ROOT
-from .web import (
+from .support.preamble import PREAMBLE
+from .support.web import (
     assert_refused_fast,
     check_a_stuck_request_is_named_at_the_deadline,
     check_serving_during_the_drain_delay,
@@ -29,6 +27,10 @@ from .web import (
     run_on_a_taken_port,
     start,
 )
+
+web = pytest.importorskip("aiohttp.web")
+import graceful.adapters.aiohttp  # noqa: E402 - after the skip: it imports aiohttp
+from graceful.adapters.aiohttp import AiohttpService  # noqa: E402
 
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; on_shutdown
 # and on_cleanup print. AIOHTTP_GRACE sets shutdown_timeout=; AIOHTTP_RUNNER=1 passes an
@@ -76,71 +78,73 @@ def server_code(port: int | None = None) -> str:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("served", ["Application", "AppRunner"])
 def test_sigterm_with_50_requests_in_flight_answers_all_and_runs_the_hooks(
-    children: list[Child], served: str
+    graceful_process: ProcessFactory, served: str
 ) -> None:
     env = {"AIOHTTP_RUNNER": "1"} if served == "AppRunner" else {}
-    child, port = start(children, server_code(), **env)
+    child, port = start(graceful_process, server_code(), **env)
     idle = idle_connection(port)
     try:
         with ThreadPoolExecutor(50) as pool:
             futures = in_flight(child, pool, port, 50)
-            child.send(signal.SIGTERM)
-            child.expect_err("stopped accepting")
+            child.send_signal(signal.SIGTERM)
+            child.wait_for_output("stopped accepting", stream="stderr")
             assert_refused_fast(port)
-            child.expect("on_shutdown")
+            child.wait_for_line("on_shutdown")
             assert closed_by_server(idle)  # while the 50 are still running
             assert not any(f.done() for f in futures)
-            child.tell("release")
+            child.send_line("release")
             results = [f.result(BOUND) for f in futures]
     finally:
         idle.close()
     assert [(status, body) for status, body, _ in results] == [(200, f"/slow/{i}") for i in range(50)]
     assert {connection for _, _, connection in results} == {"close"}
-    child.expect("on_cleanup")
-    assert child.wait() == 0
-    assert "Traceback" not in child.err
+    child.wait_for_line("on_cleanup")
+    assert child.wait().returncode == 0
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(children: list[Child]) -> None:
-    check_a_stuck_request_is_named_at_the_deadline(children, server_code())
+def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(
+    graceful_process: ProcessFactory,
+) -> None:
+    check_a_stuck_request_is_named_at_the_deadline(graceful_process, server_code())
 
 
 @pytest.mark.timeout(60)
-def test_shutdown_timeout_cancels_and_names_the_request(children: list[Child]) -> None:
-    child, port = start(children, server_code(), AIOHTTP_GRACE="0.3")
+def test_shutdown_timeout_cancels_and_names_the_request(graceful_process: ProcessFactory) -> None:
+    child, port = start(graceful_process, server_code(), AIOHTTP_GRACE="0.3")
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(get, port, "/slow/late")
-        child.expect("in late")
-        child.send(signal.SIGTERM)
-        child.expect_err("dropped request GET /slow/late from 127.0.0.1")
-        child.tell("release")  # frees the executor thread the cancelled request left waiting
+        child.wait_for_line("in late")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("dropped request GET /slow/late from 127.0.0.1", stream="stderr")
+        child.send_line("release")  # frees the executor thread the cancelled request left waiting
         with pytest.raises((http.client.HTTPException, OSError)):
             future.result(BOUND)
-    child.expect("on_cleanup")
-    assert child.wait() == 0
-    assert "cancelled while draining" in child.err
+    child.wait_for_line("on_cleanup")
+    assert child.wait().returncode == 0
+    assert "cancelled while draining" in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_the_server_keeps_serving_during_the_drain_delay(children: list[Child]) -> None:
-    check_serving_during_the_drain_delay(children, server_code())
+def test_the_server_keeps_serving_during_the_drain_delay(graceful_process: ProcessFactory) -> None:
+    check_serving_during_the_drain_delay(graceful_process, server_code())
 
 
 @pytest.mark.timeout(60)
-def test_a_port_in_use_fails_the_start_and_exit_is_1(children: list[Child]) -> None:
-    child = run_on_a_taken_port(children, server_code)
-    assert child.proc.returncode == 1
-    assert "address already in use" in child.err
-    assert "could not start" in child.err
-    assert "Traceback" not in child.err  # one line, not the OSError's traceback
-    assert "on_cleanup" in child.out  # the runner was set up: its cleanup still ran
+def test_a_port_in_use_fails_the_start_and_exit_is_1(graceful_process: ProcessFactory) -> None:
+    child = run_on_a_taken_port(graceful_process, server_code)
+    assert child.returncode == 1
+    assert "address already in use" in child.stderr
+    assert "could not start" in child.stderr
+    assert "Traceback" not in child.stderr  # one line, not the OSError's traceback
+    assert "on_cleanup" in child.stdout  # the runner was set up: its cleanup still ran
 
 
 @pytest.mark.timeout(60)
-def test_the_example_serves_drains_and_exits_0(children: list[Child]) -> None:
+def test_the_example_serves_drains_and_exits_0(graceful_process: ProcessFactory) -> None:
     check_the_example_drains(
-        children,
+        graceful_process,
         ROOT / "examples" / "aiohttp_app.py",
         "stopped accepting",
         "on_shutdown: websockets told",

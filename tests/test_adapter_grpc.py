@@ -1,6 +1,6 @@
 """The gRPC adapters against real grpcio servers and clients on 127.0.0.1, with real signals.
 
-The server programs and the client helpers are in ``tests/grpc_service.py``.
+The server programs and the client helpers are in ``tests/support/grpc_service.py``.
 """
 
 from __future__ import annotations
@@ -10,12 +10,19 @@ import re
 import signal
 from concurrent import futures
 
-import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from graceful.adapters import adapt
-from graceful.adapters.grpc import (
+from graceful.testing import ProcessFactory
+
+from .conftest import BOUND, ROOT, run_python
+from .support.web import start, start_script
+
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("grpc_health.v1")
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402 - after the skip
+
+from graceful.adapters.grpc import (  # noqa: E402 - after the skip: it imports grpc
     AioRpcInterceptor,
     GrpcAioService,
     GrpcService,
@@ -24,10 +31,7 @@ from graceful.adapters.grpc import (
     interceptor,
 )
 
-from .child import Child
-from .conftest import BOUND, ROOT, run_python
-from .grpc_service import Stream, Watch, code, echo, health_status, refused
-from .web import start, start_script
+from .support.grpc_service import Stream, Watch, code, echo, health_status, refused  # noqa: E402
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -37,23 +41,23 @@ STREAMS = 8  # server-streaming calls in flight at SIGTERM
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("server", ["sync", "aio"])
 def test_a_stream_in_flight_at_sigterm_completes_and_health_says_not_serving_first(
-    children: list[Child], server: str
+    graceful_process: ProcessFactory, server: str
 ) -> None:
     """SIGTERM mid-RPC: NOT_SERVING while the port is open, then refused; RPCs in flight end whole."""
-    child, port = start(children, code(server), GRACEFUL_DRAIN_DELAY="2")
+    child, port = start(graceful_process, code(server), GRACEFUL_DRAIN_DELAY="2")
     assert health_status(port) == SERVING
     streams = [Stream(port, f"stream-{i}".encode()) for i in range(STREAMS)]
     unary = Stream(port, b"slow-1", unary=True)
-    seen = {child.expect("in ").split()[1] for _ in range(STREAMS + 1)}
+    seen = {child.wait_for_line("in ").split()[1] for _ in range(STREAMS + 1)}
     assert seen == {f"stream-{i}" for i in range(STREAMS)} | {"slow-1"}
-    child.send(signal.SIGTERM)
-    child.expect_err("health service NOT_SERVING")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("health service NOT_SERVING", stream="stderr")
     assert health_status(port) == NOT_SERVING  # answered: the port is still open (drain delay)
     assert echo(port, "during-delay") == b"during-delay"  # and still serving
-    child.expect_err("stopped accepting")
+    child.wait_for_output("stopped accepting", stream="stderr")
     status, _took = refused(port)
     assert status == grpc.StatusCode.UNAVAILABLE  # refused, not left to its deadline
-    child.tell("release")
+    child.send_line("release")
     for stream in streams:
         stream.join()
         assert stream.errors == []
@@ -61,110 +65,115 @@ def test_a_stream_in_flight_at_sigterm_completes_and_health_says_not_serving_fir
     unary.join()
     assert unary.errors == []
     assert unary.got == [b"done slow-1"]
-    assert child.wait() == 0
-    assert "echo late" not in child.out  # the refused RPC never reached its handler
-    assert "Traceback" not in child.err
+    assert child.wait().returncode == 0
+    assert "echo late" not in child.stdout  # the refused RPC never reached its handler
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("server", ["sync", "aio"])
 def test_an_rpc_that_outlives_the_budget_is_named_and_the_exit_is_70(
-    children: list[Child], server: str
+    graceful_process: ProcessFactory, server: str
 ) -> None:
     """A stream still running at the deadline: the client is cut, the log names the method and age."""
-    child, port = start(children, code(server), GRACEFUL_FORCE_QUIT="1")
+    child, port = start(graceful_process, code(server), GRACEFUL_FORCE_QUIT="1")
     stream = Stream(port)
-    child.expect("in stream-1")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 70
+    child.wait_for_line("in stream-1")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 70
     stream.join()
     assert len(stream.errors) == 1
     assert stream.got == [b"0"]
     named = re.search(
-        r"dropped request RPC /test\.Svc/Stream from ipv4:127\.0\.0\.1:\d+ \(running ([\d.]+) s\)", child.err
+        r"dropped request RPC /test\.Svc/Stream from ipv4:127\.0\.0\.1:\d+ \(running ([\d.]+) s\)",
+        child.stderr,
     )
-    assert named is not None, child.err
+    assert named is not None, child.stderr
     # It ran from before the SIGTERM to the deadline 1 s after it: at least the budget. No upper
     # bound: on a loaded machine the SIGTERM and the report come as late as the scheduler likes.
     assert float(named.group(1)) >= 0.9
 
 
 @pytest.mark.timeout(60)
-def test_without_the_interceptor_the_count_of_dropped_rpcs_is_logged(children: list[Child]) -> None:
+def test_without_the_interceptor_the_count_of_dropped_rpcs_is_logged(
+    graceful_process: ProcessFactory,
+) -> None:
     """No interceptor on a sync server: the deadline still says how many RPCs it cancels."""
-    child, port = start(children, code("sync"), GRACEFUL_FORCE_QUIT="1", GRPC_TEST_TRACK="0")
+    child, port = start(graceful_process, code("sync"), GRACEFUL_FORCE_QUIT="1", GRPC_TEST_TRACK="0")
     stream = Stream(port)
-    child.expect("in stream-1")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 70
+    child.wait_for_line("in stream-1")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 70
     stream.join()
-    assert "grpc: 1 RPC(s) still running are cancelled at the force-quit deadline" in child.err
+    assert "grpc: 1 RPC(s) still running are cancelled at the force-quit deadline" in child.stderr
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("server", ["sync", "aio"])
 def test_a_health_watch_sees_not_serving_then_ends_and_does_not_hold_the_drain(
-    children: list[Child], server: str
+    graceful_process: ProcessFactory, server: str
 ) -> None:
     """gRPC client-side health checking: a Watch stream would hold stop(grace) to the deadline."""
-    child, port = start(children, code(server), GRACEFUL_FORCE_QUIT="8")
+    child, port = start(graceful_process, code(server), GRACEFUL_FORCE_QUIT="8")
     watch = Watch(port)
     assert watch.first.wait(BOUND)
-    child.send(signal.SIGTERM)
+    child.send_signal(signal.SIGTERM)
     watch.join()
     assert watch.errors == []  # ended with OK, not cut
     assert watch.statuses == [SERVING, NOT_SERVING]
-    assert child.wait() == 0  # 70 if the Watch had held the drain to the deadline
+    assert child.wait().returncode == 0  # 70 if the Watch had held the drain to the deadline
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("server", ["sync", "aio"])
 def test_a_pause_turns_not_serving_keeps_serving_and_shutdown_then_stops(
-    children: list[Child], server: str
+    graceful_process: ProcessFactory, server: str
 ) -> None:
     """SIGTSTP: NOT_SERVING, RPCs still answered, no stop; a later SIGTERM stops it, exit 0."""
-    child, port = start(children, code(server))
-    child.send(signal.SIGTSTP)
-    child.expect_err("paused; still serving")
+    child, port = start(graceful_process, code(server))
+    child.send_signal(signal.SIGTSTP)
+    child.wait_for_output("paused; still serving", stream="stderr")
     assert health_status(port) == NOT_SERVING
     assert echo(port, "paused") == b"paused"
-    assert "stopped accepting" not in child.err
-    child.send(signal.SIGTERM)
-    child.expect_err("stopped accepting")
-    assert child.wait() == 0
+    assert "stopped accepting" not in child.stderr
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("stopped accepting", stream="stderr")
+    assert child.wait().returncode == 0
     assert refused(port)[0] == grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.timeout(60)
-def test_a_grpc_aio_server_made_outside_run_is_served_on_its_own_loop(children: list[Child]) -> None:
+def test_a_grpc_aio_server_made_outside_run_is_served_on_its_own_loop(
+    graceful_process: ProcessFactory,
+) -> None:
     """``grpc.aio.server()`` at module level belongs to another loop than run()'s: it still works."""
-    child, port = start(children, code("aio"), GRPC_TEST_BUILD="module")
-    child.expect_err("serving it on its own")
+    child, port = start(graceful_process, code("aio"), GRPC_TEST_BUILD="module")
+    child.wait_for_output("serving it on its own", stream="stderr")
     stream = Stream(port)
-    child.expect("in stream-1")
-    child.send(signal.SIGTERM)
-    child.expect_err("stopped accepting")
+    child.wait_for_line("in stream-1")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("stopped accepting", stream="stderr")
     assert refused(port)[0] == grpc.StatusCode.UNAVAILABLE
-    child.tell("release")
+    child.send_line("release")
     stream.join()
     assert stream.got == [b"0", b"1", b"2", b"3", b"4"]
-    assert child.wait() == 0
-    assert "Traceback" not in child.err
+    assert child.wait().returncode == 0
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_the_example_serves_and_stops_with_exit_0(children: list[Child]) -> None:
+def test_the_example_serves_and_stops_with_exit_0(graceful_process: ProcessFactory) -> None:
     """examples/grpc_server.py: a stream in flight at SIGTERM completes; the log tells the steps."""
-    child, port = start_script(children, ROOT / "examples" / "grpc_server.py")
+    child, port = start_script(graceful_process, ROOT / "examples" / "grpc_server.py")
     assert health_status(port) == SERVING
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         ticks = channel.unary_stream("/demo.Ticker/Ticks")(b"3", timeout=BOUND)
         assert next(ticks) == b"0"  # the stream is under way
-        child.send(signal.SIGTERM)
+        child.send_signal(signal.SIGTERM)
         assert list(ticks) == [b"1", b"2"]
-    assert child.wait() == 0
+    assert child.wait().returncode == 0
     for line in ("health service NOT_SERVING", "stopped accepting", "stopped ("):
-        assert line in child.err, child.err
+        assert line in child.stderr, child.stderr
 
 
 def test_adapt_picks_the_grpc_adapters_and_finds_health_and_interceptor() -> None:

@@ -13,10 +13,11 @@ import pytest
 from graceful import Lifecycle
 from graceful.adapters import adapt
 from graceful.adapters.http import HTTPServerService
+from graceful.testing import ProcessFactory
 
-from .child import PREAMBLE, Child
 from .conftest import BOUND
-from .web import (
+from .support.preamble import PREAMBLE
+from .support.web import (
     check_a_stuck_request_is_named_at_the_deadline,
     check_serving_during_the_drain_delay,
     get,
@@ -89,60 +90,66 @@ sys.exit(graceful.run(server))
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("code", [SERVER, WSGI_SERVER], ids=["http.server", "wsgiref"])
-def test_sigterm_with_50_requests_in_flight_answers_all_of_them(children: list[Child], code: str) -> None:
-    child, port = start(children, code)
+def test_sigterm_with_50_requests_in_flight_answers_all_of_them(
+    graceful_process: ProcessFactory, code: str
+) -> None:
+    child, port = start(graceful_process, code)
     with ThreadPoolExecutor(50) as pool:
         futures = in_flight(child, pool, port, 50)
-        child.send(signal.SIGTERM)
-        child.expect_err("stopped accepting")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("stopped accepting", stream="stderr")
         refused_within(port)
-        child.tell("release")
+        child.send_line("release")
         results = [f.result(BOUND) for f in futures]
     assert [(status, body) for status, body, _ in results] == [(200, f"/slow/{i}") for i in range(50)]
     if code is SERVER:  # HTTP/1.1 keep-alive: each answer in the drain says the connection ends
         assert {connection for _, _, connection in results} == {"close"}
-    assert child.wait() == 0
-    assert "Traceback" not in child.err
+    assert child.wait().returncode == 0
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(children: list[Child]) -> None:
-    check_a_stuck_request_is_named_at_the_deadline(children, SERVER)
+def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(
+    graceful_process: ProcessFactory,
+) -> None:
+    check_a_stuck_request_is_named_at_the_deadline(graceful_process, SERVER)
 
 
 @pytest.mark.timeout(60)
-def test_idle_keep_alive_connections_are_closed_and_do_not_hold_the_exit(children: list[Child]) -> None:
-    child, port = start(children, SERVER)
+def test_idle_keep_alive_connections_are_closed_and_do_not_hold_the_exit(
+    graceful_process: ProcessFactory,
+) -> None:
+    child, port = start(graceful_process, SERVER)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
     conn.request("GET", "/fast")
     response = conn.getresponse()
     assert (response.status, response.read()) == (200, b"/fast")
     assert conn.sock is not None
-    child.send(signal.SIGTERM)
+    child.send_signal(signal.SIGTERM)
     assert conn.sock.recv(1) == b""  # the server closed the idle connection
     conn.close()
-    assert child.wait() == 0
+    assert child.wait().returncode == 0
 
 
 @pytest.mark.timeout(60)
-def test_the_server_keeps_serving_during_the_drain_delay(children: list[Child]) -> None:
-    check_serving_during_the_drain_delay(children, SERVER)
+def test_the_server_keeps_serving_during_the_drain_delay(graceful_process: ProcessFactory) -> None:
+    check_serving_during_the_drain_delay(graceful_process, SERVER)
 
 
 @pytest.mark.timeout(60)
-def test_a_pause_stops_accepting_and_a_later_sigterm_exits_0(children: list[Child]) -> None:
-    child, port = start(children, SERVER)
+def test_a_pause_stops_accepting_and_a_later_sigterm_exits_0(graceful_process: ProcessFactory) -> None:
+    child, port = start(graceful_process, SERVER)
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(get, port, "/slow/paused")
-        child.expect("in paused")
-        child.send(signal.SIGTSTP)
-        child.expect_err("stopped accepting")
+        child.wait_for_line("in paused")
+        child.send_signal(signal.SIGTSTP)
+        child.wait_for_output("stopped accepting", stream="stderr")
         refused_within(port)
-        child.tell("release")
+        child.send_line("release")
         assert future.result(BOUND)[:2] == (200, "/slow/paused")
-    assert child.proc.poll() is None  # paused, not stopped
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert child.returncode is None  # paused, not stopped
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
 
 
 def test_adapt_picks_the_http_adapter_for_socketserver_servers() -> None:

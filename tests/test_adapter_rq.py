@@ -13,18 +13,20 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-import redis
-import rq
-from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 import graceful
 from graceful import Lifecycle
 from graceful._service import Context
 from graceful.adapters import adapt
-from graceful.adapters.rq import RqService
+from graceful.testing import GracefulProcess, ProcessFactory
 
-from .child import Child
 from .conftest import BOUND
+
+redis = pytest.importorskip("redis")
+rq = pytest.importorskip("rq")
+from rq.registry import FailedJobRegistry, StartedJobRegistry  # noqa: E402 - after the skip
+
+from graceful.adapters.rq import RqService  # noqa: E402 - after the skip: it imports rq
 
 WORKER = r"""
 import logging, sys
@@ -65,17 +67,16 @@ def queue(rdb: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> 
     connection.close()
 
 
-def start(children: list[Child], url: str, **env: str) -> Child:
+def start(graceful_process: ProcessFactory, url: str, **env: str) -> GracefulProcess:
     code = f"import sys; sys.argv = ['worker', {url!r}]\n" + WORKER
-    child = Child(code, env={"RQ_TEST_REDIS": url, **env})  # the jobs' Redis
-    children.append(child)
-    child.expect_err("server(s) started: ready")
+    child = graceful_process(code, env={"RQ_TEST_REDIS": url, **env})  # the jobs' Redis
+    child.wait_for_output("server(s) started: ready", stream="stderr")
     return child
 
 
-def wait_started(client: redis.Redis, name: str, child: Child) -> None:
+def wait_started(client: redis.Redis, name: str, child: GracefulProcess) -> None:
     got = client.blpop(["started"], timeout=BOUND)
-    assert got is not None, f"the job never started; the worker said:\n{child.err}"
+    assert got is not None, f"the job never started; the worker said:\n{child.stderr}"
     assert got[1] == name
 
 
@@ -102,17 +103,17 @@ def burst(fresh: Lifecycle, queue: rq.Queue) -> rq.SimpleWorker:
 
 @pytest.mark.timeout(60)
 def test_a_job_in_flight_at_sigterm_completes(
-    children: list[Child], rdb: redis.Redis, redis_url: str, queue: rq.Queue
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str, queue: rq.Queue
 ) -> None:
-    child = start(children, redis_url)
+    child = start(graceful_process, redis_url)
     job = queue.enqueue(SLOW, "one")
     wait_started(rdb, "one", child)
     assert len(registered(rdb)) == 1
-    child.send(signal.SIGTERM)
-    child.expect_err(f"warm shutdown: no new job; job {job.id} in hand")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output(f"warm shutdown: no new job; job {job.id} in hand", stream="stderr")
     later = queue.enqueue(SLOW, "later")
     rdb.rpush("release", 1)
-    assert child.wait() == 0, child.err
+    assert child.wait().returncode == 0, child.stderr
     job.refresh()
     assert job.get_status() == "finished"
     assert job.return_value() == "done one"
@@ -123,21 +124,21 @@ def test_a_job_in_flight_at_sigterm_completes(
 
 @pytest.mark.timeout(60)
 def test_a_job_in_flight_at_the_deadline_is_back_on_the_queue_and_runs_again(
-    children: list[Child], rdb: redis.Redis, redis_url: str, queue: rq.Queue, fresh: Lifecycle
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str, queue: rq.Queue, fresh: Lifecycle
 ) -> None:
-    child = start(children, redis_url, GRACEFUL_FORCE_QUIT="1")
+    child = start(graceful_process, redis_url, GRACEFUL_FORCE_QUIT="1")
     first = queue.enqueue(SLOW, "first")
     job = queue.enqueue(SLOW, "stuck")
     rdb.rpush("release", 1)  # for "first" only
     wait_started(rdb, "first", child)
     wait_started(rdb, "stuck", child)
-    child.send(signal.SIGTERM)
-    assert child.wait() == 70
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 70
     assert queue.job_ids == [job.id]  # back on its queue
     assert job.get_status() == "queued"
     assert job.id not in StartedJobRegistry("default", connection=queue.connection)
     assert job.id not in FailedJobRegistry("default", connection=queue.connection)
-    assert f"job {job.id} ({SLOW}) still running at the force-quit deadline" in child.err
+    assert f"job {job.id} ({SLOW}) still running at the force-quit deadline" in child.stderr
     assert rq.Worker.all(connection=queue.connection) == []
     assert registered(rdb) == []
     assert first.get_status() == "finished"
@@ -150,27 +151,27 @@ def test_a_job_in_flight_at_the_deadline_is_back_on_the_queue_and_runs_again(
 
 @pytest.mark.timeout(60)
 def test_an_idle_worker_blocked_in_its_dequeue_stops_within_a_second_or_two(
-    children: list[Child], rdb: redis.Redis, redis_url: str
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str
 ) -> None:
-    child = start(children, redis_url)
+    child = start(graceful_process, redis_url)
     wait_blocked_in_dequeue(rdb)
-    child.send(signal.SIGTERM)
-    child.expect_err("warm shutdown: no new job; idle")
-    assert child.wait(5) == 0, child.err
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("warm shutdown: no new job; idle", stream="stderr")
+    assert child.wait(5).returncode == 0, child.stderr
 
 
 @pytest.mark.timeout(60)
 def test_sigtstp_stops_taking_jobs_and_keeps_the_process_up_until_sigterm(
-    children: list[Child], rdb: redis.Redis, redis_url: str, queue: rq.Queue
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str, queue: rq.Queue
 ) -> None:
-    child = start(children, redis_url)
-    child.send(signal.SIGTSTP)
-    child.expect_err("server 'rq w1' stopped")
+    child = start(graceful_process, redis_url)
+    child.send_signal(signal.SIGTSTP)
+    child.wait_for_output("server 'rq w1' stopped", stream="stderr")
     job = queue.enqueue(SLOW, "during-the-pause")
-    assert child.proc.poll() is None
+    assert child.returncode is None
     assert len(registered(rdb)) == 1  # paused, still here
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0, child.err
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0, child.stderr
     assert queue.job_ids == [job.id]  # never taken
 
 

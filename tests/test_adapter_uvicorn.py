@@ -6,15 +6,13 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import uvicorn
 
-import graceful.adapters.uvicorn
 from graceful.adapters import adapt
-from graceful.adapters.uvicorn import UvicornService
+from graceful.testing import ProcessFactory
 
-from .child import PREAMBLE, Child
 from .conftest import BOUND, ROOT
-from .web import (
+from .support.preamble import PREAMBLE
+from .support.web import (
     assert_refused_fast,
     check_a_stuck_request_is_named_at_the_deadline,
     check_serving_during_the_drain_delay,
@@ -27,6 +25,10 @@ from .web import (
     run_on_a_taken_port,
     start,
 )
+
+uvicorn = pytest.importorskip("uvicorn")
+import graceful.adapters.uvicorn  # noqa: E402 - after the skip: it imports uvicorn
+from graceful.adapters.uvicorn import UvicornService  # noqa: E402
 
 # /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; the lifespan
 # prints its startup and shutdown. UVICORN_GRACE sets uvicorn's timeout_graceful_shutdown.
@@ -73,84 +75,88 @@ def server_code(port: int | None = None) -> str:
 
 @pytest.mark.timeout(60)
 def test_sigterm_with_50_requests_in_flight_answers_all_and_runs_the_lifespan_shutdown(
-    children: list[Child],
+    graceful_process: ProcessFactory,
 ) -> None:
-    child, port = start(children, server_code())
-    child.expect("lifespan startup")
+    child, port = start(graceful_process, server_code())
+    child.wait_for_line("lifespan startup")
     idle = idle_connection(port)
     try:
         with ThreadPoolExecutor(50) as pool:
             futures = in_flight(child, pool, port, 50)
-            child.send(signal.SIGTERM)
-            child.expect_err("stopped accepting")
+            child.send_signal(signal.SIGTERM)
+            child.wait_for_output("stopped accepting", stream="stderr")
             assert_refused_fast(port)
             assert closed_by_server(idle)  # while the 50 are still running
             assert not any(f.done() for f in futures)
-            child.tell("release")
+            child.send_line("release")
             results = [f.result(BOUND) for f in futures]
     finally:
         idle.close()
     assert [(status, body) for status, body, _ in results] == [(200, f"/slow/{i}") for i in range(50)]
     assert {connection for _, _, connection in results} == {"close"}
-    child.expect("lifespan shutdown")
-    assert child.wait() == 0  # not 143: uvicorn did not re-raise the signal
-    assert "Traceback" not in child.err
+    child.wait_for_line("lifespan shutdown")
+    assert child.wait().returncode == 0  # not 143: uvicorn did not re-raise the signal
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(children: list[Child]) -> None:
-    check_a_stuck_request_is_named_at_the_deadline(children, server_code())
+def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(
+    graceful_process: ProcessFactory,
+) -> None:
+    check_a_stuck_request_is_named_at_the_deadline(graceful_process, server_code())
 
 
 @pytest.mark.timeout(60)
-def test_uvicorns_own_graceful_timeout_cancels_and_names_the_request(children: list[Child]) -> None:
-    child, port = start(children, server_code(), UVICORN_GRACE="0.3")
+def test_uvicorns_own_graceful_timeout_cancels_and_names_the_request(
+    graceful_process: ProcessFactory,
+) -> None:
+    child, port = start(graceful_process, server_code(), UVICORN_GRACE="0.3")
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(get, port, "/slow/late")
-        child.expect("in late")
-        child.send(signal.SIGTERM)
-        child.expect_err("dropped request GET /slow/late from 127.0.0.1")
-        child.tell("release")  # frees the executor thread the cancelled request left waiting
+        child.wait_for_line("in late")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("dropped request GET /slow/late from 127.0.0.1", stream="stderr")
+        child.send_line("release")  # frees the executor thread the cancelled request left waiting
         assert future.result(BOUND)[0] == 500  # uvicorn's answer to a cancelled app
-    child.expect("lifespan shutdown")
-    assert child.wait() == 0
-    assert "cancelled while draining" in child.err
+    child.wait_for_line("lifespan shutdown")
+    assert child.wait().returncode == 0
+    assert "cancelled while draining" in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_the_server_keeps_serving_during_the_drain_delay(children: list[Child]) -> None:
-    check_serving_during_the_drain_delay(children, server_code())
+def test_the_server_keeps_serving_during_the_drain_delay(graceful_process: ProcessFactory) -> None:
+    check_serving_during_the_drain_delay(graceful_process, server_code())
 
 
 @pytest.mark.timeout(60)
-def test_uvicorn_installs_no_signal_handler_of_its_own(children: list[Child]) -> None:
+def test_uvicorn_installs_no_signal_handler_of_its_own(graceful_process: ProcessFactory) -> None:
     """A second SIGTERM is graceful's "logged and ignored", not uvicorn's handler."""
-    child, port = start(children, server_code())
+    child, port = start(graceful_process, server_code())
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(get, port, "/slow/one")
-        child.expect("in one")
-        child.send(signal.SIGTERM)
-        child.expect_err("stopped accepting")
-        child.send(signal.SIGTERM)
-        child.expect_err("ignored")
-        child.tell("release")
+        child.wait_for_line("in one")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("stopped accepting", stream="stderr")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("ignored", stream="stderr")
+        child.send_line("release")
         assert future.result(BOUND)[:2] == (200, "/slow/one")
-    assert child.wait() == 0
+    assert child.wait().returncode == 0
 
 
 @pytest.mark.timeout(60)
-def test_a_port_in_use_fails_the_start_with_a_sentence_and_exit_1(children: list[Child]) -> None:
-    child = run_on_a_taken_port(children, server_code)
-    assert child.proc.returncode == 1
-    assert "could not start" in child.err
-    assert "address already in use" in child.err
-    assert "Traceback" not in child.err  # one line from graceful, not uvicorn's SystemExit
+def test_a_port_in_use_fails_the_start_with_a_sentence_and_exit_1(graceful_process: ProcessFactory) -> None:
+    child = run_on_a_taken_port(graceful_process, server_code)
+    assert child.returncode == 1
+    assert "could not start" in child.stderr
+    assert "address already in use" in child.stderr
+    assert "Traceback" not in child.stderr  # one line from graceful, not uvicorn's SystemExit
 
 
 @pytest.mark.timeout(60)
-def test_the_example_serves_drains_and_exits_0(children: list[Child]) -> None:
+def test_the_example_serves_drains_and_exits_0(graceful_process: ProcessFactory) -> None:
     check_the_example_drains(
-        children,
+        graceful_process,
         ROOT / "examples" / "uvicorn_app.py",
         "lifespan: connection pool opened",
         "stopped accepting",

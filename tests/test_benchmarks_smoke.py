@@ -29,6 +29,7 @@ SECTIONS = (
     "6. is_stopping()",
     "7. long-lived",
     "9. serving cost",
+    "12. probe port soak",
 )
 MEASURED = (  # (section, contender, a word its measured result must contain)
     ("1. import", "graceful", "own modules"),
@@ -42,6 +43,12 @@ MEASURED = (  # (section, contender, a word its measured result must contain)
     ("6. is_stopping()", "graceful vs threading.Event", "ns"),
     ("7. long-lived", "graceful.run(uvicorn.Server)", "close frame 1001"),
     ("7. long-lived", "graceful.run(AiohttpService)", "close frame 1001"),
+    ("12. probe port soak", "graceful ProbeServer (one selector thread)", "/readyz median"),
+    (
+        "12. probe port soak",
+        "thread per connection (ThreadingHTTPServer; graceful before #27)",
+        "/readyz median",
+    ),
 )
 
 
@@ -91,6 +98,47 @@ def test_quick_run_prints_one_table_with_every_section() -> None:
             assert row[2].startswith("skipped"), row
 
 
+CHAOS_BOUND = 20.0  # seconds for the chaos section's smallest run (~5-8 s on the loaded 2-core box)
+
+
+@pytest.mark.timeout(CHAOS_BOUND + 30)
+def test_chaos_quick_run_counts_every_job_of_graceful_worker() -> None:
+    """The chaos rig (a real Redis, real SIGTERMs, restarts) runs, and graceful's Worker loses nothing."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COVERAGE_")}
+    command = [
+        "--only",
+        "chaos",
+        "--quick",
+        "--contenders",
+        "graceful Worker",
+        "--jobs",
+        "20",
+        "--stops",
+        "2",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CHAOS_BOUND,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, table = _table(result.stdout.split("\n\nChaos:")[0])
+    rows = [row for row in table[1:] if row[0] == "10. chaos"]
+    assert [row[1] for row in rows] == [
+        "graceful Worker (Redis list), budget 3 s",
+        "graceful Worker (Redis list), budget 0.2 s",
+    ]
+    for row in rows:
+        assert "2 stops over 1 seed of 20 jobs" in row[2], row
+        assert "lost 0," in row[2], row
+        assert "children left 0" in row[2], row
+    assert "| row " in result.stdout.split("\n\nChaos:")[1], "the chaos table is missing"
+
+
 INPLACE_BOUND = 40.0  # seconds for the in-place rig's smoke (~10 s on the loaded 2-core box)
 INPLACE_ROW = re.compile(
     r"failed \d+ in 2 (restarts|upgrades) \(refused \d+, reset \d+, other \d+, non-2xx \d+\); "
@@ -121,7 +169,7 @@ def test_inplace_rig_measures_restarts_and_leaves_no_process(tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     _, table = _table(result.stdout)
-    rows = {row[1]: row[2] for row in table if row[0] == "10. in-place"}
+    rows = {row[1]: row[2] for row in table if row[0] == "11. in-place"}
     assert "graceful.run(ThreadingHTTPServer), restarted in place" in rows, rows
     for name, text in rows.items():
         if text.startswith("skipped: uvicorn"):  # graceful.listen is here: SIGUSR2 rows are measured

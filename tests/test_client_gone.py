@@ -19,10 +19,11 @@ import struct
 import pytest
 
 from graceful.adapters import _inflight as _gone
+from graceful.testing import GracefulProcess, ProcessFactory
 
-from .child import PREAMBLE, Child
 from .conftest import BOUND
-from .web import free_port, get, start
+from .support.preamble import PREAMBLE
+from .support.web import free_port, get, start
 
 SERVER = (
     PREAMBLE
@@ -123,66 +124,68 @@ def gone_lines(err: str, prefix: str) -> list[str]:
 
 @pytest.mark.timeout(60)
 def test_clients_that_reset_are_counted_at_debug_and_real_errors_keep_their_traceback(
-    children: list[Child],
+    graceful_process: ProcessFactory,
 ) -> None:
     """Adapter: (a), (b), (c) are three DEBUG lines and a count; handler errors still traceback."""
-    child, port = start(children, SERVER, LEVEL="DEBUG")
+    child, port = start(graceful_process, SERVER, LEVEL="DEBUG")
     reset_mid_request(port)
     reset_idle_keep_alive(port)
     reset_after_status_line(port, "/status-then-body")
-    child.expect_err("went away early")
-    child.expect_err("; 3 so far")
-    lines = gone_lines(child.err, "ThreadingHTTPServer")
-    assert len(lines) == 3, child.err
+    child.wait_for_output("went away early", stream="stderr")
+    child.wait_for_output("; 3 so far", stream="stderr")
+    lines = gone_lines(child.stderr, "ThreadingHTTPServer")
+    assert len(lines) == 3, child.stderr
     assert all(
         re.search(r"client 127\.0\.0\.1:\d+ went away early \((ConnectionReset|BrokenPipe)", x) for x in lines
     )
-    assert "Traceback" not in child.err
-    assert "Exception occurred" not in child.err
+    assert "Traceback" not in child.stderr
+    assert "Exception occurred" not in child.stderr
 
     for path, error in (("/boom", "RuntimeError: boom in the handler"), ("/backend", "the backend reset")):
         with pytest.raises((http.client.HTTPException, ConnectionError)):
             get(port, path)  # the handler raised: the connection closes without an answer
-        child.expect_err(error)
-    assert child.err.count("Traceback") == 2
-    assert len(gone_lines(child.err, "ThreadingHTTPServer")) == 3  # neither counted as gone
+        child.wait_for_output(error, stream="stderr")
+    assert child.stderr.count("Traceback") == 2
+    assert len(gone_lines(child.stderr, "ThreadingHTTPServer")) == 3  # neither counted as gone
 
-    child.send(signal.SIGTERM)
-    child.expect_err("(3 client(s) had gone away early)")
-    assert child.wait() == 0
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("(3 client(s) had gone away early)", stream="stderr")
+    assert child.wait().returncode == 0
 
 
 @pytest.mark.timeout(60)
-def test_at_info_a_client_that_resets_leaves_no_line_and_no_traceback(children: list[Child]) -> None:
+def test_at_info_a_client_that_resets_leaves_no_line_and_no_traceback(
+    graceful_process: ProcessFactory,
+) -> None:
     """At INFO (the default): no DEBUG line, no traceback; the drain line still carries the count."""
-    child, port = start(children, SERVER, LEVEL="INFO")
+    child, port = start(graceful_process, SERVER, LEVEL="INFO")
     for _ in range(5):
         reset_mid_request(port)
         reset_idle_keep_alive(port)
         reset_after_status_line(port, "/status-then-body")
     assert get(port, "/fast")[0] == 200  # still serving
-    child.send(signal.SIGTERM)
-    child.expect_err("client(s) had gone away early)")
-    assert child.wait() == 0
-    assert "went away early" not in child.err
-    assert "Traceback" not in child.err
-    assert "Exception occurred" not in child.err
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("client(s) had gone away early)", stream="stderr")
+    assert child.wait().returncode == 0
+    assert "went away early" not in child.stderr
+    assert "Traceback" not in child.stderr
+    assert "Exception occurred" not in child.stderr
 
 
-def _probe_child(children: list[Child], level: str) -> tuple[Child, int]:
+def _probe_child(graceful_process: ProcessFactory, level: str) -> tuple[GracefulProcess, int]:
     probe_port = free_port()
     env = {"GRACEFUL_PROBE_PORT": str(probe_port), "GRACEFUL_PROBE_HOST": "127.0.0.1", "LEVEL": level}
-    child, _ = start(children, SERVER, **env)
+    child, _ = start(graceful_process, SERVER, **env)
     return child, probe_port
 
 
 @pytest.mark.timeout(60)
-def test_probers_that_reset_are_counted_at_debug_never_a_traceback(children: list[Child]) -> None:
+def test_probers_that_reset_are_counted_at_debug_never_a_traceback(graceful_process: ProcessFactory) -> None:
     """Probe server: resets before and during the request are DEBUG lines; status-line closes too."""
-    child, probe_port = _probe_child(children, "DEBUG")
+    child, probe_port = _probe_child(graceful_process, "DEBUG")
     reset_before_sending(probe_port)
     reset_mid_request(probe_port)
-    child.expect_err("; 2 so far")  # the two that cannot but fail on the server's side
+    child.wait_for_output("; 2 so far", stream="stderr")  # the two that cannot but fail on the server's side
     for _ in range(30):  # HAProxy's health check: the status line, then an RST
         reset_after_status_line(probe_port, "/readyz")
         reset_idle_keep_alive_probe(probe_port)
@@ -190,19 +193,19 @@ def test_probers_that_reset_are_counted_at_debug_never_a_traceback(children: lis
     status.request("GET", "/livez")
     assert status.getresponse().status == 200  # still answering
     status.close()
-    lines = gone_lines(child.err, "probes")
-    assert len(lines) >= 2, child.err
+    lines = gone_lines(child.stderr, "probes")
+    assert len(lines) >= 2, child.stderr
     assert all(re.search(r"client 127\.0\.0\.1:\d+ went away early \(\w+Error: ", x) for x in lines)
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
-    assert "Traceback" not in child.err
-    assert "Exception occurred" not in child.err
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
+    assert "Traceback" not in child.stderr
+    assert "Exception occurred" not in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_at_info_probers_that_reset_leave_nothing_in_the_log(children: list[Child]) -> None:
+def test_at_info_probers_that_reset_leave_nothing_in_the_log(graceful_process: ProcessFactory) -> None:
     """Probe server at INFO: the same resets leave no line at all."""
-    child, probe_port = _probe_child(children, "INFO")
+    child, probe_port = _probe_child(graceful_process, "INFO")
     for _ in range(10):
         reset_before_sending(probe_port)
         reset_mid_request(probe_port)
@@ -211,31 +214,33 @@ def test_at_info_probers_that_reset_leave_nothing_in_the_log(children: list[Chil
         sock.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
         assert select.select([sock], [], [], BOUND)[0]
         assert sock.recv(4096).startswith(b"HTTP/1.0 200")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
-    assert "went away early" not in child.err
-    assert "Traceback" not in child.err
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
+    assert "went away early" not in child.stderr
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
 def test_an_idle_keep_alive_past_the_handler_timeout_is_counted_a_stalled_request_is_not(
-    children: list[Child],
+    graceful_process: ProcessFactory,
 ) -> None:
     """``timeout`` expiring between requests: DEBUG; expiring inside one: the stdlib's line."""
-    child, port = start(children, SERVER, LEVEL="DEBUG", TIMEOUT="1")
+    child, port = start(graceful_process, SERVER, LEVEL="DEBUG", TIMEOUT="1")
     idle = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
     idle.request("GET", "/fast")
     assert idle.getresponse().read() == b"x" * 4096  # then nothing more on this connection
-    child.expect_err("went away early (idle past the timeout); 1 so far")
+    child.wait_for_output("went away early (idle past the timeout); 1 so far", stream="stderr")
     idle.close()
     stalled = socket.create_connection(("127.0.0.1", port), timeout=BOUND)
     stalled.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
-    child.expect_err("Request timed out")  # the body never came: the request's own error
+    child.wait_for_output(
+        "Request timed out", stream="stderr"
+    )  # the body never came: the request's own error
     stalled.close()
-    assert len(gone_lines(child.err, "ThreadingHTTPServer")) == 1
-    assert "Traceback" not in child.err
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert len(gone_lines(child.stderr, "ThreadingHTTPServer")) == 1
+    assert "Traceback" not in child.stderr
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:

@@ -17,29 +17,31 @@ import tracemalloc
 import pytest
 
 import graceful
+from graceful.testing import GracefulProcess, ProcessFactory
 
-from .child import PREAMBLE, Child
 from .conftest import BOUND, ROOT
+from .support.preamble import PREAMBLE
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 REPORT = "graceful: force quit:"
 
 
-def start(children: list[Child], code: str, **env: str) -> Child:
-    child = Child(PREAMBLE + textwrap.dedent(code), env=env)
-    children.append(child)
-    return child
+def start(graceful_process: ProcessFactory, code: str, **env: str) -> GracefulProcess:
+    """``code`` after the PREAMBLE, started at once (some tests act before it is ready)."""
+    return graceful_process(PREAMBLE + textwrap.dedent(code), env=env, wait_ready=False, stdin=True)
 
 
 # -- 1. once the deadline has passed, the force quit owns the end ------------------------------
 
 
 @pytest.mark.timeout(60)
-def test_blocking_callable_at_the_deadline_exits_70_and_claims_no_clean_stop(children: list[Child]) -> None:
+def test_blocking_callable_at_the_deadline_exits_70_and_claims_no_clean_stop(
+    graceful_process: ProcessFactory,
+) -> None:
     """run(fn) whose fn never returns: SIGTERM, then exit 70 and no "stopped (" after the report."""
     child = start(
-        children,
+        graceful_process,
         """
         import graceful, graceful.lowlevel
         # A force-quit hook that takes its time: the window in which a clean stop was claimed.
@@ -51,12 +53,12 @@ def test_blocking_callable_at_the_deadline_exits_70_and_claims_no_clean_stop(chi
         """,
         GRACEFUL_FORCE_QUIT="1",
     )
-    child.expect("serving")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 70
-    assert REPORT in child.err
-    after = child.err.split(REPORT, 1)[1]
-    assert "stopped (" not in after, child.err
+    child.wait_for_line("serving")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 70
+    assert REPORT in child.stderr
+    after = child.stderr.split(REPORT, 1)[1]
+    assert "stopped (" not in after, child.stderr
 
 
 # -- 2. the report gets out past a stuck logging lock ------------------------------------------
@@ -67,10 +69,12 @@ HOLD_HANDLER_LOCK = "logging.getLogger().handlers[0].acquire()"
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("hold", [HOLD_MODULE_LOCK, HOLD_HANDLER_LOCK], ids=["module-lock", "handler-lock"])
-def test_report_is_written_while_a_listener_holds_a_logging_lock(children: list[Child], hold: str) -> None:
+def test_report_is_written_while_a_listener_holds_a_logging_lock(
+    graceful_process: ProcessFactory, hold: str
+) -> None:
     """A shutdown listener stuck holding logging's lock or the stderr handler's: exit 70, report on stderr."""
     child = start(
-        children,
+        graceful_process,
         f"""
         import graceful
         graceful.set_time_to_force_quit(1)
@@ -84,22 +88,22 @@ def test_report_is_written_while_a_listener_holds_a_logging_lock(children: list[
             graceful.wait_for_shutdown()
         """,
     )
-    child.expect("ready")
-    child.send(signal.SIGTERM)
-    child.expect("holding")
-    assert child.wait() == 70
-    assert REPORT in child.err, child.err
-    assert "stuck" in child.err.split(REPORT, 1)[1]
+    child.wait_for_line("ready")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("holding")
+    assert child.wait().returncode == 70
+    assert REPORT in child.stderr, child.stderr
+    assert "stuck" in child.stderr.split(REPORT, 1)[1]
 
 
 # -- 3. the coordinator is never silenced ------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_is_acted_on_while_a_reload_listener_blocks(children: list[Child]) -> None:
+def test_sigterm_is_acted_on_while_a_reload_listener_blocks(graceful_process: ProcessFactory) -> None:
     """A reload listener that never returns: SIGTERM still wraps up, and the process exits."""
     child = start(
-        children,
+        graceful_process,
         """
         import graceful
         graceful.set_time_to_force_quit(2)
@@ -114,23 +118,23 @@ def test_sigterm_is_acted_on_while_a_reload_listener_blocks(children: list[Child
         say("main done")
         """,
     )
-    child.expect("ready")
-    child.send(signal.SIGHUP)
-    child.expect("reloading")
-    child.send(signal.SIGTERM)
-    child.expect("wrapping up")
-    child.expect("main done")
-    assert child.wait(8.0) == 0
+    child.wait_for_line("ready")
+    child.send_signal(signal.SIGHUP)
+    child.wait_for_line("reloading")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("wrapping up")
+    child.wait_for_line("main done")
+    assert child.wait(8.0).returncode == 0
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("exc", ["SystemExit(3)", "KeyboardInterrupt()", "BaseException('odd')"])
 def test_a_reload_listener_raising_base_exception_leaves_signals_working(
-    children: list[Child], exc: str
+    graceful_process: ProcessFactory, exc: str
 ) -> None:
     """A reload listener raising SystemExit/KeyboardInterrupt/BaseException: SIGTERM still exits 0."""
     child = start(
-        children,
+        graceful_process,
         f"""
         import graceful
         def reload():
@@ -144,12 +148,12 @@ def test_a_reload_listener_raising_base_exception_leaves_signals_working(
         sys.exit(graceful.get_lifecycle().exit_code)
         """,
     )
-    child.expect("ready")
-    child.send(signal.SIGHUP)
-    child.expect("reloading")
-    child.send(signal.SIGTERM)
-    child.expect("main done")
-    assert child.wait() == 0
+    child.wait_for_line("ready")
+    child.send_signal(signal.SIGHUP)
+    child.wait_for_line("reloading")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("main done")
+    assert child.wait().returncode == 0
 
 
 @pytest.mark.timeout(60)
@@ -216,10 +220,12 @@ def test_add_and_remove_cycles_do_not_grow_the_registry() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_force_quit_report_shows_the_stack_of_a_server_that_never_returns(children: list[Child]) -> None:
+def test_force_quit_report_shows_the_stack_of_a_server_that_never_returns(
+    graceful_process: ProcessFactory,
+) -> None:
     """run(fn) stuck in fn: the report names fn's own frame, not only graceful's waiting one."""
     child = start(
-        children,
+        graceful_process,
         """
         import graceful
         def user_code_that_never_returns():
@@ -229,22 +235,24 @@ def test_force_quit_report_shows_the_stack_of_a_server_that_never_returns(childr
         """,
         GRACEFUL_FORCE_QUIT="1",
     )
-    child.expect("serving")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 70
-    report = child.err.split(REPORT, 1)[1]
-    assert "Server threads still running:" in report, child.err
-    assert "in user_code_that_never_returns" in report, child.err
+    child.wait_for_line("serving")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 70
+    report = child.stderr.split(REPORT, 1)[1]
+    assert "Server threads still running:" in report, child.stderr
+    assert "in user_code_that_never_returns" in report, child.stderr
 
 
 # -- 6. SIGTERM while run() is starting its servers -------------------------------------------
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_during_startup_stops_every_started_server_and_exits_promptly(children: list[Child]) -> None:
+def test_sigterm_during_startup_stops_every_started_server_and_exits_promptly(
+    graceful_process: ProcessFactory,
+) -> None:
     """run([s0..s19]), s0's start() sends SIGTERM: every server started is stopped, exit 0 at once."""
     child = start(
-        children,
+        graceful_process,
         """
         import os, signal, graceful
         class Server:
@@ -261,20 +269,20 @@ def test_sigterm_during_startup_stops_every_started_server_and_exits_promptly(ch
         sys.exit(code)
         """,
     )
-    child.expect("run returned 0")
-    assert child.wait() == 0
-    started = {line.split()[1] for line in child.out.splitlines() if line.startswith("start ")}
-    stopped = {line.split()[1] for line in child.out.splitlines() if line.startswith("stop ")}
+    child.wait_for_line("run returned 0")
+    assert child.wait().returncode == 0
+    started = {line.split()[1] for line in child.stdout.splitlines() if line.startswith("start ")}
+    stopped = {line.split()[1] for line in child.stdout.splitlines() if line.startswith("stop ")}
     assert "0" in started
     assert started <= stopped, f"started but never stopped: {sorted(started - stopped)}"
-    assert "still running after shutdown" not in child.err
+    assert "still running after shutdown" not in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_a_stop_that_overtakes_a_start_under_way_waits_for_it(children: list[Child]) -> None:
+def test_a_stop_that_overtakes_a_start_under_way_waits_for_it(graceful_process: ProcessFactory) -> None:
     """SIGTERM while start() runs: stop() comes only after start() returned, so nothing keeps running."""
     child = start(
-        children,
+        graceful_process,
         """
         import threading, graceful
         stop_called = threading.Event()
@@ -297,11 +305,11 @@ def test_a_stop_that_overtakes_a_start_under_way_waits_for_it(children: list[Chi
         sys.exit(code)
         """,
     )
-    child.expect("starting")
-    child.send(signal.SIGTERM)
-    child.expect("run returned 0, running=False")
-    assert child.wait() == 0
-    lines = [line for line in child.out.splitlines() if line in ("start returned", "stop (running=True)")]
+    child.wait_for_line("starting")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("run returned 0, running=False")
+    assert child.wait().returncode == 0
+    lines = [line for line in child.stdout.splitlines() if line in ("start returned", "stop (running=True)")]
     assert lines == ["start returned", "stop (running=True)"]
 
 
@@ -309,10 +317,10 @@ def test_a_stop_that_overtakes_a_start_under_way_waits_for_it(children: list[Chi
 
 
 @pytest.mark.timeout(60)
-def test_run_called_from_inside_a_listener_raises_at_once(children: list[Child]) -> None:
+def test_run_called_from_inside_a_listener_raises_at_once(graceful_process: ProcessFactory) -> None:
     """graceful.run(..., handle_signals=False) in a listener: a clear RuntimeError, no hang."""
     child = start(
-        children,
+        graceful_process,
         """
         import graceful
         def listener():
@@ -327,20 +335,22 @@ def test_run_called_from_inside_a_listener_raises_at_once(children: list[Child])
         sys.exit(graceful.get_lifecycle().exit_code)
         """,
     )
-    line = child.expect("raised: ")
+    line = child.wait_for_line("raised: ")
     assert "inside the listener 'listener'" in line
-    child.expect("shut down")
-    assert child.wait() == 0
+    child.wait_for_line("shut down")
+    assert child.wait().returncode == 0
 
 
 # -- 8. nested signal_handlers() blocks left out of order -------------------------------------
 
 
 @pytest.mark.timeout(60)
-def test_nested_signal_handlers_left_out_of_order_restore_the_previous_handler(children: list[Child]) -> None:
+def test_nested_signal_handlers_left_out_of_order_restore_the_previous_handler(
+    graceful_process: ProcessFactory,
+) -> None:
     """Outer block left before the inner one: afterwards SIGTERM reaches the handler from before."""
     child = start(
-        children,
+        graceful_process,
         """
         import signal, graceful
         got = threading.Event()
@@ -357,7 +367,7 @@ def test_nested_signal_handlers_left_out_of_order_restore_the_previous_handler(c
         say("got SIGTERM" if got.wait(10) else "no SIGTERM")
         """,
     )
-    assert child.expect("restored") == "restored True -1"
-    child.send(signal.SIGTERM)
-    child.expect("got SIGTERM")
-    assert child.wait() == 0
+    assert child.wait_for_line("restored") == "restored True -1"
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("got SIGTERM")
+    assert child.wait().returncode == 0

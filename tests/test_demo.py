@@ -9,7 +9,8 @@ import urllib.request
 
 import pytest
 
-from .child import Child
+from graceful.testing import ProcessFactory
+
 from .conftest import BOUND, ROOT
 
 DEMO = f"import runpy; runpy.run_path({str(ROOT / 'examples' / 'demo.py')!r}, run_name='__main__')"
@@ -17,17 +18,17 @@ DEMO = f"import runpy; runpy.run_path({str(ROOT / 'examples' / 'demo.py')!r}, ru
 
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_demo_serves_then_logs_every_phase_and_exits_0(sig: int) -> None:
-    child = Child(DEMO, env={"PORT": "0"})
+def test_demo_serves_then_logs_every_phase_and_exits_0(graceful_process: ProcessFactory, sig: int) -> None:
+    child = graceful_process(DEMO, env={"PORT": "0"})
     try:
-        child.expect_err("ready")
-        port = re.search(r"serving on http://127.0.0.1:(\d+)", child.err)
+        child.wait_for_output("ready", stream="stderr")
+        port = re.search(r"serving on http://127.0.0.1:(\d+)", child.stderr)
         assert port is not None
         url = f"http://127.0.0.1:{port.group(1)}/"
         with urllib.request.urlopen(url, timeout=BOUND) as response:
             assert json.loads(response.read())["stopping"] is False
-        child.send(sig)
-        assert child.wait(30) == 0
+        child.send_signal(sig)
+        assert child.wait(30).returncode == 0
         for line in (
             "wrapping up",
             "worker: no new jobs taken",
@@ -35,7 +36,7 @@ def test_demo_serves_then_logs_every_phase_and_exits_0(sig: int) -> None:
             "database connections closed",
             "stopped (",
         ):
-            assert line in child.err
-        assert "Traceback" not in child.err
+            assert line in child.stderr
+        assert "Traceback" not in child.stderr
     finally:
         child.kill()

@@ -18,11 +18,11 @@ from graceful._deadline import FakeClock
 from graceful._drain_delay import AUTO_QUIET, drain_delay_of
 from graceful._settings import AUTO_MAX
 from graceful._settings import DrainDelaySetting as DrainDelay
+from graceful.testing import ProcessFactory
 
-from .child import Child
 from .conftest import BOUND, Recorder
+from .support.web import free_port, get
 from .test_readiness import SERVICE, probe
-from .web import free_port, get
 
 
 def stopping(clock: FakeClock, setting: str, *, force_quit: float = 60) -> tuple[Lifecycle, threading.Event]:
@@ -202,7 +202,7 @@ def test_the_async_wait_wakes_on_a_probe_answered_503() -> None:
 
 @pytest.mark.timeout(60)
 def test_a_real_server_serves_until_its_probe_says_503_then_drains_and_exits_0(
-    children: list[Child],
+    graceful_process: ProcessFactory,
 ) -> None:
     """graceful.run(ThreadingHTTPServer), auto:30, SIGTERM: still serving, then a probe's 503 ends it."""
     probe_port = free_port()
@@ -212,18 +212,19 @@ def test_a_real_server_serves_until_its_probe_says_503_then_drains_and_exits_0(
         "GRACEFUL_DRAIN_DELAY": "auto:30",
         "GRACEFUL_FORCE_QUIT": "60",
     }
-    child = Child(SERVICE, env=env)
-    children.append(child)
-    port = int(child.expect("port").split()[1])
-    child.expect_err("server(s) started: ready")
-    child.send(signal.SIGTERM)
-    child.expect_err("drain delay (auto): serving until the balancer stops sending, at most 30.0 s")
+    child = graceful_process(SERVICE, env=env)
+    port = int(child.wait_for_line("port").split()[1])
+    child.wait_for_output("server(s) started: ready", stream="stderr")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output(
+        "drain delay (auto): serving until the balancer stops sending, at most 30.0 s", stream="stderr"
+    )
     for _ in range(3):  # no probe answered 503 yet: the balancer may still send, so it serves
         assert get(port, "/")[:2] == (200, "ok")
     assert probe(probe_port, "/readyz") == (503, "not ready")
-    child.expect_err("drain delay over after")
-    assert child.wait() == 0
+    child.wait_for_output("drain delay over after", stream="stderr")
+    assert child.wait().returncode == 0
     assert (
         f"(no new request for {AUTO_QUIET:g} s, a probe answered 503): the servers stop accepting"
-        in child.err
+        in child.stderr
     )

@@ -7,9 +7,10 @@ import signal
 
 import pytest
 
-from .child import Child
+from graceful.testing import ProcessFactory
+
 from .conftest import BOUND, ROOT
-from .web import start_script
+from .support.web import start_script
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 from websockets.exceptions import ConnectionClosed  # noqa: E402 - after the skip
@@ -24,9 +25,11 @@ def drain(ws: websockets_client.ClientConnection) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_the_websocket_example_closes_with_1001_ends_the_stream_and_exits_0(children: list[Child]) -> None:
+def test_the_websocket_example_closes_with_1001_ends_the_stream_and_exits_0(
+    graceful_process: ProcessFactory,
+) -> None:
     """SIGTERM with /ws and /events open: close code 1001, a complete event stream, exit 0."""
-    child, port = start_script(children, EXAMPLE)
+    child, port = start_script(graceful_process, EXAMPLE)
     with websockets_client.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=BOUND) as ws:
         ws.send("hi")
         assert ws.recv(BOUND) == "echo: hi"
@@ -36,7 +39,7 @@ def test_the_websocket_example_closes_with_1001_ends_the_stream_and_exits_0(chil
             response = conn.getresponse()
             assert response.getheader("Content-Type") == "text/event-stream"
             assert response.readline() == b"data: tick 1\n"
-            child.send(signal.SIGTERM)
+            child.send_signal(signal.SIGTERM)
             with pytest.raises(ConnectionClosed) as closed:
                 drain(ws)
             rest = response.read()  # IncompleteRead if the stream was cut instead of ended
@@ -46,7 +49,7 @@ def test_the_websocket_example_closes_with_1001_ends_the_stream_and_exits_0(chil
     assert closed.value.rcvd.code == 1001
     events = [event.strip() for event in rest.decode().split("\n\n") if event.strip()]
     assert all(e.startswith("data: tick ") or e == "event: bye\ndata: reconnect" for e in events), events
-    assert child.wait() == 0
-    assert "app ws: closed with code 1001" in child.err
-    assert "app events: stream ended after " in child.err
-    assert "Traceback" not in child.err
+    assert child.wait().returncode == 0
+    assert "app ws: closed with code 1001" in child.stderr
+    assert "app events: stream ended after " in child.stderr
+    assert "Traceback" not in child.stderr

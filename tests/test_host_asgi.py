@@ -1,7 +1,7 @@
 """graceful.asgi.lifespan() under real ASGI servers it does not start, with real SIGTERMs.
 
 Each server runs its own CLI (``python -m uvicorn``, ``hypercorn``, ``granian``) on
-tests/asgi_app.py in a child process; the test talks to it with a real HTTP client and reads
+tests/support/asgi_app.py in a child process; the test talks to it with a real HTTP client and reads
 the lines the app and graceful's listeners print. The in-process tests at the end drive the
 lifespan protocol by hand, as a server would, for the edge cases.
 """
@@ -23,10 +23,10 @@ import pytest
 import graceful
 import graceful.asgi
 from graceful import Lifecycle, readiness
+from graceful.testing import GracefulProcess, ProcessFactory
 
-from .child import Child
 from .conftest import BOUND, Recorder
-from .web import free_port, get
+from .support.web import free_port, get
 
 pytest.importorskip("hypercorn")
 pytest.importorskip("granian")
@@ -35,12 +35,12 @@ pytest.importorskip("granian")
 # default handler and re-raises the signal it caught (uvicorn #1600): the process dies of
 # SIGTERM, -15 here (143 in a shell). hypercorn and granian return 0.
 SERVERS: dict[str, tuple[Callable[[int], list[str]], int]] = {
-    "uvicorn": (lambda port: ["uvicorn", "tests.asgi_app:app", "--port", str(port)], -15),
+    "uvicorn": (lambda port: ["uvicorn", "tests.support.asgi_app:app", "--port", str(port)], -15),
     # hypercorn's 3 s drain would be tight on a loaded machine: 20 s, the test releases at once
     "hypercorn": (
         lambda port: [
             "hypercorn",
-            "tests.asgi_app:app",
+            "tests.support.asgi_app:app",
             "--bind",
             f"127.0.0.1:{port}",
             "--graceful-timeout",
@@ -50,7 +50,14 @@ SERVERS: dict[str, tuple[Callable[[int], list[str]], int]] = {
     ),
     # --workers 0: hypercorn serves in its own process, no worker process (what docs/hosts/asgi.md advises)
     "hypercorn-w0": (
-        lambda port: ["hypercorn", "tests.asgi_app:app", "--bind", f"127.0.0.1:{port}", "--workers", "0"],
+        lambda port: [
+            "hypercorn",
+            "tests.support.asgi_app:app",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "0",
+        ],
         0,
     ),
     "granian": (
@@ -62,20 +69,18 @@ SERVERS: dict[str, tuple[Callable[[int], list[str]], int]] = {
             str(port),
             "--workers-kill-timeout",
             "30",  # the host's own bound: graceful's report must come well before it
-            "tests.asgi_app:app",
+            "tests.support.asgi_app:app",
         ],
         0,
     ),
 }
 
 
-def serve(children: list[Child], server: str, port: int, **env: str) -> Child:
+def serve(graceful_process: ProcessFactory, server: str, port: int, **env: str) -> GracefulProcess:
     """Start ``server``'s CLI (as ``python -m``) on the test app; return once lifespan startup ran."""
     argv = SERVERS[server][0](port)
     code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_module({argv[0]!r}, run_name='__main__', alter_sys=True)"
-    child = Child(code, env=env)
-    children.append(child)
-    return child
+    return graceful_process(code, env=env, wait_ready=False)
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = BOUND) -> None:
@@ -110,78 +115,82 @@ def refused(port: int) -> bool:
     return False
 
 
-def lines(child: Child) -> list[str]:
-    return child.out.splitlines()
+def lines(child: GracefulProcess) -> list[str]:
+    return child.stdout.splitlines()
 
 
-def index(child: Child, text: str) -> int:
+def index(child: GracefulProcess, text: str) -> int:
     found = [i for i, line in enumerate(lines(child)) if text in line]
-    assert found, f"no line with {text!r} in:\n{child.out}\nstderr:\n{child.err}"
+    assert found, f"no line with {text!r} in:\n{child.stdout}\nstderr:\n{child.stderr}"
     return found[0]
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("server", list(SERVERS))
 def test_sigterm_mid_request_drains_then_runs_the_sequence(
-    server: str, children: list[Child], tmp_path: Path
+    server: str, graceful_process: ProcessFactory, tmp_path: Path
 ) -> None:
     """Ready after the app's startup; at SIGTERM the request completes, then wrap-up, then shutdown."""
     port, probes = free_port(), free_port()
     release = tmp_path / "release"
-    child = serve(children, server, port, GRACEFUL_PROBE_PORT=str(probes), RELEASE_FILE=str(release))
-    assert child.expect("inner startup") == "inner startup ready=False"  # the app's startup first
+    child = serve(graceful_process, server, port, GRACEFUL_PROBE_PORT=str(probes), RELEASE_FILE=str(release))
+    assert child.wait_for_line("inner startup") == "inner startup ready=False"  # the app's startup first
     wait_until(lambda: probe(probes) == 200, "/readyz answering 200")
     wait_until(lambda: not refused(port), "the server accepting")
     assert get(port, "/")[:2] == (200, "ready=True")
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(get, port, "/slow")
-        child.expect("in slow")
-        child.send(signal.SIGTERM)
+        child.wait_for_line("in slow")
+        child.send_signal(signal.SIGTERM)
         if server != "hypercorn":  # its main process keeps the socket: new connections hang
             wait_until(lambda: refused(port), "new connections refused after SIGTERM")
-            assert "wrap-up listener" not in child.out  # lifespan shutdown waits for the drain
+            assert "wrap-up listener" not in child.stdout  # lifespan shutdown waits for the drain
         release.touch()
         assert future.result(BOUND)[:2] == (200, "slow done")
-    assert child.wait(30) == SERVERS[server][1]
+    assert child.wait(30).returncode == SERVERS[server][1]
     out_slow, wrap_up = index(child, "out slow"), index(child, "wrap-up listener stopping=True")
     assert out_slow < wrap_up < index(child, "shutdown listener")
     assert wrap_up < index(child, "inner shutdown stopping=True")
-    assert "Traceback" not in child.err
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("server", list(SERVERS))
-def test_a_stuck_listener_is_reported_before_the_host_gives_up(server: str, children: list[Child]) -> None:
+def test_a_stuck_listener_is_reported_before_the_host_gives_up(
+    server: str, graceful_process: ProcessFactory
+) -> None:
     """A shutdown listener that never returns: the report names it at graceful's 1 s deadline."""
     port = free_port()
-    child = serve(children, server, port, STUCK="1", GRACEFUL_FORCE_QUIT="1")
-    child.expect("inner startup")
+    child = serve(graceful_process, server, port, STUCK="1", GRACEFUL_FORCE_QUIT="1")
+    child.wait_for_line("inner startup")
     wait_until(lambda: not refused(port), "the server accepting")
-    child.send(signal.SIGTERM)
-    code = child.wait(30)
-    assert "graceful: force quit: the force-quit deadline of 1 s passed" in child.err
-    assert "shutdown listener 'stuck-listener': running for" in child.err
-    assert "wrap-up listener" in child.out
+    child.send_signal(signal.SIGTERM)
+    code = child.wait(30).returncode
+    assert "graceful: force quit: the force-quit deadline of 1 s passed" in child.stderr
+    assert "shutdown listener 'stuck-listener': running for" in child.stderr
+    assert "wrap-up listener" in child.stdout
     # uvicorn (and hypercorn --workers 0) run the app in their own process: 70 is the exit code.
     # hypercorn and granian run it in a worker whose exit code their main process drops.
     assert code == (70 if server in ("uvicorn", "hypercorn-w0") else 0)
-    assert "Killing worker" not in child.out + child.err  # granian's kill timeout never came
+    assert "Killing worker" not in child.stdout + child.stderr  # granian's kill timeout never came
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("mode", ["raises", "silent"])
-def test_an_app_without_lifespan_support_still_gets_the_sequence(mode: str, children: list[Child]) -> None:
+def test_an_app_without_lifespan_support_still_gets_the_sequence(
+    mode: str, graceful_process: ProcessFactory
+) -> None:
     """The inner app raises on (or ignores) the lifespan scope: ready, listeners, a clean exit."""
     port = free_port()
-    child = serve(children, "uvicorn", port, INNER=mode)
+    child = serve(graceful_process, "uvicorn", port, INNER=mode)
     wait_until(lambda: not refused(port), "the server accepting")
     assert get(port, "/")[:2] == (200, "ready=True")
-    child.send(signal.SIGTERM)
-    assert child.wait(30) == -15
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(30).returncode == -15
     assert index(child, "wrap-up listener") < index(child, "shutdown listener")
-    assert "inner shutdown" not in child.out
-    assert "Application shutdown complete" in child.err  # uvicorn heard the answer
-    assert "Traceback" not in child.err
+    assert "inner shutdown" not in child.stdout
+    assert "Application shutdown complete" in child.stderr  # uvicorn heard the answer
+    assert "Traceback" not in child.stderr
 
 
 # -- the protocol, driven by hand -----------------------------------------------------------------
@@ -326,20 +335,21 @@ def test_force_quit_is_set_at_startup_and_arguments_are_checked(lc: Lifecycle) -
 
 
 @pytest.mark.timeout(30)
-def test_the_example_stops_its_background_work_before_the_pool_closes(children: list[Child]) -> None:
+def test_the_example_stops_its_background_work_before_the_pool_closes(
+    graceful_process: ProcessFactory,
+) -> None:
     """examples/asgi_lifespan_app.py under the uvicorn CLI: flusher stopped, then pool closed."""
     port = free_port()
     code = (
         "import runpy, sys; sys.argv = ['uvicorn', 'examples.asgi_lifespan_app:app', '--port', "
         f"'{port}']; runpy.run_module('uvicorn', run_name='__main__', alter_sys=True)"
     )
-    child = Child(code)
-    children.append(child)
-    child.expect_err("lifespan startup complete: ready")
+    child = graceful_process(code, wait_ready=False)
+    child.wait_for_output("lifespan startup complete: ready", stream="stderr")
     wait_until(lambda: not refused(port), "the server accepting")  # it binds after the lifespan
     assert get(port, "/")[:2] == (200, "hello\n")
-    child.send(signal.SIGTERM)
-    assert child.wait(30) == -15
-    err = child.err
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(30).returncode == -15
+    err = child.stderr
     assert err.index("outbox flusher stopped after") < err.index("lifespan: connection pool closed")
     assert "Traceback" not in err

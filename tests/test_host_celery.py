@@ -2,7 +2,7 @@
 
 Each worker is ``python -c "celery's main()" -A ... worker`` (the ``celery`` command itself),
 started by the ``graceful_process`` fixture, which returns once graceful has sent READY=1 at
-Celery's ``worker_ready``. The test app (tests/celery_app.py) writes ``EV <event> <pid>`` lines
+Celery's ``worker_ready``. The test app (tests/support/celery_app.py) writes ``EV <event> <pid>`` lines
 from every process of the worker; the tests read the order of events from them.
 """
 
@@ -19,11 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis
 
 from graceful.testing import GracefulProcess
 
 from .conftest import BOUND, ROOT
+
+pytest.importorskip("celery")
+redis = pytest.importorskip("redis")
 
 CELERY = "import sys; from celery.__main__ import main; main()"
 WORKER_START = 30.0  # seconds: importing Celery and forking the pool is slow on a busy machine
@@ -94,10 +96,12 @@ def test_warm_shutdown_finishes_the_task_in_flight_then_runs_shutdown_listeners(
 ) -> None:
     """SIGTERM: wrap-up in every process, the task sees it and completes, shutdown after it, exit 0."""
     port = free_port()
-    proc = worker(graceful_process, redis_url, "tests.celery_app", pool, GRACEFUL_PROBE_PORT=str(port))
+    proc = worker(
+        graceful_process, redis_url, "tests.support.celery_app", pool, GRACEFUL_PROBE_PORT=str(port)
+    )
     assert (probe(port, "/readyz"), probe(port, "/livez")) == (200, 200)
     task_id = send(redis_url, "tests.hold", "k")
-    proc.wait_for_output(f"EV accepted-{task_id} {proc.pid}")  # see tests/celery_app.py
+    proc.wait_for_output(f"EV accepted-{task_id} {proc.pid}")  # see tests/support/celery_app.py
     proc.send_signal(signal.SIGTERM)
     proc.wait_for_output("EV task-saw-stopping-True")  # is_stopping() inside the running task
     # Still draining: not ready for new work, alive, and it answers without the broker.
@@ -133,7 +137,7 @@ def test_a_task_that_outlives_the_budget_is_named_with_its_stack_and_put_back(
     graceful_process: Any, redis_url: str, rdb: redis.Redis, pool: str
 ) -> None:
     """At graceful's deadline: the report names the task and where it is; its message is back on the queue."""
-    proc = worker(graceful_process, redis_url, "tests.celery_app", pool, GRACEFUL_FORCE_QUIT="2")
+    proc = worker(graceful_process, redis_url, "tests.support.celery_app", pool, GRACEFUL_FORCE_QUIT="2")
     task_id = send(redis_url, "tests.stuck")
     proc.wait_for_output(f"EV accepted-{task_id} {proc.pid}")
     proc.send_signal(signal.SIGTERM)

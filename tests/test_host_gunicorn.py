@@ -2,7 +2,7 @@
 
 Each test starts ``gunicorn`` in a subprocess (HOME in tmp_path: gunicorn 27 opens a control
 socket under ~/.gunicorn), signals the arbiter itself, and reads the ``EVENT <pid> <what>`` lines
-that tests/gunicorn_app.py prints, to check the order of things in every worker.
+that tests/support/gunicorn_app.py prints, to check the order of things in every worker.
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from .child import Child
+from graceful.testing import GracefulProcess, ProcessFactory
+
 from .conftest import BOUND, ROOT
 
 pytest.importorskip("gunicorn")
 
-WSGI = "tests.gunicorn_app:app"
-ASGI = "tests.gunicorn_app:asgi_app"
-CONF = "python:tests.gunicorn_conf"
+WSGI = "tests.support.gunicorn_app:app"
+ASGI = "tests.support.gunicorn_app:asgi_app"
+CONF = "python:tests.support.gunicorn_conf"
 PLAIN = "python:graceful.gunicorn"
 
-Start = Callable[..., tuple[Child, str]]
+Start = Callable[..., tuple[GracefulProcess, str]]
 
 
 def _free_port() -> int:
@@ -37,15 +38,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def gunicorn(children: list[Child], tmp_path: Path) -> Start:
-    """Start gunicorn with these arguments; returns the arbiter's Child and the base URL."""
+def gunicorn(graceful_process: ProcessFactory, tmp_path: Path) -> Start:
+    """Start gunicorn with these arguments; returns the arbiter's process and the base URL."""
 
-    def start(*args: str, env: dict[str, str] | None = None) -> tuple[Child, str]:
+    def start(*args: str, env: dict[str, str] | None = None) -> tuple[GracefulProcess, str]:
         port = _free_port()
         argv = ["gunicorn", "--chdir", str(ROOT), "-b", f"127.0.0.1:{port}", *args]
         code = f"import sys; sys.argv = {argv!r}\nfrom gunicorn.app.wsgiapp import run\nrun()\n"
-        child = Child(code, env={"HOME": str(tmp_path), **(env or {})})
-        children.append(child)
+        child = graceful_process(code, env={"HOME": str(tmp_path), **(env or {})}, wait_ready=False)
         return child, f"http://127.0.0.1:{port}"
 
     return start
@@ -73,9 +73,9 @@ def _pid(line: str) -> int:
     return int(line.split()[1])
 
 
-def _events(child: Child) -> dict[int, list[str]]:
+def _events(child: GracefulProcess) -> dict[int, list[str]]:
     by_pid: dict[int, list[str]] = {}
-    for line in child.out.splitlines():
+    for line in child.stdout.splitlines():
         if line.startswith("EVENT "):
             _, pid, what = line.split(" ", 2)
             by_pid.setdefault(int(pid), []).append(what)
@@ -91,20 +91,20 @@ def _assert_in_order(events: list[str], *expected: str) -> None:
 
 def _sigterm_with_a_request_in_flight(gunicorn: Start, *args: str, ready: str = "ready") -> None:
     child, url = gunicorn(*args)
-    workers = {_pid(child.expect(ready)), _pid(child.expect(ready))}
+    workers = {_pid(child.wait_for_line(ready)), _pid(child.wait_for_line(ready))}
     request = Request(url + "/slow")
-    in_flight = _pid(child.expect("request-start"))
-    child.send(signal.SIGTERM)
-    assert child.wait(2 * BOUND) == 0, child.err
+    in_flight = _pid(child.wait_for_line("request-start"))
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
     request.join(BOUND)
-    assert request.error is None, child.err
-    assert request.body == "done after wrap-up\n", child.err
+    assert request.error is None, child.stderr
+    assert request.body == "done after wrap-up\n", child.stderr
     events = _events(child)
     assert in_flight in workers
     for pid in workers:  # each worker ran each listener once, wrap-up first
         _assert_in_order(events[pid], "wrap-up", "shutdown")
     _assert_in_order(events[in_flight], "request-start", "wrap-up", "request-end", "shutdown")
-    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+    assert "2 worker(s) stopped: 2 gracefully" in child.stderr, child.stderr
 
 
 @pytest.mark.timeout(60)
@@ -134,29 +134,29 @@ def test_uvicorn_workers_finish_the_request_in_flight_then_run_shutdown_listener
 def test_a_max_requests_recycle_runs_the_sequence_in_the_retiring_worker(gunicorn: Start) -> None:
     """--max-requests 1: the worker that retires after its request runs wrap-up then shutdown."""
     child, url = gunicorn("-c", CONF, "-w", "1", "--max-requests", "1", WSGI)
-    first = _pid(child.expect("ready"))
+    first = _pid(child.wait_for_line("ready"))
     request = Request(url + "/")
     request.join(BOUND)
     assert request.body == "fast\n", request.error
-    second = _pid(child.expect("ready"))  # the arbiter replaced it
-    child.send(signal.SIGTERM)
-    assert child.wait(2 * BOUND) == 0, child.err
+    second = _pid(child.wait_for_line("ready"))  # the arbiter replaced it
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
     assert second != first
     events = _events(child)
     _assert_in_order(events[first], "ready", "wrap-up", "shutdown")
-    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+    assert "2 worker(s) stopped: 2 gracefully" in child.stderr, child.stderr
 
 
 @pytest.mark.timeout(60)
 def test_preloaded_listeners_run_once_in_every_worker_and_never_in_the_arbiter(gunicorn: Start) -> None:
     """--preload: the app (and its listeners) load once in the arbiter; each worker runs them once."""
     child, _ = gunicorn("-c", CONF, "-w", "2", "--preload", WSGI)
-    loaded = _pid(child.expect("loaded"))
-    workers = {_pid(child.expect("ready")), _pid(child.expect("ready"))}
-    child.send(signal.SIGTERM)
-    assert child.wait(2 * BOUND) == 0, child.err
+    loaded = _pid(child.wait_for_line("loaded"))
+    workers = {_pid(child.wait_for_line("ready")), _pid(child.wait_for_line("ready"))}
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
     events = _events(child)
-    assert loaded == child.proc.pid
+    assert loaded == child.pid
     assert loaded not in workers
     assert events[loaded] == ["loaded"]  # the arbiter ran no listener
     for pid in workers:
@@ -167,10 +167,10 @@ def test_preloaded_listeners_run_once_in_every_worker_and_never_in_the_arbiter(g
 def test_a_stuck_listener_is_reported_before_the_arbiter_kills_the_worker(gunicorn: Start) -> None:
     """graceful_timeout 3 s: graceful's report (listener, stack) at 2 s, exit 70, no SIGKILL."""
     child, _ = gunicorn("-c", CONF, "-w", "1", "--graceful-timeout", "3", WSGI, env={"STUCK": "1"})
-    worker = _pid(child.expect("ready"))
-    child.send(signal.SIGTERM)
-    assert child.wait(2 * BOUND) == 0, child.err
-    err = child.err
+    worker = _pid(child.wait_for_line("ready"))
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
+    err = child.stderr
     assert "graceful: force quit: the force-quit deadline of 2 s passed" in err, err
     assert "shutdown listener 'stuck-flush'" in err, err
     assert "in stuck_flush" in err, err
@@ -186,12 +186,12 @@ def test_a_stuck_listener_is_reported_before_the_arbiter_kills_the_worker(gunico
 def test_a_hup_reload_runs_the_sequence_in_each_replaced_worker(gunicorn: Start) -> None:
     """SIGHUP: the arbiter boots a new worker and TERMs the old one, which runs its listeners."""
     child, _ = gunicorn("-c", CONF, "-w", "1", WSGI)
-    old = _pid(child.expect("ready"))
-    child.send(signal.SIGHUP)
-    new = _pid(child.expect("ready"))
-    child.expect_err(f"gunicorn worker {old} stopped gracefully")
-    child.send(signal.SIGTERM)
-    assert child.wait(2 * BOUND) == 0, child.err
+    old = _pid(child.wait_for_line("ready"))
+    child.send_signal(signal.SIGHUP)
+    new = _pid(child.wait_for_line("ready"))
+    child.wait_for_output(f"gunicorn worker {old} stopped gracefully", stream="stderr")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
     assert new != old
     events = _events(child)
     _assert_in_order(events[old], "ready", "wrap-up", "shutdown")
@@ -222,27 +222,27 @@ def test_the_example_config_file_and_app_flush_at_sigterm(gunicorn: Start) -> No
     """examples/gunicorn.conf.py + examples/gunicorn_app.py: ready, then the buffer is flushed."""
     conf = str(ROOT / "examples" / "gunicorn.conf.py")
     child, url = gunicorn("-c", conf, "-w", "1", "--log-level", "info", "examples.gunicorn_app:app")
-    child.expect_err(" ready")
+    child.wait_for_output(" ready", stream="stderr")
     for path, expected in (("/readyz", "ready\n"), ("/hello", "hello\n")):
         request = Request(url + path)
         request.join(BOUND)
-        assert request.body == expected, (request.error, child.err)
-    child.send(signal.SIGTERM)
-    assert child.wait(2 * BOUND) == 0, child.err
-    assert "flushed 1 line(s)" in child.err, child.err
-    assert child.err.index("its loop has ended") < child.err.index("flushed 1 line(s)")
+        assert request.body == expected, (request.error, child.stderr)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
+    assert "flushed 1 line(s)" in child.stderr, child.stderr
+    assert child.stderr.index("its loop has ended") < child.stderr.index("flushed 1 line(s)")
 
 
 @pytest.mark.timeout(60)
 def test_a_failing_listener_is_logged_and_counted_and_the_others_still_run(gunicorn: Start) -> None:
     """A shutdown listener that raises: logged by name, counted in the arbiter's summary."""
     child, _ = gunicorn("-c", CONF, "-w", "1", WSGI, env={"FAIL": "1"})
-    worker = _pid(child.expect("ready"))
-    child.send(signal.SIGTERM)
-    assert child.wait(2 * BOUND) == 0, child.err
-    assert "'failing-close'" in child.err, child.err
-    assert "ZeroDivisionError" in child.err, child.err
-    assert "1 worker(s) stopped: 0 gracefully, 1 with a failed listener" in child.err, child.err
+    worker = _pid(child.wait_for_line("ready"))
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
+    assert "'failing-close'" in child.stderr, child.stderr
+    assert "ZeroDivisionError" in child.stderr, child.stderr
+    assert "1 worker(s) stopped: 0 gracefully, 1 with a failed listener" in child.stderr, child.stderr
     _assert_in_order(_events(child)[worker], "ready", "wrap-up", "shutdown")
 
 
@@ -250,8 +250,8 @@ def test_a_failing_listener_is_logged_and_counted_and_the_others_still_run(gunic
 def test_a_quick_shutdown_still_runs_the_listeners(gunicorn: Start) -> None:
     """SIGINT to the arbiter (gunicorn's quick shutdown): the worker's fast listeners still run."""
     child, _ = gunicorn("-c", CONF, "-w", "1", WSGI)
-    worker = _pid(child.expect("ready"))
-    child.send(signal.SIGINT)
-    assert child.wait(2 * BOUND) == 0, child.err
+    worker = _pid(child.wait_for_line("ready"))
+    child.send_signal(signal.SIGINT)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
     _assert_in_order(_events(child)[worker], "ready", "wrap-up", "shutdown")
-    assert "1 worker(s) stopped: 1 gracefully" in child.err, child.err
+    assert "1 worker(s) stopped: 1 gracefully" in child.stderr, child.stderr

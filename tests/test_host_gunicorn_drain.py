@@ -15,7 +15,8 @@ import urllib.request
 
 import pytest
 
-from .child import Child
+from graceful.testing import GracefulProcess
+
 from .conftest import BOUND
 from .test_host_gunicorn import ASGI, CONF, WSGI, Start, _events, _free_port, _pid, gunicorn
 
@@ -35,7 +36,7 @@ def _get(url: str) -> tuple[int, str]:
 
 def _start_two_workers(
     gunicorn: Start, delay: str, *args: str, kind: str = "gthread", app: str = WSGI
-) -> tuple[Child, str, str]:
+) -> tuple[GracefulProcess, str, str]:
     probe = _free_port()
     env = {
         "GRACEFUL_PROBE_PORT": str(probe),
@@ -43,15 +44,15 @@ def _start_two_workers(
         "GRACEFUL_DRAIN_DELAY": delay,
     }
     child, url = gunicorn("-c", CONF, "-k", kind, "-w", "2", *args, app, env=env)
-    workers = {_pid(child.expect("ready")), _pid(child.expect("ready"))}
+    workers = {_pid(child.wait_for_line("ready")), _pid(child.wait_for_line("ready"))}
     assert len(workers) == 2
     return child, url, f"http://127.0.0.1:{probe}"
 
 
-def _term_and_wait_for_wrap_up(child: Child) -> None:
-    child.send(signal.SIGTERM)
-    child.expect("wrap-up")  # readiness turns 503 before the wrap-up listeners run
-    child.expect("wrap-up")
+def _term_and_wait_for_wrap_up(child: GracefulProcess) -> None:
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("wrap-up")  # readiness turns 503 before the wrap-up listeners run
+    child.wait_for_line("wrap-up")
 
 
 @pytest.mark.timeout(90)
@@ -64,10 +65,10 @@ def test_a_fixed_drain_delay_keeps_serving_after_the_probe_turned_503(gunicorn: 
     for _ in range(4):  # fresh connections: the kernel spreads them over both workers
         assert _get(probes + "/readyz") == (503, "not ready\n")
         assert _get(probes + "/livez") == (200, "live\n")
-        assert _get(url + "/") == (200, "fast\n"), child.err
-    assert child.wait(2 * BOUND) == 0, child.err
-    assert child.err.count("its drain delay is over") == 2, child.err
-    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+        assert _get(url + "/") == (200, "fast\n"), child.stderr
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
+    assert child.stderr.count("its drain delay is over") == 2, child.stderr
+    assert "2 worker(s) stopped: 2 gracefully" in child.stderr, child.stderr
 
 
 @pytest.mark.timeout(90)
@@ -76,31 +77,31 @@ def test_auto_ends_in_every_worker_once_one_probe_answered_503(gunicorn: Start) 
     child, url, probes = _start_two_workers(gunicorn, "auto:60", "--graceful-timeout", "90")
     _term_and_wait_for_wrap_up(child)
     for _ in range(4):  # no probe answered 503 yet: the delay cannot end, whatever the pause
-        assert _get(url + "/") == (200, "fast\n"), child.err
-    assert "stops accepting" not in child.err, child.err
+        assert _get(url + "/") == (200, "fast\n"), child.stderr
+    assert "stops accepting" not in child.stderr, child.stderr
     assert _get(probes + "/readyz") == (503, "not ready\n")  # one worker tells the balancer
-    assert child.wait(2 * BOUND) == 0, child.err  # long before auto's bound of 60 s
-    assert child.err.count("its drain delay is over") == 1, child.err
-    assert child.err.count("a sibling worker's auto drain delay ended") == 1, child.err
-    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr  # long before auto's bound of 60 s
+    assert child.stderr.count("its drain delay is over") == 1, child.stderr
+    assert child.stderr.count("a sibling worker's auto drain delay ended") == 1, child.stderr
+    assert "2 worker(s) stopped: 2 gracefully" in child.stderr, child.stderr
 
 
 @pytest.mark.timeout(60)
 def test_the_quick_shutdown_does_not_wait_for_the_drain_delay(gunicorn: Start) -> None:
     """SIGINT to the arbiter: the workers stop at once, though the drain delay is 60 s."""
     child, _, _ = _start_two_workers(gunicorn, "60", "--graceful-timeout", "90")
-    child.send(signal.SIGINT)
-    assert child.wait(2 * BOUND) == 0, child.err
-    assert "stops accepting" not in child.err, child.err
+    child.send_signal(signal.SIGINT)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
+    assert "stops accepting" not in child.stderr, child.stderr
 
 
-def _still_ready_then_quit(child: Child, probes: str) -> None:
+def _still_ready_then_quit(child: GracefulProcess, probes: str) -> None:
     """Every worker answers /readyz 200 and none held a TERM; then SIGINT, and exit 0."""
     for _ in range(4):
         assert _get(probes + "/readyz") == (200, "ready\n")
-    assert "stops accepting" not in child.err, child.err
-    child.send(signal.SIGINT)
-    assert child.wait(2 * BOUND) == 0, child.err
+    assert "stops accepting" not in child.stderr, child.stderr
+    child.send_signal(signal.SIGINT)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
 
 
 @pytest.mark.timeout(60)
@@ -108,9 +109,9 @@ def test_a_worker_recycled_alone_leaves_the_probe_to_its_siblings_and_does_not_d
     """max_requests: the retiring worker stops without the 60 s delay; /readyz stays 200."""
     child, url, probes = _start_two_workers(gunicorn, "60", "--max-requests", "2", "--graceful-timeout", "90")
     for _ in range(4):  # 4 requests over 2 workers: one of them reaches max_requests
-        assert _get(url + "/") == (200, "fast\n"), child.err
-    retired = _pid(child.expect("shutdown"))  # within BOUND: it did not wait the 60 s delay
-    replacement = _pid(child.expect("ready"))
+        assert _get(url + "/") == (200, "fast\n"), child.stderr
+    retired = _pid(child.wait_for_line("shutdown"))  # within BOUND: it did not wait the 60 s delay
+    replacement = _pid(child.wait_for_line("ready"))
     assert replacement != retired
     _still_ready_then_quit(child, probes)
 
@@ -120,11 +121,11 @@ def test_a_hup_reload_is_no_instance_stop_the_old_workers_do_not_drain(gunicorn:
     """SIGHUP: old workers stop without the 60 s delay; the new ones answer /readyz 200."""
     child, _, probes = _start_two_workers(gunicorn, "60", "--graceful-timeout", "90")
     old = {pid for pid, events in _events(child).items() if "ready" in events}
-    child.send(signal.SIGHUP)
+    child.send_signal(signal.SIGHUP)
     for pid in old:  # within BOUND, not after the 60 s delay
-        child.expect_err(f"gunicorn worker {pid} stopped gracefully")
-    child.expect("ready")  # the new workers answer the probes
-    child.expect("ready")
+        child.wait_for_output(f"gunicorn worker {pid} stopped gracefully", stream="stderr")
+    child.wait_for_line("ready")  # the new workers answer the probes
+    child.wait_for_line("ready")
     _still_ready_then_quit(child, probes)
 
 
@@ -136,10 +137,10 @@ def test_the_uvicorn_worker_answers_probes_but_holds_no_term(gunicorn: Start) ->
         gunicorn, "60", "--graceful-timeout", "90", kind="uvicorn_worker.UvicornWorker", app=ASGI
     )
     assert _get(probes + "/readyz") == (200, "ready\n")
-    child.send(signal.SIGTERM)
-    assert child.wait(2 * BOUND) == 0, child.err
-    assert "stops accepting" not in child.err, child.err
-    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
+    assert "stops accepting" not in child.stderr, child.stderr
+    assert "2 worker(s) stopped: 2 gracefully" in child.stderr, child.stderr
 
 
 @pytest.mark.timeout(90)
@@ -156,13 +157,13 @@ def test_after_the_drain_delay_idle_keep_alive_connections_are_closed_not_left_t
         assert (response.status, response.read()) == (200, b"fast\n")  # kept alive, now idle
         assert conn.sock is not None
         idle = conn.sock
-        child.send(signal.SIGTERM)
-        child.expect_err("closed 1 idle keep-alive connection(s)")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("closed 1 idle keep-alive connection(s)", stream="stderr")
         assert idle.recv(1) == b""  # closed by the server, not left open
     finally:
         conn.close()
-    assert child.wait(2 * BOUND) == 0, child.err
-    assert "2 worker(s) stopped: 2 gracefully" in child.err, child.err
+    assert child.wait(2 * BOUND).returncode == 0, child.stderr
+    assert "2 worker(s) stopped: 2 gracefully" in child.stderr, child.stderr
 
 
 @pytest.mark.timeout(90)
@@ -173,7 +174,9 @@ def test_a_term_before_the_uvicorn_worker_serves_still_stops_it(gunicorn: Start)
     child, _ = gunicorn(
         "-c", CONF, "-k", "uvicorn_worker.UvicornWorker", "-w", "1", "--graceful-timeout", "60", ASGI, env=env
     )
-    child.expect("ready")  # graceful's hook ran; uvicorn has not taken SIGTERM yet
-    child.send(signal.SIGTERM)
-    assert child.wait(2 * BOUND) == 0, child.err  # before: SIG_DFL was not chained, the TERM lost
-    assert "1 worker(s) stopped: 1 gracefully" in child.err, child.err
+    child.wait_for_line("ready")  # graceful's hook ran; uvicorn has not taken SIGTERM yet
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(2 * BOUND).returncode == 0, (
+        child.stderr
+    )  # before: SIG_DFL was not chained, the TERM lost
+    assert "1 worker(s) stopped: 1 gracefully" in child.stderr, child.stderr

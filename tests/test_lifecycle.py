@@ -11,7 +11,7 @@ import time
 import pytest
 
 import graceful
-from graceful import Lifecycle, State
+from graceful import Lifecycle, ListenerStatus, State, Status
 from graceful._deadline import FakeClock
 from graceful.lowlevel import record_failure
 
@@ -347,6 +347,24 @@ def test_is_stopping_state_and_status_follow_the_sequence(lc: Lifecycle, clock: 
     assert final.reason == "SIGTERM"
     assert [x.state for x in final.listeners] == ["done", "done"]
     assert "stopped" in repr(lc)
+
+
+def test_status_records_are_frozen_comparable_and_readable() -> None:
+    one = ListenerStatus("flush", "shutdown", "done", 0.5)
+    same = ListenerStatus("flush", "shutdown", "done", 0.5)
+    assert one == same
+    assert hash(one) == hash(same)
+    assert one != ListenerStatus("flush", "shutdown", "failed", 0.5)
+    assert one != ("flush", "shutdown", "done", 0.5)
+    assert repr(one) == (
+        "ListenerStatus(name='flush', phase='shutdown', state='done', duration=0.5, timeout=None, abandoned_for=None)"
+    )
+    with pytest.raises(AttributeError, match="snapshot"):
+        one.state = "running"  # type: ignore[misc]
+    status = Status(State.STOPPED, "SIGTERM", 1.0, 25.0, (one,))
+    assert status.forced is False
+    assert "shutdown listener 'flush': done (0.500 s)" in status.format()
+    assert "not triggered" in Status(State.RUNNING, None, None, 25.0, ()).format()
 
 
 def test_state_changes_are_logged_at_info_with_reason_and_durations_at_debug(

@@ -11,9 +11,10 @@ import signal
 
 import pytest
 
-from .child import Child
+from graceful.testing import ProcessFactory
+
 from .conftest import BOUND
-from .web import free_port
+from .support.web import free_port
 
 pytestmark = [pytest.mark.load, pytest.mark.timeout(120)]
 
@@ -79,25 +80,23 @@ sys.exit(graceful.run(uvicorn.Server(config)))
 
 @pytest.mark.parametrize("server", ["stdlib", "uvicorn"])
 def test_no_accepted_request_fails_when_sigterm_arrives_under_load(
-    children: list[Child], server: str, capsys: pytest.CaptureFixture[str]
+    graceful_process: ProcessFactory, server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if server == "uvicorn":
         pytest.importorskip("graceful.adapters.uvicorn", reason="the uvicorn adapter has not landed")
         code = f"import sys; sys.argv = ['server', '{free_port()}']\n" + UVICORN
     else:
         code = STDLIB
-    service = Child(code)
-    children.append(service)
-    port = int(service.expect("port").split()[1])
-    service.expect_err("ready")
-    client = Child(f"from tests.load_client import main; main({port})")
-    children.append(client)
-    client.expect("started", timeout=BOUND)
-    service.send(signal.SIGTERM)
-    assert service.wait(30) == 0, service.err
-    connections, requests = (int(n) for n in service.expect("accepted").split()[1:])
-    assert client.wait(30) == 0, client.err
-    figures = json.loads(client.expect("{"))
+    service = graceful_process(code)
+    port = int(service.wait_for_line("port").split()[1])
+    service.wait_for_output("ready", stream="stderr")
+    client = graceful_process(f"from tests.support.load_client import main; main({port})", wait_ready=False)
+    client.wait_for_line("started", timeout=BOUND)
+    service.send_signal(signal.SIGTERM)
+    assert service.wait(30).returncode == 0, service.stderr
+    connections, requests = (int(n) for n in service.wait_for_line("accepted").split()[1:])
+    assert client.wait(30).returncode == 0, client.stderr
+    figures = json.loads(client.wait_for_line("{"))
     with capsys.disabled():
         print(
             f"\n[load {server}] server accepted {connections} connection(s), {requests} request(s); "

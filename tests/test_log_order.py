@@ -9,8 +9,10 @@ import urllib.request
 
 import pytest
 
-from .child import PREAMBLE, Child
+from graceful.testing import ProcessFactory
+
 from .conftest import BOUND
+from .support.preamble import PREAMBLE
 
 SERVER = (
     PREAMBLE
@@ -50,12 +52,14 @@ def _in_order(text: str, *lines: str) -> None:
 
 
 @pytest.mark.timeout(40)
-def test_drain_delay_then_drain_then_server_stopped_then_phase_counts() -> None:
+def test_drain_delay_then_drain_then_server_stopped_then_phase_counts(
+    graceful_process: ProcessFactory,
+) -> None:
     """SIGTERM mid-request: drain delay start/end, drain, "server stopped" after it, counts named."""
-    child = Child(SERVER, env={"GRACEFUL_DRAIN_DELAY": "0.3"})
+    child = graceful_process(SERVER, env={"GRACEFUL_DRAIN_DELAY": "0.3"}, stdin=True)
     try:
-        port = child.expect("port ").split()[1]
-        child.expect_err("ready")
+        port = child.wait_for_line("port ").split()[1]
+        child.wait_for_output("ready", stream="stderr")
         answers: list[bytes] = []
         client = threading.Thread(
             target=lambda: answers.append(
@@ -64,19 +68,19 @@ def test_drain_delay_then_drain_then_server_stopped_then_phase_counts() -> None:
             daemon=True,
         )
         client.start()
-        child.expect_err("request started")
-        child.send(signal.SIGTERM)
-        child.expect_err("stopped accepting")
-        assert "server 'ThreadingHTTPServer' stopped" not in child.err  # its drain is not over
-        child.tell("go")
-        assert child.wait(30) == 0, child.err
+        child.wait_for_output("request started", stream="stderr")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("stopped accepting", stream="stderr")
+        assert "server 'ThreadingHTTPServer' stopped" not in child.stderr  # its drain is not over
+        child.send_line("go")
+        assert child.wait(30).returncode == 0, child.stderr
         client.join(BOUND)
         assert answers == [b"ok"]
         # "wrapping up" is logged by the coordinator after it has started the listeners (act
         # first, log after: gunicorn #3198), so the drain delay's first line may come before it.
-        assert "wrapping up (SIGTERM)" in child.err, child.err
+        assert "wrapping up (SIGTERM)" in child.stderr, child.stderr
         _in_order(
-            child.err,
+            child.stderr,
             "drain delay: serving 0.3 s more while the balancer stops sending",
             "drain delay over: the servers stop accepting",
             "stopped accepting",
@@ -86,42 +90,44 @@ def test_drain_delay_then_drain_then_server_stopped_then_phase_counts() -> None:
             "user listener ran",
             "shutdown phase done: 2 listener(s), 1 of them graceful's own (the servers') in",
         )
-        assert child.err.count("server 'ThreadingHTTPServer' stopped") == 1
+        assert child.stderr.count("server 'ThreadingHTTPServer' stopped") == 1
     finally:
         child.kill()
 
 
 @pytest.mark.timeout(40)
-def test_stopped_line_names_both_signals_after_tstp_then_term() -> None:
+def test_stopped_line_names_both_signals_after_tstp_then_term(graceful_process: ProcessFactory) -> None:
     """SIGTSTP, then SIGTERM: the last line counts from the first and names both."""
-    child = Child(SERVER)
+    child = graceful_process(SERVER, stdin=True)
     try:
-        child.expect_err("ready")
-        child.send(signal.SIGTSTP)
-        child.expect_err("wrap_up phase done")
-        child.send(signal.SIGTERM)
-        assert child.wait(30) == 0, child.err
-        assert re.search(r"stopped \(\d+\.\d{3} s after SIGTSTP then SIGTERM\)", child.err), child.err
-        assert "drain delay" not in child.err  # none set: nothing to say
+        child.wait_for_output("ready", stream="stderr")
+        child.send_signal(signal.SIGTSTP)
+        child.wait_for_output("wrap_up phase done", stream="stderr")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(30).returncode == 0, child.stderr
+        assert re.search(r"stopped \(\d+\.\d{3} s after SIGTSTP then SIGTERM\)", child.stderr), child.stderr
+        assert "drain delay" not in child.stderr  # none set: nothing to say
     finally:
         child.kill()
 
 
 @pytest.mark.timeout(40)
-def test_the_first_line_naming_a_signal_is_the_wrap_up_and_the_router_line_follows() -> None:
+def test_the_first_line_naming_a_signal_is_the_wrap_up_and_the_router_line_follows(
+    graceful_process: ProcessFactory,
+) -> None:
     """SIGINT: "wrapping up (SIGINT)" is the first line to name it, "received SIGINT" comes later.
 
     The listeners' own lines (the server's "stopped accepting"), and even "stopped (... after
     SIGINT)", may come before the router's line: the lifecycle starts the listeners before it
     logs the transition (act first, log after: gunicorn #3198), and the sequence runs on.
     """
-    child = Child(SERVER)
+    child = graceful_process(SERVER, stdin=True)
     try:
-        child.expect_err("ready")
-        before = len(child.err)
-        child.send(signal.SIGINT)
-        assert child.wait(30) == 0, child.err
-        after = [line for line in child.err[before:].splitlines() if line.startswith("INFO graceful")]
+        child.wait_for_output("ready", stream="stderr")
+        before = len(child.stderr)
+        child.send_signal(signal.SIGINT)
+        assert child.wait(30).returncode == 0, child.stderr
+        after = [line for line in child.stderr[before:].splitlines() if line.startswith("INFO graceful")]
         naming = [line for line in after if "SIGINT" in line]
         assert naming[0] == "INFO graceful wrapping up (SIGINT)", after
         received = [

@@ -11,9 +11,11 @@ import signal
 
 import pytest
 
-from .child import PREAMBLE, Child
+from graceful.testing import ProcessFactory
+
 from .conftest import BOUND
-from .web import free_port, start
+from .support.preamble import PREAMBLE
+from .support.web import free_port, start
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 from websockets.exceptions import ConnectionClosed  # noqa: E402 - after the skip
@@ -130,9 +132,9 @@ def drain(ws: websockets_client.ClientConnection) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_websocket_gets_1001_and_a_stream_ends_cleanly_at_wrap_up(children: list[Child]) -> None:
+def test_a_websocket_gets_1001_and_a_stream_ends_cleanly_at_wrap_up(graceful_process: ProcessFactory) -> None:
     """SIGTERM: the WebSocket client sees close code 1001, the stream a clean end, the app both."""
-    child, port = start(children, f"import sys; sys.argv = ['server', '{free_port()}']\n" + SERVER)
+    child, port = start(graceful_process, f"import sys; sys.argv = ['server', '{free_port()}']\n" + SERVER)
     with websockets_client.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=BOUND) as ws:
         assert ws.recv(BOUND) == "hello"
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
@@ -140,7 +142,7 @@ def test_a_websocket_gets_1001_and_a_stream_ends_cleanly_at_wrap_up(children: li
             conn.request("GET", "/stream")
             response = conn.getresponse()
             assert response.readline() == b"tick\n"
-            child.send(signal.SIGTERM)
+            child.send_signal(signal.SIGTERM)
             with pytest.raises(ConnectionClosed) as closed:
                 drain(ws)
             rest = response.read()  # raises IncompleteRead if the stream was cut, not ended
@@ -149,43 +151,43 @@ def test_a_websocket_gets_1001_and_a_stream_ends_cleanly_at_wrap_up(children: li
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1001
     assert set(rest.splitlines()) <= {b"tick"}
-    assert child.wait() == 0
-    assert "closed 1 WebSocket(s) with 1001 (going away), ended 1 stream(s)" in child.err
-    assert "ws disconnect 1001" in child.out
-    assert "stream got disconnect" in child.out
-    assert "Traceback" not in child.err
+    assert child.wait().returncode == 0
+    assert "closed 1 WebSocket(s) with 1001 (going away), ended 1 stream(s)" in child.stderr
+    assert "ws disconnect 1001" in child.stdout
+    assert "stream got disconnect" in child.stdout
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_a_response_of_announced_length_is_not_ended_early(children: list[Child]) -> None:
+def test_a_response_of_announced_length_is_not_ended_early(graceful_process: ProcessFactory) -> None:
     """uvicorn, SIGTERM mid-download (Content-Length, body in pieces): it completes, not truncated."""
-    child, port = start(children, f"import sys; sys.argv = ['server', '{free_port()}']\n" + SERVER)
+    child, port = start(graceful_process, f"import sys; sys.argv = ['server', '{free_port()}']\n" + SERVER)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
     try:
         conn.request("GET", "/download")
         response = conn.getresponse()
         assert response.read(5) == b"hello"
-        child.expect("download half sent")
-        child.send(signal.SIGTERM)
-        child.expect_err("stopped accepting")
-        child.tell("release")
+        child.wait_for_line("download half sent")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("stopped accepting", stream="stderr")
+        child.send_line("release")
         assert response.read() == b"world"  # IncompleteRead if it was ended early
     finally:
         conn.close()
-    assert child.wait() == 0
-    assert "ended 1 stream(s)" not in child.err
-    assert "Traceback" not in child.err
+    assert child.wait().returncode == 0
+    assert "ended 1 stream(s)" not in child.stderr
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
 def test_aiohttp_a_websocket_gets_1001_and_streams_end_cleanly_at_wrap_up(
-    children: list[Child],
+    graceful_process: ProcessFactory,
 ) -> None:
     """aiohttp, SIGTERM: 1001 for both WebSockets, a clean end for a stream and a polite one."""
     code = f"import sys; sys.argv = ['server', '{free_port()}']\n" + AIOHTTP_SERVER
     # The drain delay is when /polite ends itself (its wait returns as the wrap-up begins);
     # without one it races the adapter, which would tell it to end before it wrote "bye".
-    child, port = start(children, code, GRACEFUL_DRAIN_DELAY="0.5")
+    child, port = start(graceful_process, code, GRACEFUL_DRAIN_DELAY="0.5")
     with (
         websockets_client.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=BOUND) as ws,
         websockets_client.connect(f"ws://127.0.0.1:{port}/ticker", open_timeout=BOUND) as ticker,
@@ -199,7 +201,7 @@ def test_aiohttp_a_websocket_gets_1001_and_streams_end_cleanly_at_wrap_up(
                 conn.request("GET", path)
                 responses.append(conn.getresponse())
                 assert responses[-1].readline() == b"tick\n"
-            child.send(signal.SIGTERM)
+            child.send_signal(signal.SIGTERM)
             with pytest.raises(ConnectionClosed) as closed:
                 drain(ws)
             with pytest.raises(ConnectionClosed) as ticker_closed:
@@ -217,10 +219,10 @@ def test_aiohttp_a_websocket_gets_1001_and_streams_end_cleanly_at_wrap_up(
     for rest in rests:
         assert rest[-1] == b"bye"
         assert set(rest[:-1]) <= {b"tick"}
-    assert child.wait() == 0
-    assert "closed 2 WebSocket(s) with 1001 (going away), ended 1 stream(s)" in child.err
-    assert "ws loop ended" in child.out
-    assert "stream told to end" in child.out
-    assert "polite stream ended itself" in child.out
-    assert "Traceback" not in child.err
-    assert "Error handling request" not in child.err
+    assert child.wait().returncode == 0
+    assert "closed 2 WebSocket(s) with 1001 (going away), ended 1 stream(s)" in child.stderr
+    assert "ws loop ended" in child.stdout
+    assert "stream told to end" in child.stdout
+    assert "polite stream ended itself" in child.stdout
+    assert "Traceback" not in child.stderr
+    assert "Error handling request" not in child.stderr

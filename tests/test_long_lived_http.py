@@ -12,9 +12,11 @@ import socket
 
 import pytest
 
-from .child import PREAMBLE, Child
+from graceful.testing import ProcessFactory
+
 from .conftest import BOUND
-from .web import start
+from .support.preamble import PREAMBLE
+from .support.web import start
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 from websockets.exceptions import ConnectionClosed  # noqa: E402 - after the skip
@@ -79,31 +81,35 @@ def drain(ws: websockets_client.ClientConnection) -> None:
 
 @pytest.mark.timeout(60)
 def test_an_upgraded_connection_is_named_and_waited_for_until_its_handler_ends_it(
-    children: list[Child],
+    graceful_process: ProcessFactory,
 ) -> None:
     """SIGTERM: the drain log names the hand-made WebSocket; its handler's 1001 ends it; exit 0."""
-    child, port = start(children, SERVER)
+    child, port = start(graceful_process, SERVER)
     with websockets_client.connect(f"ws://127.0.0.1:{port}/polite", open_timeout=BOUND) as ws:
         assert ws.recv(BOUND) == "hello"
-        child.expect("ws open /polite")
-        child.send(signal.SIGTERM)
-        child.expect_err("waiting on upgraded connection (websocket) GET /polite from 127.0.0.1 (running ")
-        assert child.proc.poll() is None  # waited for, not cut
-        child.tell("release")
+        child.wait_for_line("ws open /polite")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output(
+            "waiting on upgraded connection (websocket) GET /polite from 127.0.0.1 (running ", stream="stderr"
+        )
+        assert child.returncode is None  # waited for, not cut
+        child.send_line("release")
         with pytest.raises(ConnectionClosed) as closed:
             drain(ws)
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1001
-    assert child.wait() == 0
-    child.expect("ws closed by its handler")
-    assert "1 upgraded connection(s) ended during the drain" in child.err
-    assert "Traceback" not in child.err
+    assert child.wait().returncode == 0
+    child.wait_for_line("ws closed by its handler")
+    assert "1 upgraded connection(s) ended during the drain" in child.stderr
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
-def test_upgraded_connections_and_tunnels_the_deadline_cuts_are_named_twice(children: list[Child]) -> None:
+def test_upgraded_connections_and_tunnels_the_deadline_cuts_are_named_twice(
+    graceful_process: ProcessFactory,
+) -> None:
     """1 s budget: a stuck WebSocket and a CONNECT tunnel are named at the drain's start and at the cut."""
-    child, port = start(children, SERVER, GRACEFUL_FORCE_QUIT="1")
+    child, port = start(graceful_process, SERVER, GRACEFUL_FORCE_QUIT="1")
     with (
         websockets_client.connect(f"ws://127.0.0.1:{port}/stuck", open_timeout=BOUND) as ws,
         socket.create_connection(("127.0.0.1", port), timeout=BOUND) as tunnel,
@@ -111,15 +117,15 @@ def test_upgraded_connections_and_tunnels_the_deadline_cuts_are_named_twice(chil
         assert ws.recv(BOUND) == "hello"
         tunnel.sendall(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
         assert tunnel.recv(1024).startswith(b"HTTP/1.1 200 ")
-        child.expect("ws open /stuck")
-        child.expect("tunnel open")
-        child.send(signal.SIGTERM)
+        child.wait_for_line("ws open /stuck")
+        child.wait_for_line("tunnel open")
+        child.send_signal(signal.SIGTERM)
         with pytest.raises(ConnectionClosed) as closed:
             drain(ws)  # cut at the deadline, not left hanging
         assert tunnel.recv(1024) == b""  # shut down at the deadline
     assert closed.value.rcvd is None  # a cut, no close frame: what the log lines are for
-    assert child.wait() == 70
-    err = child.err
+    assert child.wait().returncode == 70
+    err = child.stderr
     for what in (
         "upgraded connection (websocket) GET /stuck from 127.0.0.1 (running ",
         "tunnel CONNECT db.internal:5432 from 127.0.0.1 (running ",

@@ -7,7 +7,9 @@ import signal
 
 import pytest
 
-from .child import PREAMBLE, Child
+from graceful.testing import ProcessFactory
+
+from .support.preamble import PREAMBLE
 
 PROGRAM = (
     PREAMBLE
@@ -53,33 +55,35 @@ sys.exit(graceful.get_lifecycle().exit_code)
 
 
 @pytest.mark.timeout(30)
-def test_the_job_in_hand_completes_before_its_connection_closes() -> None:
+def test_the_job_in_hand_completes_before_its_connection_closes(graceful_process: ProcessFactory) -> None:
     """SIGTERM mid-job: job done, then the connection closed, exit 0; no second job started."""
-    child = Child(PROGRAM, env={"WAIT_FOR_THE_JOB": "1"})
+    child = graceful_process(PROGRAM, env={"WAIT_FOR_THE_JOB": "1"}, wait_ready=False, stdin=True)
     try:
-        child.expect("job 1 started")
-        child.send(signal.SIGTERM)
-        child.expect_err("wrapping up")
-        assert "connection closed" not in child.out
-        child.tell("go")
-        assert child.wait() == 0, child.err
-        lines = child.out.splitlines()
+        child.wait_for_line("job 1 started")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("wrapping up", stream="stderr")
+        assert "connection closed" not in child.stdout
+        child.send_line("go")
+        assert child.wait().returncode == 0, child.stderr
+        lines = child.stdout.splitlines()
         assert lines == ["job 1 started", "job 1 done", "connection closed", "exit"], lines
     finally:
         child.kill()
 
 
 @pytest.mark.timeout(30)
-def test_without_the_wrap_up_listener_the_connection_closes_under_the_job() -> None:
+def test_without_the_wrap_up_listener_the_connection_closes_under_the_job(
+    graceful_process: ProcessFactory,
+) -> None:
     """The control: without the listener, the shutdown phase closes the connection mid-job."""
-    child = Child(PROGRAM, env={"WAIT_FOR_THE_JOB": "0"})
+    child = graceful_process(PROGRAM, env={"WAIT_FOR_THE_JOB": "0"}, wait_ready=False, stdin=True)
     try:
-        child.expect("job 1 started")
-        child.send(signal.SIGTERM)
-        child.expect("connection closed")
-        child.tell("go")
+        child.wait_for_line("job 1 started")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_line("connection closed")
+        child.send_line("go")
         child.wait()
-        lines = child.out.splitlines()
+        lines = child.stdout.splitlines()
         assert lines.index("connection closed") < lines.index("job 1 done"), lines
     finally:
         child.kill()

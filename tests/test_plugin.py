@@ -53,7 +53,7 @@ ORIGINAL = graceful.get_lifecycle()
 ORIGINAL_BUDGET = ORIGINAL.status().force_quit
 SEEN = []  # every harness so far: none may still have a live sequence thread
 
-def fresh(harness):
+def assert_fresh_world(harness):
     for earlier in SEEN:
         assert join(earlier.lifecycle, 0), "a sequence thread leaked"
         assert graceful.get_lifecycle() is not earlier.lifecycle
@@ -69,34 +69,34 @@ def fresh(harness):
     assert harness.clock.monotonic() == 0
 
 def test_registers_and_never_shuts_down(graceful_lifecycle):
-    fresh(graceful_lifecycle)
+    assert_fresh_world(graceful_lifecycle)
     graceful.add_wrap_up_listener(lambda: None, name="w")
     graceful.add_shutdown_listener(lambda: None, name="s")
     graceful.add_reload_listener(lambda: None, name="r")
 
 def test_shuts_down(graceful_lifecycle):
-    fresh(graceful_lifecycle)
+    assert_fresh_world(graceful_lifecycle)
     graceful.add_shutdown_listener(lambda: None, name="s")
     graceful_lifecycle.send_signal(signal.SIGTERM)
     assert graceful_lifecycle.wait_for_shutdown(10)
 
 def test_pauses_only(graceful_lifecycle):
-    fresh(graceful_lifecycle)
+    assert_fresh_world(graceful_lifecycle)
     graceful.add_shutdown_listener(lambda: None, name="runs at teardown")
     graceful_lifecycle.send_signal(signal.SIGTSTP)
 
 def test_triggers_and_walks_away(graceful_lifecycle):
-    fresh(graceful_lifecycle)
+    assert_fresh_world(graceful_lifecycle)
     graceful.add_wrap_up_listener(lambda: None, name="w")
     graceful.shutdown("walked away", wait=False)
 
 def test_one_sigint_does_not_force(graceful_lifecycle):
-    fresh(graceful_lifecycle)
+    assert_fresh_world(graceful_lifecycle)
     graceful_lifecycle.send_signal(signal.SIGINT)
     assert graceful_lifecycle.forced is None
 
 def test_forced(graceful_lifecycle):
-    fresh(graceful_lifecycle)
+    assert_fresh_world(graceful_lifecycle)
     release = threading.Event()
     graceful.add_wrap_up_listener(lambda: release.wait(10), name="stuck")
     graceful_lifecycle.send_signal(signal.SIGTERM)
@@ -105,7 +105,7 @@ def test_forced(graceful_lifecycle):
     release.set()
 
 def test_changes_budget_and_swaps_the_default(graceful_lifecycle):
-    fresh(graceful_lifecycle)
+    assert_fresh_world(graceful_lifecycle)
     graceful.set_time_to_force_quit(1)
     graceful.use(graceful.Lifecycle(3))
 

@@ -16,10 +16,10 @@ import graceful
 from graceful import Lifecycle, readiness
 from graceful._deadline import FakeClock
 from graceful._settings import Settings
+from graceful.testing import ProcessFactory
 
-from .child import Child
 from .conftest import BOUND, ROOT, Recorder
-from .web import free_port, get, refused_within
+from .support.web import free_port, get, refused_within
 
 
 def probe(port: int, path: str, method: str = "GET") -> tuple[int, str]:
@@ -57,7 +57,7 @@ sys.exit(graceful.run(server))
 
 @pytest.mark.timeout(60)
 def test_probes_say_ready_then_not_ready_from_wrap_up_and_serving_goes_on_during_the_delay(
-    children: list[Child],
+    graceful_process: ProcessFactory,
 ) -> None:
     probe_port = free_port()
     env = {
@@ -65,21 +65,20 @@ def test_probes_say_ready_then_not_ready_from_wrap_up_and_serving_goes_on_during
         "GRACEFUL_PROBE_HOST": "127.0.0.1",
         "GRACEFUL_DRAIN_DELAY": "3",
     }
-    child = Child(SERVICE, env=env)
-    children.append(child)
-    port = int(child.expect("port").split()[1])
-    child.expect_err("server(s) started: ready")
+    child = graceful_process(SERVICE, env=env)
+    port = int(child.wait_for_line("port").split()[1])
+    child.wait_for_output("server(s) started: ready", stream="stderr")
     assert probe(probe_port, "/readyz") == (200, "ready")
     assert probe(probe_port, "/livez") == (200, "live")
     assert probe(probe_port, "/other")[0] == 404
-    child.send(signal.SIGTERM)
-    child.expect_err("wrapping up")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("wrapping up", stream="stderr")
     assert probe(probe_port, "/readyz") == (503, "not ready")  # from the start of wrap-up
     assert probe(probe_port, "/livez") == (200, "live")  # draining is alive
     assert get(port, "/")[:2] == (200, "ok")  # still serving during the drain delay
-    child.expect_err("stopped accepting")
+    child.wait_for_output("stopped accepting", stream="stderr")
     refused_within(port)
-    assert child.wait() == 0
+    assert child.wait().returncode == 0
 
 
 @pytest.mark.timeout(30)
@@ -170,30 +169,31 @@ def test_a_bad_drain_delay_says_what_is_accepted(bad: float) -> None:
 
 @pytest.mark.timeout(60)
 def test_the_probes_example_turns_not_ready_keeps_serving_through_the_delay_then_drains(
-    children: list[Child],
+    graceful_process: ProcessFactory,
 ) -> None:
     code = f"import runpy; runpy.run_path({str(ROOT / 'examples' / 'probes.py')!r}, run_name='__main__')"
-    child = Child(code, env={"PORT": "0", "PROBE_PORT": "0", "DRAIN_DELAY": "2"})
-    children.append(child)
-    child.expect_err("server(s) started: ready")
-    found = re.search(r"app on http://127.0.0.1:(\d+)/, probes on http://127.0.0.1:(\d+)/readyz", child.err)
-    assert found is not None, child.err
+    child = graceful_process(code, env={"PORT": "0", "PROBE_PORT": "0", "DRAIN_DELAY": "2"})
+    child.wait_for_output("server(s) started: ready", stream="stderr")
+    found = re.search(
+        r"app on http://127.0.0.1:(\d+)/, probes on http://127.0.0.1:(\d+)/readyz", child.stderr
+    )
+    assert found is not None, child.stderr
     port, probe_port = int(found.group(1)), int(found.group(2))
     assert probe(probe_port, "/readyz") == (200, "ready")
     assert probe(probe_port, "/readyz", "HEAD") == (200, "")
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(get, port, "/slow")
-        child.expect_err("working on /slow")  # in flight
-        child.send(signal.SIGTERM)
-        child.expect_err("wrapping up")
+        child.wait_for_output("working on /slow", stream="stderr")  # in flight
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("wrapping up", stream="stderr")
         assert probe(probe_port, "/readyz") == (503, "not ready")  # from the start of wrap-up
         assert probe(probe_port, "/livez") == (200, "live")
         for _ in range(3):  # the drain delay: new connections are still answered
             assert get(port, "/")[:2] == (200, "hello from /\n")
-        child.expect_err("stopped accepting")
+        child.wait_for_output("stopped accepting", stream="stderr")
         refused_within(port)
         assert slow.result(BOUND)[:2] == (200, "hello from /slow\n")  # in flight: finished
-    assert child.wait() == 0
+    assert child.wait().returncode == 0
     refused_within(probe_port)  # closed once run() returned
 
 
@@ -263,17 +263,16 @@ def test_a_zero_termination_grace_is_always_too_short(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.timeout(60)
-def test_run_warns_once_at_start_when_the_grace_is_too_short(children: list[Child]) -> None:
+def test_run_warns_once_at_start_when_the_grace_is_too_short(graceful_process: ProcessFactory) -> None:
     env = {"GRACEFUL_TERMINATION_GRACE": "20", "GRACEFUL_DRAIN_DELAY": "1", "GRACEFUL_FORCE_QUIT": "25"}
-    child = Child(SERVICE, env=env)
-    children.append(child)
-    child.expect_err("server(s) started: ready")
-    assert child.err.count("WARNING graceful the drain delay (1 s) plus the force-quit budget (25 s)") == 1
-    assert "not less than the platform's grace of 20 s" in child.err
-    assert child.err.index("platform's grace") < child.err.index("server(s) started")  # at start
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
-    assert child.err.count("platform's grace") == 1
+    child = graceful_process(SERVICE, env=env)
+    child.wait_for_output("server(s) started: ready", stream="stderr")
+    assert child.stderr.count("WARNING graceful the drain delay (1 s) plus the force-quit budget (25 s)") == 1
+    assert "not less than the platform's grace of 20 s" in child.stderr
+    assert child.stderr.index("platform's grace") < child.stderr.index("server(s) started")  # at start
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
+    assert child.stderr.count("platform's grace") == 1
 
 
 def test_bad_probe_settings_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .redis_server import RedisServer, find_redis_server
+from .support.redis_server import RedisServer, find_redis_server
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the fakes are POSIX shell scripts")
 

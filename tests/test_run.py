@@ -7,7 +7,6 @@ import logging
 import signal
 import socketserver
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,12 +17,7 @@ from graceful.adapters import CallableService, CoroutineService, SocketServerSer
 
 from .conftest import BOUND, Recorder
 
-
-@pytest.fixture
-def fresh(fresh: Lifecycle) -> Iterator[Lifecycle]:
-    """conftest's ``fresh``, and no test here may reach the force-quit deadline."""
-    yield fresh
-    assert fresh.force_quit_report is None, fresh.force_quit_report
+pytestmark = pytest.mark.never_forced  # no test here may reach the force-quit deadline
 
 
 def handlers() -> dict[int, object]:
@@ -165,6 +159,51 @@ def test_a_coroutine_returning_on_its_own_stops_everything(fresh: Lifecycle) -> 
 
     assert graceful.run(main()) == 0
     assert "exited" in (fresh.status().reason or "")
+
+
+@pytest.mark.timeout(30)
+def test_an_async_server_crash_gives_exit_code_1(fresh: Lifecycle) -> None:
+    async def crash() -> None:
+        raise RuntimeError("async boom")
+
+    assert graceful.run(crash()) == 1
+
+
+@pytest.mark.timeout(30)
+def test_an_async_service_that_raises_keyboard_interrupt_is_graceful(
+    fresh: Lifecycle,
+) -> None:
+    class Interrupted:
+        name = "interrupted"
+
+        async def serve(self, ctx: graceful.Context) -> None:
+            ctx.started()
+            raise KeyboardInterrupt
+
+        async def wrap_up(self, ctx: graceful.Context) -> None:
+            return None
+
+        async def close(self, ctx: graceful.Context) -> None:
+            return None
+
+    lifecycle = fresh
+    assert graceful.run(Interrupted()) == 0
+    assert lifecycle.status().reason == "KeyboardInterrupt"
+
+
+def test_a_coroutine_service_wrap_up_before_it_started_is_harmless(fresh: Lifecycle) -> None:
+    from graceful.adapters import CoroutineService
+
+    async def never() -> None:
+        return None
+
+    coro = never()
+    service = CoroutineService(coro, name="never")
+    lifecycle = fresh
+    ctx = graceful.Context(lifecycle, "never")
+    asyncio.run(service.wrap_up(ctx))
+    asyncio.run(service.close(ctx))
+    coro.close()
 
 
 @pytest.mark.timeout(30)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
+import sys
 import threading
 import types
 
@@ -12,10 +14,10 @@ import pytest
 
 import graceful
 from graceful import Lifecycle, State
-from graceful._signals import Router, handled_signals, signal_handlers
+from graceful._signals import Router, _name, handled_signals, signal_handlers
 from graceful.lowlevel import shutdown_requested
+from graceful.testing import GracefulProcess, ProcessFactory
 
-from .child import Child
 from .conftest import BOUND, Recorder
 
 SERVICE = """
@@ -54,15 +56,17 @@ sys.exit(graceful.run(serve))
 """
 
 
-def service(*, budget: float = 10, hold: bool = False, reload: bool = False, close_extra: str = "") -> Child:
+def service(
+    graceful_process: ProcessFactory,
+    *,
+    budget: float = 10,
+    hold: bool = False,
+    reload: bool = False,
+    close_extra: str = "",
+) -> GracefulProcess:
     code = SERVICE.format(budget=budget, hold=hold, reload=reload, close_extra=close_extra or "pass")
-    child = Child(code)
-    child.expect("serving")
-    return child
-
-
-def track(children: list[Child], child: Child) -> Child:
-    children.append(child)
+    child = graceful_process(code, stdin=True)
+    child.wait_for_line("serving")
     return child
 
 
@@ -71,113 +75,247 @@ def track(children: list[Child], child: Child) -> Child:
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_term_and_int_shut_down_gracefully_with_exit_0(children: list[Child], sig: int) -> None:
-    child = track(children, service())
-    child.send(sig)
-    assert child.wait() == 0
-    assert child.out.splitlines()[-2:] == ["wrap-up listener ran", "shutdown listener ran"]
-    assert f"received {signal.Signals(sig).name}" in child.err
-    assert "Traceback" not in child.err
+def test_term_and_int_shut_down_gracefully_with_exit_0(graceful_process: ProcessFactory, sig: int) -> None:
+    child = service(graceful_process)
+    child.send_signal(sig)
+    assert child.wait().returncode == 0
+    assert child.stdout.splitlines()[-2:] == ["wrap-up listener ran", "shutdown listener ran"]
+    assert f"received {signal.Signals(sig).name}" in child.stderr
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(30)
-def test_int_again_forces_quit_with_70_and_a_report(children: list[Child]) -> None:
-    child = track(children, service(hold=True))
-    child.send(signal.SIGINT)
-    child.expect("wrap-up listener ran")
-    child.send(signal.SIGINT)
-    assert child.wait() == 70
-    assert "force quit: SIGINT again while shutting down" in child.err
-    assert "wrap_up listener 'drain': running for" in child.err
-    assert "shutdown listener ran" not in child.out
+def test_int_again_forces_quit_with_70_and_a_report(graceful_process: ProcessFactory) -> None:
+    child = service(graceful_process, hold=True)
+    child.send_signal(signal.SIGINT)
+    child.wait_for_line("wrap-up listener ran")
+    child.send_signal(signal.SIGINT)
+    assert child.wait().returncode == 70
+    assert "force quit: SIGINT again while shutting down" in child.stderr
+    assert "wrap_up listener 'drain': running for" in child.stderr
+    assert "shutdown listener ran" not in child.stdout
 
 
 @pytest.mark.timeout(30)
-def test_quit_forces_quit_at_once(children: list[Child]) -> None:
-    child = track(children, service())
-    child.send(signal.SIGQUIT)
-    assert child.wait() == 70
-    assert "force quit: SIGQUIT received" in child.err
-    assert "wrap-up listener ran" not in child.out
+def test_quit_forces_quit_at_once(graceful_process: ProcessFactory) -> None:
+    child = service(graceful_process)
+    child.send_signal(signal.SIGQUIT)
+    assert child.wait().returncode == 70
+    assert "force quit: SIGQUIT received" in child.stderr
+    assert "wrap-up listener ran" not in child.stdout
 
 
 @pytest.mark.timeout(30)
-def test_term_again_is_logged_and_ignored(children: list[Child]) -> None:
-    child = track(children, service(hold=True))
-    child.send(signal.SIGTERM)
-    child.expect("wrap-up listener ran")
-    child.send(signal.SIGTERM)
-    child.expect_err("received SIGTERM again: already shutting down, ignored")
-    child.tell("go")
-    assert child.wait() == 0
-    assert child.out.count("shutdown listener ran") == 1
+def test_term_again_is_logged_and_ignored(graceful_process: ProcessFactory) -> None:
+    child = service(graceful_process, hold=True)
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("wrap-up listener ran")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("received SIGTERM again: already shutting down, ignored", stream="stderr")
+    child.send_line("go")
+    assert child.wait().returncode == 0
+    assert child.stdout.count("shutdown listener ran") == 1
 
 
 @pytest.mark.timeout(30)
-def test_tstp_wraps_up_and_stays_alive_until_term(children: list[Child]) -> None:
-    child = track(children, service())
-    child.send(signal.SIGTSTP)
-    child.expect("wrap-up listener ran")
-    child.send(signal.SIGUSR1)  # alive and answering
-    child.expect_err("end of thread dump")
-    assert child.proc.poll() is None
-    assert "shutdown listener ran" not in child.out
-    assert "state wrapping_up" in child.err
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
-    assert child.out.splitlines()[-1] == "shutdown listener ran"
+def test_tstp_wraps_up_and_stays_alive_until_term(graceful_process: ProcessFactory) -> None:
+    child = service(graceful_process)
+    child.send_signal(signal.SIGTSTP)
+    child.wait_for_line("wrap-up listener ran")
+    child.send_signal(signal.SIGUSR1)  # alive and answering
+    child.wait_for_output("end of thread dump", stream="stderr")
+    assert child.returncode is None
+    assert "shutdown listener ran" not in child.stdout
+    assert "state wrapping_up" in child.stderr
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
+    assert child.stdout.splitlines()[-1] == "shutdown listener ran"
 
 
 @pytest.mark.timeout(30)
-def test_usr1_dumps_threads_tasks_and_status_and_keeps_running(children: list[Child]) -> None:
-    child = track(children, service())
-    child.send(signal.SIGUSR1)
-    child.expect_err("graceful: end of thread dump")
-    assert 'Thread "MainThread"' in child.err
-    assert 'Thread "graceful-serve-serve"' in child.err
-    assert "graceful: state running" in child.err
-    assert "Traceback" not in child.err  # a dump, not an exception
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+def test_usr1_dumps_threads_tasks_and_status_and_keeps_running(graceful_process: ProcessFactory) -> None:
+    child = service(graceful_process)
+    child.send_signal(signal.SIGUSR1)
+    child.wait_for_output("graceful: end of thread dump", stream="stderr")
+    assert 'Thread "MainThread"' in child.stderr
+    assert 'Thread "graceful-serve-serve"' in child.stderr
+    assert "graceful: state running" in child.stderr
+    assert "Traceback" not in child.stderr  # a dump, not an exception
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
 
 
 @pytest.mark.timeout(30)
-def test_hup_runs_reload_listeners(children: list[Child]) -> None:
-    child = track(children, service(reload=True))
-    child.send(signal.SIGHUP)
-    child.expect("reloaded")
-    child.send(signal.SIGHUP)
-    child.expect("reloaded")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+def test_usr1_dump_lists_the_asyncio_tasks_of_the_loop_run_drives(graceful_process: ProcessFactory) -> None:
+    code = """
+import asyncio, graceful, sys
+async def pump_messages():
+    print("serving", flush=True)
+    await asyncio.sleep(60)
+sys.exit(graceful.run(pump_messages()))
+"""
+    child = graceful_process(code)
+    try:
+        child.wait_for_line("serving")
+        child.send_signal(signal.SIGUSR1)
+        child.wait_for_output("end of thread dump", stream="stderr")
+        assert "asyncio tasks of" in child.stderr
+        assert "in pump_messages" in child.stderr
+        child.send_signal(signal.SIGTERM)
+        assert child.wait().returncode == 0
+    finally:
+        child.kill()
 
 
 @pytest.mark.timeout(30)
-def test_hup_without_reload_listeners_shuts_down_gracefully(children: list[Child]) -> None:
+def test_hup_runs_reload_listeners(graceful_process: ProcessFactory) -> None:
+    child = service(graceful_process, reload=True)
+    child.send_signal(signal.SIGHUP)
+    child.wait_for_line("reloaded")
+    child.send_signal(signal.SIGHUP)
+    child.wait_for_line("reloaded")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
+
+
+@pytest.mark.timeout(30)
+def test_hup_without_reload_listeners_shuts_down_gracefully(graceful_process: ProcessFactory) -> None:
     """A closed terminal (SIGHUP, no reload listener) must not leave an orphan serving."""
-    child = track(children, service())
-    child.send(signal.SIGHUP)
-    child.expect_err("received SIGHUP with no reload listener")
-    assert child.wait() == 0
-    assert "stopped (" in child.err
+    child = service(graceful_process)
+    child.send_signal(signal.SIGHUP)
+    child.wait_for_output("received SIGHUP with no reload listener", stream="stderr")
+    assert child.wait().returncode == 0
+    assert "stopped (" in child.stderr
 
 
 @pytest.mark.timeout(30)
-def test_a_failing_listener_gives_exit_code_1(children: list[Child]) -> None:
-    child = track(children, service(close_extra="raise RuntimeError('flush failed')"))
-    child.send(signal.SIGTERM)
-    assert child.wait() == 1
-    assert "shutdown listener 'close' failed" in child.err
-    assert "RuntimeError: flush failed" in child.err
+def test_a_failing_listener_gives_exit_code_1(graceful_process: ProcessFactory) -> None:
+    child = service(graceful_process, close_extra="raise RuntimeError('flush failed')")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 1
+    assert "shutdown listener 'close' failed" in child.stderr
+    assert "RuntimeError: flush failed" in child.stderr
 
 
 @pytest.mark.timeout(30)
-def test_deadline_gives_exit_code_70(children: list[Child]) -> None:
-    child = track(children, service(budget=0.5, hold=True))
-    child.send(signal.SIGTERM)
-    assert child.wait() == 70
-    assert "deadline of 0.5 s passed" in child.err
-    assert "wrap_up listener 'drain'" in child.err
+def test_deadline_gives_exit_code_70(graceful_process: ProcessFactory) -> None:
+    """A stuck drain is abandoned at the wrap-up timeout; a stuck close holds until the deadline."""
+    child = service(graceful_process, budget=0.5, hold=True, close_extra="go.wait()")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 70
+    assert "deadline of 0.5 s passed" in child.stderr
+    assert "wrap_up listener 'drain'" in child.stderr
+
+
+# -- Ctrl-C without graceful's handlers: run(handle_signals=False) ---------------------------
+
+
+@pytest.mark.timeout(30)
+def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
+    fresh: Lifecycle, exits: Recorder
+) -> None:
+    """handle_signals=False: Python's own KeyboardInterrupt in the main thread is honoured."""
+    lifecycle = fresh
+    release = threading.Event()
+    wrapping = threading.Event()
+    lifecycle.add_wrap_up_listener(lambda: (wrapping.set(), release.wait(BOUND)), name="slow")
+
+    main = threading.main_thread().ident
+    assert main is not None
+
+    sent_at: list[str] = []  # the main thread's stack as each Ctrl-C was sent: said on failure
+
+    def stack() -> str:
+        frame, names = sys._current_frames().get(main), []
+        while frame is not None:
+            names.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            frame = frame.f_back
+        return " < ".join(names)
+
+    def main_thread_is_blocked_in_run() -> bool:
+        """Waiting in run()'s final wait: not starting up, not handling the last Ctrl-C."""
+        frame = sys._current_frames().get(main)
+        if frame is None or frame.f_code.co_name != "wait":
+            return False
+        while frame is not None and frame.f_code.co_name in {"wait", "wait_for_shutdown"}:
+            frame = frame.f_back
+        return frame is not None and frame.f_code.co_name == "_block"
+
+    def ctrl_c() -> None:
+        """A real Ctrl-C at the main thread, once it waits in run(), as an operator's finds it.
+
+        Python's KeyboardInterrupt lands wherever the main thread is: sent the moment serve()
+        runs, it could land in the instant between run()'s start-up and its wait, and
+        propagate out of run() instead of starting the shutdown.
+        """
+        pause = threading.Event()
+        for _ in range(int(BOUND / 0.005)):
+            if main_thread_is_blocked_in_run():
+                break
+            pause.wait(0.005)  # polling a stack: there is no event to wait on
+        else:
+            raise AssertionError("the main thread never waited in run()")
+        sent_at.append(stack())
+        signal.pthread_kill(main, signal.SIGINT)
+
+    def interrupter() -> None:
+        ctrl_c()  # the first shuts down gracefully
+        assert wrapping.wait(BOUND)
+        ctrl_c()  # the second one forces
+        assert exits.called.wait(BOUND), sent_at
+        release.set()
+
+    def serve() -> None:
+        threading.Thread(target=interrupter).start()
+        assert release.wait(BOUND)
+
+    code = graceful.run(serve, handle_signals=False)
+    assert exits.codes == [70]
+    assert code == 70
+    assert "KeyboardInterrupt again" in (lifecycle.force_quit_report or ""), sent_at
+
+
+@pytest.mark.timeout(30)
+def test_a_ctrl_c_pending_while_the_main_thread_is_blocked_is_not_lost(
+    fresh: Lifecycle,
+) -> None:
+    """handle_signals=False: a Ctrl-C whose Python handler is pending while the main thread is
+    blocked in run()'s wait still shuts down (within a slice of the wait).
+
+    CPython runs a signal's Python handler only between bytecodes: a SIGINT landing after the
+    last check and before the lock wait blocks stays pending until the lock is acquired.
+    ``_thread.interrupt_main()`` makes exactly that state (the handler pending, no signal to
+    interrupt the wait); with one endless wait, run() never saw it.
+    """
+    lifecycle = fresh
+    wrapping = threading.Event()
+    release = threading.Event()
+    lifecycle.add_wrap_up_listener(lambda: (wrapping.set(), release.set()), name="note")
+    main = threading.main_thread().ident
+
+    def main_waits_in_run() -> bool:
+        frame = sys._current_frames().get(main or -1)
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return bool(names) and names[0] == "wait" and "_block" in names
+
+    def interrupter() -> None:
+        pause = threading.Event()
+        for _ in range(int(BOUND / 0.005)):
+            if main_waits_in_run():
+                break
+            pause.wait(0.005)  # polling a stack: there is no event to wait on
+        _thread.interrupt_main()  # the handler is pending; nothing interrupts the wait
+
+    def serve() -> None:
+        threading.Thread(target=interrupter).start()
+        assert release.wait(BOUND)
+
+    assert graceful.run(serve, handle_signals=False) == 0
+    assert wrapping.is_set()
+    assert lifecycle.status().reason == "KeyboardInterrupt"
 
 
 # -- the systemd stop sequence ------------------------------------------------------------------
@@ -208,22 +346,22 @@ sys.exit(graceful.run(worker))
 
 
 @pytest.mark.timeout(30)
-def test_systemd_stop_sequence_tstp_then_term(children: list[Child]) -> None:
+def test_systemd_stop_sequence_tstp_then_term(graceful_process: ProcessFactory) -> None:
     """ExecStop=kill -TSTP; sleep; kill -TERM: new work stops, in-flight work completes, exit 0."""
-    child = track(children, Child(WORKER))
-    child.expect("job 1 started")
-    child.send(signal.SIGTSTP)
-    child.expect("wrapped up")
-    child.tell("finish")
-    child.expect("job 1 done")
-    child.expect("worker stopped fetching")
-    child.send(signal.SIGUSR1)  # still up while paused (the unit's `sleep 10`)
-    child.expect_err("end of thread dump")
-    assert "closed" not in child.out
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
-    assert "job 2 started" not in child.out
-    assert child.out.splitlines()[-1] == "closed"
+    child = graceful_process(WORKER, stdin=True)
+    child.wait_for_line("job 1 started")
+    child.send_signal(signal.SIGTSTP)
+    child.wait_for_line("wrapped up")
+    child.send_line("finish")
+    child.wait_for_line("job 1 done")
+    child.wait_for_line("worker stopped fetching")
+    child.send_signal(signal.SIGUSR1)  # still up while paused (the unit's `sleep 10`)
+    child.wait_for_output("end of thread dump", stream="stderr")
+    assert "closed" not in child.stdout
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
+    assert "job 2 started" not in child.stdout
+    assert child.stdout.splitlines()[-1] == "closed"
 
 
 # -- storms and locks ----------------------------------------------------------------------------
@@ -255,11 +393,11 @@ sys.exit(graceful.get_lifecycle().exit_code)
 """
 
 
-def _storm(child: Child, mix: list[int], count: int) -> int:
+def _storm(child: GracefulProcess, mix: list[int], count: int) -> int:
     sent = 0
     for i in range(count):
         try:
-            os.kill(child.proc.pid, mix[i % len(mix)])
+            os.kill(child.pid, mix[i % len(mix)])
         except ProcessLookupError:
             break
         sent += 1
@@ -268,37 +406,39 @@ def _storm(child: Child, mix: list[int], count: int) -> int:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("run", range(10))
-def test_signal_storm_without_int_one_sequence_every_listener_once(children: list[Child], run: int) -> None:
+def test_signal_storm_without_int_one_sequence_every_listener_once(
+    graceful_process: ProcessFactory, run: int
+) -> None:
     """2,000 TERM/TSTP/USR1 as fast as possible at a main thread busy logging."""
-    child = track(children, Child(STORM))
-    child.expect("ready")
+    child = graceful_process(STORM, wait_ready=False, stdin=True)
+    child.wait_for_line("ready")
     mix = [signal.SIGTSTP, signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR1]
     mix = mix[run % 4 :] + mix[: run % 4]
     assert _storm(child, mix, 2000) == 2000
-    child.tell("storm over")
-    assert child.wait(30) == 0
-    lines = child.out.splitlines()
+    child.send_line("storm over")
+    assert child.wait(30).returncode == 0
+    lines = child.stdout.splitlines()
     assert sorted(lines[1:]) == ["close 0", "close 1", "close 2", "wrap 0", "wrap 1", "wrap 2"]
-    assert child.err.count("wrapping up (") == 1
-    assert child.err.count("stopped (") == 1
-    assert "Traceback" not in child.err
+    assert child.stderr.count("wrapping up (") == 1
+    assert child.stderr.count("stopped (") == 1
+    assert "Traceback" not in child.stderr
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("run", range(10))
-def test_signal_storm_with_int_forces_once(children: list[Child], run: int) -> None:
+def test_signal_storm_with_int_forces_once(graceful_process: ProcessFactory, run: int) -> None:
     """With SIGINT in the mix, the second SIGINT forces: exactly one report, exit 70."""
-    child = track(children, Child(STORM))
-    child.expect("ready")
+    child = graceful_process(STORM, wait_ready=False, stdin=True)
+    child.wait_for_line("ready")
     mix = [signal.SIGTERM, signal.SIGINT, signal.SIGTSTP, signal.SIGUSR1]
     mix = mix[run % 4 :] + mix[: run % 4]
     _storm(child, mix, 2000)
-    assert child.wait(30) == 70
-    assert child.err.count("graceful: force quit:") == 1
-    assert child.err.count("wrapping up (") == 1
+    assert child.wait(30).returncode == 70
+    assert child.stderr.count("graceful: force quit:") == 1
+    assert child.stderr.count("wrapping up (") == 1
     for n in range(3):
-        assert child.out.count(f"wrap {n}") <= 1
-    assert "Traceback" not in child.err
+        assert child.stdout.count(f"wrap {n}") <= 1
+    assert "Traceback" not in child.stderr
 
 
 LOCKS = """
@@ -324,14 +464,14 @@ sys.exit(graceful.get_lifecycle().exit_code)
 
 @pytest.mark.timeout(40)
 def test_a_signal_while_main_holds_the_logging_lock_and_a_user_lock_does_not_deadlock(
-    children: list[Child],
+    graceful_process: ProcessFactory,
 ) -> None:
-    child = track(children, Child(LOCKS))
-    child.expect("holding")
-    child.send(signal.SIGTERM)
-    child.expect("wrap-up ran while main holds the locks")
-    assert child.wait(30) == 0
-    assert "closed after main let go" in child.err
+    child = graceful_process(LOCKS, wait_ready=False)
+    child.wait_for_line("holding")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("wrap-up ran while main holds the locks")
+    assert child.wait(30).returncode == 0
+    assert "closed after main let go" in child.stderr
 
 
 # -- platforms without some signals --------------------------------------------------------------
@@ -346,6 +486,11 @@ def test_handled_signals_skip_what_the_platform_lacks() -> None:
     ]
 
 
+def test_unknown_signal_numbers_get_a_readable_name() -> None:
+    assert _name(signal.SIGTERM) == "SIGTERM"
+    assert _name(250) == "signal 250"
+
+
 def test_sigbreak_acts_like_sigterm(lc: Lifecycle) -> None:
     router = Router(lc)
     router._route(21, "SIGBREAK")
@@ -354,7 +499,9 @@ def test_sigbreak_acts_like_sigterm(lc: Lifecycle) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_core_and_signal_routing_work_with_a_signal_module_lacking_posix_signals() -> None:
+def test_core_and_signal_routing_work_with_a_signal_module_lacking_posix_signals(
+    graceful_process: ProcessFactory,
+) -> None:
     code = """
 import signal, sys
 for name in ("SIGTSTP", "SIGUSR1", "SIGHUP", "SIGQUIT"):
@@ -369,10 +516,10 @@ code = graceful.run(serve)
 print("exit", code, "ran", ran, flush=True)
 sys.exit(code)
 """
-    child = Child(code)
+    child = graceful_process(code, wait_ready=False)
     try:
-        assert child.wait() == 0, child.err
-        assert "exit 0 ran [1]" in child.out
+        assert child.wait().returncode == 0, child.stderr
+        assert "exit 0 ran [1]" in child.stdout
     finally:
         child.kill()
 
@@ -523,15 +670,15 @@ BLOCKERS = {
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("blocker", sorted(BLOCKERS))
-def test_signal_is_acted_on_while_main_is_blocked(children: list[Child], blocker: str) -> None:
+def test_signal_is_acted_on_while_main_is_blocked(graceful_process: ProcessFactory, blocker: str) -> None:
     """The wakeup fd reaches the coordinator whatever the main thread is blocked in."""
-    child = track(children, Child(BLOCKED.format(block=BLOCKERS[blocker])))
-    child.expect("blocking")
-    child.send(signal.SIGTERM)
-    child.expect("acted while main is blocked")
-    child.expect("done")
-    assert child.wait() == 0
-    assert "main woke up first" not in child.out
+    child = graceful_process(BLOCKED.format(block=BLOCKERS[blocker]), wait_ready=False)
+    child.wait_for_line("blocking")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("acted while main is blocked")
+    child.wait_for_line("done")
+    assert child.wait().returncode == 0
+    assert "main woke up first" not in child.stdout
 
 
 @pytest.mark.timeout(30)
@@ -561,7 +708,7 @@ print("main returns without waiting", flush=True)
 
 
 @pytest.mark.timeout(30)
-def test_main_returning_mid_sequence_does_not_cut_cleanup_short(children: list[Child]) -> None:
-    child = track(children, Child(MAIN_RETURNS))
-    assert child.wait() == 0
-    assert child.out.splitlines()[-1] == "cleanup finished"
+def test_main_returning_mid_sequence_does_not_cut_cleanup_short(graceful_process: ProcessFactory) -> None:
+    child = graceful_process(MAIN_RETURNS, wait_ready=False)
+    assert child.wait().returncode == 0
+    assert child.stdout.splitlines()[-1] == "cleanup finished"

@@ -18,8 +18,8 @@ import graceful
 from graceful import systemd
 from graceful._deadline import FakeClock
 from graceful.lowlevel import progress
+from graceful.testing import ProcessFactory
 
-from .child import Child
 from .conftest import BOUND, ROOT, Recorder
 
 SERVICE = r"""
@@ -50,7 +50,11 @@ def stop_serving():
         word("drained").wait()  # the drain goes on until the test says so
 
 graceful.add_wrap_up_listener(stop_serving, name="stop-serving")
-graceful.add_shutdown_listener(lambda: None, name="close-pool")
+def close_pool():
+    if "hold-close" in sys.argv:
+        word("closed").wait()  # past the wrap-up timeout, a stuck close is what meets the deadline
+
+graceful.add_shutdown_listener(close_pool, name="close-pool")
 
 def reload():
     if "block-reload" in sys.argv:
@@ -84,6 +88,8 @@ sys.exit(graceful.run(serve, force_quit=float(sys.argv[-1]) if sys.argv[-1][0].i
 
 
 def service(*flags: str) -> str:
+    """SERVICE with these flags; the tests start it with ``graceful_process(..., wait_ready=False)``
+    and ``NOTIFY_SOCKET`` in ``env``: the peer its messages go to is the test's own."""
     return f"import sys; sys.argv.extend({list(flags)!r})\n" + SERVICE
 
 
@@ -185,19 +191,20 @@ def _messages(p: Peer) -> list[str]:
 
 
 @pytest.mark.timeout(60)
-def test_start_reload_shutdown_messages_in_order(children: list[Child], peer: tuple[Peer, str]) -> None:
+def test_start_reload_shutdown_messages_in_order(
+    graceful_process: ProcessFactory, peer: tuple[Peer, str]
+) -> None:
     p, notify_socket = peer
-    child = Child(service(), env={"NOTIFY_SOCKET": notify_socket})
-    children.append(child)
+    child = graceful_process(service(), env={"NOTIFY_SOCKET": notify_socket}, wait_ready=False, stdin=True)
     p.expect("READY=1")
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    child.send(signal.SIGHUP)
+    child.send_signal(signal.SIGHUP)
     reloading = p.expect("RELOADING=1")[1]
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     p.expect("READY=1")
-    child.expect("reloaded")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    child.wait_for_line("reloaded")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
     p.wait_for("STATUS=stopped")
     monotonic_usec = int(reloading.split("\n")[1].removeprefix("MONOTONIC_USEC="))
     assert before <= monotonic_usec <= after  # CLOCK_MONOTONIC, in µs, taken after SIGHUP came
@@ -216,7 +223,7 @@ def test_start_reload_shutdown_messages_in_order(children: list[Child], peer: tu
 
 @pytest.mark.timeout(60)
 def test_a_pause_is_not_stopping_until_the_shutdown_comes(
-    children: list[Child], path_peer: tuple[Peer, str]
+    graceful_process: ProcessFactory, path_peer: tuple[Peer, str]
 ) -> None:
     """TSTP, HUP, TERM (the worker unit's ExecStop): STOPPING=1 only with TERM.
 
@@ -224,19 +231,18 @@ def test_a_pause_is_not_stopping_until_the_shutdown_comes(
     the paused process when TimeoutStopSec ran out.
     """
     p, notify_socket = path_peer
-    child = Child(service(), env={"NOTIFY_SOCKET": notify_socket})
-    children.append(child)
+    child = graceful_process(service(), env={"NOTIFY_SOCKET": notify_socket}, wait_ready=False, stdin=True)
     p.expect("READY=1")
-    child.send(signal.SIGTSTP)
+    child.send_signal(signal.SIGTSTP)
     assert p.expect("STATUS=paused")[1] == (
         "STATUS=paused (SIGTSTP): not taking new work; SIGTERM stops the service"
     )
-    child.expect_err("wrap_up phase done")
-    child.send(signal.SIGHUP)  # a reload while paused (Type=notify-reload)
+    child.wait_for_output("wrap_up phase done", stream="stderr")
+    child.send_signal(signal.SIGHUP)  # a reload while paused (Type=notify-reload)
     assert p.expect("RELOADING=1")[1].endswith("\nSTATUS=reloading (SIGHUP)")
     assert p.expect("READY=1")[1] == "READY=1\nSTATUS=paused (reloaded)"
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
     p.wait_for("STATUS=stopped")
     assert _messages(p)[4:-1] == [
         "STOPPING=1\nSTATUS=wrapping up (SIGTERM)",
@@ -248,29 +254,38 @@ def test_a_pause_is_not_stopping_until_the_shutdown_comes(
 
 @pytest.mark.timeout(60)
 def test_hup_without_reload_listeners_is_a_graceful_stop(
-    children: list[Child], path_peer: tuple[Peer, str]
+    graceful_process: ProcessFactory, path_peer: tuple[Peer, str]
 ) -> None:
     """No reload listener: SIGHUP (a closed terminal) stops the service, STOPPING=1 first."""
     p, notify_socket = path_peer
-    child = Child(service("no-reload"), env={"NOTIFY_SOCKET": notify_socket})
-    children.append(child)
+    child = graceful_process(
+        service("no-reload"), env={"NOTIFY_SOCKET": notify_socket}, wait_ready=False, stdin=True
+    )
     p.expect("READY=1")
-    child.send(signal.SIGHUP)
+    child.send_signal(signal.SIGHUP)
     assert p.expect("STOPPING=1")[1] == "STOPPING=1\nSTATUS=wrapping up (SIGHUP)"
-    assert child.wait() == 0
+    assert child.wait().returncode == 0
     assert not any(m.startswith("RELOADING=1") for m in _messages(p))
 
 
 @pytest.mark.timeout(60)
-def test_a_forced_exit_says_why_in_the_status(children: list[Child], path_peer: tuple[Peer, str]) -> None:
+def test_a_forced_exit_says_why_in_the_status(
+    graceful_process: ProcessFactory, path_peer: tuple[Peer, str]
+) -> None:
     p, notify_socket = path_peer
-    child = Child(service("hold-drain", "0.5"), env={"NOTIFY_SOCKET": notify_socket})
-    children.append(child)
+    child = graceful_process(
+        service("hold-drain", "hold-close", "0.5"),
+        env={"NOTIFY_SOCKET": notify_socket},
+        wait_ready=False,
+        stdin=True,
+    )
     p.expect("READY=1")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 70
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 70
     p.wait_for("STATUS=forced")
-    stopping, extend, forced = _messages(p)[1:]
+    messages = _messages(p)
+    stopping, extend, forced = messages[1], messages[2], messages[-1]
+    assert "STATUS=shutting down" in messages  # the stuck drain was abandoned; the close is stuck
     assert stopping == "STOPPING=1\nSTATUS=wrapping up (SIGTERM)"
     assert 5_000_000 < int(extend.removeprefix("EXTEND_TIMEOUT_USEC=")) <= 5_500_000  # never past
     assert forced == "STATUS=forced: the force-quit deadline of 0.5 s passed"  # the deadline + 5 s
@@ -278,77 +293,80 @@ def test_a_forced_exit_says_why_in_the_status(children: list[Child], path_peer: 
 
 @pytest.mark.timeout(60)
 def test_watchdog_pings_at_half_the_interval_and_through_a_drain(
-    children: list[Child], path_peer: tuple[Peer, str]
+    graceful_process: ProcessFactory, path_peer: tuple[Peer, str]
 ) -> None:
     p, notify_socket = path_peer
-    child = Child(service("hold-drain"), env={"NOTIFY_SOCKET": notify_socket, "WATCHDOG_USEC": "200000"})
-    children.append(child)
+    child = graceful_process(
+        service("hold-drain"),
+        env={"NOTIFY_SOCKET": notify_socket, "WATCHDOG_USEC": "200000"},
+        wait_ready=False,
+        stdin=True,
+    )
     p.expect("READY=1")
     first = p.expect("WATCHDOG=1")[0]
     while p.expect("WATCHDOG=1")[0] < first + 1.0:  # a one-second window, by the peer's clock
         pass
     in_window = [at for at in p.pings() if first <= at <= first + 1.0]
     assert 5 <= len(in_window) <= 12, in_window  # one every 0.1 s: 11 counting both ends
-    child.send(signal.SIGTERM)
-    child.expect("draining")  # a healthy drain: the coordinator answers, the pings go on
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("draining")  # a healthy drain: the coordinator answers, the pings go on
     start = p.expect("WATCHDOG=1")[0]
     while p.expect("WATCHDOG=1")[0] < start + 0.5:
         pass
-    child.tell("drained")
-    assert child.wait() == 0
+    child.send_line("drained")
+    assert child.wait().returncode == 0
 
 
 @pytest.mark.timeout(60)
-def test_watchdog_honours_watchdog_pid(children: list[Child], path_peer: tuple[Peer, str]) -> None:
+def test_watchdog_honours_watchdog_pid(graceful_process: ProcessFactory, path_peer: tuple[Peer, str]) -> None:
     """WATCHDOG_PID names another process: this one does not ping."""
     p, notify_socket = path_peer
     env = {"NOTIFY_SOCKET": notify_socket, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}
-    child = Child(service(), env=env)
-    children.append(child)
+    child = graceful_process(service(), env=env, wait_ready=False, stdin=True)
     p.expect("READY=1")
     p.none_within(1.0, pings=True)  # ten intervals
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
     assert p.pings() == []
 
 
 @pytest.mark.timeout(60)
 def test_watchdog_stops_while_the_coordinator_is_stuck(
-    children: list[Child], path_peer: tuple[Peer, str]
+    graceful_process: ProcessFactory, path_peer: tuple[Peer, str]
 ) -> None:
     """A coordinator stuck in a log handler stops WATCHDOG=1 until it answers again."""
     p, notify_socket = path_peer
     env = {"NOTIFY_SOCKET": notify_socket, "WATCHDOG_USEC": "200000"}
-    child = Child(service("stuck-log", "hold-drain"), env=env)
-    children.append(child)
+    child = graceful_process(service("stuck-log", "hold-drain"), env=env, wait_ready=False, stdin=True)
     p.expect("READY=1")
     p.expect("WATCHDOG=1")
-    child.send(signal.SIGTERM)  # the coordinator logs "received SIGTERM": the handler blocks it
-    child.expect("coordinator stuck in logging")
-    child.expect_err("has not answered")
+    child.send_signal(signal.SIGTERM)  # the coordinator logs "received SIGTERM": the handler blocks it
+    child.wait_for_line("coordinator stuck in logging")
+    child.wait_for_output("has not answered", stream="stderr")
     p.drain()  # the pings sent before the coordinator got stuck
     p.none_within(1.0, pings=True)  # five times WATCHDOG_USEC: systemd would have acted
-    child.tell("go on")
-    child.expect_err("answers again: WATCHDOG=1 resumes")
+    child.send_line("go on")
+    child.wait_for_output("answers again: WATCHDOG=1 resumes", stream="stderr")
     p.expect("WATCHDOG=1")  # the pings resume
-    child.tell("drained")
-    assert child.wait() == 0
+    child.send_line("drained")
+    assert child.wait().returncode == 0
 
 
 @pytest.mark.timeout(60)
 def test_the_docs_own_loop_program_tells_systemd_the_same(
-    children: list[Child], path_peer: tuple[Peer, str]
+    graceful_process: ProcessFactory, path_peer: tuple[Peer, str]
 ) -> None:
     """docs/systemd.md's program without run(): SystemdNotifier inside signal_handlers()."""
     page = (ROOT / "docs" / "systemd.md").read_text()
     found = re.search(r"```python\n# own_loop.py\n(.*?)```", page, flags=re.DOTALL)
     assert found is not None
     p, notify_socket = path_peer
-    child = Child(found.group(1), env={"NOTIFY_SOCKET": notify_socket})
-    children.append(child)
+    child = graceful_process(
+        found.group(1), env={"NOTIFY_SOCKET": notify_socket}, wait_ready=False, stdin=True
+    )
     p.expect("READY=1")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
     p.wait_for("STATUS=stopped")
     assert _messages(p)[:-1] == [
         "READY=1\nSTATUS=working",

@@ -471,3 +471,96 @@ def test_a_child_that_cannot_start_leaves_nothing_behind(graceful_process: Proce
     with pytest.raises(ValueError, match="null byte"):
         graceful_process("pass", env={"BAD": "a\0b"})
     assert set(Path(tempfile.gettempdir()).glob("graceful-*")) <= before
+
+
+ECHO = """
+import sys
+from graceful.systemd import notify
+print("in 1", flush=True)
+print("noise", flush=True)
+print("in 2", flush=True)
+print("warming up", file=sys.stderr, flush=True)
+notify("READY=1")
+for line in sys.stdin:
+    if line == "bye\\n":
+        break
+    print("got", line.strip(), flush=True)
+    print("logged", line.strip(), file=sys.stderr, flush=True)
+sys.stdout.write("bye, no newline")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_wait_for_line_returns_each_next_matching_line_and_send_line_feeds_stdin(
+    graceful_process: ProcessFactory,
+) -> None:
+    """Two calls find two lines; each stream has its own place; the last line needs no newline."""
+    proc = graceful_process(ECHO, stdin=True)
+    assert proc.wait_for_line("in ") == "in 1"
+    assert proc.wait_for_line("in ") == "in 2"
+    assert proc.wait_for_line("warming", stream="stderr") == "warming up"
+    for word in ("one", "two"):
+        assert proc.send_line(word) is True
+        assert proc.wait_for_line("got") == f"got {word}"
+        assert proc.wait_for_line("logged", stream="stderr") == f"logged {word}"
+    with pytest.raises(TimeoutError, match=r"(?s)did not write a line with 'got' on stdout.*got two"):
+        proc.wait_for_line("got", timeout=0.2)  # "got two" was found already: none is next
+    proc.send_line("bye")
+    assert proc.wait_for_line("bye") == "bye, no newline"  # whole: the child has exited
+    assert proc.wait(BOUND).returncode == 0
+    assert proc.send_line("too late") is False
+    with pytest.raises(TimeoutError, match=r"\(it exited\)"):
+        proc.wait_for_line("in ", timeout=BOUND)  # both were read: the exit ends the wait at once
+
+
+@pytest.mark.timeout(60)
+def test_wait_for_output_can_look_at_one_stream(graceful_process: ProcessFactory) -> None:
+    """Text on stdout does not end a wait on stderr; a stream that is neither is refused."""
+    proc = graceful_process(ECHO, stdin=True)
+    proc.wait_for_output("noise", stream="stdout")
+    with pytest.raises(TimeoutError, match="did not write 'noise'"):
+        proc.wait_for_output("noise", timeout=0.2, stream="stderr")
+    proc.wait_for_output("warming up", stream="stderr")
+    with pytest.raises(ValueError, match="stream is 'stdout' or 'stderr'"):
+        proc.wait_for_output("noise", stream="stdin")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stream is 'stdout' or 'stderr'"):
+        proc.wait_for_line("noise", stream=None)  # type: ignore[arg-type]
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(BOUND).returncode == -signal.SIGKILL
+
+
+@pytest.mark.timeout(60)
+def test_without_stdin_true_send_line_says_how(graceful_process: ProcessFactory) -> None:
+    """The default stdin is /dev/null: a program reading it sees the end at once."""
+    proc = graceful_process(ECHO)
+    with pytest.raises(RuntimeError, match=r"stdin=True"):
+        proc.send_line("hello")
+    result = proc.wait(BOUND)
+    assert result.returncode == 0
+    assert "got" not in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_wait_ready_false_returns_at_once_and_lets_env_name_the_notify_peer(
+    graceful_process: ProcessFactory, tmp_path: Path
+) -> None:
+    """A program that never sends READY=1; a test that is the notify peer itself."""
+    proc = graceful_process(
+        "import os, sys; print(os.environ.get('NOTIFY_SOCKET'), flush=True); sys.stdin.readline()",
+        wait_ready=False,
+        stdin=True,
+    )
+    assert proc.wait_for_line("graceful-").endswith("/notify")  # the factory's own socket
+    assert proc.returncode is None
+    proc.send_line("")
+    assert proc.wait(BOUND).notifications == []
+
+    peer = str(tmp_path / "peer.sock")
+    proc = graceful_process(
+        "import os; print(os.environ['NOTIFY_SOCKET'])", env={"NOTIFY_SOCKET": peer}, wait_ready=False
+    )
+    result = proc.wait(BOUND)
+    assert result.stdout == f"{peer}\n"
+    assert result.notifications == []
+    with pytest.raises(ValueError, match="wait_ready=False"):
+        graceful_process("pass", env={"NOTIFY_SOCKET": peer})

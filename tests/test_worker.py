@@ -15,17 +15,21 @@ import signal
 import threading
 
 import pytest
-import redis
 
 import graceful
 from graceful import Lifecycle
 from graceful._service import Context
 from graceful.adapters.heartbeat import Registration
 from graceful.adapters.worker import Requeue, Worker
-from graceful.testing import ProcessFactory
+from graceful.testing import GracefulProcess, ProcessFactory
 
-from .child import Child
 from .conftest import BOUND, ROOT
+
+# The redis client (an extra) only for annotations: the rdb and redis_url fixtures skip a test
+# when it is not installed, and the tests that need no Redis still run.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import redis
 
 WORKER = r"""
 import logging, sys, threading
@@ -68,10 +72,9 @@ sys.exit(graceful.run([worker, Registration(r, "mailer", ttl=3)]))
 """
 
 
-def start_worker(children: list[Child], url: str, **env: str) -> Child:
-    child = Child(f"import sys; sys.argv = ['worker', {url!r}]\n" + WORKER, env=env)
-    children.append(child)
-    child.expect_err("ready")
+def start_worker(graceful_process: ProcessFactory, url: str, **env: str) -> GracefulProcess:
+    child = graceful_process(f"import sys; sys.argv = ['worker', {url!r}]\n" + WORKER, env=env, stdin=True)
+    child.wait_for_output("ready", stream="stderr")
     return child
 
 
@@ -101,83 +104,85 @@ def wait_registered(client: redis.Redis) -> list[str]:
 
 @pytest.mark.timeout(60)
 def test_jobs_in_flight_at_sigterm_finish_and_nothing_new_is_fetched(
-    children: list[Child], rdb: redis.Redis, redis_url: str
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str
 ) -> None:
-    child = start_worker(children, redis_url)
+    child = start_worker(graceful_process, redis_url)
     assert len(registered(rdb)) == 1
     rdb.lpush("jobs", "slow:1", "slow:2")
-    child.expect("start slow")
-    child.expect("start slow")
+    child.wait_for_line("start slow")
+    child.wait_for_line("start slow")
     rdb.lpush("jobs", "fast:3")  # both consumers are busy: it waits in the queue
-    child.send(signal.SIGTERM)
-    child.expect_err("shutting down: fetching stopped; 2 job(s) in hand")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("shutting down: fetching stopped; 2 job(s) in hand", stream="stderr")
     assert state(rdb) == "draining"  # registered (and beating) while the jobs finish
-    child.tell("release")
-    assert child.wait() == 0
+    child.send_line("release")
+    assert child.wait().returncode == 0
     assert rdb.smembers("done") == {"slow:1", "slow:2"}
     assert rdb.lrange("jobs", 0, -1) == ["fast:3"]  # never fetched after the wrap-up
     assert registered(rdb) == []
-    assert "mailer: stopped (2 done, 0 failed, 0 requeued)" in child.err
+    assert "mailer: stopped (2 done, 0 failed, 0 requeued)" in child.stderr
 
 
 @pytest.mark.timeout(60)
 def test_a_job_in_flight_at_the_deadline_is_requeued_and_named(
-    children: list[Child], rdb: redis.Redis, redis_url: str
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str
 ) -> None:
-    child = start_worker(children, redis_url, GRACEFUL_FORCE_QUIT="1")
+    child = start_worker(graceful_process, redis_url, GRACEFUL_FORCE_QUIT="1")
     rdb.lpush("jobs", "slow:stuck")
-    child.expect("start slow:stuck")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 70
+    child.wait_for_line("start slow:stuck")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 70
     assert rdb.lrange("jobs", 0, -1) == ["slow:stuck"]
-    assert "mailer: job 'slow:stuck' still running at the force-quit deadline (for " in child.err
+    assert "mailer: job 'slow:stuck' still running at the force-quit deadline (for " in child.stderr
     assert registered(rdb) == []
 
 
 @pytest.mark.timeout(60)
 def test_sigtstp_stops_fetching_and_keeps_the_process_up_until_sigterm(
-    children: list[Child], rdb: redis.Redis, redis_url: str
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str
 ) -> None:
-    child = start_worker(children, redis_url)
-    child.send(signal.SIGTSTP)
-    child.expect_err("mailer: paused: fetching stopped")
-    child.expect_err("mailer: stopped (0 done")  # every consumer has left fetch()
+    child = start_worker(graceful_process, redis_url)
+    child.send_signal(signal.SIGTSTP)
+    child.wait_for_output("mailer: paused: fetching stopped", stream="stderr")
+    child.wait_for_output("mailer: stopped (0 done", stream="stderr")  # every consumer has left fetch()
     rdb.lpush("jobs", "fast:after-pause")
-    assert child.proc.poll() is None
+    assert child.returncode is None
     assert state(rdb) == "paused"  # still registered while paused
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
     assert rdb.lrange("jobs", 0, -1) == ["fast:after-pause"]  # never fetched
     assert registered(rdb) == []
 
 
 @pytest.mark.timeout(60)
 def test_a_long_job_checkpoints_and_requeues_itself_when_stopping(
-    children: list[Child], rdb: redis.Redis, redis_url: str
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str
 ) -> None:
-    child = start_worker(children, redis_url)
+    child = start_worker(graceful_process, redis_url)
     rdb.lpush("jobs", "iter:42")
-    child.expect("start iter:42")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    child.wait_for_line("start iter:42")
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0
     (requeued,) = rdb.lrange("jobs", 0, -1)
     assert requeued.startswith("iter:42@")  # back on the queue with its checkpoint
-    assert f"job {requeued!r} asked to be requeued: requeued" in child.err
+    assert f"job {requeued!r} asked to be requeued: requeued" in child.stderr
 
 
 @pytest.mark.timeout(60)
 def test_a_fetch_that_raises_drains_the_jobs_in_hand_and_exits_1(
-    children: list[Child], rdb: redis.Redis, redis_url: str
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str
 ) -> None:
-    child = start_worker(children, redis_url)
+    child = start_worker(graceful_process, redis_url)
     rdb.lpush("jobs", "slow:in-hand")
-    child.expect("start slow:in-hand")
+    child.wait_for_line("start slow:in-hand")
     rdb.set("break-fetch", 1)  # the other consumer's next fetch raises
-    child.expect_err("shutting down: fetching stopped; 1 job(s) in hand: 'slow:in-hand'")
-    child.tell("release")
-    assert child.wait() == 1
+    child.wait_for_output(
+        "shutting down: fetching stopped; 1 job(s) in hand: 'slow:in-hand'", stream="stderr"
+    )
+    child.send_line("release")
+    assert child.wait().returncode == 1
     assert rdb.smembers("done") == {"slow:in-hand"}
-    assert "mailer: fetch() failed" in child.err
+    assert "mailer: fetch() failed" in child.stderr
     assert registered(rdb) == []  # the crash path removes the registration too
 
 

@@ -12,8 +12,8 @@ import urllib.request
 import pytest
 
 import graceful
+from graceful.testing import ProcessFactory
 
-from .child import Child
 from .conftest import BOUND, ROOT
 
 DEMO = f"import runpy; runpy.run_path({str(ROOT / 'examples' / 'demo.py')!r}, run_name='__main__')"
@@ -29,23 +29,23 @@ def _post(url: str) -> tuple[int, dict[str, object]]:
 
 
 @pytest.mark.timeout(60)
-def test_demo_does_every_job_it_accepted_during_the_drain_delay() -> None:
+def test_demo_does_every_job_it_accepted_during_the_drain_delay(graceful_process: ProcessFactory) -> None:
     """Demo, drain delay 1 s, SIGTERM, two POSTs after: each 202 job is done, exit 0."""
-    child = Child(DEMO, env={"PORT": "0", "GRACEFUL_DRAIN_DELAY": "1"})
+    child = graceful_process(DEMO, env={"PORT": "0", "GRACEFUL_DRAIN_DELAY": "1"})
     try:
-        child.expect_err("ready")
-        port = re.search(r"serving on http://127.0.0.1:(\d+)", child.err)
+        child.wait_for_output("ready", stream="stderr")
+        port = re.search(r"serving on http://127.0.0.1:(\d+)", child.stderr)
         assert port is not None
         url = f"http://127.0.0.1:{port.group(1)}/jobs"
-        child.send(signal.SIGTERM)
-        child.expect_err("wrapping up")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_output("wrapping up", stream="stderr")
         answers = [_post(url), _post(url)]  # inside the drain delay: still served
-        assert child.wait(30) == 0, child.err
+        assert child.wait(30).returncode == 0, child.stderr
         accepted = [body["job"] for code, body in answers if code == 202]
         assert accepted, answers  # the delay is 1 s: at least the first one is accepted
         for job in accepted:
-            assert f"job {job} done" in child.err, child.err
-        err = child.err
+            assert f"job {job} done" in child.stderr, child.stderr
+        err = child.stderr
         assert err.index("stopped accepting") < err.index("worker: no new jobs taken"), err
         assert "Traceback" not in err
     finally:

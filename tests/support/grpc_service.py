@@ -17,8 +17,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .child import PREAMBLE
-from .conftest import BOUND
+from ..conftest import BOUND
+from .preamble import PREAMBLE
 from .web import free_port
 
 __all__ = ["AIO", "SYNC", "Stream", "Watch", "code", "echo", "health_status", "refused"]

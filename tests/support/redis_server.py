@@ -29,7 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
+
+# The redis client is an extra: imported where a test needs it, so that without it those tests
+# skip (the fixtures say so) and the rest of the suite still runs.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import redis
 
 BOUND = 10.0  # seconds: as in conftest (not imported from there: conftest may import this module)
 READY = "Ready to accept connections"
@@ -170,6 +175,8 @@ class RedisServer:
         lines.put(None)
 
     def _ping(self) -> None:
+        import redis
+
         client = redis.Redis.from_url(self.url, socket_timeout=BOUND)
         try:
             if not client.ping():
@@ -198,6 +205,7 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A redis-server for the whole session; its URL (``redis://127.0.0.1:<port>/0``)."""
+    pytest.importorskip("redis")  # the tests talk to it with the redis client (the rq/redis extra)
     try:
         server = RedisServer(tmp_path_factory.mktemp("redis"))
         url = server.start()
@@ -212,6 +220,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def rdb(redis_url: str) -> Iterator[redis.Redis]:
     """A client (``decode_responses=True``) on a flushed database."""
+    redis = pytest.importorskip("redis")
     client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=3 * BOUND)
     client.flushdb()
     yield client

@@ -1,12 +1,14 @@
 """What the web adapters' tests share: start a server process, real requests, refusal timing.
 
-A server under test is a ``python -c`` child (``tests.child.Child``) that prints ``port N``
-once bound and logs graceful's lines (INFO) to stderr; slow requests print ``in <id>`` once
-the app has them, and wait until the test writes a line to the child's stdin. Every wait is
-bounded (``BOUND``); none of these helpers sleeps to synchronise.
+A server under test is a ``python -c`` child (started by the ``graceful_process`` fixture
+that graceful ships) that prints ``port N`` once bound and logs graceful's lines (INFO) to
+stderr; slow requests print ``in <id>`` once the app has them, and wait until the test writes
+a line to the child's stdin (``tests/support/preamble.py``). Every wait is bounded
+(``BOUND``); none of these helpers sleeps to synchronise.
 
-* ``start(children, code, **env)``: start a server child; its port once graceful says "ready".
-* ``start_script(children, path, **env)``: the same for a script that reads ``PORT``.
+* ``start(graceful_process, code, **env)``: start a server child; its port once graceful says
+  "ready".
+* ``start_script(graceful_process, path, **env)``: the same for a script that reads ``PORT``.
 * ``get(port, path)``: one request on a new connection: status, body, ``Connection`` header.
 * ``in_flight(child, pool, port, n)``: ``n`` slow requests, returned once the app has all.
 * ``refused_within(port)`` / ``assert_refused_fast(port, within)``: how fast a new connection
@@ -28,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from .child import Child
-from .conftest import BOUND
+from graceful.testing import GracefulProcess, ProcessFactory
+
+from ..conftest import BOUND
 
 __all__ = [
     "assert_refused_fast",
@@ -48,25 +51,23 @@ __all__ = [
 ]
 
 
-def start(children: list[Child], code: str, **env: str) -> tuple[Child, int]:
+def start(graceful_process: ProcessFactory, code: str, **env: str) -> tuple[GracefulProcess, int]:
     """Start ``code``; return it and its port once graceful says every server is ready."""
-    child = Child(code, env=env)
-    children.append(child)
-    port = int(child.expect("port").split()[1])
-    child.expect_err("ready")  # graceful.run() has its signal handlers in place
+    child = graceful_process(code, env=env, stdin=True)
+    port = int(child.wait_for_line("port").split()[1])
+    child.wait_for_output("ready", stream="stderr")  # graceful.run() has its signal handlers in place
     return child, port
 
 
-def start_script(children: list[Child], path: Path, **env: str) -> tuple[Child, int]:
+def start_script(graceful_process: ProcessFactory, path: Path, **env: str) -> tuple[GracefulProcess, int]:
     """Run the script at ``path`` as ``__main__`` with ``PORT`` set to a free port.
 
     Returns the child and its port once graceful says every server is ready.
     """
     port = int(env.pop("PORT", "0")) or free_port()
     code = f"import runpy; runpy.run_path({str(path)!r}, run_name='__main__')"
-    child = Child(code, env={"PORT": str(port), **env})
-    children.append(child)
-    child.expect_err("ready")
+    child = graceful_process(code, env={"PORT": str(port), **env}, stdin=True)
+    child.wait_for_output("ready", stream="stderr")
     return child, port
 
 
@@ -112,14 +113,14 @@ def assert_refused_fast(port: int, within: float = REFUSAL_BOUND) -> float:
 
 
 def in_flight(
-    child: Child, pool: ThreadPoolExecutor, port: int, n: int
+    child: GracefulProcess, pool: ThreadPoolExecutor, port: int, n: int
 ) -> list[Future[tuple[int, str, str | None]]]:
     """Send ``n`` slow requests (``/slow/<i>``); return once the app has every one of them.
 
     Each future gives what ``get()`` returns, once the test has released the requests.
     """
     futures = [pool.submit(get, port, f"/slow/{i}") for i in range(n)]
-    seen = {child.expect("in ").split()[1] for _ in range(n)}
+    seen = {child.wait_for_line("in ").split()[1] for _ in range(n)}
     assert seen == {str(i) for i in range(n)}
     return futures
 
@@ -166,53 +167,54 @@ def free_port() -> int:
 # -- scenarios every web adapter must pass (each test module passes its server's code) ----------
 
 
-def check_a_stuck_request_is_named_at_the_deadline(children: list[Child], code: str) -> None:
+def check_a_stuck_request_is_named_at_the_deadline(graceful_process: ProcessFactory, code: str) -> None:
     """A request that outlives a 1 s budget: the client is cut, exit 70, the log names it."""
-    child, port = start(children, code, GRACEFUL_FORCE_QUIT="1")
+    child, port = start(graceful_process, code, GRACEFUL_FORCE_QUIT="1")
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(get, port, "/slow/stuck")
-        child.expect("in stuck")
-        child.send(signal.SIGTERM)
+        child.wait_for_line("in stuck")
+        child.send_signal(signal.SIGTERM)
         with pytest.raises((http.client.HTTPException, OSError)):
             future.result(BOUND)  # cut at the deadline, not left hanging
-        assert child.wait() == 70
-    assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.err
+        assert child.wait().returncode == 70
+    assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.stderr
 
 
-def check_serving_during_the_drain_delay(children: list[Child], code: str) -> None:
+def check_serving_during_the_drain_delay(graceful_process: ProcessFactory, code: str) -> None:
     """With a 1 s drain delay a request sent after SIGTERM is answered; then refusal at once."""
-    child, port = start(children, code, GRACEFUL_DRAIN_DELAY="1")
+    child, port = start(graceful_process, code, GRACEFUL_DRAIN_DELAY="1")
     signalled = time.monotonic()
-    child.send(signal.SIGTERM)
-    child.expect_err("wrapping up")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_output("wrapping up", stream="stderr")
     assert get(port, "/during-delay")[:2] == (200, "/during-delay")
-    child.expect_err("stopped accepting")
+    child.wait_for_output("stopped accepting", stream="stderr")
     assert time.monotonic() - signalled >= 0.9
     assert_refused_fast(port, within=0.1)
-    assert child.wait() == 0
+    assert child.wait().returncode == 0
 
 
-def check_the_example_drains(children: list[Child], script: Path, *log_lines: str) -> None:
+def check_the_example_drains(graceful_process: ProcessFactory, script: Path, *log_lines: str) -> None:
     """An example under SIGTERM mid-request: the request completes, exit 0, the lines are logged."""
-    child, port = start_script(children, script)
+    child, port = start_script(graceful_process, script)
     assert get(port, "/")[:2] == (200, "/\n")
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(get, port, "/slow")
-        child.expect_err("GET /slow: working")
-        child.send(signal.SIGTERM)
+        child.wait_for_output("GET /slow: working", stream="stderr")
+        child.send_signal(signal.SIGTERM)
         assert future.result(BOUND) == (200, "/slow\n", "close")
-    assert child.wait() == 0
+    assert child.wait().returncode == 0
     for line in log_lines:
-        assert line in child.err
-    assert "Traceback" not in child.err
+        assert line in child.stderr
+    assert "Traceback" not in child.stderr
 
 
-def run_on_a_taken_port(children: list[Child], server_code: Callable[[int], str]) -> Child:
+def run_on_a_taken_port(
+    graceful_process: ProcessFactory, server_code: Callable[[int], str]
+) -> GracefulProcess:
     """Start ``server_code(port)`` on a port already listened on; the child once it has exited."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        child = Child(server_code(taken.getsockname()[1]))
-        children.append(child)
+        child = graceful_process(server_code(taken.getsockname()[1]), wait_ready=False, stdin=True)
         child.wait()
     return child

@@ -1,4 +1,4 @@
-"""The Celery app of tests/test_host_celery.py: ``celery -A tests.celery_app worker``.
+"""The Celery app of tests/test_host_celery.py: ``celery -A tests.support.celery_app worker``.
 
 Each process of the worker writes what happens to it on stdout as ``EV <event> <pid>`` lines,
 with one ``os.write`` each (whole lines from several processes; Celery redirects
