@@ -31,14 +31,17 @@ inherited socket on that address, whatever its port (a service bound to port 0 k
 across upgrades); a wildcard (``""``, ``0.0.0.0``) also takes systemd's usual ``ListenStream=8000``,
 a dual-stack ``[::]:8000`` socket, which serves IPv4 too. A Unix socket matches its path (an
 abstract one is written ``@name``). A new TCP socket gets ``SO_REUSEADDR`` (as every server sets
-it, so that a restart need not wait for ``TIME_WAIT``) and, for IPv6, ``IPV6_V6ONLY`` (as asyncio
-and uvicorn); a stale Unix socket file nobody listens on is replaced. An inherited socket that
+it, so that a restart need not wait for ``TIME_WAIT``); one on the IPv6 wildcard ``::`` is
+dual-stack (``IPV6_V6ONLY`` off: IPv4 clients reach it too, as systemd's ``ListenStream=8000``
+and Linux's default have it, whatever ``net.ipv6.bindv6only`` says); a stale Unix socket file
+nobody listens on is replaced. An inherited socket that
 no server asked for by the time every server has started is a misconfiguration (a unit passing
 a socket the service never uses): ``report_unclaimed()`` names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -443,8 +446,9 @@ def _bind(wanted: _Wanted, backlog: int) -> socket.socket:
         else:
             if os.name != "nt":  # Windows' SO_REUSEADDR lets another process steal the port
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if wanted.family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if wanted.family == socket.AF_INET6 and wanted.wildcard:  # [::] serves IPv4 too
+                with contextlib.suppress(OSError, AttributeError):  # a platform without dual stack
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((socket.inet_ntop(wanted.family, wanted.packed), wanted.port))
         sock.listen(backlog)
     except OSError as exc:

@@ -31,8 +31,9 @@ The hand-over, old generation (this module's ``Upgrader``) to new (``successor_r
    the normal sequence with no drain delay: its listening sockets stay open in the new
    generation, so no balancer needs time to look elsewhere. Its adapters stop accepting and
    close *their own* fds only (never ``shutdown()`` on a listener, which would stop the other
-   process's copy too); the stdlib and uvicorn adapters end each kept-alive connection by
-   answering one more request with ``Connection: close`` (``handing_over()``). Exit code 0.
+   process's copy too); the stdlib, uvicorn and aiohttp adapters end each kept-alive
+   connection by answering one more request with ``Connection: close`` (``handing_over()``,
+   ``LINGER``); WebSockets get 1001 and streams their end, as at any wrap-up. Exit code 0.
 
 A failed successor loses nothing: one that exits, or is not ready within
 ``GRACEFUL_UPGRADE_TIMEOUT`` (30 s), is stopped (SIGTERM, after its own budget SIGKILL) and
