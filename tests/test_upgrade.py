@@ -1,11 +1,12 @@
 """Restarts without a load balancer (contract section 11): ``graceful.listen()``, SIGUSR2 under
 ``run()``, systemd socket activation.
 
-Real processes, real clients, real signals. A service's generations run under tests/reaper.py
-(a child subreaper), which reports each one's exit code and exits once none is left: the test
-sees that an old generation exited 0 and that no new generation outlived a stopped old one.
-The load is tests/keepalive_client.py: kept-alive connections sending POSTs back to back (a
-POST is never replayed by the client, so a connection closed under a request is a failure).
+Real processes, real clients, real signals. A service's generations run under
+tests/support/reaper.py (a child subreaper), which reports each one's exit code and exits once
+none is left: the test sees that an old generation exited 0 and that no new generation outlived
+a stopped old one. The load is tests/support/keepalive_client.py: kept-alive connections sending
+POSTs back to back (a POST is never replayed by the client, so a connection closed under a
+request is a failure).
 Every wait is on an event (a log line, a datagram, an exit), bounded.
 """
 
@@ -37,8 +38,8 @@ from .conftest import BOUND, ROOT
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="an upgrade in place is tested on Linux")
 
-REAPER = ROOT / "tests" / "reaper.py"
-CLIENT = ROOT / "tests" / "keepalive_client.py"
+REAPER = ROOT / "tests" / "support" / "reaper.py"
+CLIENT = ROOT / "tests" / "support" / "keepalive_client.py"
 
 # A generation fails at import when the file MARKER.crash exists, and hangs there when
 # MARKER.hang does (only a new generation: the first one must start).
@@ -150,7 +151,7 @@ def free_port() -> int:
 
 
 class Load:
-    """tests/keepalive_client.py in a process of its own; its lines, waited on with a bound."""
+    """tests/support/keepalive_client.py in a process of its own; its lines, waited on with a bound."""
 
     def __init__(self, port: int, threads: int = 8) -> None:
         self.proc = subprocess.Popen(
@@ -216,7 +217,7 @@ def load() -> Iterator[Callable[[int], Load]]:
 
 
 class Lineage:
-    """One service's generations, under tests/reaper.py (the fixture's process)."""
+    """One service's generations, under tests/support/reaper.py (the fixture's process)."""
 
     def __init__(self, proc: GracefulProcess, watch: Callable[[int], None]) -> None:
         self.proc = proc
