@@ -190,11 +190,14 @@ class ProbeServer:
         family, kind, proto, _, address = found[0]
         sock = socket.socket(family, kind, proto)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart while TIME_WAITs linger
             if reuse_port:  # several processes answer on one port (gunicorn's workers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAITs may linger
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-            sock.listen(self.BACKLOG)
+                sock.bind(address)
+                sock.listen(self.BACKLOG)
+            else:  # systemd's socket or the previous generation's (an upgrade in place), else bound
+                sock.close()  # here, with SO_REUSEADDR; remembered, so that an upgrade passes it on
+                sock = self._lifecycle.listen((str(address[0]), int(address[1])), backlog=self.BACKLOG)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()

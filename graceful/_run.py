@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from . import readiness, systemd
+from . import _sockets, _upgrade, readiness, systemd
 from ._aio import is_awaitable, run_awaitable
 from ._checks import TYPE_CHECKING, check_seconds, is_coroutine_function
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
@@ -104,16 +104,34 @@ def run_with(
         lifecycle.set_time_to_force_quit(budget)
     readiness.configure_from_env(lifecycle, settings)
     prepare(lifecycle)  # the deadline's and the sequence's threads, ahead of need (a thread limit)
+    _sockets.inherited()  # systemd's or the previous generation's: out of the environment now
+    cwd = os.getcwd()  # where an upgrade starts the next generation
     runner = _Runner(lifecycle, services)
     guard = signal_handlers(lifecycle) if handle_signals else contextlib.nullcontext()
     with guard as router:
-        notifier = probes = None
+        notifier: systemd.SystemdNotifier | None = None
+        probes: readiness.ProbeServer | None = None
+
+        def before_handover() -> None:
+            """The next generation is ready: it speaks to systemd and answers probes from now on."""
+            if notifier is not None:
+                notifier.close()
+            if probes is not None:
+                probes.close()
+
+        if router is not None:
+            runner.upgrader = _upgrade.Upgrader(
+                lifecycle, timeout=settings.upgrade_timeout, cwd=cwd, before_handover=before_handover
+            )
+            router.upgrade = runner.upgrader.request
         if os.environ.get("NOTIFY_SOCKET"):  # under systemd (or graceful_process)
             notifier = systemd.SystemdNotifier(lifecycle, router)
         try:
             probes = readiness.serve_probes_from_env(lifecycle, settings)
             runner.run()
         finally:
+            if router is not None:
+                router.upgrade = None
             if probes is not None:
                 probes.close()
             if notifier is not None:
@@ -140,6 +158,7 @@ class _Runner:
         self._error: BaseException | None = None
         self._waiters: list[Waiter] = []
         self._halves: dict[Context, int] = {}  # see _stopped_half
+        self.upgrader: _upgrade.Upgrader | None = None  # SIGUSR2, when run() routes the signals
         # Held while a server is marked as entered and while a wrap-up step reads that mark:
         # a server that enters after its wrap-up step has looked would never be stopped.
         self._entering = threading.Lock()
@@ -263,7 +282,12 @@ class _Runner:
         log.info("server %r started", ctx.name)
         if all_up:  # ready first, then say so: a probe sent on reading the line finds it ready
             readiness.set_ready(self.lifecycle)
-            systemd.notify("READY=1", f"STATUS=serving ({len(self.services)} server(s))")
+            _sockets.report_unclaimed()
+            if self.upgrader is not None:  # before READY=1: a SIGUSR2 sent on reading it is taken
+                self.upgrader.serving = True
+            ready = ["READY=1", f"STATUS=serving ({len(self.services)} server(s))"]
+            if not _upgrade.successor_ready(ready):  # a new generation also says MAINPID=
+                systemd.notify(*ready)
             log.info("all %d server(s) started: ready", len(self.services))
 
     def _start_thread(self, service: Service, ctx: Context) -> None:

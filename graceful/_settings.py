@@ -26,6 +26,13 @@ The variables:
 
 Those two are the platform's grace before SIGKILL (SolidQueue #653: when it is shorter than the
 service's own shutdown timeout, the SIGKILL comes first and nothing says what was stuck).
+
+* ``GRACEFUL_UPGRADE_TIMEOUT``: the longest a new generation started by SIGUSR2 may take to be
+  ready before it is stopped and the old one keeps serving (default 30 s; docs/deploys.md).
+
+Not a setting: ``GRACEFUL_UPGRADE``, which one generation sets for the next to describe the
+sockets and pipes it hands down (a protocol like systemd's ``LISTEN_FDS``), is read by
+``_sockets`` when the next generation starts.
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ __all__ = [
     "ENV_PROBE_PORT",
     "ENV_TERMINATION_GRACE",
     "ENV_TIMEOUT_STOP_SEC",
+    "ENV_UPGRADE_TIMEOUT",
     "ENV_WRAP_UP_TIMEOUT",
+    "UPGRADE_TIMEOUT",
     "DrainDelaySetting",
     "Settings",
     "parse_drain_delay",
@@ -64,6 +73,11 @@ ENV_PROBE_PORT = "GRACEFUL_PROBE_PORT"
 ENV_PROBE_HOST = "GRACEFUL_PROBE_HOST"
 ENV_TERMINATION_GRACE = "GRACEFUL_TERMINATION_GRACE"
 ENV_TIMEOUT_STOP_SEC = "GRACEFUL_TIMEOUT_STOP_SEC"
+ENV_UPGRADE_TIMEOUT = "GRACEFUL_UPGRADE_TIMEOUT"
+
+UPGRADE_TIMEOUT = 30.0
+"""Seconds a new generation may take to be ready (``GRACEFUL_UPGRADE_TIMEOUT``): an import and a
+lifespan startup, with room; systemd's own ``TimeoutStartSec`` defaults to 90 s."""
 
 AUTO_MAX = 10.0
 """The bound of a plain ``auto`` drain delay: HAProxy's default check (``inter 2s fall 3``)
@@ -256,17 +270,35 @@ class Settings(Frozen):
     ``force_quit``: seconds or None (unset); ``wrap_up_timeout``: seconds or None; ``drain_delay``: a ``DrainDelaySetting`` or None;
     ``probe_port``: a port or None; ``probe_host``: the interface the probes bind (default all,
     ``0.0.0.0``: the kubelet probes the pod's IP); ``platform_grace``: the shortest grace the
-    environment declares, with a phrase naming where it comes from, or None.
+    environment declares, with a phrase naming where it comes from, or None;
+    ``upgrade_timeout``: seconds a new generation may take to be ready (SIGUSR2).
     """
 
-    __slots__ = ("drain_delay", "force_quit", "platform_grace", "probe_host", "probe_port", "wrap_up_timeout")
-    _fields = ("force_quit", "drain_delay", "probe_port", "probe_host", "platform_grace", "wrap_up_timeout")
+    __slots__ = (
+        "drain_delay",
+        "force_quit",
+        "platform_grace",
+        "probe_host",
+        "probe_port",
+        "upgrade_timeout",
+        "wrap_up_timeout",
+    )
+    _fields = (
+        "force_quit",
+        "drain_delay",
+        "probe_port",
+        "probe_host",
+        "platform_grace",
+        "wrap_up_timeout",
+        "upgrade_timeout",
+    )
     force_quit: float | None
     wrap_up_timeout: float | None
     drain_delay: DrainDelaySetting | None
     probe_port: int | None
     probe_host: str
     platform_grace: tuple[float, str] | None
+    upgrade_timeout: float
 
     def __init__(  # noqa: PLR0917 - one positional argument per field, as a dataclass would take
         self,
@@ -276,8 +308,11 @@ class Settings(Frozen):
         probe_host: str = "0.0.0.0",
         platform_grace: tuple[float, str] | None = None,
         wrap_up_timeout: float | None = None,
+        upgrade_timeout: float = UPGRADE_TIMEOUT,
     ) -> None:
-        super().__init__(force_quit, drain_delay, probe_port, probe_host, platform_grace, wrap_up_timeout)
+        super().__init__(
+            force_quit, drain_delay, probe_port, probe_host, platform_grace, wrap_up_timeout, upgrade_timeout
+        )
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -302,4 +337,5 @@ class Settings(Frozen):
             _raw(ENV_PROBE_HOST, environ) or "0.0.0.0",
             _platform_grace(environ),
             read_wrap_up_timeout(environ),
+            _seconds(ENV_UPGRADE_TIMEOUT, environ) or UPGRADE_TIMEOUT,
         )

@@ -18,7 +18,9 @@ counted from the first wrap-up trigger, covers every server in the process.
   lifecycle (graceful/_drain_delay.py says how it works).
 * probes: ``serve_probes(port)`` (or ``GRACEFUL_PROBE_PORT`` under ``run()`` and the hosts)
   answers ``/readyz`` and ``/livez`` on one thread whatever its clients do (idle connections
-  time out, the oldest is closed at a cap): graceful/_probe_server.py says how.
+  time out, the oldest is closed at a cap): graceful/_probe_server.py says how. Its port is
+  opened with ``Lifecycle.listen()`` (unless ``reuse_port``): an upgrade in place passes it to
+  the next generation, which answers the probes once it is ready.
 * platform grace: ``check_platform_grace()`` warns at start when the drain delay plus the
   force-quit budget would outlast the grace Kubernetes or systemd give before SIGKILL.
 """

@@ -53,7 +53,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 _WATCHED = tuple(
     getattr(signal, name)
-    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP")
+    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP", "SIGUSR2")
     if hasattr(signal, name)
 )
 
