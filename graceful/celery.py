@@ -22,6 +22,9 @@ process and its signals; graceful plugs into Celery's own lifecycle (its signals
   ``/readyz`` is 200 from Celery's ``worker_ready`` until the warm shutdown starts, ``/livez``
   until the worker's lifecycle has stopped. Both answer from the worker's memory: no broker
   round trip and no app import per probe (``celery inspect ping`` does both: Celery #4079).
+* **Start**: every ``GRACEFUL_*`` variable is read and the probe port bound at Celery's
+  ``worker_init``; a value graceful cannot use or a taken port stops the worker there (exit 1,
+  one line naming the variable), never a worker that runs without graceful.
 * Under systemd (``NOTIFY_SOCKET``): ``READY=1`` at ``worker_ready``, then what
   ``graceful.systemd.SystemdNotifier`` sends during the shutdown.
 
@@ -112,15 +115,31 @@ def _connect_once() -> None:
 
 
 def _start_worker(controller: Any) -> None:
+    """At ``worker_init``: graceful's side of the worker, or the worker refuses to start.
+
+    Celery calls signal receivers through a dispatcher that catches and logs what they raise,
+    before the worker's logging is set up: a bad ``GRACEFUL_*`` variable or a taken probe port
+    used to leave a worker that started without graceful and said nothing. A ``SystemExit`` is
+    the one thing the dispatcher lets through: ``celery worker`` exits 1 at once, with the
+    reason (which variable, what to set) on stderr.
+    """
     global _worker
-    if _worker is None or _worker.pipes.main_pid != os.getpid():
+    if _worker is not None and _worker.pipes.main_pid == os.getpid():
+        return
+    try:
         _worker = _Worker(controller, get_lifecycle())
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"graceful: the celery worker cannot start: {exc}") from exc
 
 
 class _Worker:
     """graceful's side of one Celery worker, made in its main process before the pool forks."""
 
     def __init__(self, controller: Any, lifecycle: Lifecycle) -> None:
+        # What can fail comes first, before anything is registered: every variable read and
+        # checked (ValueError), then the probe port bound (RuntimeError).
+        self.settings = readiness.configure_from_env(lifecycle)
+        self.probes = readiness.serve_probes_from_env(lifecycle, self.settings)
         self.controller = controller
         self.lifecycle = lifecycle
         self.pipes = Pipes()
@@ -129,15 +148,10 @@ class _Worker:
         self._finished = False
         lifecycle.add_wrap_up_listener(self._stop_consuming, name="celery: tasks in flight")
         on_force_quit(lifecycle, self._at_deadline, name="celery: requeue unacknowledged tasks")
-        self.settings = readiness.configure_from_env(lifecycle)
-        self.probes = self._serve_probes()
         self.notifier = systemd.SystemdNotifier(lifecycle) if os.environ.get("NOTIFY_SOCKET") else None
         threading.Thread(
             target=self.pipes.read_hand_offs, args=(self._on_hand_off,), name="graceful-celery", daemon=True
         ).start()
-
-    def _serve_probes(self) -> readiness.ProbeServer | None:
-        return readiness.serve_probes_from_env(self.lifecycle, self.settings)
 
     def is_main(self) -> bool:
         return os.getpid() == self.pipes.main_pid

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from graceful.testing import GracefulProcess
+from graceful.testing import GracefulProcess, NotReadyError
 
 from .conftest import BOUND, ROOT
 
@@ -177,6 +177,39 @@ def test_the_job_iteration_example_checkpoints_and_a_second_worker_finishes_it(
 
     done = [int(item) for item in rdb.lrange("job:j:done", 0, -1)]
     assert sorted(done) == list(range(total))  # every item, none twice
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("problem", ["bad port", "taken port", "bad drain delay"])
+def test_a_worker_that_cannot_run_graceful_refuses_to_start_and_says_why(
+    graceful_process: Any, redis_url: str, problem: str
+) -> None:
+    """A bad GRACEFUL_* value or a taken probe port: ``celery worker`` exits 1 at start, naming it.
+
+    Celery's signal dispatcher catches what a ``worker_init`` receiver raises: the worker used to
+    start without graceful, silently (issue #27).
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env, said = {
+            "bad port": ({"GRACEFUL_PROBE_PORT": "80a"}, "GRACEFUL_PROBE_PORT='80a' is not a port number"),
+            "taken port": (
+                {"GRACEFUL_PROBE_PORT": str(port), "GRACEFUL_PROBE_HOST": "127.0.0.1"},
+                f"graceful cannot answer probes on 127.0.0.1:{port}",
+            ),
+            "bad drain delay": (
+                {"GRACEFUL_DRAIN_DELAY": "soon", "GRACEFUL_TERMINATION_GRACE": "30"},
+                "GRACEFUL_DRAIN_DELAY='soon': set it to a number of seconds",
+            ),
+        }[problem]
+        with pytest.raises(NotReadyError) as refused:
+            worker(graceful_process, redis_url, "tests.celery_app", "prefork", **env)
+    message = str(refused.value)
+    assert "exited with code 1 before it sent READY=1" in message, message
+    assert f"graceful: the celery worker cannot start: {said}" in message, message
+    assert "Traceback" not in message  # one sentence, not a stack
 
 
 def test_install_takes_a_celery_app_and_is_idempotent() -> None:
