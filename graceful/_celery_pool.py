@@ -55,17 +55,23 @@ class TaskRegistry:
         with self._lock:
             self._running.pop(task_id, None)
 
-    def snapshot(self) -> dict[str, tuple[str, int]]:
-        with self._lock:
+    def snapshot(self, *, blocking: bool = True) -> dict[str, tuple[str, int]]:
+        """A copy of what runs here. ``blocking=False`` (in a signal handler, which may have
+        interrupted this thread inside ``started()``): empty rather than wait for the lock."""
+        if not self._lock.acquire(blocking):
+            return {}
+        try:
             return dict(self._running)
+        finally:
+            self._lock.release()
 
-    def stack(self, task_id: str, indent: str = "      ") -> list[str]:
+    def stack(self, task_id: str, indent: str = "      ", *, blocking: bool = True) -> list[str]:
         """The current stack of the thread running ``task_id`` here, or [] if it runs elsewhere.
 
         From the task's own code inward: the frames of Celery's pool and tracer above it are
         the same in every report and only counted.
         """
-        entry = self.snapshot().get(task_id)
+        entry = self.snapshot(blocking=blocking).get(task_id)
         frame = None if entry is None else sys._current_frames().get(entry[1])
         if frame is None:
             return []

@@ -35,7 +35,12 @@ line to a pipe, and a thread of graceful's acts on it.
 
 Celery's soft shutdown (``worker_soft_shutdown_timeout``) waits its whole timeout even when the
 tasks finished sooner (Celery #9505); graceful's deadline ends the moment the last task does, so
-leave the soft shutdown off. Celery's cold shutdown (SIGQUIT, a second SIGINT) stays Celery's.
+leave the soft shutdown off.
+
+Celery's cold shutdown (SIGQUIT, a second SIGINT) stays Celery's: graceful names the tasks it is
+about to cut (with their stacks) before it cancels them, then lets Celery end the worker with its
+own exit code; the rest of graceful's sequence runs once Celery's pool has stopped. It used to
+wait for graceful's deadline instead and exit 70 (issue #27).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import threading
 import weakref
 
 import celery
-from celery import signals
+from celery import bootsteps, signals
 from celery.worker import state as worker_state
 
 from . import Lifecycle, State, get_lifecycle, readiness, systemd, use
@@ -92,6 +97,7 @@ def install(app: celery.Celery) -> None:
             _start_worker(sender)
 
     signals.worker_init.connect(on_worker_init, weak=False)
+    app.steps["consumer"].add(_AfterTheConsumer)
     _connect_once()
 
 
@@ -146,6 +152,11 @@ class _Worker:
         ignore_pipes_after_fork(self.pipes)
         self.drained = threading.Event()  # set at worker_shutdown: the pool has no task left
         self._finished = False
+        self.cold = False
+        """Celery's cold shutdown began (SIGQUIT, a second Ctrl-C): Celery ends the worker, and
+        graceful's sequence ends at its consumer's shutdown (``_AfterTheConsumer``)."""
+        self._cold_reported = False
+        self._report_before_celery_cancels(controller)
         lifecycle.add_wrap_up_listener(self._stop_consuming, name="celery: tasks in flight")
         on_force_quit(lifecycle, self._at_deadline, name="celery: requeue unacknowledged tasks")
         self.notifier = systemd.SystemdNotifier(lifecycle) if os.environ.get("NOTIFY_SOCKET") else None
@@ -165,7 +176,7 @@ class _Worker:
         """Wrap-up: make sure Celery stops, tell the pool, wait until no task is left."""
         if not self.is_main():
             return  # a pool process's copy of the listener: its tasks are its parent's business
-        if worker_state.should_stop is None and worker_state.should_terminate is None:
+        if not self.cold and worker_state.should_stop is None and worker_state.should_terminate is None:
             # graceful was stopped by something other than Celery's signals: start Celery's
             # warm shutdown (its loop looks at this flag between two events).
             worker_state.should_stop = 0
@@ -173,15 +184,16 @@ class _Worker:
         self.drained.wait()
 
     def finish(self) -> None:
-        """At ``worker_shutdown``: the pool has drained; run the rest of the sequence, wait for it."""
+        """The pool has drained (``worker_shutdown``; at a cold shutdown, the consumer's
+        shutdown): run the rest of the sequence, and wait for it in Celery's main thread."""
         if self._finished:
             return
         self._finished = True
         self.drained.set()
         lc = self.lifecycle
         # Joins the shutdown under way, starts one (Celery stopped by itself: a control command,
-        # an error), or continues a pause (wrap_up()) to the end.
-        lc.shutdown("celery worker stopped", wait=False)
+        # an error; or the hand-off thread has not run yet), or continues a pause to the end.
+        lc.shutdown("celery cold shutdown" if self.cold else "celery worker stopped", wait=False)
         lc.wait_for_shutdown()
         if lc.exit_code and not getattr(self.controller, "exitcode", 0):
             self.controller.exitcode = lc.exit_code  # what ``celery worker`` exits with
@@ -189,6 +201,62 @@ class _Worker:
             self.notifier.close()
         if self.probes is not None:
             self.probes.close()  # only now: /livez answers until the very end
+
+    # -- Celery's cold shutdown, in the main process --------------------------------------------
+
+    def _report_before_celery_cancels(self, controller: Any) -> None:
+        """Have the cold report written before Celery's cold path cancels the tasks.
+
+        Celery 5.5+ runs its cold path (``on_cold_shutdown``: soft wait, cancel every task, stop
+        the pool) inside its signal handler *before* it sends ``worker_shutting_down``; by then
+        the tasks are gone from its records and their processes are being killed. Its first
+        step is the controller's ``wait_for_soft_shutdown()``: the report is written as that
+        returns (after a soft shutdown, if one is configured), just before the cancel. Celery
+        5.4 has neither: the report is written from ``worker_shutting_down``, which comes first
+        there.
+        """
+        original = getattr(controller, "wait_for_soft_shutdown", None)
+        if not callable(original):
+            return
+
+        def wait_for_soft_shutdown() -> object:
+            try:
+                return original()
+            finally:
+                self.report_cold()
+
+        controller.wait_for_soft_shutdown = wait_for_soft_shutdown
+
+    def report_cold(self) -> None:
+        """In Celery's signal handler: name the tasks its cold shutdown is about to cut. Once.
+
+        Only what a handler may do: copies of Celery's records, ``os.write`` to fd 2, and the
+        pool processes asked for their tasks' stacks (closing a pipe, a bounded ``select``).
+        Nothing when no task is held: an idle worker's cold shutdown writes no report.
+        """
+        self.cold = True
+        if self._cold_reported:
+            return
+        self._cold_reported = True
+        requests = _requests()
+        if not requests:
+            return
+        lines = [f"graceful: celery cold shutdown: {len(requests)} task(s) still running or prefetched"]
+        busy = set()
+        for request in requests:
+            pid = request.worker_pid
+            where = "not started (prefetched)" if pid is None else f"process {pid}"
+            if pid is None or not request.acknowledged:
+                fate = "Celery cancels it; its message goes back on its queue"
+            else:
+                fate = "Celery cancels it; it was acknowledged when it started: lost"
+            lines.append(f"  - task {request.name} id {request.id}, {where}: {fate}")
+            lines.extend(_tasks.stack(request.id, blocking=False))
+            if pid is not None and pid != os.getpid():
+                busy.add(pid)
+        write_fd2("".join(line + "\n" for line in lines))
+        if busy:
+            self.pipes.ask_for_stacks(len(busy), STACKS_GRACE)
 
     # -- the deadline, in the main process -------------------------------------------------------
 
@@ -218,6 +286,26 @@ class _Worker:
         _restore_the_rest(channel)
         if busy:
             self.pipes.ask_for_stacks(len(busy), STACKS_GRACE)
+
+
+class _AfterTheConsumer(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
+    """A step of the worker's consumer: what Celery calls once its pool has stopped, cold or warm.
+
+    Celery's cold shutdown (``WorkController.terminate()``) sends no ``worker_shutdown``; the
+    interpreter would then exit as soon as Celery's main thread returns, whether or not
+    graceful's hand-off thread has started the sequence yet, or it would wait for graceful's
+    deadline and exit 70 (issue #27). The consumer's ``shutdown()`` comes in Celery's main
+    thread after the worker's steps (the pool among them) have stopped, on both paths: at a
+    cold shutdown it runs the rest of graceful's sequence, and Celery exits after it, with its
+    own code. The warm path ends at ``worker_shutdown``, as before.
+    """
+
+    label = "graceful"
+
+    def shutdown(self, parent: Any) -> None:
+        worker = _main_worker()
+        if worker is not None and worker.cold:
+            worker.finish()
 
 
 _received: dict[str, Any] = {}  # task id -> Request, from task_received until acknowledged and done
@@ -290,8 +378,11 @@ def _on_worker_ready(**_: object) -> None:
 def _on_worker_shutting_down(sig: str = "?", how: str = "?", **_: object) -> None:
     # Inside Celery's signal handler: a hand-off only (see the module docstring).
     worker = _worker
-    if worker is not None:
-        worker.pipes.hand_off(f"{how.lower()} shutdown ({sig})".encode())
+    if worker is None:
+        return
+    if how == "Cold" and worker.is_main():
+        worker.report_cold()  # Celery 5.4; 5.5+ has written it already (see report_cold)
+    worker.pipes.hand_off(f"{how.lower()} shutdown ({sig})".encode())
 
 
 def _on_worker_shutdown(**_: object) -> None:

@@ -59,6 +59,18 @@ def send(redis_url: str, name: str, *args: object) -> str:
         client.close()
 
 
+def ping(redis_url: str) -> None:
+    """Wait (bounded) until the worker's consumer loop answers a remote-control ping."""
+    from celery import Celery
+
+    client = Celery("test-client", broker=redis_url)
+    try:  # a broadcast sent before the worker subscribed is lost: ask again, one second apart
+        answered = any(client.control.ping(timeout=1.0, limit=1) for _ in range(int(BOUND)))
+    finally:
+        client.close()
+    assert answered, f"the worker did not answer a ping within {BOUND} s"
+
+
 def events(stdout: str) -> dict[int, list[str]]:
     """``EV <event> <pid>`` lines, grouped by process, in the order each process wrote them."""
     found: dict[int, list[str]] = {}
@@ -151,6 +163,52 @@ def test_a_task_that_outlives_the_budget_is_named_with_its_stack_and_put_back(
     assert f"EV shutdown {proc.pid}" not in result.stdout  # forced: its shutdown phase never began
     assert queued_ids(rdb) == [task_id]
     assert rdb.hlen("unacked") == 0  # not left invisible for the visibility timeout
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stop", ["QUIT idle", "QUIT", "TERM then QUIT", "INT then INT"])
+def test_a_cold_shutdown_stays_celerys_with_the_report_written_at_once(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis, stop: str
+) -> None:
+    """SIGQUIT (or TERM then QUIT, or Ctrl-C twice): the tasks cut are named with their stacks at
+    once, then Celery's own cold path ends the worker with its own code, long before graceful's
+    deadline (it used to wait for it and exit 70: issue #27)."""
+    proc = worker(graceful_process, redis_url, "tests.celery_app", "prefork", GRACEFUL_FORCE_QUIT="120")
+    task_id = None
+    if stop == "QUIT idle":
+        # Once it answers a ping the consumer's loop runs: a SIGQUIT in the instant after
+        # worker_ready crashes plain Celery 5.7 too (its loop finds the pool gone).
+        ping(redis_url)
+    else:
+        task_id = send(redis_url, "tests.stuck") if stop == "QUIT" else send(redis_url, "tests.hold", "k")
+        proc.wait_for_output(f"EV accepted-{task_id} {proc.pid}")
+    if stop in ("TERM then QUIT", "INT then INT"):
+        proc.send_signal(signal.SIGTERM if stop.startswith("TERM") else signal.SIGINT)
+        proc.wait_for_output("EV task-saw-stopping-True")  # the warm shutdown is under way
+    proc.send_signal(signal.SIGINT if stop == "INT then INT" else signal.SIGQUIT)
+    result = proc.wait(WORKER_START)  # graceful's deadline is 120 s away
+
+    # Celery's own code: 0 for a cold shutdown, and for a warm one begun by SIGTERM; 1 once a
+    # warm shutdown begun by Ctrl-C has reached its main loop (EX_FAILURE), which the second
+    # Ctrl-C may come before. Never graceful's 70.
+    assert result.returncode in ((0, 1) if stop == "INT then INT" else (0,)), result.stderr
+    err = result.stderr
+    assert "force quit" not in err
+    assert "worker: Hitting Ctrl+C again will terminate all running tasks!" in result.stdout  # cold
+    main = events(result.stdout)[proc.pid]
+    assert main.index("wrap-up") < main.index("shutdown"), main  # graceful's listeners ran
+    if task_id is None:
+        assert "graceful: celery cold shutdown" not in err  # nothing was cut: no report
+        return
+    name = "tests.stuck" if stop == "QUIT" else "tests.hold"
+    assert "graceful: celery cold shutdown: 1 task(s) still running or prefetched" in err, err
+    assert f"  - task {name} id {task_id}, process " in err
+    assert "Celery cancels it; its message goes back on its queue" in err
+    # The stack, from the pool process, before Celery's cold path killed it.
+    assert f"graceful: celery task {name} id {task_id} in pool process " in err
+    assert re.search(rf'File ".*celery_app\.py", line \d+, in {name[6:]}\n', err), err
+    assert queued_ids(rdb) == [task_id]  # Celery put it back; graceful did not add a second copy
+    assert rdb.llen("k:done") == 0
 
 
 @pytest.mark.timeout(120)
