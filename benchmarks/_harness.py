@@ -94,15 +94,17 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 # -- the peers' virtual environment ------------------------------------------------------------
 
 
-def _venv_python() -> Path:
-    return PEERS_DIR / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def _venv_python(folder: Path = PEERS_DIR) -> Path:
+    return folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def peer_versions(python: str) -> dict[str, str]:
+def peer_versions(
+    python: str, modules: Sequence[str] = PEER_MODULES, dists: Sequence[str] = PEER_PACKAGES
+) -> dict[str, str]:
     code = (
         "import importlib.metadata as m, json\n"
         "out = {}\n"
-        f"for mod, dist in zip({PEER_MODULES!r}, {PEER_PACKAGES!r}):\n"
+        f"for mod, dist in zip({tuple(modules)!r}, {tuple(dists)!r}):\n"
         "    try: out[mod] = m.version(dist)\n"
         "    except m.PackageNotFoundError: pass\n"
         "print(json.dumps(out))\n"
@@ -113,23 +115,36 @@ def peer_versions(python: str) -> dict[str, str]:
     return json.loads(done.stdout) if done.returncode == 0 else {}
 
 
-def ensure_peers() -> tuple[str, dict[str, str]]:
-    """Create ``benchmarks/.peers`` with the peers from PyPI if needed; (python, versions)."""
-    python = _venv_python()
+def ensure_venv(
+    folder: Path, modules: Sequence[str], requirements: Sequence[str], dists: Sequence[str] | None = None
+) -> tuple[str, dict[str, str]]:
+    """Create the virtual environment ``folder`` with ``requirements`` from PyPI if needed.
+
+    ``modules`` and ``dists`` pair each import name with its distribution (for its version);
+    ``requirements`` are what pip installs for the missing ones (extras allowed). Returns
+    (its python, module -> version).
+    """
+    dists = tuple(dists or [req.split("[")[0] for req in requirements])
+    python = _venv_python(folder)
     if not python.exists():
-        log(f"creating the peers' virtual environment in {PEERS_DIR}")
-        subprocess.run([sys.executable, "-m", "venv", str(PEERS_DIR)], check=True, timeout=300)
-    versions = peer_versions(str(python))
-    missing = [dist for mod, dist in zip(PEER_MODULES, PEER_PACKAGES, strict=True) if mod not in versions]
+        log(f"creating a virtual environment in {folder}")
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=300)
+    versions = peer_versions(str(python), modules, dists)
+    missing = [req for mod, req in zip(modules, requirements, strict=True) if mod not in versions]
     if missing:
-        log(f"installing {' '.join(missing)} into {PEERS_DIR} with pip")
+        log(f"installing {' '.join(missing)} into {folder} with pip")
         subprocess.run(
             [str(python), "-m", "pip", "install", "--quiet", "--no-input", *missing],
             check=True,
             timeout=900,
         )
-        versions = peer_versions(str(python))
+        versions = peer_versions(str(python), modules, dists)
     return str(python), versions
+
+
+def ensure_peers() -> tuple[str, dict[str, str]]:
+    """Create ``benchmarks/.peers`` with the peers from PyPI if needed; (python, versions)."""
+    return ensure_venv(PEERS_DIR, PEER_MODULES, PEER_PACKAGES)
 
 
 # -- children ---------------------------------------------------------------------------------

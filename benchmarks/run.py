@@ -3,6 +3,7 @@
     python benchmarks/run.py            # full run: creates benchmarks/.peers (pip, from PyPI)
     python benchmarks/run.py --quick    # smoke: graceful and the bare baseline, few iterations
     python benchmarks/run.py --only rolling [--quick]   # rolling restarts behind HAProxy (opt-in)
+    python benchmarks/run.py --only chaos [--quick]     # queue workers stopped at random (opt-in)
 
 Every figure of one run is measured on the same machine, with the same interpreter, in the same
 minutes: compare the ratios within a run, not the absolute numbers across runs or machines.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _bench_chaos
 import _bench_drain
 import _bench_fanout
 import _bench_forcequit
@@ -42,8 +44,10 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "long_lived": _bench_long_lived.run,
     "rolling": _bench_rolling.run,
     "serving": _bench_serving.run,
+    "chaos": _bench_chaos.run,
 }
-OPT_IN = {"rolling"}  # minutes long and needs haproxy and hey: runs only when named with --only
+OPT_IN = {"rolling", "chaos"}  # minutes long, need haproxy and hey / a redis-server: only when named
+OWN_PEERS = {"chaos"}  # installs its peers in environments of its own: no benchmarks/.peers needed
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -69,12 +73,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--contenders",
         default=None,
-        help="rolling: run only the contenders whose name contains one of these, comma-separated "
-        "(case-insensitive; with --quick they run even if the quick mode would skip them)",
+        help="rolling, chaos: run only the contenders (rows) whose name contains one of these, "
+        "comma-separated (case-insensitive; with --quick they run even if the quick mode would skip them)",
     )
     parser.add_argument(
         "--restarts", type=int, default=None, help="rolling: restarts per run (default 6, --quick 3)"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="chaos: jobs per seed (default 500, --quick 20)"
+    )
+    parser.add_argument(
+        "--stops", type=int, default=None, help="chaos: stops per seed (default 12, --quick 3)"
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="chaos: seeds per row (default 2, --quick 1)")
+    parser.add_argument("--parallel", type=int, default=None, help="chaos: runs side by side (default 4)")
     parser.add_argument(
         "--rounds", type=int, default=None, help="serving: alone/graceful rounds (default 5, --quick 1)"
     )
@@ -131,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.quick:
         setup = Setup(python=sys.executable, quick=True)
+    elif args.only and set(args.only) <= OWN_PEERS:
+        setup = Setup(python=sys.executable, quick=False)
     else:
         python, versions = ensure_peers()
         setup = Setup(python=python, quick=False, peers=versions)
@@ -141,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     _bench_rolling.configure(
         delays, args.restarts, str(Path(args.graceful_from).resolve()) if args.graceful_from else "", names
     )
+    _bench_chaos.configure(args.jobs, args.stops, args.seeds, args.parallel, names)
     if args.rounds is not None:
         _bench_serving.ROUNDS = max(1, args.rounds)
     rows: list[Row] = []
@@ -159,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(row.bench.startswith(_bench_rolling.BENCH) for row in rows):
         print("\nRolling restarts side by side (median / max of each time, seconds from SIGTERM):\n")
         print(_bench_rolling.compact_table(rows))
+    if any(row.bench.startswith(_bench_chaos.BENCH) for row in rows):
+        print("\nChaos: queue workers stopped at random moments (times: median / max):\n")
+        print(_bench_chaos.compact_table(rows))
+        print(f"\n{_bench_chaos.peers_line()}")
     _save(args.json, setup, rows, runs)
     return 0
 

@@ -88,3 +88,44 @@ def test_quick_run_prints_one_table_with_every_section() -> None:
     for row in body:
         if row[1].split()[0] in ("aiomisc", "cotyledon", "uvicorn", "grpcio"):
             assert row[2].startswith("skipped"), row
+
+
+CHAOS_BOUND = 20.0  # seconds for the chaos section's smallest run (~5-8 s on the loaded 2-core box)
+
+
+@pytest.mark.timeout(CHAOS_BOUND + 30)
+def test_chaos_quick_run_counts_every_job_of_graceful_worker() -> None:
+    """The chaos rig (a real Redis, real SIGTERMs, restarts) runs, and graceful's Worker loses nothing."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COVERAGE_")}
+    command = [
+        "--only",
+        "chaos",
+        "--quick",
+        "--contenders",
+        "graceful Worker",
+        "--jobs",
+        "20",
+        "--stops",
+        "2",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CHAOS_BOUND,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, table = _table(result.stdout.split("\n\nChaos:")[0])
+    rows = [row for row in table[1:] if row[0] == "10. chaos"]
+    assert [row[1] for row in rows] == [
+        "graceful Worker (Redis list), budget 3 s",
+        "graceful Worker (Redis list), budget 0.2 s",
+    ]
+    for row in rows:
+        assert "2 stops over 1 seed of 20 jobs" in row[2], row
+        assert "lost 0," in row[2], row
+        assert "children left 0" in row[2], row
+    assert "| row " in result.stdout.split("\n\nChaos:")[1], "the chaos table is missing"
