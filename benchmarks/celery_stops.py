@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -162,16 +163,32 @@ def one_run(case: Case, plain: bool, url: str, budget: float, deadline: float) -
     reader.start()
     client = Celery("celery-stops", broker=url)
     try:
-        # Ready, then a ping answered: its consumer's loop runs (a broadcast sent before the
-        # worker subscribed is lost, hence the retries).
-        if not ready.wait(30) or not any(client.control.ping(timeout=1, limit=1) for _ in range(30)):
-            raise RuntimeError("the worker did not answer a ping:\n" + "".join(lines[-30:]))
-        if case.busy:
-            client.send_task("stops.busy", args=[30])
-            if not started.wait(30):
-                raise RuntimeError("the task did not start:\n" + "".join(lines[-30:]))
+        return _stop(case, proc, client=client, ready=ready, started=started, lines=lines, reader=reader)
     finally:
         client.close()
+        if proc.poll() is None:  # it failed before its stop: leave nothing behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _stop(
+    case: Case,
+    proc: subprocess.Popen[str],
+    *,
+    client: Any,
+    ready: threading.Event,
+    started: threading.Event,
+    lines: list[str],
+    reader: threading.Thread,
+) -> tuple[float, int, int]:
+    # Ready, then a ping answered: its consumer's loop runs (a broadcast sent before the worker
+    # subscribed is lost, hence the retries).
+    if not ready.wait(30) or not any(client.control.ping(timeout=1, limit=1) for _ in range(30)):
+        raise RuntimeError("the worker did not answer a ping:\n" + "".join(lines[-30:]))
+    if case.busy:
+        client.send_task("stops.busy", args=[30])
+        if not started.wait(30):
+            raise RuntimeError("the task did not start:\n" + "".join(lines[-30:]))
     pool = children_of(proc.pid)
     t0 = time.monotonic()
     for i, sig in enumerate(case.signals):
