@@ -56,7 +56,16 @@ from celery import bootsteps, signals
 from celery.worker import state as worker_state
 
 from . import Lifecycle, State, get_lifecycle, readiness, systemd, use
-from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork
+from ._celery_messages import (
+    claim,
+    held_requests,
+    keep_received,
+    restore_the_rest,
+    send_again,
+    settle,
+    take_back_in_flight,
+)
+from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork, stop_processes
 from ._checks import TYPE_CHECKING
 from ._diagnostics import write_fd2
 from ._lifecycle import on_force_quit
@@ -69,32 +78,51 @@ __all__ = ["install"]
 log = logging.getLogger("graceful")
 
 STACKS_GRACE = 0.5
-"""Seconds the deadline hook waits for the pool processes to print their tasks' stacks."""
+"""Seconds the cold report and the deadline wait for the pool processes' stacks and answers."""
+KILL_GRACE = 0.5
+"""Seconds the deadline waits for the SIGKILLed pool processes to be gone."""
 
-_installed: weakref.WeakSet[celery.Celery] = weakref.WeakSet()
+_installed: weakref.WeakKeyDictionary[celery.Celery, bool | None] = weakref.WeakKeyDictionary()
+"""Each app installed on, with its ``resend_early_acked``."""
 _tasks = TaskRegistry()  # what this process runs (task_prerun/postrun): the stacks in a report
 _worker: _Worker | None = None  # the worker of this process (made at worker_init; copied by forks)
 
 
-def install(app: celery.Celery) -> None:
+def install(app: celery.Celery, *, resend_early_acked: bool | None = None) -> None:
     """Plug graceful into every worker of ``app``; see the module docstring. Idempotent.
 
     Call it where the app is made (the module ``celery -A`` imports), before the worker starts.
     Listeners registered at import time, before the pool forks, run in every process of the
     worker: the main process and each pool process.
 
+    Args:
+        resend_early_acked: at graceful's deadline, send again each task cut that was
+            acknowledged when it started (not ``acks_late``): the same message, name, id and
+            arguments (at-least-once for those tasks: one killed after its side effect runs
+            twice). None (the default): ``GRACEFUL_CELERY_RESEND_EARLY_ACKED`` decides, off
+            when unset; such tasks are then reported lost, with their arguments. A task's own
+            ``graceful_resend_early_acked`` option (``@app.task(graceful_resend_early_acked=
+            True)``) wins over both.
+
     Raises:
-        TypeError: ``app`` is not a ``celery.Celery`` application.
+        TypeError: ``app`` is not a ``celery.Celery`` application, or ``resend_early_acked`` is
+            not a bool or None.
     """
     if not isinstance(app, celery.Celery):
         raise TypeError(f"graceful.celery.install() takes a celery.Celery app, not {type(app).__name__}")
-    if app in _installed:
+    if resend_early_acked is not None and not isinstance(resend_early_acked, bool):
+        raise TypeError(
+            f"graceful.celery.install(resend_early_acked=...) takes True, False or None, "
+            f"not {resend_early_acked!r}"
+        )
+    known = app in _installed
+    _installed[app] = resend_early_acked
+    if known:
         return
-    _installed.add(app)
 
     def on_worker_init(sender: Any = None, **_: object) -> None:
         if getattr(sender, "app", None) is app:
-            _start_worker(sender)
+            _start_worker(sender, _installed.get(app))
 
     signals.worker_init.connect(on_worker_init, weak=False)
     app.steps["consumer"].add(_AfterTheConsumer)
@@ -120,7 +148,7 @@ def _connect_once() -> None:
     signals.task_postrun.connect(_on_task_postrun, weak=False)
 
 
-def _start_worker(controller: Any) -> None:
+def _start_worker(controller: Any, resend_early_acked: bool | None) -> None:
     """At ``worker_init``: graceful's side of the worker, or the worker refuses to start.
 
     Celery calls signal receivers through a dispatcher that catches and logs what they raise,
@@ -133,7 +161,7 @@ def _start_worker(controller: Any) -> None:
     if _worker is not None and _worker.pipes.main_pid == os.getpid():
         return
     try:
-        _worker = _Worker(controller, get_lifecycle())
+        _worker = _Worker(controller, get_lifecycle(), resend_early_acked)
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"graceful: the celery worker cannot start: {exc}") from exc
 
@@ -141,11 +169,15 @@ def _start_worker(controller: Any) -> None:
 class _Worker:
     """graceful's side of one Celery worker, made in its main process before the pool forks."""
 
-    def __init__(self, controller: Any, lifecycle: Lifecycle) -> None:
+    def __init__(self, controller: Any, lifecycle: Lifecycle, resend_early_acked: bool | None) -> None:
         # What can fail comes first, before anything is registered: every variable read and
         # checked (ValueError), then the probe port bound (RuntimeError).
         self.settings = readiness.configure_from_env(lifecycle)
         self.probes = readiness.serve_probes_from_env(lifecycle, self.settings)
+        self.resend_early_acked = bool(
+            self.settings.celery_resend if resend_early_acked is None else resend_early_acked
+        )
+        """Send early-acknowledged tasks cut at the deadline again (unless a task says otherwise)."""
         self.controller = controller
         self.lifecycle = lifecycle
         self.pipes = Pipes()
@@ -158,7 +190,7 @@ class _Worker:
         self._cold_reported = False
         self._report_before_celery_cancels(controller)
         lifecycle.add_wrap_up_listener(self._stop_consuming, name="celery: tasks in flight")
-        on_force_quit(lifecycle, self._at_deadline, name="celery: requeue unacknowledged tasks")
+        on_force_quit(lifecycle, self._at_deadline, name="celery: stop the pool, settle every task held")
         self.notifier = systemd.SystemdNotifier(lifecycle) if os.environ.get("NOTIFY_SOCKET") else None
         threading.Thread(
             target=self.pipes.read_hand_offs, args=(self._on_hand_off,), name="graceful-celery", daemon=True
@@ -238,7 +270,7 @@ class _Worker:
         if self._cold_reported:
             return
         self._cold_reported = True
-        requests = _requests()
+        requests = held_requests()
         if not requests:
             return
         lines = [f"graceful: celery cold shutdown: {len(requests)} task(s) still running or prefetched"]
@@ -261,31 +293,64 @@ class _Worker:
     # -- the deadline, in the main process -------------------------------------------------------
 
     def _at_deadline(self) -> None:
-        """Name each task still held, put back every unacknowledged message, then the stacks."""
+        """Stop the pool, then settle each task held: see graceful/_celery_messages.py.
+
+        In the force-quit hooks' thread, after graceful's report, before the exit (70). Every
+        request held is claimed from Celery; every pool process is asked what it runs and what
+        it finished (it writes its stacks, answers, and SIGKILLs itself), then SIGKILLed and
+        waited for; only then is each message acknowledged (finished), put back (killed
+        mid-run, or never started), sent again or reported lost (early-acknowledged, killed).
+        """
         if not self.is_main():
             return
-        requests = _requests()
-        lines = [f"graceful: celery tasks still running or prefetched at the deadline: {len(requests)}"]
-        busy = set()
-        for request in requests:
-            pid = request.worker_pid
-            where = "not started (prefetched)" if pid is None else f"process {pid}"
-            fate = (
-                "acknowledged when it started (not acks_late): NOT put back"
-                if request.acknowledged
-                else "put back on its queue"
+        held = claim(held_requests())
+        me = os.getpid()
+        processes = (_pool_processes(self.controller) | {h.pid for h in held if h.pid is not None}) - {me}
+        answers = self.pipes.collect_answers(processes, STACKS_GRACE)
+        mine, done_here = _tasks.freeze()  # the threads and solo pools run tasks in this process
+        here = _tasks.dump("the main process", mine)
+        if here:
+            write_fd2(here)
+        still = stop_processes(processes | answers.answered, KILL_GRACE)
+        silent = processes - answers.answered
+        lines = settle(
+            held,
+            running={**answers.running, **dict.fromkeys(mine, me)},
+            finished=answers.finished | set(done_here),
+            silent=silent,
+            resend=self._resends,
+            send_again=lambda messages: send_again(self.controller.app, messages),
+        )
+        restore_the_rest(held)
+        consumer = getattr(getattr(self.controller, "consumer", None), "task_consumer", None)
+        lines += take_back_in_flight(
+            [getattr(consumer, "channel", None), *(h.request.message.channel for h in held)]
+        )
+        stopped = len(processes | answers.answered)
+        head = [
+            (
+                f"graceful: celery at the deadline: {len(held)} task(s) held; {stopped} pool process(es) "
+                f"stopped (SIGKILL) before any message was put back"
             )
-            lines.append(f"  - task {request.name} id {request.id}, {where}: {fate}")
-            lines.extend(_tasks.stack(request.id))
-            if pid is not None and pid != os.getpid():
-                busy.add(pid)
-        write_fd2("".join(line + "\n" for line in lines))
-        channel = None
-        for request in requests:
-            channel = _requeue(request) or channel
-        _restore_the_rest(channel)
-        if busy:
-            self.pipes.ask_for_stacks(len(busy), STACKS_GRACE)
+        ]
+        head += [f"  (process {pid} did not answer within {STACKS_GRACE:g} s)" for pid in sorted(silent)]
+        head += [f"  (process {pid} was still alive {KILL_GRACE:g} s after SIGKILL)" for pid in still]
+        write_fd2("".join(line + "\n" for line in head + lines))
+
+    def _resends(self, request: Any) -> bool:
+        """Send this early-acknowledged task again? Its own option first, then the worker's."""
+        own = getattr(request.task, "graceful_resend_early_acked", None)
+        return self.resend_early_acked if own is None else bool(own)
+
+
+def _pool_processes(controller: Any) -> set[int]:
+    """The pids of the worker's pool processes, as its pool reports them (``celery inspect
+    stats`` shows the same list); empty for the threads and solo pools, or if it cannot say."""
+    try:
+        pids = controller.pool.info.get("processes") or []
+    except Exception:  # noqa: BLE001 - the pids the tasks name are stopped all the same
+        return set()
+    return {pid for pid in pids if isinstance(pid, int) and pid > 0}
 
 
 class _AfterTheConsumer(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
@@ -306,58 +371,6 @@ class _AfterTheConsumer(bootsteps.StartStopStep):  # type: ignore[misc]  # Celer
         worker = _main_worker()
         if worker is not None and worker.cold:
             worker.finish()
-
-
-_received: dict[str, Any] = {}  # task id -> Request, from task_received until acknowledged and done
-
-
-def _requests() -> list[Any]:
-    """Every request this worker holds (running or prefetched), each once, in a stable order.
-
-    Celery forgets the prefetched ones when its consumer closes (their messages stay
-    unacknowledged on the channel), so those received are kept here too.
-    """
-    for _ in range(10):  # the main thread may change the sets while we copy them
-        try:
-            held = [*worker_state.active_requests, *worker_state.reserved_requests, *list(_received.values())]
-            break
-        except RuntimeError:
-            continue
-    else:
-        held = []
-    found = {id(r): r for r in held if not (r.acknowledged and r not in worker_state.active_requests)}
-    return sorted(found.values(), key=lambda r: (r.worker_pid is None, str(r.id)))
-
-
-def _requeue(request: Any) -> Any:
-    """Put the request's message back on its queue now; its channel (None if it was acked)."""
-    if request.acknowledged:
-        log.warning(
-            "celery task %s[%s] was acknowledged when it started: it is lost", request.name, request.id
-        )
-        return None
-    message = request.message
-    try:
-        # Straight to the channel: Celery's own ``request.reject()`` queues the call on its event
-        # loop, and the main thread is not running it now (it waits for the pool).
-        message.reject(requeue=True)
-        request.acknowledged = True  # Celery must not ack or reject it again in the last instant
-    except Exception:  # the others must still be put back
-        log.exception("celery task %s[%s] could not be put back on its queue", request.name, request.id)
-        return None
-    log.warning("celery task %s[%s] put back on its queue at the deadline", request.name, request.id)
-    return message.channel
-
-
-def _restore_the_rest(channel: Any) -> None:
-    """Put back what else the channel holds unacknowledged (kombu's virtual transports: Redis,
-    SQS...). AMQP brokers redeliver by themselves once the connection drops with the process."""
-    restore = getattr(getattr(channel, "qos", None), "restore_unacked", None)
-    if callable(restore):
-        try:
-            restore()
-        except Exception:
-            log.exception("graceful: could not put back the other unacknowledged celery messages")
 
 
 # -- Celery's signals ------------------------------------------------------------------------------
@@ -401,10 +414,10 @@ def _on_worker_process_init(**_: object) -> None:
     if get_lifecycle().state() is not State.RUNNING:
         # Forked while the parent was stopping: a fresh lifecycle (the watcher wraps it up at once).
         use(Lifecycle(get_lifecycle().status().force_quit))
-    pid = os.getpid()
     worker.pipes.watch(
         lambda: get_lifecycle().wrap_up("celery warm shutdown (told by the main process)"),
-        lambda: _tasks.dump(f"pool process {pid}"),
+        _tasks,
+        f"pool process {os.getpid()}",
     )
 
 
@@ -425,13 +438,5 @@ def _on_task_postrun(task_id: str = "", **_: object) -> None:
 
 
 def _on_task_received(request: Any = None, **_: object) -> None:
-    # In the main process, on Celery's event loop: keep it until it is done with (bounded by
-    # the prefetch: the finished ones are dropped here, at the next one received).
-    if request is None or _main_worker() is None:
-        return
-    channel = request.message.channel
-    for task_id, held in list(_received.items()):
-        done = held.acknowledged and held not in worker_state.active_requests
-        if done or held.message.channel is not channel:  # another channel: a reconnect redelivers it
-            del _received[task_id]
-    _received[str(request.id)] = request
+    if request is not None and _main_worker() is not None:
+        keep_received(request)

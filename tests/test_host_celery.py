@@ -8,9 +8,11 @@ from every process of the worker; the tests read the order of events from them.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import select
 import signal
 import socket
 import urllib.error
@@ -50,13 +52,29 @@ def worker(
 
 def send(redis_url: str, name: str, *args: object) -> str:
     """Enqueue task ``name`` (by name: this process never imports the apps); its id."""
+    return send_with(redis_url, name, list(args), {})
+
+
+def send_with(redis_url: str, name: str, args: list[object], kwargs: dict[str, object]) -> str:
+    """Enqueue task ``name`` with ``args`` and ``kwargs``; its id."""
     from celery import Celery
 
     client = Celery("test-client", broker=redis_url)
     try:
-        return str(client.send_task(name, args=list(args)).id)
+        return str(client.send_task(name, args=args, kwargs=kwargs).id)
     finally:
         client.close()
+
+
+def queued(rdb: redis.Redis, queue: str = "celery") -> list[dict[str, Any]]:
+    """The messages waiting on a Celery queue in Redis: each one's headers (task, id, ...) and
+    its (args, kwargs)."""
+    found = []
+    for raw in rdb.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        found.append({**message["headers"], "args": body[0], "kwargs": body[1]})
+    return found
 
 
 def ping(redis_url: str) -> None:
@@ -72,11 +90,37 @@ def ping(redis_url: str) -> None:
 
 
 def events(stdout: str) -> dict[int, list[str]]:
-    """``EV <event> <pid>`` lines, grouped by process, in the order each process wrote them."""
+    """``EV <event> <pid>`` lines, grouped by process, in the order each process wrote them
+    (but ``pool-process``: see ``pool_processes``)."""
     found: dict[int, list[str]] = {}
     for event, pid in re.findall(r"^EV (\S+) (\d+)$", stdout, re.MULTILINE):
-        found.setdefault(int(pid), []).append(event)
+        if event != "pool-process":
+            found.setdefault(int(pid), []).append(event)
     return found
+
+
+def pool_processes(stdout: str) -> set[int]:
+    """The pids of every pool process the worker started (each says so as it starts)."""
+    return {int(pid) for pid in re.findall(r"^EV pool-process (\d+)$", stdout, re.MULTILINE)}
+
+
+def assert_no_pool_process_outlives(stdout: str) -> None:
+    """Each pool process is gone once the worker has exited (waited on through a pidfd, bounded:
+    the kernel may still be delivering a SIGKILL; one that outlives it would run on unseen)."""
+    pids = pool_processes(stdout)
+    assert pids, "the worker reported no pool process"
+    left = []
+    for pid in sorted(pids):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not select.select([fd], [], [], BOUND)[0]:
+                left.append(pid)
+        finally:
+            os.close(fd)
+    assert not left, f"pool processes still running {BOUND} s after the worker exited: {left}"
 
 
 def probe(port: int, path: str) -> int:
@@ -144,25 +188,38 @@ def test_warm_shutdown_finishes_the_task_in_flight_then_runs_shutdown_listeners(
 def test_a_task_that_outlives_the_budget_is_named_with_its_stack_and_put_back(
     graceful_process: Any, redis_url: str, rdb: redis.Redis, pool: str
 ) -> None:
-    """At graceful's deadline: the report names the task and where it is; its message is back on the queue."""
+    """At graceful's deadline: the report names each task and where it is; an acks_late task's
+    message is back on the queue; an early-acknowledged one is reported lost with its arguments."""
     proc = worker(graceful_process, redis_url, "tests.celery_app", pool, GRACEFUL_FORCE_QUIT="2")
     task_id = send(redis_url, "tests.stuck")
-    proc.wait_for_output(f"EV accepted-{task_id} {proc.pid}")
+    early_id = send_with(redis_url, "tests.stuck_early", ["x", 1], {"k": "v"})
+    for sent in (task_id, early_id):
+        proc.wait_for_output(f"EV accepted-{sent} {proc.pid}")
     proc.send_signal(signal.SIGTERM)
     result = proc.wait(WORKER_START)
 
     assert result.returncode == 70, result.stderr
     err = result.stderr
     assert "graceful: force quit: the force-quit deadline of 2 s passed" in err
-    assert f"task tests.stuck id {task_id}, process " in err
+    cut = "killed mid-run in process " if pool == "prefork" else "cut mid-run in the main process"
+    assert f"  - task tests.stuck id {task_id}, {cut}" in err, err
     assert f"celery task tests.stuck[{task_id}] put back on its queue at the deadline" in err
     # Where it is stuck: the task's own line, from the process that runs it.
     assert re.search(r'File ".*celery_app\.py", line \d+, in stuck\n\s+never\.wait\(60\)', err), err
     if pool == "prefork":
         assert f"graceful: celery task tests.stuck id {task_id} in pool process " in err
     assert f"EV shutdown {proc.pid}" not in result.stdout  # forced: its shutdown phase never began
+    # Early-acknowledged: lost (at-most-once), named with what it takes to send it again by hand.
+    cut = "killed mid-run in process " if pool == "prefork" else "cut mid-run in the main process"
+    assert f"  - task tests.stuck_early id {early_id}, {cut}" in err, err
+    assert (
+        "acknowledged when it started (not acks_late): LOST; to send it again by hand: "
+        "tests.stuck_early args=['x', 1] kwargs={'k': 'v'}"
+    ) in err
     assert queued_ids(rdb) == [task_id]
     assert rdb.hlen("unacked") == 0  # not left invisible for the visibility timeout
+    if pool == "prefork":
+        assert_no_pool_process_outlives(result.stdout)
 
 
 @pytest.mark.timeout(90)
@@ -209,6 +266,82 @@ def test_a_cold_shutdown_stays_celerys_with_the_report_written_at_once(
     assert re.search(rf'File ".*celery_app\.py", line \d+, in {name[6:]}\n', err), err
     assert queued_ids(rdb) == [task_id]  # Celery put it back; graceful did not add a second copy
     assert rdb.llen("k:done") == 0
+    assert_no_pool_process_outlives(result.stdout)
+
+
+@pytest.mark.timeout(90)
+def test_at_the_deadline_a_finished_task_is_acknowledged_and_the_pool_is_stopped_before_anything_goes_back(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis
+) -> None:
+    """Issue #29: what the main process believes runs is stale at the deadline (it has not read
+    the results). A task that finished is acknowledged, never put back; a task still running is
+    put back only once its process is gone, so it cannot finish after; no pool process outlives
+    the worker."""
+    proc = worker(graceful_process, redis_url, "tests.celery_app", "prefork", GRACEFUL_FORCE_QUIT="2")
+    finished_id = send(redis_url, "tests.linger", "l")
+    running_id = send(redis_url, "tests.watch_own_message", "w")
+    for sent in (finished_id, running_id):
+        proc.wait_for_output(f"EV accepted-{sent} {proc.pid}")
+    proc.wait_for_output("EV linger-finished")  # done in its process; its result not sent yet
+    proc.wait_for_output("EV watch-start")
+    proc.send_signal(signal.SIGTERM)
+    result = proc.wait(WORKER_START)
+
+    assert result.returncode == 70, result.stderr
+    err = result.stderr
+    assert "graceful: celery at the deadline: 2 task(s) held; 2 pool process(es) stopped (SIGKILL)" in err, (
+        err
+    )
+    assert (
+        f"  - task tests.linger id {finished_id}, finished in process "
+        in err.split("graceful: celery at the deadline")[1]
+    )
+    assert "finished before the deadline: acknowledged now" in err
+    assert f"  - task tests.watch_own_message id {running_id}, killed mid-run in process " in err
+    assert queued_ids(rdb) == [running_id]  # only the one cut; the finished one is not done twice
+    assert rdb.llen("l:done") == 1
+    assert rdb.llen("w:done-after-put-back") == 0  # it never saw itself put back: it was gone
+    assert rdb.hlen("unacked") == 0
+    assert_no_pool_process_outlives(result.stdout)
+
+
+@pytest.mark.timeout(90)
+def test_early_acknowledged_tasks_cut_at_the_deadline_are_sent_again_when_asked(
+    graceful_process: Any, redis_url: str, rdb: redis.Redis
+) -> None:
+    """GRACEFUL_CELERY_RESEND_EARLY_ACKED=1: an early-acknowledged task cut at the deadline is
+    sent again, the same message (name, id, arguments); a task that opts out
+    (``graceful_resend_early_acked=False``) is reported lost with its arguments."""
+    proc = worker(
+        graceful_process,
+        redis_url,
+        "tests.celery_app",
+        "prefork",
+        GRACEFUL_FORCE_QUIT="2",
+        GRACEFUL_CELERY_RESEND_EARLY_ACKED="1",
+    )
+    again_id = send_with(redis_url, "tests.stuck_early", ["again", 2], {"n": [1, 2]})
+    kept_id = send_with(redis_url, "tests.stuck_early_kept", ["kept"], {})
+    for sent in (again_id, kept_id):
+        proc.wait_for_output(f"EV accepted-{sent} {proc.pid}")
+    assert queued(rdb) == []  # both acknowledged as they started
+    proc.send_signal(signal.SIGTERM)
+    result = proc.wait(WORKER_START)
+
+    assert result.returncode == 70, result.stderr
+    err = result.stderr
+    assert f"  - task tests.stuck_early id {again_id}, killed mid-run in process " in err, err
+    assert "acknowledged when it started (not acks_late): sent again (same id, arguments)" in err
+    assert f"  - task tests.stuck_early_kept id {kept_id}, killed mid-run in process " in err
+    assert "LOST; to send it again by hand: tests.stuck_early_kept args=['kept'] kwargs={}" in err
+    (message,) = queued(rdb)
+    assert (message["task"], message["id"], message["args"], message["kwargs"]) == (
+        "tests.stuck_early",
+        again_id,
+        ["again", 2],
+        {"n": [1, 2]},
+    )
+    assert_no_pool_process_outlives(result.stdout)
 
 
 @pytest.mark.timeout(120)
