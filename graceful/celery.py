@@ -13,10 +13,12 @@ process and its signals; graceful plugs into Celery's own lifecycle (its signals
   Celery's ``worker_shutdown``, which comes once the pool has drained), and the process exits
   only once they are done: 0, or 1 if a listener raised.
 * **Deadline** (graceful's force-quit budget, counted from SIGTERM; Celery's warm shutdown has
-  none): graceful's report, then each task still running named (name, id, process) with its
-  stack (from the pool process itself for prefork), every message not yet acknowledged
-  (``acks_late`` tasks, and tasks prefetched but not started) put back on its queue and logged
-  one by one, then exit 70. Without this the Redis transport keeps them invisible for its
+  none): graceful's report; then every pool process writes its task's stack, says what it runs
+  and what it finished, and is SIGKILLed (none outlives the worker); only then is each task
+  held settled and named: finished -> acknowledged (never put back), cut or never started ->
+  put back on its queue, acknowledged when it started -> lost, with its arguments, or sent
+  again (``resend_early_acked``); then exit 70 (graceful/_celery_messages.py says why, from
+  issue #29). Without the put-back the Redis transport keeps messages invisible for its
   ``visibility_timeout`` (an hour by default): Celery #3802 in another guise.
 * **Probes** (``GRACEFUL_PROBE_PORT``, host ``GRACEFUL_PROBE_HOST``, default all interfaces):
   ``/readyz`` is 200 from Celery's ``worker_ready`` until the warm shutdown starts, ``/livez``
