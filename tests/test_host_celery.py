@@ -371,7 +371,7 @@ def test_the_job_iteration_example_checkpoints_and_a_second_worker_finishes_it(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("problem", ["bad port", "taken port", "bad drain delay"])
+@pytest.mark.parametrize("problem", ["bad port", "taken port", "bad drain delay", "bad resend switch"])
 def test_a_worker_that_cannot_run_graceful_refuses_to_start_and_says_why(
     graceful_process: Any, redis_url: str, problem: str
 ) -> None:
@@ -394,6 +394,10 @@ def test_a_worker_that_cannot_run_graceful_refuses_to_start_and_says_why(
                 {"GRACEFUL_DRAIN_DELAY": "soon", "GRACEFUL_TERMINATION_GRACE": "30"},
                 "GRACEFUL_DRAIN_DELAY='soon': set it to a number of seconds",
             ),
+            "bad resend switch": (
+                {"GRACEFUL_CELERY_RESEND_EARLY_ACKED": "maybe"},
+                "GRACEFUL_CELERY_RESEND_EARLY_ACKED='maybe': set it to 1 (on) or 0 (off), or unset it",
+            ),
         }[problem]
         with pytest.raises(NotReadyError) as refused:
             worker(graceful_process, redis_url, "tests.celery_app", "prefork", **env)
@@ -412,6 +416,8 @@ def test_install_takes_a_celery_app_and_is_idempotent() -> None:
     with pytest.raises(TypeError, match=r"celery\.Celery app"):
         graceful.celery.install(object())  # type: ignore[arg-type]
     app = Celery("install-twice", set_as_current=False)
+    with pytest.raises(TypeError, match=r"resend_early_acked=\.\.\.\) takes True, False or None, not 'yes'"):
+        graceful.celery.install(app, resend_early_acked="yes")  # type: ignore[arg-type]
     before = len(signals.worker_init.receivers)
     graceful.celery.install(app)
     graceful.celery.install(app)
