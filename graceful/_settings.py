@@ -27,6 +27,10 @@ The variables:
 Those two are the platform's grace before SIGKILL (SolidQueue #653: when it is shorter than the
 service's own shutdown timeout, the SIGKILL comes first and nothing says what was stuck).
 
+* ``GRACEFUL_CELERY_RESEND_EARLY_ACKED``: ``1`` (or ``true``, ``yes``, ``on``) and the Celery
+  host sends again, at graceful's deadline, each task it cuts that was acknowledged when it
+  started; ``0`` (``false``, ``no``, ``off``) or unset: they are reported lost
+  (docs/hosts/celery.md).
 * ``GRACEFUL_UPGRADE_TIMEOUT``: the longest a new generation started by SIGUSR2 may take to be
   ready before it is stopped and the old one keeps serving (default 30 s; docs/deploys.md).
 
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTO_MAX",
+    "ENV_CELERY_RESEND",
     "ENV_DRAIN_DELAY",
     "ENV_FORCE_QUIT",
     "ENV_PROBE_HOST",
@@ -78,6 +83,7 @@ ENV_UPGRADE_TIMEOUT = "GRACEFUL_UPGRADE_TIMEOUT"
 UPGRADE_TIMEOUT = 30.0
 """Seconds a new generation may take to be ready (``GRACEFUL_UPGRADE_TIMEOUT``): an import and a
 lifespan startup, with room; systemd's own ``TimeoutStartSec`` defaults to 90 s."""
+ENV_CELERY_RESEND = "GRACEFUL_CELERY_RESEND_EARLY_ACKED"
 
 AUTO_MAX = 10.0
 """The bound of a plain ``auto`` drain delay: HAProxy's default check (``inter 2s fall 3``)
@@ -261,6 +267,28 @@ def _platform_grace(environ: Mapping[str, str] | None) -> tuple[float, str] | No
     return min(found) if found else None
 
 
+_SWITCH = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
+def _switch(name: str, environ: Mapping[str, str] | None) -> bool | None:
+    raw = _raw(name, environ)
+    if not raw:
+        return None
+    value = _SWITCH.get(raw.lower())
+    if value is None:
+        raise ValueError(f"{name}={raw!r}: set it to 1 (on) or 0 (off), or unset it")
+    return value
+
+
 # -- all of them ---------------------------------------------------------------------------------
 
 
@@ -271,10 +299,12 @@ class Settings(Frozen):
     ``probe_port``: a port or None; ``probe_host``: the interface the probes bind (default all,
     ``0.0.0.0``: the kubelet probes the pod's IP); ``platform_grace``: the shortest grace the
     environment declares, with a phrase naming where it comes from, or None;
-    ``upgrade_timeout``: seconds a new generation may take to be ready (SIGUSR2).
+    ``upgrade_timeout``: seconds a new generation may take to be ready (SIGUSR2);
+    ``celery_resend``: ``GRACEFUL_CELERY_RESEND_EARLY_ACKED`` as a bool, None when unset.
     """
 
     __slots__ = (
+        "celery_resend",
         "drain_delay",
         "force_quit",
         "platform_grace",
@@ -291,6 +321,7 @@ class Settings(Frozen):
         "platform_grace",
         "wrap_up_timeout",
         "upgrade_timeout",
+        "celery_resend",
     )
     force_quit: float | None
     wrap_up_timeout: float | None
@@ -299,6 +330,7 @@ class Settings(Frozen):
     probe_host: str
     platform_grace: tuple[float, str] | None
     upgrade_timeout: float
+    celery_resend: bool | None
 
     def __init__(  # noqa: PLR0917 - one positional argument per field, as a dataclass would take
         self,
@@ -309,9 +341,17 @@ class Settings(Frozen):
         platform_grace: tuple[float, str] | None = None,
         wrap_up_timeout: float | None = None,
         upgrade_timeout: float = UPGRADE_TIMEOUT,
+        celery_resend: bool | None = None,
     ) -> None:
         super().__init__(
-            force_quit, drain_delay, probe_port, probe_host, platform_grace, wrap_up_timeout, upgrade_timeout
+            force_quit,
+            drain_delay,
+            probe_port,
+            probe_host,
+            platform_grace,
+            wrap_up_timeout,
+            upgrade_timeout,
+            celery_resend,
         )
 
     @classmethod
@@ -338,4 +378,5 @@ class Settings(Frozen):
             _platform_grace(environ),
             read_wrap_up_timeout(environ),
             _seconds(ENV_UPGRADE_TIMEOUT, environ) or UPGRADE_TIMEOUT,
+            _switch(ENV_CELERY_RESEND, environ),
         )

@@ -47,6 +47,10 @@ THIRD_PARTY_PRIVATE = {
     ("graceful.adapters.rq", "_shutdown_requested_date"): "rq Worker: a warm shutdown without a signal",
     ("graceful.adapters.rq", "_stop_requested"): "rq Worker: a warm shutdown without a signal",
     ("graceful.adapters.rq", "_install_signal_handlers"): "rq Worker: its signal handling off",
+    (
+        "graceful._celery_messages",
+        "_in_poll",
+    ): "kombu Redis channel: a BRPOP in flight, read before a forced exit",
 }
 
 
