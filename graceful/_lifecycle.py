@@ -760,7 +760,7 @@ class Lifecycle:
             late = self._timer.passed() if left else self._timer.disarm_unless_passed()
         if left and not late:
             remaining = self._timer.remaining() or 0.0
-            log.warning(
+            log.info(
                 "%d abandoned listener(s) still running (%s): the force-quit deadline stays armed, %.3f s left",
                 len(left),
                 ", ".join(repr(item.name) for item in left),
@@ -829,7 +829,7 @@ class Lifecycle:
             why = "" if due is None else f"its timeout of {listener.timeout} s passed"
             if (
                 listener.phase is Phase.WRAP_UP
-                and not listener.own  # run()'s steps bound their own drain (Context.wrap_up_remaining)
+                and not listener.bounded  # graceful's own drains bound themselves (mark_own)
                 and wrap_up_end is not None
                 and (due is None or wrap_up_end < due)
             ):

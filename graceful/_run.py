@@ -233,19 +233,21 @@ class _Runner:
         previous: Waiter | None = None
         for service, ctx in pairs:
             previous = self.lifecycle.add_wrap_up_listener(
-                self._step(service.wrap_up, ctx, previous, wrap_up=True), name=f"wrap up {service.name}"
+                self._step(service, ctx, previous, wrap_up=True), name=f"wrap up {service.name}"
             )
         if previous is not None:
             self._waiters.append(previous)
         previous = None
         for service, ctx in pairs:
             previous = self.lifecycle.add_shutdown_listener(
-                self._step(service.close, ctx, previous, wrap_up=False), name=f"close {service.name}"
+                self._step(service, ctx, previous, wrap_up=False), name=f"close {service.name}"
             )
         if previous is not None:
             self._waiters.append(previous)  # the last of each chain finishes after all the others
 
-    def _step(self, method: Any, ctx: Context, after: Waiter | None, *, wrap_up: bool) -> Any:
+    def _step(self, service: Service, ctx: Context, after: Waiter | None, *, wrap_up: bool) -> Any:
+        method = service.wrap_up if wrap_up else service.close
+
         def step() -> None:
             if after is not None:
                 after.wait()
@@ -262,7 +264,10 @@ class _Runner:
             if wrap_up:
                 self._stopped_half(ctx)  # drained: "stopped" once serve() has returned too
 
-        return mark_own(step)
+        # A wrap-up step waits on the service's drain: one of graceful's adapters bounds it and
+        # names what it cuts (bounds_its_drain); a user's own Service or callable is abandoned at
+        # the wrap-up timeout like any listener, so a drain that hangs holds nothing hostage.
+        return mark_own(step, bounded=not wrap_up or getattr(service, "bounds_its_drain", False) is True)
 
     def _stopped_half(self, ctx: Context) -> None:
         """Called when serve() returned during the stop, and when the wrap-up step finished:

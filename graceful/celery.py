@@ -70,7 +70,7 @@ from ._celery_messages import (
 from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork, stop_processes
 from ._checks import TYPE_CHECKING
 from ._diagnostics import write_fd2
-from ._lifecycle import on_force_quit, prepare
+from ._lifecycle import budget, on_force_quit, prepare
 from ._listeners import mark_own
 
 if TYPE_CHECKING:
@@ -178,6 +178,7 @@ class _Worker:
         self.settings = readiness.configure_from_env(lifecycle)
         self.probes = readiness.serve_probes_from_env(lifecycle, self.settings)
         prepare(lifecycle)  # the deadline's and the sequence's threads, ahead of need
+        _check_soft_shutdown(controller, lifecycle)
         self.resend_early_acked = bool(
             self.settings.celery_resend if resend_early_acked is None else resend_early_acked
         )
@@ -345,6 +346,26 @@ class _Worker:
         """Send this early-acknowledged task again? Its own option first, then the worker's."""
         own = getattr(request.task, "graceful_resend_early_acked", None)
         return self.resend_early_acked if own is None else bool(own)
+
+
+def _check_soft_shutdown(controller: Any, lifecycle: Lifecycle) -> None:
+    """Celery's soft shutdown beside graceful's deadline: a WARNING at start, with both numbers.
+
+    ``worker_soft_shutdown_timeout`` (Celery 5.5) waits its whole timeout even when the tasks
+    finished sooner (Celery #9505), and a shorter one ends the tasks before graceful's deadline
+    could name and put them back: graceful's budget bounds a warm shutdown by itself.
+    """
+    conf = getattr(getattr(controller, "app", None), "conf", None)
+    soft = getattr(conf, "worker_soft_shutdown_timeout", 0) or 0
+    if isinstance(soft, (int, float)) and soft > 0:
+        log.warning(
+            "graceful: Celery's worker_soft_shutdown_timeout is %g s beside graceful's force-quit budget "
+            "of %g s: the soft shutdown waits its whole timeout (Celery #9505) and may end tasks before "
+            "graceful names and puts them back; set worker_soft_shutdown_timeout = 0 and let the budget "
+            "(GRACEFUL_FORCE_QUIT) bound the warm shutdown",
+            soft,
+            budget(lifecycle),
+        )
 
 
 def _pool_processes(controller: Any) -> set[int]:

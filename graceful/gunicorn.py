@@ -60,6 +60,7 @@ import graceful
 from graceful import readiness
 
 from ._gunicorn_worker import WorkerWatch
+from ._lifecycle import prepare
 from ._settings import ENV_FORCE_QUIT
 
 __all__ = [
@@ -265,6 +266,7 @@ def post_worker_init(worker: object) -> None:
             env,
             graceful_timeout,
         )
+    prepare(lifecycle)  # the deadline's and the sequence's threads, ahead of need
     drain = readiness.drain_delay(lifecycle) > 0
     _watch = WorkerWatch(
         worker,

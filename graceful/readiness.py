@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 
 from ._current import or_default
+from ._deadline import FLUSH_SLICE
 from ._drain_delay import Traffic, drain_delay_of
 from ._lifecycle import Lifecycle, State, budget, set_defaults
 from ._probe_server import ProbeServer
@@ -288,14 +289,16 @@ def fit_drain_delay(lifecycle: Lifecycle | None = None) -> str | None:
 
 
 def check_platform_grace(lifecycle: Lifecycle | None = None, settings: Settings | None = None) -> str | None:
-    """Warn when the drain delay plus the force-quit budget would outlast the platform's grace.
+    """Warn when graceful's latest exit would come after the platform's SIGKILL.
 
     The grace comes from ``GRACEFUL_TERMINATION_GRACE`` (Kubernetes'
     ``terminationGracePeriodSeconds``) or ``GRACEFUL_TIMEOUT_STOP_SEC`` (systemd's
     ``TimeoutStopSec``: seconds or a systemd time span such as ``1min 30s``; 0 or
     ``infinity`` is no limit), the shorter if both are set; neither platform tells the process
     (see docs/kubernetes.md and docs/systemd.md). Past it the platform sends SIGKILL and
-    graceful never writes its report of what was stuck (SolidQueue #653). ``run()`` and the
+    graceful never writes its report of what was stuck (SolidQueue #653). The latest exit is the
+    force-quit budget plus the flush slice after the report (at most 1 s); the drain delay is
+    spent inside the budget, so it does not add to it. ``run()`` and the
     hosts call this once at start, with the ``settings`` they read (read now if None). Returns
     the warning (also logged at WARNING on ``graceful``), or None.
 
@@ -307,15 +310,15 @@ def check_platform_grace(lifecycle: Lifecycle | None = None, settings: Settings 
     if found is None:
         return None
     grace, where = found
-    delay, seconds = drain_delay(lc), budget(lc)
-    needed = delay + seconds
+    seconds = budget(lc)
+    needed = seconds + FLUSH_SLICE
     if needed < grace:
         return None
     warning = (
-        f"the drain delay ({delay:g} s) plus the force-quit budget ({seconds:g} s) is {needed:g} s, "
-        f"not less than the platform's grace of {grace:g} s ({where}): the process would be "
-        f"SIGKILLed before graceful reports what is stuck. Lower GRACEFUL_FORCE_QUIT or "
-        f"GRACEFUL_DRAIN_DELAY, or give the process more time"
+        f"the force-quit budget ({seconds:g} s) and the last flush slice ({FLUSH_SLICE:g} s) end "
+        f"{needed:g} s after SIGTERM, not before the platform's grace of {grace:g} s ({where}): the "
+        f"process could be SIGKILLed before graceful reports what is stuck. Lower GRACEFUL_FORCE_QUIT, "
+        f"or give the process more time"
     )
     log.warning("%s", warning)
     return warning

@@ -18,6 +18,7 @@ import urllib.request
 
 import pytest
 
+from graceful._deadline import FLUSH_SLICE
 from graceful.testing import ProcessFactory
 
 from .conftest import BOUND, ROOT
@@ -58,7 +59,7 @@ def test_each_unit_lets_graceful_finish_before_systemd_kills(name: str) -> None:
     assert float(env["GRACEFUL_TIMEOUT_STOP_SEC"]) == stop_timeout  # what graceful's warning checks
     budget = float(env.get("GRACEFUL_FORCE_QUIT", "25"))
     sleeps = sum(float(cmd.split()[-1]) for cmd in settings.get("ExecStop", []) if "sleep" in cmd)
-    assert sleeps + budget < stop_timeout
+    assert sleeps + budget + FLUSH_SLICE < stop_timeout
 
 
 def test_the_notify_unit_has_a_watchdog() -> None:

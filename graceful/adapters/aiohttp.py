@@ -126,6 +126,10 @@ class AiohttpService:
             a port number.
     """
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(
         self,
         app: web.Application | web.AppRunner,

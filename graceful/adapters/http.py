@@ -270,6 +270,10 @@ def _track(factory: Any, tracker: _Tracker) -> Any:
 class HTTPServerService:
     """Any ``socketserver.TCPServer`` (UDP and Unix servers included): ``http.server``, ``wsgiref``, your own TCP server."""
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(self, server: TCPServer, name: str | None = None) -> None:
         if not isinstance(server, TCPServer):
             raise TypeError(f"HTTPServerService takes a socketserver server, not {type(server).__name__}")

@@ -87,6 +87,10 @@ class RqService:
             ``log_format``.
     """
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(self, worker: rq.SimpleWorker, *, name: str | None = None, **work_options: Any) -> None:
         _check(worker)
         unknown = sorted(set(work_options) - set(WORK_OPTIONS))

@@ -240,6 +240,10 @@ class UvicornService:
     uvicorn cancel slow requests earlier (each is logged too, and the exit stays 0).
     """
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(self, server: uvicorn.Server, name: str | None = None) -> None:
         if not isinstance(server, uvicorn.Server):
             raise TypeError(
