@@ -3,6 +3,7 @@
     python benchmarks/run.py            # full run: creates benchmarks/.peers (pip, from PyPI)
     python benchmarks/run.py --quick    # smoke: graceful and the bare baseline, few iterations
     python benchmarks/run.py --only rolling [--quick]   # rolling restarts behind HAProxy (opt-in)
+    python benchmarks/run.py --only hang [--quick]      # hung listeners beside Celery and aiomisc
 
 Every figure of one run is measured on the same machine, with the same interpreter, in the same
 minutes: compare the ratios within a run, not the absolute numbers across runs or machines.
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_drain
 import _bench_fanout
 import _bench_forcequit
+import _bench_hang
 import _bench_import
 import _bench_long_lived
 import _bench_rolling
@@ -42,6 +44,7 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "long_lived": _bench_long_lived.run,
     "rolling": _bench_rolling.run,
     "serving": _bench_serving.run,
+    "hang": _bench_hang.run,
 }
 OPT_IN = {"rolling"}  # minutes long and needs haproxy and hey: runs only when named with --only
 
