@@ -94,6 +94,7 @@ class Contender:
     acks: str = ""  # Celery: "late" (acks_late=True) or "early" (its default)
     host: str = ""  # the graceful module the row needs (under graceful/), if not always there
     quick: bool = False
+    env: tuple[tuple[str, str], ...] = ()  # more environment for the worker
 
     @property
     def label(self) -> str:
@@ -121,6 +122,14 @@ ROWS: list[Contender] = [
         quick=True,
     ),
     *_pair("celery", "Celery prefork -c 2, early acks", "Celery early acks + graceful.celery", acks="early"),
+    Contender(  # issue #29's opt-in: early-acknowledged tasks cut at the deadline are sent again
+        f"Celery early acks + graceful.celery, resend_early_acked, budget {SHORT:g} s",
+        "celery",
+        True,
+        SHORT,
+        "early",
+        env=(("GRACEFUL_CELERY_RESEND_EARLY_ACKED", "1"),),
+    ),
     *_pair(
         "worker", "Redis-list loop, hand-written SIGTERM flag", "graceful Worker (Redis list)", quick=True
     ),
@@ -191,6 +200,7 @@ def _launch(contender: Contender, python: str) -> Launch:
         env["CHAOS_ACKS"] = contender.acks
     if contender.budget is not None:
         env["GRACEFUL_FORCE_QUIT"] = f"{contender.budget:g}"
+    env.update(contender.env)
     return Launch(python, queue.argv, queue.module, env, queue.concurrency)
 
 

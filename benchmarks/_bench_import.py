@@ -11,6 +11,9 @@ without the standard library they pull in.
 Bytecode caches are warmed first (one run of each statement with ``PYTHONDONTWRITEBYTECODE``
 removed), so every figure is a cached import, as in production.
 
+``--import-before PATH`` adds graceful from another checkout (``git worktree add PATH REV``), measured
+the same way in the same rounds, so a change's effect reads off one run.
+
 The floor: a package of as many *empty* modules as ``import graceful`` loads, measured the
 same way in the same rounds. It is what the import machinery alone costs on this machine for
 that many files, whatever they hold: graceful's own figure minus the floor is its code.
@@ -30,6 +33,12 @@ STL = "signal, threading, logging"
 OWN_BUDGET = 0.005  # s: graceful's own modules
 FLOOR = "graceful_floor"  # the package of empty modules
 WHOLE_RATIO = 1.15  # x the stdlib trio
+BEFORE: str = ""  # another checkout's graceful, measured beside this one (--import-before)
+
+
+def configure(before: str) -> None:
+    global BEFORE
+    BEFORE = before
 
 
 def _targets(setup: Setup) -> list[tuple[str, str]]:
@@ -64,6 +73,16 @@ def _whole(python: str, modules: str) -> float:
     if proc.returncode != 0:
         raise BenchError(f"python -c {_code(modules)!r} exited with {proc.returncode}")
     return took
+
+
+def _whole_env(python: str, modules: str, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.Popen([python, "-c", _code(modules)], env=env)
+    if not wait_exit(proc, 60.0):
+        proc.kill()
+        proc.wait()
+        raise BenchError(f"python -c {_code(modules)!r} did not exit within 60 s")
+    return time.perf_counter() - start
 
 
 def _importtime(
@@ -116,13 +135,17 @@ def _floor_package(where: Path, count: int) -> None:
         (package / f"{name}.py").write_text("x = 1\n")
 
 
-def run(setup: Setup, runs: int) -> list[Row]:
+def run(setup: Setup, runs: int) -> list[Row]:  # noqa: PLR0912 - one loop: the contenders stay interleaved
     targets = _targets(setup)
     for _, modules in targets:  # warm the bytecode caches
         _whole(setup.python, modules)
     whole: dict[str, list[float]] = {m: [] for _, m in targets}
     cumulative: dict[str, list[float]] = {m: [] for _, m in targets}
     own: list[float] = []
+    before_env = child_env({"PYTHONPATH": BEFORE}) if BEFORE else None
+    before: dict[str, list[float]] = {"whole": [], "own": []}
+    if before_env is not None:
+        subprocess.run([setup.python, "-c", "import graceful"], env=before_env, check=True, timeout=60)
     floor: list[float] = []
     per_module: dict[str, list[float]] = {}
     count = len(_importtime(setup.python, "graceful")[2])  # modules import graceful loads
@@ -142,6 +165,9 @@ def run(setup: Setup, runs: int) -> list[Row]:
                     for name, value in own_modules.items():
                         per_module.setdefault(name, []).append(value)
                     floor.append(_importtime(setup.python, FLOOR, FLOOR, floor_env)[1])
+                    if before_env is not None:
+                        before["whole"].append(_whole_env(setup.python, "graceful", before_env))
+                        before["own"].append(_importtime(setup.python, "graceful", env=before_env)[1])
             if i == 0:
                 log(f"imports: round 1 of {runs} done")
     stl = median(whole[STL])
@@ -173,6 +199,8 @@ def run(setup: Setup, runs: int) -> list[Row]:
         if modules and modules != STL:
             vs += f"; {'+' if w >= bare else '-'}{ms(abs(w - bare))} over bare"
         rows.append(Row("1. import", contender, result, vs, goal, data))
+        if modules == "graceful" and before_env is not None:
+            rows.append(_before_row(before, w, median(own), stl))
         if modules == "graceful":
             rows.append(
                 Row(
@@ -185,6 +213,19 @@ def run(setup: Setup, runs: int) -> list[Row]:
                 )
             )
     return rows
+
+
+def _before_row(before: dict[str, list[float]], whole: float, own: float, stl: float) -> Row:
+    """graceful from the other checkout, and how this one differs from it (same rounds)."""
+    wb, ob = median(before["whole"]), median(before["own"])
+    return Row(
+        "1. import",
+        f"graceful before ({Path(BEFORE).name})",
+        f"{ms(wb)} whole process; own modules {ms(ob)}",
+        f"{ratio(wb, stl)} of `{STL}`; this checkout {ms(whole - wb)} whole, {ms(own - ob)} own",
+        "",
+        {"whole_s": before["whole"], "own_s": before["own"]},
+    )
 
 
 def _goal(own: float, whole_ratio: float, asyncio_loaded: bool) -> str:

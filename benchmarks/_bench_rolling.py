@@ -20,12 +20,9 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import subprocess
-from collections.abc import Iterator
 
-from _harness import BenchError, Row, Setup, check, exit_text, log, median
+from _harness import BenchError, Row, Setup, check, exit_text, log, median, term_unwinds
 from _rolling_programs import Contender, chosen, contenders, delay_accepted, module_present
 from _rolling_rig import tool
 from _rolling_run import RunResult, Variant, run_one
@@ -49,22 +46,6 @@ def configure(
     options["names"] = names
 
 
-@contextlib.contextmanager
-def _term_unwinds() -> Iterator[None]:
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt("SIGTERM")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run(setup: Setup, runs: int) -> list[Row]:
     missing = [name for name in ("haproxy", "hey") if not tool(name)]
     if missing:
@@ -86,7 +67,7 @@ def run(setup: Setup, runs: int) -> list[Row]:
     present: dict[str, bool] = {}
     rows: list[Row] = []
     variants = VARIANTS[:1] if setup.quick else VARIANTS
-    with _term_unwinds():
+    with term_unwinds():
         for variant in variants:
             for contender in chosen(contenders(delays, quick_delay), names):
                 if setup.quick and not contender.quick and not names:

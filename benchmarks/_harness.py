@@ -35,9 +35,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / "benchmarks" / ".peers"
 # websockets: uvicorn's WebSocket protocol and the long-lived benchmark's client; aiohttp: the
-# server graceful's aiohttp adapter drives there; gunicorn: the rolling rig's peers
-PEER_PACKAGES = ("aiomisc", "cotyledon", "uvicorn", "grpcio", "websockets", "aiohttp", "gunicorn")
-PEER_MODULES = ("aiomisc", "cotyledon", "uvicorn", "grpc", "websockets", "aiohttp", "gunicorn")
+# server graceful's aiohttp adapter drives there; gunicorn: the rolling rig's peers; celery with
+# its Redis transport (kombu's redis extra: the client and packaging): the hung-listener section.
+# Pip requirements, and the module each one provides.
+PEER_PACKAGES = (
+    "aiomisc",
+    "cotyledon",
+    "uvicorn",
+    "grpcio",
+    "websockets",
+    "aiohttp",
+    "gunicorn",
+    "celery[redis]",
+    "redis",
+)
+PEER_MODULES = (
+    "aiomisc",
+    "cotyledon",
+    "uvicorn",
+    "grpc",
+    "websockets",
+    "aiohttp",
+    "gunicorn",
+    "celery",
+    "redis",
+)
 READY_BOUND = 30.0  # seconds a child may take to start on a loaded machine
 _DROP = ("PYTHONDONTWRITEBYTECODE", "NOTIFY_SOCKET", "GRACEFUL_FORCE_QUIT", "PYTHONPATH", "PYTHONSTARTUP")
 
@@ -105,7 +127,7 @@ def peer_versions(
         "import importlib.metadata as m, json\n"
         "out = {}\n"
         f"for mod, dist in zip({tuple(modules)!r}, {tuple(dists)!r}):\n"
-        "    try: out[mod] = m.version(dist)\n"
+        "    try: out[mod] = m.version(dist.split('[')[0])\n"
         "    except m.PackageNotFoundError: pass\n"
         "print(json.dumps(out))\n"
     )
@@ -398,3 +420,22 @@ def section(name: str) -> Iterator[None]:
     log(f"{name} ...")
     yield
     log(f"{name} done in {time.perf_counter() - start:.1f} s")
+
+
+@contextlib.contextmanager
+def term_unwinds() -> Iterator[None]:
+    """SIGTERM to the benchmark raises KeyboardInterrupt while the block runs: like Ctrl-C, it unwinds
+    through a rig's cleanup and leaves no process behind (main thread only; else a no-op)."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from _harness import child_env
 
 DELAY = 0.02  # seconds each request takes to handle
 
-STDLIB_APP = """
+STDLIB_HANDLER = """
 import os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -42,12 +43,19 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"ok")
 
+    do_POST = do_GET  # the in-place rig's POST load: a request hey's client never replays
+
     def log_message(self, *args):
         pass
+"""
 
+STDLIB_APP = (
+    STDLIB_HANDLER
+    + """
 server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
 server.daemon_threads = True
 """
+)
 
 HAND_WRITTEN = (
     STDLIB_APP
@@ -194,7 +202,15 @@ def contenders(delays: tuple[str, ...] = ("1", "auto"), quick_delay: str = "1") 
     ]
 
 
-def chosen(every: list[Contender], names: tuple[str, ...]) -> list[Contender]:
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_C = TypeVar("_C", bound=_Named)
+
+
+def chosen(every: list[_C], names: tuple[str, ...]) -> list[_C]:
     """The contenders whose name contains one of ``names`` (case-insensitive); all if none given."""
     if not names:
         return every

@@ -11,9 +11,12 @@ Why it is built this way:
   socket in the abstract namespace), a fresh connection per poll, every ~20 ms. The
   status column says when a server was marked down and when it is UP again; the counters
   (5xx sent, retries, redispatches, connection and response errors) are snapshot per restart.
-* ``hey -o csv`` writes one line per completed request (duration, status code, offset from
-  hey's start) but leaves out requests that got no response. Those are read from HAProxy's own
-  log instead (``option httplog`` + ``dontlog-normal``: one line per request that went wrong,
+* ``hey`` writes one line per completed request (duration, status code, offset from hey's
+  start) but leaves out requests that got no response: ``-o csv`` has no line for them, and its
+  error summary is printed only without ``-o``. ``-o`` also takes a Go template over hey's report
+  (undocumented: its usage names only csv), so the rig asks for both in one run (``HEY_TEMPLATE``:
+  the CSV lines, then hey's error distribution and its count of requests). Here, behind
+  HAProxy, the failures are read from HAProxy's own log as well (``option httplog`` + ``dontlog-normal``: one line per request that went wrong,
   with its status, -1 when none was sent, and its termination state), written to HAProxy's
   stdout. HAProxy's ``req_tot`` counter cannot stand in for it: it also counts requests that
   HAProxy replays on another connection, which the client never sees fail.
@@ -266,34 +269,58 @@ class Logged:
         return self.status < 500 and self.state[0] not in "-Cc"
 
 
+# hey's -o: "csv", or else a Go text/template over its report (hey 0.1.4, requester/print.go).
+# .Lats, .StatusCodes and .Offsets are the answered requests, in the order they completed;
+# .ErrorDist maps each error's text to how many requests ended with it; .NumRes counts both.
+HEY_TEMPLATE = (
+    "{{ $codes := .StatusCodes }}{{ $offsets := .Offsets }}response-time,status-code,offset"
+    '{{ range $i, $v := .Lats }}\n{{ printf "%.6f" $v }},{{ index $codes $i }},'
+    '{{ printf "%.6f" (index $offsets $i) }}{{ end }}\n'
+    "{{ range $e, $n := .ErrorDist }}error\t{{ $n }}\t{{ $e }}\n{{ end }}"
+    "results\t{{ .NumRes }}\n"
+)
+
+
 @dataclass
 class Hey:
-    """``hey`` sending through HAProxy until stopped."""
+    """``hey`` sending until stopped (or until ``requests`` were made)."""
 
     groups: Groups
     workdir: Path
     url: str
     keepalive: bool
     concurrency: int = 10
-    qps: int = 50  # per worker: 10 x 50 = 500 req/s at most, ~20 ms each
+    qps: int = 50  # per worker: 10 x 50 = 500 req/s at most, ~20 ms each; 0: no limit
+    method: str = "GET"
+    requests: int = 0  # -n: this many in all, then hey exits by itself; 0: until stop()
+    name: str = "hey"  # its files in workdir: NAME.csv, NAME.err
     started: float = 0.0  # monotonic time the rig launched hey
     skew: float = 0.0  # hey's own start, after ``started``: fitted by the run (see _rolling_run)
     rows: list[tuple[float, float, int]] = field(default_factory=list)  # (end offset, duration, status)
+    errors: dict[str, int] = field(default_factory=dict)  # error text -> requests that ended with it
+    results: int = 0  # every request hey made: answered (``rows``) and failed (``errors``)
 
     def start(self) -> None:
-        argv = [tool("hey"), "-z", "900s", "-c", str(self.concurrency), "-q", str(self.qps), "-o", "csv"]
+        argv = [tool("hey"), *(["-n", str(self.requests)] if self.requests else ["-z", "900s"])]
+        argv += ["-c", str(self.concurrency), "-m", self.method, "-o", HEY_TEMPLATE]
+        if self.qps:
+            argv += ["-q", str(self.qps)]
         if not self.keepalive:
             argv.append("-disable-keepalive")
-        self._out = open(self.workdir / "hey.csv", "w+b")  # noqa: SIM115 - closed in stop()
-        self._err = open(self.workdir / "hey.err", "w+b")  # noqa: SIM115 - closed in stop()
+        self._out = open(self.workdir / f"{self.name}.csv", "w+b")  # noqa: SIM115 - closed in stop()
+        self._err = open(self.workdir / f"{self.name}.err", "w+b")  # noqa: SIM115 - closed in stop()
         self.started = time.monotonic()
         self.proc = self.groups.start(
             [*argv, self.url], env=child_env(), stdout=self._out, stderr=self._err, cwd=str(self.workdir)
         )
 
     def stop(self) -> None:
-        """SIGINT: hey lets its requests in flight finish, writes the CSV and exits."""
-        if self.proc.poll() is None:
+        """SIGINT: hey lets its requests in flight finish, writes its report and exits.
+
+        With ``requests`` it is left to finish them: a SIGINT in its first milliseconds, before
+        the Go runtime has its handler, would kill it with no report.
+        """
+        if self.proc.poll() is None and not self.requests:
             os.kill(self.proc.pid, signal.SIGINT)
         if not wait_exit(self.proc, 30):
             Groups.kill(self.proc)
@@ -304,15 +331,23 @@ class Hey:
         self._err.seek(0)
         err = self._err.read().decode(errors="replace").strip()
         self._err.close()
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader, None)
-        if header is None or "status-code" not in header:
-            raise BenchError(f"hey wrote no CSV (exit {self.proc.returncode}): {err[-600:] or text[-600:]}")
+        lines = text.strip("\n").splitlines()  # hey prints the report and a newline
+        header = lines[0].split(",") if lines else []
+        if "status-code" not in header or not lines[-1].startswith("results\t"):
+            raise BenchError(
+                f"hey wrote no report (exit {self.proc.returncode}): {err[-600:] or text[-600:]}"
+            )
         took, code, offset = (
             header.index("response-time"),
             header.index("status-code"),
             header.index("offset"),
         )
-        for row in reader:
-            if len(row) == len(header):
+        for line in lines[1:]:
+            if line.startswith("error\t"):
+                _, count, message = line.split("\t", 2)
+                self.errors[message] = self.errors.get(message, 0) + int(count)
+            elif line.startswith("results\t"):
+                self.results = int(line.split("\t")[1])
+            elif line:
+                row = line.split(",")
                 self.rows.append((float(row[offset]) + float(row[took]), float(row[took]), int(row[code])))

@@ -4,6 +4,8 @@
     python benchmarks/run.py --quick    # smoke: graceful and the bare baseline, few iterations
     python benchmarks/run.py --only rolling [--quick]   # rolling restarts behind HAProxy (opt-in)
     python benchmarks/run.py --only chaos [--quick]     # queue workers stopped at random (opt-in)
+    python benchmarks/run.py --only inplace [--quick]   # replaced in place, no balancer (opt-in)
+    python benchmarks/run.py --only hang [--quick]      # hung listeners beside Celery and aiomisc
 
 Every figure of one run is measured on the same machine, with the same interpreter, in the same
 minutes: compare the ratios within a run, not the absolute numbers across runs or machines.
@@ -27,8 +29,11 @@ import _bench_chaos
 import _bench_drain
 import _bench_fanout
 import _bench_forcequit
+import _bench_hang
 import _bench_import
+import _bench_inplace
 import _bench_long_lived
+import _bench_probes
 import _bench_rolling
 import _bench_serving
 import _bench_sigterm
@@ -45,8 +50,15 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "rolling": _bench_rolling.run,
     "serving": _bench_serving.run,
     "chaos": _bench_chaos.run,
+    "probes": _bench_probes.run,
+    "inplace": _bench_inplace.run,
+    "hang": _bench_hang.run,
 }
-OPT_IN = {"rolling", "chaos"}  # minutes long, need haproxy and hey / a redis-server: only when named
+OPT_IN = {
+    "rolling",
+    "chaos",
+    "inplace",
+}  # minutes long, need haproxy and hey / a redis-server: only when named
 OWN_PEERS = {"chaos"}  # installs its peers in environments of its own: no benchmarks/.peers needed
 
 
@@ -54,6 +66,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke mode: graceful and bare only, few runs")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 30, --quick 3)")
+    parser.add_argument(
+        "--import-before",
+        default="",
+        help="import: also measure graceful from this checkout (before a change)",
+    )
     parser.add_argument(
         "--only", action="append", choices=sorted(SECTIONS), help="run only this section (repeatable)"
     )
@@ -68,16 +85,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--graceful-from",
         default="",
-        help="rolling: run the contenders with graceful from this checkout (default: this one)",
+        help="rolling, inplace: run the contenders with graceful from this checkout (default: this one)",
     )
     parser.add_argument(
         "--contenders",
         default=None,
-        help="rolling, chaos: run only the contenders (rows) whose name contains one of these, "
+        help="rolling, chaos, inplace: run only the contenders (rows) whose name contains one of these, "
         "comma-separated (case-insensitive; with --quick they run even if the quick mode would skip them)",
     )
     parser.add_argument(
-        "--restarts", type=int, default=None, help="rolling: restarts per run (default 6, --quick 3)"
+        "--restarts",
+        type=int,
+        default=None,
+        help="rolling, inplace: restarts (upgrades) per run (rolling 6, inplace 20; --quick 3)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=("GET", "POST"),
+        default="GET",
+        help="inplace: hey's HTTP method (POST: hey's client replays no request that failed on a reused connection)",
     )
     parser.add_argument(
         "--jobs", type=int, default=None, help="chaos: jobs per seed (default 500, --quick 20)"
@@ -152,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         tuple(d.strip() for d in args.drain_delays.split(",") if d.strip()) if args.drain_delays else None
     )
     names = tuple(n.strip() for n in args.contenders.split(",") if n.strip()) if args.contenders else ()
-    _bench_rolling.configure(
-        delays, args.restarts, str(Path(args.graceful_from).resolve()) if args.graceful_from else "", names
-    )
+    source = str(Path(args.graceful_from).resolve()) if args.graceful_from else ""
+    _bench_rolling.configure(delays, args.restarts, source, names)
+    _bench_import.configure(str(Path(args.import_before).resolve()) if args.import_before else "")
     _bench_chaos.configure(args.jobs, args.stops, args.seeds, args.parallel, names)
+    _bench_inplace.configure(args.restarts, source, names, args.method)
     if args.rounds is not None:
         _bench_serving.ROUNDS = max(1, args.rounds)
     rows: list[Row] = []
@@ -167,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     took = time.perf_counter() - started
     print("\n".join(_machine(setup)))
     if args.graceful_from:
-        print(f"rolling contenders: graceful from {Path(args.graceful_from).resolve()}")
+        print(f"rolling and inplace contenders: graceful from {Path(args.graceful_from).resolve()}")
     print(f"command: python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(f"runs per figure: {runs}; whole run took {took:.0f} s\n")
     print(format_table(rows))
@@ -178,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nChaos: queue workers stopped at random moments (times: median / max):\n")
         print(_bench_chaos.compact_table(rows))
         print(f"\n{_bench_chaos.peers_line()}")
+    if any(row.bench.startswith(_bench_inplace.BENCH) for row in rows):
+        print("\nReplaced in place side by side (median / max of each time, seconds from the signal):\n")
+        print(_bench_inplace.compact_table(rows))
     _save(args.json, setup, rows, runs)
     return 0
 

@@ -99,12 +99,20 @@ def main() -> int:
     port = int(os.environ.get("PORT", "8000"))
     host = os.environ.get("HOST", "127.0.0.1")
     try:
-        server = ThreadingHTTPServer((host, port), Api)
+        # systemd's socket (socket activation), the previous generation's (an upgrade in place
+        # with SIGUSR2: docs/deploys.md), or a new one bound here
+        listening = graceful.listen((host, port))
     except OSError as exc:  # a taken port is the usual one: say so in one line, exit 1
         log.error(  # noqa: TRY400 - one line: the traceback would say nothing more
-            "cannot serve on %s:%d: %s (PORT=... picks another port)", host, port, exc.strerror or exc
+            "cannot serve on %s:%d: %s (PORT=... picks another port)",
+            host,
+            port,
+            os.strerror(exc.errno) if exc.errno else exc,
         )
         return 1
+    server = ThreadingHTTPServer(listening.getsockname()[:2], Api, bind_and_activate=False)
+    server.socket.close()  # the unbound one it made
+    server.socket = listening
     for _ in range(3):
         jobs.put(next(job_ids))
     graceful.add_shutdown_listener(close_database, name="close-database")

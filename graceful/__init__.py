@@ -12,6 +12,7 @@ from ._api import add_flush_listener as add_flush_listener
 from ._api import add_reload_listener as add_reload_listener
 from ._api import add_shutdown_listener as add_shutdown_listener
 from ._api import add_wrap_up_listener as add_wrap_up_listener
+from ._api import listen as listen
 from ._api import run as run
 from ._api import set_time_to_force_quit as set_time_to_force_quit
 from ._api import set_wrap_up_timeout as set_wrap_up_timeout
@@ -60,6 +61,7 @@ __all__ = [
     "add_wrap_up_listener",
     "get_lifecycle",
     "is_stopping",
+    "listen",
     "run",
     "set_time_to_force_quit",
     "set_wrap_up_timeout",

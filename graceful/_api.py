@@ -18,6 +18,8 @@ from ._lifecycle import Lifecycle, ReloadHandle, State, Status
 from ._listeners import Waiter
 
 if TYPE_CHECKING:
+    import socket
+
     from ._signals import Router
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "add_reload_listener",
     "add_shutdown_listener",
     "add_wrap_up_listener",
+    "listen",
     "run",
     "set_time_to_force_quit",
     "set_wrap_up_timeout",
@@ -70,6 +73,34 @@ def add_reload_listener(fn: Callable[[], object], *, name: str | None = None) ->
 def set_time_to_force_quit(seconds: float) -> None:
     """Set the force-quit budget of the default lifecycle; ``ValueError`` for <= 0, NaN, inf."""
     _current.get_lifecycle().set_time_to_force_quit(seconds)
+
+
+def listen(address: object, *, backlog: int | None = None) -> socket.socket:
+    """A listening socket for ``address``: inherited when one matches, else bound here.
+
+    The inherited one is systemd's (socket activation: ``LISTEN_FDS``) or, during an upgrade in
+    place (SIGUSR2 under ``run()``), the previous generation's: nothing is bound then, and no
+    connection is refused between the two processes. Give the socket to the server instead of
+    its address (``server.serve(sockets=[sock])``, ``web.SockSite``); the adapters of
+    ``run()`` do it themselves. See ``Lifecycle.listen`` (this is the default lifecycle's).
+
+    Args:
+        address: ``(host, port)`` for TCP (IPv4 or IPv6; port 0: any free one, kept across
+            upgrades), or a Unix socket path (``"@name"``: Linux's abstract namespace).
+        backlog: the accept queue's length; None keeps an inherited socket's and gives a new
+            one ``socket.SOMAXCONN``.
+
+    Raises:
+        TypeError, ValueError: a bad address or backlog, before anything is bound.
+        OSError: the address cannot be bound (in use, say); the message names it.
+
+    Example, a server that binds itself (``run()``'s adapters need no change; a stdlib server
+    is built with ``bind_and_activate=False`` and ``run()`` binds it)::
+
+        sock = graceful.listen(("0.0.0.0", 8000))
+        server = await loop.create_server(Protocol, sock=sock)
+    """
+    return _current.get_lifecycle().listen(address, backlog=backlog)
 
 
 def set_wrap_up_timeout(seconds: float) -> None:
@@ -161,7 +192,7 @@ def run(
 
 
 def signal_handlers(lifecycle: Lifecycle | None = None) -> AbstractContextManager[Router]:
-    """Route SIGTERM, SIGINT, SIGQUIT, SIGTSTP, SIGUSR1 and SIGHUP to ``lifecycle`` in a block.
+    """Route SIGTERM, SIGINT, SIGQUIT, SIGTSTP, SIGUSR1, SIGHUP and SIGUSR2 to ``lifecycle`` in a block.
 
     For programs that keep their own main loop (``run()`` uses it too). The previous handlers
     and wakeup fd are restored when the block ends.

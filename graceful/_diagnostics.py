@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 
 from ._checks import TYPE_CHECKING
-from ._listeners import ListenerState
+from ._listeners import ListenerState, Phase
 
 if TYPE_CHECKING:
     from ._listeners import Listener
@@ -44,11 +44,24 @@ LOG_GRACE = 1.0
 """Seconds the report's logging gets (a stuck thread may hold a handler's lock)."""
 
 
-def _frame_lines(frame: FrameType | None, indent: str) -> list[str]:
+_POOL_RUN = (os.path.join("graceful", "_listeners.py"), "run")
+"""Where graceful's pool calls a listener: the frames up to it are graceful's, not the user's."""
+
+
+def _frame_lines(
+    frame: FrameType | None, indent: str, inner_from: tuple[str, str] | None = None
+) -> list[str]:
     if frame is None:
         return [f"{indent}(no Python frame: the thread has finished or is outside Python)"]
+    frames: list[traceback.FrameSummary] = list(traceback.extract_stack(frame))
+    if inner_from is not None:
+        calls = [
+            i for i, f in enumerate(frames) if f.filename.endswith(inner_from[0]) and f.name == inner_from[1]
+        ]
+        if calls and calls[-1] + 1 < len(frames):
+            frames = frames[calls[-1] + 1 :]
     out: list[str] = []
-    for entry in traceback.format_stack(frame):
+    for entry in traceback.format_list(frames):
         out.extend(indent + line for line in entry.rstrip("\n").split("\n"))
     return out
 
@@ -70,9 +83,10 @@ def coroutine_lines(awaitable: object, indent: str) -> list[str]:
 
 
 def listener_stack(listener: Listener, indent: str = "      ") -> list[str]:
-    """Where ``listener`` is now: the stack of the thread running it, then, for an ``async
-    def`` one, the chain of coroutines it awaits."""
-    lines = _frame_lines(sys._current_frames().get(listener.thread_id or 0), indent)
+    """Where ``listener`` is now: the stack of the thread running it from the listener's own
+    code inward (the frames of graceful's pool above it are the same in every report), then,
+    for an ``async def`` one, the chain of coroutines it awaits."""
+    lines = _frame_lines(sys._current_frames().get(listener.thread_id or 0), indent, inner_from=_POOL_RUN)
     chain = coroutine_lines(listener.awaiting(), indent)
     if chain:
         lines.append(f"{indent[:-2]}awaiting:")
@@ -101,6 +115,8 @@ def format_unfinished(listeners: Iterable[Listener], now: float) -> list[str]:
                 f"in thread {thread!r} (id {listener.thread_id}), at:"
             )
             running.extend(listener_stack(listener))
+        elif listener.state is ListenerState.PENDING and listener.phase is Phase.FLUSH:
+            waiting.append(f"  - {label}: not run yet: it runs in the flush slice after this report{bound}")
         elif listener.state is ListenerState.PENDING:
             waiting.append(f"  - {label}: never started{bound}")
     lines: list[str] = []

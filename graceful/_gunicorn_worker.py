@@ -34,6 +34,30 @@ Why it works this way (read from gunicorn's and uvicorn-worker's own code):
 * uvicorn's server re-raises the signal it caught once it has drained. With gunicorn's SIG_DFL
   in place that kills the worker before ``worker_exit`` runs; our handler is what uvicorn
   restores, so the re-raise lands on it and the worker finishes its shutdown listeners.
+* gunicorn cuts a stop short in two ways that leave graceful less time than its sequence may
+  take, and its SIGKILL follows: a worker timeout (the arbiter's SIGABRT, then SIGKILL at its next
+  tick: within about 1 s, sooner if another signal wakes it) and a quick shutdown after a TERM
+  (SIGINT or SIGQUIT to the arbiter: SIGQUIT to the workers, SIGKILL 2 s later). gunicorn's
+  handlers for both raise ``SystemExit`` in the main thread wherever it is: in a request (which
+  unwinds through the app's own ``finally`` blocks, which may block), or in ``worker_exit``
+  waiting for the shutdown listeners, where it left the wait and the process sat in the
+  interpreter's exit, behind the sequence's thread, until the SIGKILL: no report (issue #27). So
+  the watcher reads those signals' C-level wakeup bytes too (seen even while the main thread is
+  stuck in C) and calls ``force_quit_now`` at once: on a timeout, and on a quick shutdown once
+  the stop is under way. The report is the first thing written, the core bounds the rest. A
+  quick shutdown of a worker that was serving begins the sequence and gives it ``QUICK_GRACE``
+  (at most the budget; the arbiter waits ``graceful_timeout`` then), counted by the watcher,
+  not by the main thread, which may be stuck unwinding the request. While ``worker_exit`` waits,
+  gunicorn's handlers for those signals still run (and call ``worker_int``/``worker_abort``),
+  but their ``SystemExit`` is absorbed: the loop they exist to end has ended already.
+* A report section records "forced" for the arbiter as the report is made, before it is
+  written: the arbiter's SIGKILL can follow the report within a second, before any force-quit
+  hook would have run.
+* The report shows where the main thread was when gunicorn's SIGABRT/SIGQUIT handler ran (the
+  stack its ``worker_abort``/``worker_int`` hook is called from, taken there as file, line and
+  function, without reading a source file): by the time the watcher writes the report, the main
+  thread may have unwound the request that hung, and that request is what a timeout's report
+  must show.
 """
 
 from __future__ import annotations
@@ -44,12 +68,12 @@ import os
 import select
 import signal
 import threading
+import traceback
 from collections.abc import Callable
 from types import FrameType
 
-from . import Lifecycle
 from ._diagnostics import format_thread_stacks
-from ._lifecycle import add_report_section, on_force_quit
+from ._lifecycle import Lifecycle, State, add_report_section, budget, clock
 from ._listeners import mark_own
 
 __all__ = ["POLL", "QUICK_GRACE", "WorkerWatch"]
@@ -57,8 +81,13 @@ __all__ = ["POLL", "QUICK_GRACE", "WorkerWatch"]
 log = logging.getLogger("graceful")
 
 POLL = 0.1  # seconds between two looks at worker.alive / uvicorn's should_exit (uvicorn's own tick)
-QUICK_GRACE = 1.0  # seconds the listeners get on gunicorn's quick shutdown (the arbiter allows 2)
+QUICK_GRACE = 1.0
+"""Seconds a serving worker's sequence gets on gunicorn's quick shutdown (at most the budget)."""
+CUT_BACKSTOP = 5.0
+"""Seconds ``worker_exit`` waits, at most, for a force quit under way to end the process."""
 _TERM = bytes([signal.SIGTERM])
+_QUICK = (signal.SIGQUIT, signal.SIGINT)
+_CUTTERS = (signal.SIGABRT, signal.SIGQUIT, signal.SIGINT)
 
 _Handler = Callable[[int, FrameType | None], object] | int | None
 
@@ -70,7 +99,7 @@ class WorkerWatch:
         self,
         worker: object,
         lifecycle: Lifecycle,
-        on_forced: Callable[[], object],
+        on_report: Callable[[], object],
         *,
         hold_term: Callable[[], bool] | None = None,
         drain_wait: Callable[[], object] | None = None,
@@ -78,7 +107,8 @@ class WorkerWatch:
     ) -> None:
         """``hold_term`` (called in the SIGTERM handler: plain reads only) says whether to keep
         accepting through ``drain_wait`` (called on a thread) before gunicorn sees the TERM;
-        ``on_begin`` is called on the watcher thread when the worker's stop begins."""
+        ``on_begin`` is called on the watcher thread when the worker's stop begins; ``on_report``
+        as graceful's force-quit report is made, just before it is written (one pipe write)."""
         self.worker = worker
         self._hold_term = hold_term
         self._drain_wait = drain_wait
@@ -88,11 +118,16 @@ class WorkerWatch:
         self._released = False
         self._drain_started = False
         self.lifecycle = lifecycle
-        self._on_forced = on_forced
+        self._on_report = on_report
         self.pid = os.getpid()
+        self.timeout = float(getattr(getattr(worker, "cfg", None), "timeout", 0) or 0)
         self.loop_ended = threading.Event()
-        self.quick: str | None = None  # set from gunicorn's handlers: a plain store, nothing else
         self.outcome = "graceful"
+        self._cut_at: float | None = None  # when a quick shutdown's grace ends (the lifecycle's clock)
+        self._cut_why = ""
+        self._cutting = False  # force_quit_now was called: the report is out or on its way
+        self._guarded: dict[int, _Handler] = {}  # gunicorn's handlers whose SystemExit is absorbed
+        self._caught: tuple[str, traceback.StackSummary] | None = None  # main thread, at the handler
         self._read, self._write = os.pipe()  # non-inheritable: a fork+exec from the app gets neither
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -113,8 +148,8 @@ class WorkerWatch:
         self.lifecycle.add_wrap_up_listener(
             mark_own(self._requests_in_flight), name="gunicorn: requests in flight"
         )
+        add_report_section(self.lifecycle, self._reporting)
         add_report_section(self.lifecycle, self._main_thread_stack)
-        on_force_quit(self.lifecycle, self._forced, name="gunicorn: forced outcome")
         self._thread = threading.Thread(target=self._watch, name="graceful-gunicorn-watch", daemon=True)
         self._thread.start()
 
@@ -172,18 +207,75 @@ class WorkerWatch:
     def _watch(self) -> None:
         while not self._stopping:
             try:
-                ready, _, _ = select.select([self._read], [], [], POLL)
+                ready, _, _ = select.select([self._read], [], [], self._next_look())
             except (OSError, ValueError):  # closed under us at exit
                 return
-            if ready and self._drain():
-                self._begin("SIGTERM")
-                self._start_drain()  # here, not in _begin: the C-level wakeup byte comes first
+            if ready:
+                self._react(self._drain())
             if not self._begun:
                 why = self._stopping_without_signal()
                 if why is not None:
                     self._begin(why)
             if self._unheard:
                 self._resend_unheard()
+            cut_at = self._cut_at
+            if cut_at is not None and clock(self.lifecycle).monotonic() >= cut_at:
+                self._cut_now(self._cut_why)
+
+    def _next_look(self) -> float:
+        """Seconds until the watcher looks again: ``POLL``, or less when a quick grace ends first."""
+        cut_at = self._cut_at
+        if cut_at is None:
+            return POLL
+        return max(0.0, min(POLL, cut_at - clock(self.lifecycle).monotonic()))
+
+    def _react(self, seen: set[int]) -> None:
+        """Act on the signals the pipe said came (watcher thread, or ``finish`` on the main one)."""
+        if signal.SIGTERM in seen:
+            self._begin("SIGTERM")
+            self._start_drain()  # here, not in _begin: the C-level wakeup byte comes first
+        if signal.SIGABRT in seen:
+            self._cut_now(
+                f"gunicorn worker timeout (SIGABRT): worker {self.pid} gave the arbiter no sign of "
+                f"life for {self.timeout:g} s; the arbiter's SIGKILL follows within about 1 s"
+            )
+            return
+        quick = next((sig for sig in _QUICK if sig in seen), None)
+        if quick is not None:
+            self._quick(signal.Signals(quick).name)
+
+    def _quick(self, name: str) -> None:
+        """gunicorn's quick shutdown: now if the stop was under way, else after a short grace."""
+        if self._cut_at is not None:  # this quick shutdown's grace runs already (a second byte)
+            return
+        if self.lifecycle.is_stopping():
+            self._cut_now(
+                f"gunicorn's quick shutdown ({name}) reached worker {self.pid} after its stop began; "
+                "the arbiter's SIGKILL follows 2 s after it"
+            )
+            return
+        grace = min(QUICK_GRACE, budget(self.lifecycle))
+        self._cut_why = f"gunicorn's quick shutdown ({name}) gives worker {self.pid} {grace:g} s"
+        self._cut_at = clock(self.lifecycle).monotonic() + grace
+        self._begin(f"gunicorn's quick shutdown ({name})")
+
+    def _cut_now(self, why: str) -> None:
+        """The report first (the core writes it to fd 2 before anything that can block), then exit 70."""
+        if self._cutting or self.lifecycle.state() is State.STOPPED:
+            return
+        self._cutting = True
+        self.lifecycle.force_quit_now(why)
+
+    def note_signal(self, sig: int) -> None:
+        """From gunicorn's ``worker_int``/``worker_abort`` hooks (in its signal handler, on the
+        main thread): keep where the main thread is for the report, and say that ``sig`` came,
+        in case the wakeup fd is no longer graceful's. A store and one write."""
+        # File, line and function now (no source read): once unwound, a frame shows where it ended.
+        stack = traceback.StackSummary.extract(traceback.walk_stack(None), lookup_lines=False)
+        stack.reverse()
+        self._caught = (signal.Signals(sig).name, stack)
+        with contextlib.suppress(OSError, ValueError):
+            os.write(self._write, bytes([sig]))
 
     def _resend_unheard(self) -> None:
         """A TERM that came before uvicorn's server took SIGTERM (uvicorn's worker resets it to
@@ -196,19 +288,17 @@ class WorkerWatch:
             if getattr(owner, "should_exit", None) is False:
                 os.kill(self.pid, signal.SIGTERM)
 
-    def _drain(self) -> bool:
-        """Read what the pipe holds, forward it to gunicorn's wakeup pipe; True if a TERM came."""
-        term = False
+    def _drain(self) -> set[int]:
+        """Read what the pipe holds, forward it to gunicorn's wakeup pipe; the signals that came."""
+        seen: set[int] = set()
         while True:
             try:
                 data = os.read(self._read, 512)
-            except (BlockingIOError, InterruptedError):
-                return term
-            except OSError:
-                return term
+            except OSError:  # BlockingIOError: nothing more for now; EBADF: closed at exit
+                return seen
             if not data:
-                return term
-            term = term or _TERM in data
+                return seen
+            seen.update(data)
             if self._prev_wakeup >= 0:
                 with contextlib.suppress(OSError):  # full or closed: the loop is awake already
                     os.write(self._prev_wakeup, data)
@@ -244,21 +334,39 @@ class WorkerWatch:
 
     def finish(self) -> str:
         """The loop has ended: release the wrap-up phase, run the rest, restore; the outcome."""
+        self._absorb_quick_exits()
         self.loop_ended.set()
         self.release()  # the loop ended anyway (a quick shutdown): nothing to hold any more
         lifecycle = self.lifecycle
-        if not self._begun and self._drain():  # an idle worker may get here before the watcher looked
-            self._begin("SIGTERM")
-        lifecycle.shutdown(f"gunicorn worker {self.pid}: exiting", wait=False)
-        if self.quick is not None:
-            if not lifecycle.wait_for_shutdown(QUICK_GRACE):
-                lifecycle.force_quit_now(f"gunicorn's quick shutdown ({self.quick}) allows {QUICK_GRACE:g} s")
+        self._react(self._drain())  # an idle worker may get here before the watcher looked
+        if self._cutting:  # the force quit owns the end: it exits the process, bounded
+            lifecycle.wait_for_shutdown(CUT_BACKSTOP)
         else:
-            # The force-quit timer ends the process at the deadline; the bound is a backstop.
+            lifecycle.shutdown(f"gunicorn worker {self.pid}: exiting", wait=False)
+            # The force-quit timer (or a quick shutdown's cut) ends the process; this is a backstop.
             remaining = lifecycle.time_remaining()
-            lifecycle.wait_for_shutdown(None if remaining is None else remaining + 5.0)
+            lifecycle.wait_for_shutdown(None if remaining is None else remaining + CUT_BACKSTOP)
         self.uninstall()
         return "failed" if lifecycle.exit_code == 1 else self.outcome
+
+    def _absorb_quick_exits(self) -> None:
+        """From here on gunicorn's SIGABRT/SIGQUIT/SIGINT handlers still run, but their
+        ``SystemExit`` does not leave ``worker_exit``: the watcher cuts the stop short instead."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in _CUTTERS:
+            previous = signal.getsignal(sig)
+            if callable(previous) and previous != self._absorbing:
+                self._guarded[sig] = previous
+                signal.signal(sig, self._absorbing)
+
+    def _absorbing(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler: gunicorn's (a store, its worker_int/worker_abort hook, a 0.1 s sleep),
+        # without the SystemExit that would abandon the shutdown listeners and the report.
+        previous = self._guarded.get(sig)
+        if callable(previous):
+            with contextlib.suppress(SystemExit):
+                previous(sig, frame)
 
     def uninstall(self) -> None:
         """Stop watching; put back gunicorn's wakeup fd and SIGTERM handler if still ours."""
@@ -273,6 +381,9 @@ class WorkerWatch:
                 signal.set_wakeup_fd(current)
             if signal.getsignal(signal.SIGTERM) == self._on_term:
                 signal.signal(signal.SIGTERM, self._prev_term)
+            for sig, previous in self._guarded.items():
+                if signal.getsignal(sig) == self._absorbing:
+                    signal.signal(sig, previous)
         if self._thread is None or not self._thread.is_alive():
             for fd in (self._read, self._write):
                 with contextlib.suppress(OSError):
@@ -280,14 +391,25 @@ class WorkerWatch:
 
     # -- force quit --------------------------------------------------------------------------
 
-    def _main_thread_stack(self) -> list[str]:
-        """In graceful's report: where the worker's main thread (the worker loop) is."""
-        title = f"graceful: gunicorn worker {self.pid}: main thread (the worker loop) at force quit:"
-        return format_thread_stacks([threading.main_thread()], title)
-
-    def _forced(self) -> None:
+    def _reporting(self) -> list[str]:
+        """A report section with no line: the report is being made, so tell the arbiter now."""
         self.outcome = "forced"
-        self._on_forced()
+        self._on_report()
+        return []
+
+    def _main_thread_stack(self) -> list[str]:
+        """In graceful's report: where the worker's main thread (the worker loop) is, or was when
+        gunicorn's SIGABRT/SIGQUIT handler ran (it unwinds the request right after)."""
+        title = f"graceful: gunicorn worker {self.pid}: main thread (the worker loop) at force quit:"
+        now = format_thread_stacks([threading.main_thread()], title)  # first: then a catch is older
+        caught = self._caught
+        if caught is None:
+            return now
+        name, stack = caught
+        lines = [f"graceful: gunicorn worker {self.pid}: main thread (the worker loop) when {name} came:"]
+        for entry in stack.format():
+            lines.extend("    " + line for line in entry.rstrip("\n").split("\n"))
+        return lines
 
 
 def _close_kept_alive(worker: object, pid: int) -> None:

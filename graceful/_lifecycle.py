@@ -78,6 +78,7 @@ from ._listeners import (
 
 if TYPE_CHECKING:
     import asyncio
+    import socket
 
 __all__ = [
     "Event",
@@ -93,6 +94,7 @@ __all__ = [
     "clock",
     "join",
     "listener_loop",
+    "listening_sockets",
     "on_force_quit",
     "prepare",
     "progress",
@@ -504,6 +506,7 @@ class Lifecycle:
         self._driver_waiting = False  # lowlevel.prepare() started the sequence's thread ahead
         self._timer = ForceQuitTimer(self._time, budget, self._deadline_passed)
         self._listener_loops = DefaultLoop()
+        self._listen_sockets: list[socket.socket] = []  # what listen() gave: an upgrade passes them down
 
     # -- registries ---------------------------------------------------------------------------
 
@@ -585,6 +588,34 @@ class Lifecycle:
         others still run; ``Event.RELOADING`` before, ``RELOADED`` after); returns how many."""
         return self._reload_listeners.run_all(check_reason(reason, "reload()"))
 
+    # -- sockets ------------------------------------------------------------------------------
+
+    def listen(self, address: object, *, backlog: int | None = None) -> socket.socket:
+        """A listening socket for ``address``: the inherited one when one matches, else bound here.
+
+        ``address`` is ``(host, port)`` for TCP (IPv4 or IPv6; ``""`` is every IPv4 interface,
+        port 0 any free port) or a path for a Unix socket (``"@name"``: Linux's abstract
+        namespace). Inherited means passed by systemd socket activation (``LISTEN_FDS``) or by
+        the previous generation during an upgrade in place (SIGUSR2 under ``run()``): then
+        nothing is bound, and no connection is refused between the two processes. The socket is
+        remembered here, so that an upgrade passes it down to the next generation.
+
+        Args:
+            address: ``(host, port)`` or a Unix socket path.
+            backlog: the accept queue's length; None keeps an inherited socket's and gives a
+                new one ``socket.SOMAXCONN``.
+
+        Raises:
+            TypeError, ValueError: a bad address or backlog, before anything is bound.
+            OSError: the address cannot be bound (in use, say); the message names it.
+        """
+        from ._sockets import listen  # loaded on first use: ``import graceful`` stays light
+
+        sock = listen(address, backlog=backlog)
+        with self._sequence_lock:
+            self._listen_sockets.append(sock)
+        return sock
+
     # -- triggers -----------------------------------------------------------------------------
 
     def wrap_up(self, reason: str = "requested") -> None:
@@ -603,10 +634,13 @@ class Lifecycle:
         thread; the force-quit deadline starts at the first call.
 
         Raises:
-            TypeError, ValueError: a bad ``reason`` or ``timeout``, before anything starts.
+            TypeError, ValueError: a bad ``reason``, ``wait`` (a bool only: ``wait="no"`` would
+                be truthy and block) or ``timeout``, before anything starts.
             RuntimeError: ``wait`` from a server's thread under ``run()``: it would wait for itself.
         """
         reason = check_reason(reason, "shutdown()")
+        if not isinstance(wait, bool):
+            raise TypeError(f"shutdown(wait=...) takes True or False, not {wait!r}")
         limit = check_timeout(timeout, "shutdown()")
         if wait and limit != 0:
             refuse_in_server("shutdown()", "graceful.shutdown(wait=False)")
@@ -726,7 +760,7 @@ class Lifecycle:
             late = self._timer.passed() if left else self._timer.disarm_unless_passed()
         if left and not late:
             remaining = self._timer.remaining() or 0.0
-            log.warning(
+            log.info(
                 "%d abandoned listener(s) still running (%s): the force-quit deadline stays armed, %.3f s left",
                 len(left),
                 ", ".join(repr(item.name) for item in left),
@@ -795,7 +829,7 @@ class Lifecycle:
             why = "" if due is None else f"its timeout of {listener.timeout} s passed"
             if (
                 listener.phase is Phase.WRAP_UP
-                and not listener.own  # run()'s steps bound their own drain (Context.wrap_up_remaining)
+                and not listener.bounded  # graceful's own drains bound themselves (mark_own)
                 and wrap_up_end is not None
                 and (due is None or wrap_up_end < due)
             ):
@@ -1049,6 +1083,13 @@ def set_listener_loop(lifecycle: Lifecycle, loop: asyncio.AbstractEventLoop | No
 def listener_loop(lifecycle: Lifecycle) -> asyncio.AbstractEventLoop | None:
     """The loop set by ``set_listener_loop()``, or None."""
     return lifecycle._listener_loops.loop
+
+
+def listening_sockets(lifecycle: Lifecycle) -> list[socket.socket]:
+    """The sockets ``lifecycle.listen()`` returned that are still open (an upgrade passes them down)."""
+    with lifecycle._sequence_lock:
+        lifecycle._listen_sockets = [sock for sock in lifecycle._listen_sockets if sock.fileno() >= 0]
+        return list(lifecycle._listen_sockets)
 
 
 def set_daemon(lifecycle: Lifecycle, daemon: bool) -> None:

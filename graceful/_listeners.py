@@ -328,6 +328,7 @@ class Listener:
         "_event",
         "_now",
         "abandoned_at",
+        "bounded",
         "error",
         "finished",
         "fn",
@@ -360,6 +361,8 @@ class Listener:
         self.name = name
         self.phase = phase
         self.own = getattr(fn, OWN, False) is True  # one of graceful's own (run()'s steps)
+        self.bounded = getattr(fn, BOUNDED, False) is True
+        """It bounds its own wait (``mark_own``): the wrap-up timeout does not abandon it."""
         self.state = ListenerState.PENDING
         self.scheduled = False
         self.started: float | None = None
@@ -605,17 +608,20 @@ class Waiter:
 
 
 OWN = "graceful_own"
+BOUNDED = "graceful_bounded"
 
 
-def mark_own(fn: Callable[[], object]) -> Callable[[], object]:
+def mark_own(fn: Callable[[], object], *, bounded: bool = True) -> Callable[[], object]:
     """Mark ``fn`` as one of graceful's own listeners (returns it, or for a bound method a
-    function that calls it):
+    function that calls it); ``bounded=False`` for one that waits on the user's code:
     ``run()``'s steps for its servers, a host's wait for the requests, tasks or jobs in flight.
-    The wrap-up timeout does not abandon it (it bounds its own wait: what is in flight is
-    finished, put back or cut and named by its adapter, up to the deadline), and "phase done:
-    N listener(s)" counts it apart from the ones the user registered."""
+    with ``bounded`` (the default), the wrap-up timeout does not abandon it (it bounds its own
+    wait: what is in flight is finished, put back or cut and named by its adapter, up to the
+    deadline); either way "phase done: N listener(s)" counts it apart from the ones the user
+    registered."""
     try:
         setattr(fn, OWN, True)
+        setattr(fn, BOUNDED, bounded)
     except AttributeError:  # a bound method takes no attribute: mark a function that calls it
         method = fn
 
@@ -624,6 +630,7 @@ def mark_own(fn: Callable[[], object]) -> Callable[[], object]:
 
         own.__qualname__ = getattr(method, "__qualname__", own.__qualname__)
         setattr(own, OWN, True)
+        setattr(own, BOUNDED, bounded)
         return own
     return fn
 

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from . import readiness, systemd
+from . import _sockets, _upgrade, readiness, systemd
 from ._aio import is_awaitable, run_awaitable
 from ._checks import TYPE_CHECKING, check_seconds, is_coroutine_function
 from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
@@ -104,16 +104,34 @@ def run_with(
         lifecycle.set_time_to_force_quit(budget)
     readiness.configure_from_env(lifecycle, settings)
     prepare(lifecycle)  # the deadline's and the sequence's threads, ahead of need (a thread limit)
+    _sockets.inherited()  # systemd's or the previous generation's: out of the environment now
+    cwd = os.getcwd()  # where an upgrade starts the next generation
     runner = _Runner(lifecycle, services)
     guard = signal_handlers(lifecycle) if handle_signals else contextlib.nullcontext()
     with guard as router:
-        notifier = probes = None
+        notifier: systemd.SystemdNotifier | None = None
+        probes: readiness.ProbeServer | None = None
+
+        def before_handover() -> None:
+            """The next generation is ready: it speaks to systemd and answers probes from now on."""
+            if notifier is not None:
+                notifier.close()
+            if probes is not None:
+                probes.close()
+
+        if router is not None:
+            runner.upgrader = _upgrade.Upgrader(
+                lifecycle, timeout=settings.upgrade_timeout, cwd=cwd, before_handover=before_handover
+            )
+            router.upgrade = runner.upgrader.request
         if os.environ.get("NOTIFY_SOCKET"):  # under systemd (or graceful_process)
             notifier = systemd.SystemdNotifier(lifecycle, router)
         try:
             probes = readiness.serve_probes_from_env(lifecycle, settings)
             runner.run()
         finally:
+            if router is not None:
+                router.upgrade = None
             if probes is not None:
                 probes.close()
             if notifier is not None:
@@ -140,6 +158,7 @@ class _Runner:
         self._error: BaseException | None = None
         self._waiters: list[Waiter] = []
         self._halves: dict[Context, int] = {}  # see _stopped_half
+        self.upgrader: _upgrade.Upgrader | None = None  # SIGUSR2, when run() routes the signals
         # Held while a server is marked as entered and while a wrap-up step reads that mark:
         # a server that enters after its wrap-up step has looked would never be stopped.
         self._entering = threading.Lock()
@@ -214,19 +233,21 @@ class _Runner:
         previous: Waiter | None = None
         for service, ctx in pairs:
             previous = self.lifecycle.add_wrap_up_listener(
-                self._step(service.wrap_up, ctx, previous, wrap_up=True), name=f"wrap up {service.name}"
+                self._step(service, ctx, previous, wrap_up=True), name=f"wrap up {service.name}"
             )
         if previous is not None:
             self._waiters.append(previous)
         previous = None
         for service, ctx in pairs:
             previous = self.lifecycle.add_shutdown_listener(
-                self._step(service.close, ctx, previous, wrap_up=False), name=f"close {service.name}"
+                self._step(service, ctx, previous, wrap_up=False), name=f"close {service.name}"
             )
         if previous is not None:
             self._waiters.append(previous)  # the last of each chain finishes after all the others
 
-    def _step(self, method: Any, ctx: Context, after: Waiter | None, *, wrap_up: bool) -> Any:
+    def _step(self, service: Service, ctx: Context, after: Waiter | None, *, wrap_up: bool) -> Any:
+        method = service.wrap_up if wrap_up else service.close
+
         def step() -> None:
             if after is not None:
                 after.wait()
@@ -243,7 +264,10 @@ class _Runner:
             if wrap_up:
                 self._stopped_half(ctx)  # drained: "stopped" once serve() has returned too
 
-        return mark_own(step)
+        # A wrap-up step waits on the service's drain: one of graceful's adapters bounds it and
+        # names what it cuts (bounds_its_drain); a user's own Service or callable is abandoned at
+        # the wrap-up timeout like any listener, so a drain that hangs holds nothing hostage.
+        return mark_own(step, bounded=not wrap_up or getattr(service, "bounds_its_drain", False) is True)
 
     def _stopped_half(self, ctx: Context) -> None:
         """Called when serve() returned during the stop, and when the wrap-up step finished:
@@ -263,7 +287,12 @@ class _Runner:
         log.info("server %r started", ctx.name)
         if all_up:  # ready first, then say so: a probe sent on reading the line finds it ready
             readiness.set_ready(self.lifecycle)
-            systemd.notify("READY=1", f"STATUS=serving ({len(self.services)} server(s))")
+            _sockets.report_unclaimed()
+            if self.upgrader is not None:  # before READY=1: a SIGUSR2 sent on reading it is taken
+                self.upgrader.serving = True
+            ready = ["READY=1", f"STATUS=serving ({len(self.services)} server(s))"]
+            if not _upgrade.successor_ready(ready):  # a new generation also says MAINPID=
+                systemd.notify(*ready)
             log.info("all %d server(s) started: ready", len(self.services))
 
     def _start_thread(self, service: Service, ctx: Context) -> None:

@@ -98,6 +98,11 @@ class Service(Protocol):
     * ``wrap_up(ctx)`` stops taking new work and waits for in-flight work, within
       ``ctx.remaining()`` seconds; returns when drained. Afterwards ``serve()`` returns.
     * ``close(ctx)`` releases what is left (pools, sockets, registrations).
+
+    ``run()`` abandons a service's ``wrap_up`` still running at the wrap-up timeout, as it does
+    any wrap-up listener (contract section 10), unless the service sets ``bounds_its_drain =
+    True``: then it bounds its own wait (``ctx.wrap_up_remaining()`` or ``ctx.remaining()``) and
+    names what it cuts, as graceful's own adapters do.
     """
 
     name: str

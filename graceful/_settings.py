@@ -26,6 +26,17 @@ The variables:
 
 Those two are the platform's grace before SIGKILL (SolidQueue #653: when it is shorter than the
 service's own shutdown timeout, the SIGKILL comes first and nothing says what was stuck).
+
+* ``GRACEFUL_CELERY_RESEND_EARLY_ACKED``: ``1`` (or ``true``, ``yes``, ``on``) and the Celery
+  host sends again, at graceful's deadline, each task it cuts that was acknowledged when it
+  started; ``0`` (``false``, ``no``, ``off``) or unset: they are reported lost
+  (docs/hosts/celery.md).
+* ``GRACEFUL_UPGRADE_TIMEOUT``: the longest a new generation started by SIGUSR2 may take to be
+  ready before it is stopped and the old one keeps serving (default 30 s; docs/deploys.md).
+
+Not a setting: ``GRACEFUL_UPGRADE``, which one generation sets for the next to describe the
+sockets and pipes it hands down (a protocol like systemd's ``LISTEN_FDS``), is read by
+``_sockets`` when the next generation starts.
 """
 
 from __future__ import annotations
@@ -41,13 +52,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTO_MAX",
+    "ENV_CELERY_RESEND",
     "ENV_DRAIN_DELAY",
     "ENV_FORCE_QUIT",
     "ENV_PROBE_HOST",
     "ENV_PROBE_PORT",
     "ENV_TERMINATION_GRACE",
     "ENV_TIMEOUT_STOP_SEC",
+    "ENV_UPGRADE_TIMEOUT",
     "ENV_WRAP_UP_TIMEOUT",
+    "UPGRADE_TIMEOUT",
     "DrainDelaySetting",
     "Settings",
     "parse_drain_delay",
@@ -64,6 +78,12 @@ ENV_PROBE_PORT = "GRACEFUL_PROBE_PORT"
 ENV_PROBE_HOST = "GRACEFUL_PROBE_HOST"
 ENV_TERMINATION_GRACE = "GRACEFUL_TERMINATION_GRACE"
 ENV_TIMEOUT_STOP_SEC = "GRACEFUL_TIMEOUT_STOP_SEC"
+ENV_UPGRADE_TIMEOUT = "GRACEFUL_UPGRADE_TIMEOUT"
+
+UPGRADE_TIMEOUT = 30.0
+"""Seconds a new generation may take to be ready (``GRACEFUL_UPGRADE_TIMEOUT``): an import and a
+lifespan startup, with room; systemd's own ``TimeoutStartSec`` defaults to 90 s."""
+ENV_CELERY_RESEND = "GRACEFUL_CELERY_RESEND_EARLY_ACKED"
 
 AUTO_MAX = 10.0
 """The bound of a plain ``auto`` drain delay: HAProxy's default check (``inter 2s fall 3``)
@@ -247,6 +267,28 @@ def _platform_grace(environ: Mapping[str, str] | None) -> tuple[float, str] | No
     return min(found) if found else None
 
 
+_SWITCH = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
+def _switch(name: str, environ: Mapping[str, str] | None) -> bool | None:
+    raw = _raw(name, environ)
+    if not raw:
+        return None
+    value = _SWITCH.get(raw.lower())
+    if value is None:
+        raise ValueError(f"{name}={raw!r}: set it to 1 (on) or 0 (off), or unset it")
+    return value
+
+
 # -- all of them ---------------------------------------------------------------------------------
 
 
@@ -256,17 +298,39 @@ class Settings(Frozen):
     ``force_quit``: seconds or None (unset); ``wrap_up_timeout``: seconds or None; ``drain_delay``: a ``DrainDelaySetting`` or None;
     ``probe_port``: a port or None; ``probe_host``: the interface the probes bind (default all,
     ``0.0.0.0``: the kubelet probes the pod's IP); ``platform_grace``: the shortest grace the
-    environment declares, with a phrase naming where it comes from, or None.
+    environment declares, with a phrase naming where it comes from, or None;
+    ``upgrade_timeout``: seconds a new generation may take to be ready (SIGUSR2);
+    ``celery_resend``: ``GRACEFUL_CELERY_RESEND_EARLY_ACKED`` as a bool, None when unset.
     """
 
-    __slots__ = ("drain_delay", "force_quit", "platform_grace", "probe_host", "probe_port", "wrap_up_timeout")
-    _fields = ("force_quit", "drain_delay", "probe_port", "probe_host", "platform_grace", "wrap_up_timeout")
+    __slots__ = (
+        "celery_resend",
+        "drain_delay",
+        "force_quit",
+        "platform_grace",
+        "probe_host",
+        "probe_port",
+        "upgrade_timeout",
+        "wrap_up_timeout",
+    )
+    _fields = (
+        "force_quit",
+        "drain_delay",
+        "probe_port",
+        "probe_host",
+        "platform_grace",
+        "wrap_up_timeout",
+        "upgrade_timeout",
+        "celery_resend",
+    )
     force_quit: float | None
     wrap_up_timeout: float | None
     drain_delay: DrainDelaySetting | None
     probe_port: int | None
     probe_host: str
     platform_grace: tuple[float, str] | None
+    upgrade_timeout: float
+    celery_resend: bool | None
 
     def __init__(  # noqa: PLR0917 - one positional argument per field, as a dataclass would take
         self,
@@ -276,8 +340,19 @@ class Settings(Frozen):
         probe_host: str = "0.0.0.0",
         platform_grace: tuple[float, str] | None = None,
         wrap_up_timeout: float | None = None,
+        upgrade_timeout: float = UPGRADE_TIMEOUT,
+        celery_resend: bool | None = None,
     ) -> None:
-        super().__init__(force_quit, drain_delay, probe_port, probe_host, platform_grace, wrap_up_timeout)
+        super().__init__(
+            force_quit,
+            drain_delay,
+            probe_port,
+            probe_host,
+            platform_grace,
+            wrap_up_timeout,
+            upgrade_timeout,
+            celery_resend,
+        )
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -302,4 +377,6 @@ class Settings(Frozen):
             _raw(ENV_PROBE_HOST, environ) or "0.0.0.0",
             _platform_grace(environ),
             read_wrap_up_timeout(environ),
+            _seconds(ENV_UPGRADE_TIMEOUT, environ) or UPGRADE_TIMEOUT,
+            _switch(ENV_CELERY_RESEND, environ),
         )

@@ -33,8 +33,11 @@ like SIGTERM):
     SIGUSR1              thread dump, asyncio tasks and status() to stderr; keep running
     SIGHUP               reload listeners if any, else a graceful shutdown (a closed
                          terminal must not leave an orphan serving the port)
+    SIGUSR2              under run(): upgrade in place (``_upgrade``); elsewhere logged and
+                         ignored, since only run() knows the servers and their sockets
 
-The coordinator only routes. A reload and a SIGUSR1 dump run on a helper thread of their own
+The coordinator only routes. An upgrade starts its own thread (``Router.upgrade`` returns at
+once: it only starts one or says why not). A reload and a SIGUSR1 dump run on a helper thread of their own
 (``_Offload``: one at a time, at most one more waiting, further ones coalesced), so a reload
 listener that blocks or raises, or a dump blocked on a stderr pipe nobody reads, never makes
 the process deaf: SIGTERM, SIGINT and SIGQUIT are acted on at once whatever they are doing.
@@ -62,7 +65,7 @@ log = logging.getLogger("graceful")
 PING = 255
 """A byte no signal number uses: the systemd watchdog's "are you alive?" to the coordinator."""
 
-_ROUTED = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP", "SIGBREAK")
+_ROUTED = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP", "SIGUSR2", "SIGBREAK")
 
 
 def handled_signals(module: object = signal) -> list[int]:
@@ -140,6 +143,9 @@ class Router:
         """When the coordinator last answered a ``ping()`` (monotonic); the systemd watchdog
         pings only while it answers."""
         self._ping: Callable[[], object] = self.answer  # without a coordinator: answer at once
+        self.upgrade: Callable[[], object] | None = None
+        """What SIGUSR2 calls: ``run()`` sets its upgrade in place (it must return at once);
+        None elsewhere, where SIGUSR2 is logged and ignored."""
 
     def ping(self) -> None:
         """Ask the coordinator thread to show it is alive (it sets ``answered``)."""
@@ -161,7 +167,7 @@ class Router:
         except BaseException:  # the coordinator must survive anything a listener does
             log.exception("graceful: handling %s failed", name)
 
-    def _route(self, signum: int, name: str) -> None:  # noqa: PLR0911 - one branch per table row
+    def _route(self, signum: int, name: str) -> None:  # noqa: PLR0911, PLR0912 - one branch per table row
         # Each row acts first and logs after: the main thread may hold the logging lock.
         lc = self.lifecycle
         if name == "SIGINT":
@@ -206,6 +212,17 @@ class Router:
                 )
                 return
             self._offload(self._reloads, lambda: lc.reload(name))
+            return
+        if name == "SIGUSR2":
+            upgrade = self.upgrade
+            if upgrade is None:
+                log.warning(
+                    "received %s: an upgrade in place needs graceful.run(), which knows the servers "
+                    "and their sockets; ignored",
+                    name,
+                )
+                return
+            upgrade()
             return
         log.info("received %s: not routed, ignored", name)
 
@@ -321,7 +338,7 @@ class _Installation:
 
 @contextmanager
 def signal_handlers(lifecycle: Lifecycle) -> Iterator[Router]:
-    """Route SIGTERM, SIGINT, SIGQUIT, SIGTSTP, SIGUSR1 and SIGHUP to ``lifecycle`` in this block.
+    """Route SIGTERM, SIGINT, SIGQUIT, SIGTSTP, SIGUSR1, SIGHUP and SIGUSR2 to ``lifecycle`` in this block.
 
     For programs that keep their own main loop; ``graceful.run()`` uses it. The previous
     handlers and wakeup fd are restored when the block ends.

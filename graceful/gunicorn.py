@@ -30,8 +30,15 @@ hooks, so each *worker* gets graceful's whole sequence:
   (``max_requests``, a HUP reload, ``TTOU``) closes its probe socket at once instead of answering
   503, since its siblings still serve, and needs no drain delay: the listening socket stays open
   in them. Requests are counted for ``auto`` in ``pre_request``;
+* a worker timeout (SIGABRT) and a quick shutdown after a TERM are force quits: the report is
+  written at once, before the arbiter's SIGKILL (``_gunicorn_worker`` says why and how);
 * the arbiter's ``on_exit`` logs one summary line: how many workers stopped gracefully, had a
-  failing listener, were forced by graceful's deadline, or were killed without a report.
+  failing listener, were forced (graceful's report on stderr), were killed without a report, or
+  never booted. Every worker it reaped counts, and so do the ones it SIGKILLed at
+  ``graceful_timeout``: gunicorn reaps those only with ``WNOHANG`` right after the kill, so they
+  are usually still in its worker table at ``on_exit`` and never reach ``child_exit``. Each worker
+  writes one line to a pipe the arbiter reads: "booted", then its outcome ("forced" as the report
+  is made, before the SIGKILL that can follow it).
 
 A config file of your own: ``from graceful.gunicorn import *`` at its top. If it defines one of
 the hooks below itself, call graceful's from yours (``graceful.gunicorn.worker_exit(server,
@@ -53,6 +60,7 @@ import graceful
 from graceful import readiness
 
 from ._gunicorn_worker import WorkerWatch
+from ._lifecycle import prepare
 from ._settings import ENV_FORCE_QUIT
 
 __all__ = [
@@ -71,12 +79,15 @@ __all__ = [
 log = logging.getLogger("graceful")
 
 OUTCOMES = ("graceful", "failed", "forced")
+BOOTED = "booted"
+"""A worker's first record: it runs graceful; without an outcome after it, it was killed."""
+COUNTED = (*OUTCOMES, "killed", "never booted")
 
 _watch: WorkerWatch | None = None  # this worker's, set in post_worker_init (never in the arbiter)
-_records: tuple[int, int] | None = None  # arbiter -> workers pipe: one "pid outcome" line a worker
+_records: tuple[int, int] | None = None  # workers -> arbiter pipe: "pid booted", then "pid outcome"
 _arbiter_pid: int | None = None
-_outcomes: dict[int, str] = {}  # arbiter side: pid -> outcome read from the pipe
-_reaped: list[int] = []  # arbiter side: every worker pid reaped (child_exit)
+_last_record: dict[int, str] = {}  # arbiter side: a live worker's pid -> its last record
+_counts: dict[str, int] = dict.fromkeys(COUNTED, 0)  # arbiter side: the workers stopped, by outcome
 # Shared by the arbiter and its workers (anonymous, MAP_SHARED: survives the fork), one byte each:
 _STOPPING, _TOLD, _WATCHED = 0, 1, 2  # the arbiter got TERM; a worker's drain ended; when_ready ran
 _shared: mmap.mmap | None = None
@@ -153,42 +164,66 @@ def _drain_records() -> None:
             break
         data += chunk
     for line in data.decode("ascii", "replace").splitlines():
-        pid, _, outcome = line.partition(" ")
-        if pid.isdigit() and outcome in OUTCOMES:
-            _outcomes[int(pid)] = outcome
+        pid, _, record = line.partition(" ")
+        if pid.isdigit() and (record in OUTCOMES or record == BOOTED):
+            _last_record[int(pid)] = record
+
+
+def _count(pid: int) -> str:
+    """Count the worker ``pid``, which has ended, by its last record; the outcome counted."""
+    record = _last_record.pop(pid, None)
+    outcome = record if record in OUTCOMES else "killed" if record == BOOTED else "never booted"
+    _counts[outcome] += 1
+    return outcome
 
 
 def child_exit(server: object, worker: object) -> None:
-    """gunicorn hook (arbiter, a worker was reaped): note it and read what it reported."""
+    """gunicorn hook (arbiter, a worker was reaped): count it by what it reported."""
     _drain_records()
     pid = getattr(worker, "pid", None)
-    if isinstance(pid, int):
-        _reaped.append(pid)
-        if _outcomes.get(pid) == "forced":
-            log.warning("graceful: worker %d was forced by graceful's deadline; its report is on stderr", pid)
+    if not isinstance(pid, int):
+        return
+    outcome = _count(pid)
+    if outcome == "forced":
+        log.warning("graceful: worker %d was forced; graceful's report is on stderr", pid)
+    elif outcome == "killed":
+        log.warning("graceful: worker %d ended without graceful's report (killed, or it crashed)", pid)
+
+
+def _count_the_killed(server: object) -> None:
+    """The workers still in the arbiter's table at ``on_exit``: it SIGKILLed them at
+    ``graceful_timeout`` and has not reaped them. Count each, and say so for those without a report."""
+    workers = getattr(server, "WORKERS", None)
+    if not isinstance(workers, dict):
+        return
+    graceful_timeout = getattr(getattr(server, "cfg", None), "graceful_timeout", None)
+    for pid in [pid for pid in workers if isinstance(pid, int)]:
+        if _count(pid) == "killed":
+            log.warning(
+                "graceful: worker %d ended without graceful's report: the arbiter SIGKILLed it at "
+                "graceful_timeout (%s s); raise graceful_timeout, or lower %s",
+                pid,
+                graceful_timeout,
+                ENV_FORCE_QUIT,
+            )
 
 
 def summary() -> str:
     """The arbiter's line: how its workers stopped (what ``on_exit`` logs)."""
     _drain_records()
-    counts = dict.fromkeys(OUTCOMES, 0)
-    unreported = 0
-    for pid in _reaped:
-        outcome = _outcomes.get(pid)
-        if outcome is None:
-            unreported += 1
-        else:
-            counts[outcome] += 1
+    counts = _counts
     return (
-        f"graceful: gunicorn arbiter exiting; {len(_reaped)} worker(s) stopped: "
+        f"graceful: gunicorn arbiter exiting; {sum(counts.values())} worker(s) stopped: "
         f"{counts['graceful']} gracefully, {counts['failed']} with a failed listener, "
-        f"{counts['forced']} forced by graceful's deadline (report on stderr), "
-        f"{unreported} without graceful's report (killed, or never booted)"
+        f"{counts['forced']} forced (graceful's report on stderr), "
+        f"{counts['killed']} killed without graceful's report, {counts['never booted']} never booted"
     )
 
 
 def on_exit(server: object) -> None:
     """gunicorn hook (arbiter, last thing before it exits): log the summary."""
+    _drain_records()
+    _count_the_killed(server)
     line = summary()
     glog = getattr(server, "log", None)
     info = getattr(glog, "info", None)
@@ -231,16 +266,18 @@ def post_worker_init(worker: object) -> None:
             env,
             graceful_timeout,
         )
+    prepare(lifecycle)  # the deadline's and the sequence's threads, ahead of need
     drain = readiness.drain_delay(lifecycle) > 0
     _watch = WorkerWatch(
         worker,
         lifecycle,
-        on_forced=lambda: _report("forced"),
+        on_report=lambda: _report("forced"),
         hold_term=_instance_stopping if drain else None,
         drain_wait=_drain_wait,
         on_begin=_on_begin,
     )
     _watch.install()
+    _report(BOOTED)
     readiness.set_ready(lifecycle)
     global _probes, _traffic
     _traffic = readiness.traffic(lifecycle)
@@ -297,15 +334,19 @@ def pre_request(worker: object, req: object) -> None:
 
 
 def worker_int(worker: object) -> None:
-    """gunicorn hook (worker, SIGINT/SIGQUIT: quick shutdown). Called in a signal handler: a store."""
+    """gunicorn hook (worker, SIGINT/SIGQUIT: quick shutdown). Called in a signal handler: a
+    store (the main thread's frame, for the report) and one pipe write. The watcher has usually
+    seen the signal already (its wakeup byte); the write is for when the wakeup fd is no longer
+    graceful's."""
     if _watch is not None:
-        _watch.quick = "SIGINT/SIGQUIT"
+        _watch.note_signal(signal.SIGQUIT)
 
 
 def worker_abort(worker: object) -> None:
-    """gunicorn hook (worker, SIGABRT: it passed ``timeout``). Called in a signal handler: a store."""
+    """gunicorn hook (worker, SIGABRT: it passed ``timeout``). Called in a signal handler: a
+    store (the frame: where the request hung, for the report) and one pipe write."""
     if _watch is not None:
-        _watch.quick = "SIGABRT, worker timeout"
+        _watch.note_signal(signal.SIGABRT)
 
 
 def worker_exit(server: object, worker: object) -> None:
@@ -317,6 +358,7 @@ def worker_exit(server: object, worker: object) -> None:
     if watch is None or watch.pid != os.getpid():
         return
     outcome = watch.finish()
+    _report(outcome)
     global _probes
     if _probes is not None:  # /livez answered until now
         probes, _probes = _probes, None
@@ -325,7 +367,6 @@ def worker_exit(server: object, worker: object) -> None:
     took = status.seconds_since_trigger or 0.0
     how = {"graceful": "gracefully", "failed": "with a failed listener", "forced": "forced"}[outcome]
     log.info("graceful: gunicorn worker %d stopped %s, %.3f s after its stop began", watch.pid, how, took)
-    _report(outcome)
 
 
 def _report(outcome: str) -> None:

@@ -17,23 +17,31 @@ counted from the first wrap-up trigger, covers every server in the process.
   of the force-quit budget. The functions here are the public face of one object per
   lifecycle (graceful/_drain_delay.py says how it works).
 * probes: ``serve_probes(port)`` (or ``GRACEFUL_PROBE_PORT`` under ``run()`` and the hosts)
-  answers ``/readyz`` and ``/livez`` from a tiny stdlib HTTP server on its own thread.
+  answers ``/readyz`` and ``/livez`` on one thread whatever its clients do (idle connections
+  time out, the oldest is closed at a cap): graceful/_probe_server.py says how. Its port is
+  opened with ``Lifecycle.listen()`` (unless ``reuse_port``): an upgrade in place passes it to
+  the next generation, which answers the probes once it is ready.
 * platform grace: ``check_platform_grace()`` warns at start when the drain delay plus the
   force-quit budget would outlast the grace Kubernetes or systemd give before SIGKILL.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import selectors
-import socket
-import threading
 
 from ._current import or_default
+from ._deadline import FLUSH_SLICE
 from ._drain_delay import Traffic, drain_delay_of
 from ._lifecycle import Lifecycle, State, budget, set_defaults
-from ._settings import ENV_PROBE_PORT, DrainDelaySetting, Settings, parse_drain_delay
+from ._probe_server import ProbeServer
+from ._settings import (
+    ENV_DRAIN_DELAY,
+    ENV_FORCE_QUIT,
+    ENV_WRAP_UP_TIMEOUT,
+    DrainDelaySetting,
+    Settings,
+    parse_drain_delay,
+)
 
 __all__ = [
     "DrainDelaySetting",
@@ -44,6 +52,7 @@ __all__ = [
     "drain_delay",
     "drain_delay_is_auto",
     "drain_delay_left",
+    "fit_drain_delay",
     "is_live",
     "is_ready",
     "serve_probes",
@@ -56,6 +65,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("graceful")
+
+ProbeServer.__module__ = __name__  # its public home: help() and the API reference say so
 
 
 def _lc(lifecycle: Lifecycle | None) -> Lifecycle:
@@ -142,131 +153,6 @@ def traffic(lifecycle: Lifecycle | None = None) -> Traffic:
 
 # -- the probe endpoint ----------------------------------------------------------------------------
 
-PROBE_PATHS = ("/readyz", "/livez")
-
-
-class ProbeServer:
-    """A tiny HTTP server for Kubernetes probes, on its own daemon thread (``serve_probes()``).
-
-    ``GET /readyz`` (or ``HEAD``): 200 while ready, 503 from the start of wrap-up. ``GET
-    /livez``: 200 until the lifecycle has stopped. Anything else: 404. Each answer is computed
-    from the lifecycle at the moment of the request (two attribute reads), so it is never stale.
-    A context manager; ``close()`` is idempotent.
-    """
-
-    def __init__(self, lifecycle: Lifecycle, host: str, port: int, *, reuse_port: bool = False) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        lc = lifecycle
-        delay = drain_delay_of(lc)
-
-        class Probe(BaseHTTPRequestHandler):
-            def _answer(self, *, body: bool) -> None:
-                path = self.path.split("?")[0]
-                if path == "/readyz":
-                    ok = is_ready(lc)
-                    text = "ready" if ok else "not ready"
-                    if not ok:
-                        delay.probe_refused()  # in a wrap-up: the balancer has been told
-                elif path == "/livez":
-                    ok = is_live(lc)
-                    text = "live" if ok else "stopped"
-                else:
-                    self.send_error(404, "graceful probes: /readyz and /livez")
-                    return
-                data = f"{text}\n".encode()
-                self.send_response(200 if ok else 503)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                if body:
-                    self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._answer(body=True)
-
-            def do_HEAD(self) -> None:
-                self._answer(body=False)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return None  # probes every few seconds would drown the log
-
-            # A prober that closes or resets early (HAProxy resets once it has the status line)
-            # is not an error: counted, one DEBUG line, never the stdlib's traceback. Everything
-            # this handler does is graceful's own, so these can only be the prober going away.
-            gone = 0
-            gone_lock = threading.Lock()
-
-            def handle(self) -> None:
-                try:
-                    super().handle()
-                except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
-                    with Probe.gone_lock:
-                        Probe.gone += 1
-                        count = Probe.gone
-                    host, port = self.client_address[:2]
-                    why = f"{type(exc).__name__}: {exc}"
-                    log.debug("probes: client %s:%s went away early (%s); %d so far", host, port, why, count)
-
-        class Server(ThreadingHTTPServer):
-            def server_bind(self) -> None:
-                if reuse_port:  # several processes answer on one port (gunicorn's workers)
-                    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                super().server_bind()
-
-        try:
-            self._server = Server((host, port), Probe)
-        except OSError as exc:
-            raise RuntimeError(
-                f"graceful cannot answer probes on {host}:{port}: {exc.strerror or exc}. Free that "
-                f"port or choose another ({ENV_PROBE_PORT}, or serve_probes(port=...))"
-            ) from exc
-        self._server.daemon_threads = True
-        self.host: str = host
-        self.port: int = self._server.server_address[1]
-        """The port answering (the one chosen when 0 was asked for)."""
-        self._wake = socket.socketpair()  # close() wakes the loop at once: no poll interval
-        self._thread = threading.Thread(target=self._serve, name="graceful-probes", daemon=True)
-        self._thread.start()
-        self._closed = False
-        self._lifecycle = lc
-        delay.probes_served(+1)  # an auto drain delay waits for a 503 answered to a probe
-
-    def close(self) -> None:
-        """Stop answering: the port refuses connections from now on. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        drain_delay_of(self._lifecycle).probes_served(-1)
-        with contextlib.suppress(OSError):
-            self._wake[1].send(b"x")
-        self._thread.join(5)
-        self._server.server_close()
-        for end in self._wake:
-            end.close()
-
-    def _serve(self) -> None:
-        """Answer until ``close()``: not ``serve_forever()``, whose ``shutdown()`` waits for its
-        next poll (up to 0.1 s that ``run()`` would spend before returning, on every stop)."""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._server.socket, selectors.EVENT_READ)
-            selector.register(self._wake[0], selectors.EVENT_READ)
-            while True:
-                ready = [key.fileobj for key, _ in selector.select()]
-                if self._wake[0] in ready:
-                    return
-                self._server.handle_request()  # readable: it accepts at once
-
-    def __enter__(self) -> ProbeServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<graceful.readiness.ProbeServer {self.host}:{self.port}>"
-
 
 def serve_probes(
     port: int = 0, host: str = "127.0.0.1", lifecycle: Lifecycle | None = None, *, reuse_port: bool = False
@@ -315,10 +201,12 @@ def configure_from_env(
     """What ``run()`` and every host do first, before anything runs; returns the settings.
 
     Reads every ``GRACEFUL_*`` variable at once unless ``settings`` were read already (a bad
-    one is a ``ValueError`` that names it, before anything changes); then gives ``lifecycle`` the environment's force-quit budget (or
-    ``budget``, a host's own default, when ``GRACEFUL_FORCE_QUIT`` is unset) unless the program
-    chose one, and the environment's drain delay unless one was set; then warns if the
-    platform's grace is too short (:func:`check_platform_grace`).
+    one is a ``ValueError`` that names it, before anything changes); then gives ``lifecycle``
+    the environment's force-quit budget (or ``budget``, a host's own default, when
+    ``GRACEFUL_FORCE_QUIT`` is unset) unless the program chose one, and the environment's drain
+    delay unless one was set; then fits the drain delay to the budget
+    (:func:`fit_drain_delay`) and warns if the platform's grace is too short
+    (:func:`check_platform_grace`).
     """
     settings = Settings.read() if settings is None else settings
     set_defaults(
@@ -330,22 +218,87 @@ def configure_from_env(
         else "the host",
     )
     drain_delay_of(lifecycle).default(settings.drain_delay)
+    fit_drain_delay(lifecycle)
     check_platform_grace(lifecycle, settings)
     return settings
+
+
+# -- the drain delay within the budget --------------------------------------------------------------
+
+DRAIN_ROOM = 1.0
+"""Seconds a drain delay must end before the wrap-up timeout, so that the requests in flight can
+finish within the wrap-up phase (the rest of the budget is the shutdown listeners'); half the
+wrap-up timeout when that is 2 s or less, the rule gunicorn's host uses within ``graceful_timeout``."""
+
+
+def _room_for_the_drain(seconds: float) -> float:
+    """What a wrap-up timeout of ``seconds`` keeps for the drain after the delay:
+    :data:`DRAIN_ROOM`, or half of it when it is 2 s or less."""
+    return DRAIN_ROOM if seconds > 2 * DRAIN_ROOM else seconds / 2
+
+
+def fit_drain_delay(lifecycle: Lifecycle | None = None) -> str | None:
+    """Fit the drain delay to the force-quit budget, at start; returns what was logged, or None.
+
+    The delay counts from the first wrap-up trigger and the deadline from the shutdown (one
+    moment, at SIGTERM), so a delay that reaches the budget ends every stop in the forced exit,
+    on an idle server too; one that reaches the wrap-up timeout (what a drain may take, the rest
+    of the budget being the shutdown listeners') leaves the drain no time. So the delay must end
+    :data:`DRAIN_ROOM` s before the wrap-up timeout. ``auto`` is cut to that (an INFO line says
+    so): it ends sooner than its maximum only when the balancer is seen to stop. A fixed delay
+    is the operator's number, so it is kept and said at WARNING, with the numbers and what to
+    change: a warning and not an error because the service works (it serves, drains, and the
+    deadline's report says what was cut), and the contract says so (docs/kubernetes.md).
+    ``run()`` and the hosts call it once, from :func:`configure_from_env`.
+    """
+    lc = _lc(lifecycle)
+    delay = drain_delay_of(lc)
+    setting, seconds, wrap_up = delay.setting, budget(lc), lc.wrap_up_timeout
+    room = _room_for_the_drain(wrap_up)
+    most = wrap_up - room
+    if setting.seconds <= most:
+        return None
+    if setting.auto:
+        delay.set(DrainDelaySetting(most, auto=True))
+        line = (
+            f"drain delay {setting}: at most {most:g} s, to end {room:g} s before the wrap-up timeout "
+            f"({wrap_up:g} s of the {seconds:g} s force-quit budget) so that the requests in flight can "
+            f"finish; a longer budget ({ENV_FORCE_QUIT}; under gunicorn, --graceful-timeout) or wrap-up "
+            f"timeout ({ENV_WRAP_UP_TIMEOUT}) lets it run longer"
+        )
+        log.info("%s", line)
+        return line
+    if setting.seconds + _room_for_the_drain(seconds) > seconds:
+        then = "every stop would end in graceful's forced exit (70) once the delay is over"
+    else:
+        then = (
+            f"the requests in flight and the shutdown listeners would share the "
+            f"{seconds - setting.seconds:g} s left of the budget"
+        )
+    line = (
+        f"the drain delay ({setting.seconds:g} s) leaves the drain no room in the force-quit budget "
+        f"({seconds:g} s, wrap-up timeout {wrap_up:g} s): {then}. Set {ENV_DRAIN_DELAY} to at most "
+        f"{most:g} s, or give the drain more time ({ENV_FORCE_QUIT}, {ENV_WRAP_UP_TIMEOUT}; under "
+        f"gunicorn, --graceful-timeout)"
+    )
+    log.warning("%s", line)
+    return line
 
 
 # -- the platform's grace --------------------------------------------------------------------------
 
 
 def check_platform_grace(lifecycle: Lifecycle | None = None, settings: Settings | None = None) -> str | None:
-    """Warn when the drain delay plus the force-quit budget would outlast the platform's grace.
+    """Warn when graceful's latest exit would come after the platform's SIGKILL.
 
     The grace comes from ``GRACEFUL_TERMINATION_GRACE`` (Kubernetes'
     ``terminationGracePeriodSeconds``) or ``GRACEFUL_TIMEOUT_STOP_SEC`` (systemd's
     ``TimeoutStopSec``: seconds or a systemd time span such as ``1min 30s``; 0 or
     ``infinity`` is no limit), the shorter if both are set; neither platform tells the process
     (see docs/kubernetes.md and docs/systemd.md). Past it the platform sends SIGKILL and
-    graceful never writes its report of what was stuck (SolidQueue #653). ``run()`` and the
+    graceful never writes its report of what was stuck (SolidQueue #653). The latest exit is the
+    force-quit budget plus the flush slice after the report (at most 1 s); the drain delay is
+    spent inside the budget, so it does not add to it. ``run()`` and the
     hosts call this once at start, with the ``settings`` they read (read now if None). Returns
     the warning (also logged at WARNING on ``graceful``), or None.
 
@@ -357,15 +310,15 @@ def check_platform_grace(lifecycle: Lifecycle | None = None, settings: Settings 
     if found is None:
         return None
     grace, where = found
-    delay, seconds = drain_delay(lc), budget(lc)
-    needed = delay + seconds
+    seconds = budget(lc)
+    needed = seconds + FLUSH_SLICE
     if needed < grace:
         return None
     warning = (
-        f"the drain delay ({delay:g} s) plus the force-quit budget ({seconds:g} s) is {needed:g} s, "
-        f"not less than the platform's grace of {grace:g} s ({where}): the process would be "
-        f"SIGKILLed before graceful reports what is stuck. Lower GRACEFUL_FORCE_QUIT or "
-        f"GRACEFUL_DRAIN_DELAY, or give the process more time"
+        f"the force-quit budget ({seconds:g} s) and the last flush slice ({FLUSH_SLICE:g} s) end "
+        f"{needed:g} s after SIGTERM, not before the platform's grace of {grace:g} s ({where}): the "
+        f"process could be SIGKILLed before graceful reports what is stuck. Lower GRACEFUL_FORCE_QUIT, "
+        f"or give the process more time"
     )
     log.warning("%s", warning)
     return warning

@@ -18,6 +18,7 @@ from graceful._deadline import FakeClock
 
 # A real redis-server for the queue-worker tests (the test extra brings the binary): the fixtures.
 from .support.redis_server import rdb, redis_url  # noqa: F401 - fixtures, found by pytest here
+from .support.stale_coverage import ERASED, erase_stale_coverage_data
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds: the longest any test waits for an event that should come at once
@@ -40,9 +41,19 @@ def _children_import_this_checkout() -> Iterator[None]:
         yield
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under ``coverage run``: erase the data files a failed run left (tests/support/stale_coverage.py)."""
+    erase_stale_coverage_data(session.config)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    erased = config.stash.get(ERASED, [])
+    return f"coverage: erased {len(erased)} data file(s) an earlier run left behind" if erased else None
+
+
 _WATCHED = tuple(
     getattr(signal, name)
-    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP")
+    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP", "SIGUSR2")
     if hasattr(signal, name)
 )
 

@@ -29,7 +29,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry  # noqa: E402 - af
 from graceful.adapters.rq import RqService  # noqa: E402 - after the skip: it imports rq
 
 WORKER = r"""
-import logging, sys
+import logging, os, sys, threading
 import redis, rq
 import graceful
 from graceful.adapters.heartbeat import Registration
@@ -37,6 +37,32 @@ from graceful.adapters.heartbeat import Registration
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
 connection = redis.Redis.from_url(sys.argv[1])
 worker = rq.SimpleWorker([rq.Queue("default", connection=connection)], connection=connection, name="w1")
+if os.environ.get("LOSE_THE_UNSUBSCRIBE_RACE"):
+    # What a busy machine does now and then, every time: rq's pub/sub thread handles the
+    # UNSUBSCRIBE reply before anyone has told it to stop (issue #27).
+    subscribe = worker.subscribe
+
+    def subscribe_then_lose_the_race():
+        subscribe()
+        pubsub = worker.pubsub
+        unsubscribe = pubsub.unsubscribe
+
+        def unsubscribe_and_let_the_thread_see_the_reply(*args, **kwargs):
+            done = unsubscribe(*args, **kwargs)
+            pause = threading.Event()
+            for _ in range(1000):  # polling: redis-py has no event for "unsubscribed"
+                if not pubsub.subscribed:
+                    break
+                pause.wait(0.005)
+            print("UNSUBSCRIBE handled by the pub/sub thread", flush=True)
+            return done
+
+        pubsub.unsubscribe = unsubscribe_and_let_the_thread_see_the_reply
+
+    worker.subscribe = subscribe_then_lose_the_race
+if os.environ.get("SLOW_SUBSCRIBE"):  # a slow Redis: rq's bootstrap takes a while to subscribe
+    subscribe_now = worker.subscribe
+    worker.subscribe = lambda: (threading.Event().wait(float(os.environ["SLOW_SUBSCRIBE"])), subscribe_now())
 sys.exit(graceful.run([worker, Registration(connection, "rq-w1", ttl=3)]))
 """
 
@@ -158,6 +184,33 @@ def test_an_idle_worker_blocked_in_its_dequeue_stops_within_a_second_or_two(
     child.send_signal(signal.SIGTERM)
     child.wait_for_output("warm shutdown: no new job; idle", stream="stderr")
     assert child.wait(5).returncode == 0, child.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_stopped_just_after_ready_exits_0_though_rq_loses_its_unsubscribe_race(
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str
+) -> None:
+    """rq's teardown under redis-py 8 waited up to 60 s for its pub/sub thread: now bounded."""
+    child = start(graceful_process, redis_url, LOSE_THE_UNSUBSCRIBE_RACE="1", GRACEFUL_FORCE_QUIT="8")
+    child.send_signal(signal.SIGTERM)
+    child.wait_for_line("UNSUBSCRIBE handled by the pub/sub thread")
+    result = child.wait(5)
+    assert result.returncode == 0, result.stderr
+    assert "still running" not in result.stderr, result.stderr
+    assert "unsubscribing from channel rq:pubsub:w1" in result.stderr, result.stderr
+    assert rq.Worker.all(connection=rdb) == []
+    assert rdb.pubsub_numsub("rq:pubsub:w1") == [("rq:pubsub:w1", 0)]
+
+
+@pytest.mark.timeout(60)
+def test_ready_comes_once_the_worker_listens_for_rq_commands(
+    graceful_process: ProcessFactory, rdb: redis.Redis, redis_url: str
+) -> None:
+    """At READY rq has subscribed to the worker's command channel (rq shutdown, stop-job)."""
+    child = start(graceful_process, redis_url, SLOW_SUBSCRIBE="0.5")
+    assert rdb.pubsub_numsub("rq:pubsub:w1") == [("rq:pubsub:w1", 1)], child.stderr
+    child.send_signal(signal.SIGTERM)
+    assert child.wait().returncode == 0, child.stderr
 
 
 @pytest.mark.timeout(60)

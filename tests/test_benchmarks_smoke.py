@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,7 @@ SECTIONS = (
     "6. is_stopping()",
     "7. long-lived",
     "9. serving cost",
+    "12. probe port soak",
 )
 MEASURED = (  # (section, contender, a word its measured result must contain)
     ("1. import", "graceful", "own modules"),
@@ -41,6 +43,12 @@ MEASURED = (  # (section, contender, a word its measured result must contain)
     ("6. is_stopping()", "graceful vs threading.Event", "ns"),
     ("7. long-lived", "graceful.run(uvicorn.Server)", "close frame 1001"),
     ("7. long-lived", "graceful.run(AiohttpService)", "close frame 1001"),
+    ("12. probe port soak", "graceful ProbeServer (one selector thread)", "/readyz median"),
+    (
+        "12. probe port soak",
+        "thread per connection (ThreadingHTTPServer; graceful before #27)",
+        "/readyz median",
+    ),
 )
 
 
@@ -129,3 +137,56 @@ def test_chaos_quick_run_counts_every_job_of_graceful_worker() -> None:
         assert "lost 0," in row[2], row
         assert "children left 0" in row[2], row
     assert "| row " in result.stdout.split("\n\nChaos:")[1], "the chaos table is missing"
+
+
+INPLACE_BOUND = 40.0  # seconds for the in-place rig's smoke (~10 s on the loaded 2-core box)
+INPLACE_ROW = re.compile(
+    r"failed \d+ in 2 (restarts|upgrades) \(refused \d+, reset \d+, other \d+, non-2xx \d+\); "
+    r"p50/p99 \d+/\d+ ms vs steady \d+/\d+ ms \(p99 x\d+\.\d\); signal -> old gone \d+\.\d\d/\d+\.\d\d s, "
+    r"-> new serving \d+\.\d\d/\d+\.\d\d s \(median/max\); old exit .*; tracebacks \d+; \d+ req at \d+/s"
+)
+
+
+@pytest.mark.skipif(shutil.which("hey") is None, reason="hey not installed (apt-get install hey)")
+@pytest.mark.timeout(INPLACE_BOUND + 30)
+def test_inplace_rig_measures_restarts_and_leaves_no_process(tmp_path: Path) -> None:
+    """``--only inplace --quick``: the in-place restarts are measured, graceful's upgrade rows are
+    measured or say why not, and no process of the run outlives it."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COVERAGE_")}
+    env["TMPDIR"] = str(tmp_path)  # the rig's processes all run in a directory under it
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            *("--only", "inplace", "--quick", "--restarts", "2", "--contenders", "restarted,SIGUSR2"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=INPLACE_BOUND,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, table = _table(result.stdout)
+    rows = {row[1]: row[2] for row in table if row[0] == "11. in-place"}
+    assert "graceful.run(ThreadingHTTPServer), restarted in place" in rows, rows
+    for name, text in rows.items():
+        if text.startswith("skipped: uvicorn"):  # graceful.listen is here: SIGUSR2 rows are measured
+            assert "uvicorn" in name, (name, text)
+            continue
+        assert INPLACE_ROW.fullmatch(text), (name, text)
+    assert not _running_in(tmp_path), "the rig left processes behind"
+
+
+def _running_in(folder: Path) -> list[str]:
+    """The processes whose working directory is under ``folder``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(folder)):
+            found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:200]!r}")
+    return found

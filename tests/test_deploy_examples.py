@@ -7,13 +7,18 @@ are written (only the sleep is shortened) against the real example worker.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import select
 import shlex
 import signal
 import subprocess
+import urllib.request
 
 import pytest
 
+from graceful._deadline import FLUSH_SLICE
 from graceful.testing import ProcessFactory
 
 from .conftest import BOUND, ROOT
@@ -42,7 +47,10 @@ def environment(settings: dict[str, list[str]]) -> dict[str, str]:
     return dict(value.split("=", 1) for value in settings.get("Environment", []))
 
 
-@pytest.mark.parametrize("name", ["demo-notify.service", "worker.service", "reload.service"])
+@pytest.mark.parametrize(
+    "name",
+    ["demo-notify.service", "worker.service", "reload.service", "upgrade.service", "upgrade-reload.service"],
+)
 def test_each_unit_lets_graceful_finish_before_systemd_kills(name: str) -> None:
     settings = unit(name)
     assert settings["Type"][0] in {"notify", "notify-reload"}
@@ -51,11 +59,51 @@ def test_each_unit_lets_graceful_finish_before_systemd_kills(name: str) -> None:
     assert float(env["GRACEFUL_TIMEOUT_STOP_SEC"]) == stop_timeout  # what graceful's warning checks
     budget = float(env.get("GRACEFUL_FORCE_QUIT", "25"))
     sleeps = sum(float(cmd.split()[-1]) for cmd in settings.get("ExecStop", []) if "sleep" in cmd)
-    assert sleeps + budget < stop_timeout
+    assert sleeps + budget + FLUSH_SLICE < stop_timeout
 
 
 def test_the_notify_unit_has_a_watchdog() -> None:
     assert float(unit("demo-notify.service")["WatchdogSec"][0]) > 0
+
+
+def test_the_upgrade_units_let_the_new_generation_speak_and_reload_with_sigusr2() -> None:
+    upgrade, reload = unit("upgrade.service"), unit("upgrade-reload.service")
+    assert upgrade["NotifyAccess"] == reload["NotifyAccess"] == ["all"]  # MAINPID= from the new one
+    assert upgrade["ExecReload"] == ["/bin/kill -USR2 $MAINPID"]
+    assert reload["ReloadSignal"] == ["SIGUSR2"]
+    assert "KillMode" not in upgrade  # control-group: a stop reaches both generations
+    assert unit("upgrade.socket")["ListenStream"] == ["8000"]
+
+
+@pytest.mark.timeout(60)
+def test_the_upgrade_units_reload_command_upgrades_the_real_demo(graceful_process: ProcessFactory) -> None:
+    proc = graceful_process(ROOT / "examples" / "demo.py", env={"PORT": "0"})
+    proc.wait_for_output("serving on http://127.0.0.1:")
+    found = re.search(r"serving on http://127.0.0.1:(\d+)", proc.stderr)
+    assert found is not None
+    url = f"http://127.0.0.1:{found.group(1)}/"
+    for command in unit("upgrade.service")["ExecReload"]:
+        subprocess.run(shlex.split(command.replace("$MAINPID", str(proc.pid))), check=True, timeout=BOUND)
+    proc.wait_for_output(f"this generation (pid {proc.pid}) stops accepting")  # the new one is ready
+    ready = re.search(r"the next generation \(pid (\d+)\) is ready", proc.stderr)
+    assert ready is not None
+    new = int(ready.group(1))
+    pidfd = os.pidfd_open(new)
+    try:
+        with urllib.request.urlopen(url, timeout=BOUND) as response:  # the same port, the new process
+            assert response.status == 200
+        # The new generation holds the old one's stdout and stderr: stopped first, so that the
+        # old one's result has its whole output.
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        assert select.select([pidfd], [], [], BOUND)[0], "the new generation did not stop"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
+    result = proc.wait(BOUND)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("database connections closed") == 2  # each generation's shutdown ran
+    assert f"MAINPID={new}" in result.notifications  # systemd follows the new one
 
 
 def test_the_worker_unit_pauses_waits_then_terminates() -> None:

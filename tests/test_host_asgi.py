@@ -105,12 +105,15 @@ def probe(port: int) -> int | None:
 
 
 def refused(port: int) -> bool:
-    """True once a new connection to ``port`` is refused (the server stopped accepting)."""
+    """True once a new connection to ``port`` is refused (the server stopped accepting).
+
+    A connection that reached the accept queue just before the server closed its listening
+    socket is reset instead of refused: the same answer, one instant earlier."""
     with socket.socket() as sock:
         sock.settimeout(BOUND)
         try:
             sock.connect(("127.0.0.1", port))
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
             return True
     return False
 

@@ -178,7 +178,7 @@ def test_a_stuck_listener_is_reported_before_the_arbiter_kills_the_worker(gunico
     assert f"Worker (pid:{worker}) exited with code 70" in err, err
     assert "SIGKILL" not in err, err
     assert err.index("graceful: force quit") < err.index("Shutting down: Master")
-    assert "1 forced by graceful's deadline" in err, err
+    assert "1 forced (graceful's report on stderr)" in err, err
     assert _events(child)[worker] == ["loaded", "ready", "wrap-up", "shutdown"]
 
 

@@ -100,6 +100,18 @@ def test_shutdown_bad_timeout_rejected_before_anything_starts(timeout: object, e
     assert not lc.is_stopping()
 
 
+@pytest.mark.parametrize("wait", ["no", None, 0, 1, "False"])
+def test_shutdown_wait_takes_only_a_bool(fresh: Lifecycle, wait: object) -> None:
+    """``shutdown(wait="no")`` (truthy: it would block) or ``wait=None`` is a TypeError, and the
+    lifecycle is still RUNNING (issue #27, item 9)."""
+    with pytest.raises(TypeError, match=r"shutdown\(wait=...\) takes True or False"):
+        fresh.shutdown(wait=wait)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="takes True or False"):
+        graceful.shutdown(wait=wait)  # type: ignore[arg-type]
+    assert fresh.state() is State.RUNNING
+    assert not fresh.is_stopping()
+
+
 @pytest.mark.parametrize(("timeout", "error"), BAD_TIMEOUTS)
 @pytest.mark.parametrize("method", ["wait_for_shutdown", "wait_for_wrap_up", "join", "wait_until_idle"])
 def test_wait_bad_timeout_rejected(method: str, timeout: object, error: type) -> None:

@@ -220,16 +220,16 @@ def test_a_probe_port_in_use_is_a_runtime_error_that_says_what_to_do() -> None:
             readiness.serve_probes(taken.getsockname()[1])
 
 
-def test_a_grace_shorter_than_delay_plus_budget_is_warned_about(
+def test_a_grace_shorter_than_the_budget_and_the_flush_slice_is_warned_about(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     lc = Lifecycle(force_quit=25)
     monkeypatch.setenv("GRACEFUL_DRAIN_DELAY", "10")
-    monkeypatch.setenv("GRACEFUL_TERMINATION_GRACE", "30")
+    monkeypatch.setenv("GRACEFUL_TERMINATION_GRACE", "25")
     warning = readiness.check_platform_grace(lc)
     assert warning is not None
-    assert "35 s, not less than the platform's grace of 30 s" in caplog.text
-    monkeypatch.setenv("GRACEFUL_TERMINATION_GRACE", "60")
+    assert "end 26 s after SIGTERM, not before the platform's grace of 25 s" in caplog.text
+    monkeypatch.setenv("GRACEFUL_TERMINATION_GRACE", "27")  # the drain delay is inside the budget
     assert readiness.check_platform_grace(lc) is None
     monkeypatch.setenv("GRACEFUL_TIMEOUT_STOP_SEC", "20")  # the shorter of the two counts
     assert readiness.check_platform_grace(lc) is not None
@@ -267,8 +267,11 @@ def test_run_warns_once_at_start_when_the_grace_is_too_short(graceful_process: P
     env = {"GRACEFUL_TERMINATION_GRACE": "20", "GRACEFUL_DRAIN_DELAY": "1", "GRACEFUL_FORCE_QUIT": "25"}
     child = graceful_process(SERVICE, env=env)
     child.wait_for_output("server(s) started: ready", stream="stderr")
-    assert child.stderr.count("WARNING graceful the drain delay (1 s) plus the force-quit budget (25 s)") == 1
-    assert "not less than the platform's grace of 20 s" in child.stderr
+    assert (
+        child.stderr.count("WARNING graceful the force-quit budget (25 s) and the last flush slice (1 s)")
+        == 1
+    )
+    assert "not before the platform's grace of 20 s" in child.stderr
     assert child.stderr.index("platform's grace") < child.stderr.index("server(s) started")  # at start
     child.send_signal(signal.SIGTERM)
     assert child.wait().returncode == 0

@@ -481,7 +481,8 @@ def test_handled_signals_skip_what_the_platform_lacks() -> None:
     windows = types.SimpleNamespace(SIGTERM=15, SIGINT=2, SIGBREAK=21)
     assert handled_signals(windows) == [15, 2, 21]
     assert handled_signals() == [
-        int(getattr(signal, n)) for n in ("SIGTERM", "SIGINT", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP")
+        int(getattr(signal, n))
+        for n in ("SIGTERM", "SIGINT", "SIGQUIT", "SIGTSTP", "SIGUSR1", "SIGHUP", "SIGUSR2")
     ]
 
 

@@ -20,8 +20,10 @@ CORE = {
     "graceful._lifecycle",
     "graceful._listeners",
     "graceful._settings",
+    "graceful._sockets",
 }
-"""The core: ``Lifecycle``, listeners, the deadline and its clock, and their helpers."""
+"""The core: ``Lifecycle``, listeners, the deadline and its clock, and their helpers (``_sockets``:
+what ``Lifecycle.listen()`` loads on first use)."""
 
 CORE_ORDER = [
     "graceful._lifecycle",
@@ -30,6 +32,7 @@ CORE_ORDER = [
     "graceful._settings",
     "graceful._listeners",
     "graceful._aio",
+    "graceful._sockets",
     "graceful._checks",
 ]
 """The core from top to bottom: what each module may import is below it in this list."""
@@ -44,6 +47,10 @@ THIRD_PARTY_PRIVATE = {
     ("graceful.adapters.rq", "_shutdown_requested_date"): "rq Worker: a warm shutdown without a signal",
     ("graceful.adapters.rq", "_stop_requested"): "rq Worker: a warm shutdown without a signal",
     ("graceful.adapters.rq", "_install_signal_handlers"): "rq Worker: its signal handling off",
+    (
+        "graceful._celery_messages",
+        "_in_poll",
+    ): "kombu Redis channel: a BRPOP in flight, read before a forced exit",
 }
 
 

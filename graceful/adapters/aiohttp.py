@@ -31,6 +31,13 @@ with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
   ``ConnectionResetError``: the wrapper drops it. Both counts are logged with the drain.
 * deadline: each request still under way is logged (method, path, client, age) and its
   connection is closed. A request that ``shutdown_timeout=`` cancels is logged the same way.
+* sockets: the site is a ``SockSite`` on the socket ``graceful.listen()`` gives (systemd's, the
+  previous generation's during an upgrade in place, or a new one); with no ``host``, one on
+  ``0.0.0.0`` and one on ``::`` (as ``TCPSite`` binds every interface), on the same port.
+  ``reuse_port=`` or ``reuse_address=`` in the site options keep aiohttp's own ``TCPSite``: the
+  caller chose how to bind. At a hand-over to a new generation (``_upgrade``) the cleanup waits
+  up to ``LINGER`` s for kept-alive connections to send one more request, answered with
+  ``Connection: close``, before aiohttp closes the idle ones.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from .._checks import TYPE_CHECKING, port_from_env
 from .._drain_delay import drain_delay_of
 from .._lifecycle import on_force_quit
 from .._service import Context
+from .._upgrade import LINGER, handing_over
 from ._inflight import InFlight, Request, log_ended_long_lived
 
 if TYPE_CHECKING:
@@ -117,6 +125,10 @@ class AiohttpService:
         ValueError: the runner handles signals itself, or is already set up; ``PORT`` is not
             a port number.
     """
+
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
 
     def __init__(
         self,
@@ -221,14 +233,44 @@ class AiohttpService:
         assert server is not None  # setup() made it
         self._handler = server.request_handler
         server.request_handler = self._track  # connections take it when they open: before start()
-        site = web.TCPSite(self.runner, self.host, self.port, **self.site_options)
-        await site.start()
+        for site in self._sites(ctx):
+            await site.start()
+            log.info("%s: listening on %s", self.name, site.name)
         addresses = self.runner.addresses
         if addresses:
             self.port = addresses[0][1]
-        log.info("%s: listening on %s", self.name, site.name)
         ctx.started()
         await self._done.wait()
+
+    def _sites(self, ctx: Context) -> list[web.BaseSite]:
+        """A ``SockSite`` on each socket ``graceful.listen()`` gives (see the module docstring)."""
+        options = dict(self.site_options)
+        if options.get("reuse_port") is not None or options.get("reuse_address") is not None:
+            return [web.TCPSite(self.runner, self.host, self.port, **options)]
+        backlog = options.pop("backlog", 128)  # TCPSite's default
+        if self.host:
+            return [
+                web.SockSite(
+                    self.runner, ctx.lifecycle.listen((self.host, self.port), backlog=backlog), **options
+                )
+            ]
+        first = ctx.lifecycle.listen(("0.0.0.0", self.port), backlog=backlog)
+        sites: list[web.BaseSite] = [web.SockSite(self.runner, first, **options)]
+        try:
+            second = ctx.lifecycle.listen(("::", first.getsockname()[1]), backlog=backlog)
+        except OSError as exc:  # no IPv6 here
+            log.debug("%s: not listening on IPv6 (%s)", self.name, exc)
+        else:
+            sites.append(web.SockSite(self.runner, second, **options))
+        return sites
+
+    async def _linger(self) -> None:
+        """At a hand-over: up to ``LINGER`` s for kept-alive connections to end by themselves."""
+        server = self.runner.server
+        loop = asyncio.get_running_loop()
+        end = loop.time() + LINGER
+        while server is not None and server.connections and loop.time() < end:
+            await asyncio.sleep(0.005)
 
     async def wrap_up(self, ctx: Context) -> None:
         if self._done is None or self._done.is_set():
@@ -240,6 +282,8 @@ class AiohttpService:
         websockets, streams = await self._end_long_lived(ctx.remaining())
         log_ended_long_lived(self.name, websockets, streams)
         log.info("%s: stopped accepting; draining %d request(s)", self.name, len(self.in_flight))
+        if handing_over(ctx.lifecycle):
+            await self._linger()
         # aiohttp's per-connection timeout (None: wait as long as graceful's deadline allows).
         self.runner._shutdown_timeout = self.shutdown_timeout  # type: ignore[assignment]
         cleanup = asyncio.ensure_future(self.runner.cleanup())  # on_shutdown, drain, on_cleanup

@@ -26,6 +26,18 @@ those that ended, and names each again if the deadline cuts it. Nothing is waite
 A pause (SIGTSTP) does the same without a deadline. A handler that calls ``server.shutdown()``
 asks graceful for a shutdown instead (``serve_forever()`` is not what runs the loop here).
 
+Listening sockets that outlive the process (``graceful.listen``, contract section 11): a server
+built with ``bind_and_activate=False`` is bound by ``serve()`` through ``listen()`` (systemd's
+socket, the previous generation's, or a new one; then what ``server_bind()`` does after its bind
+is done too: ``server_address``, and ``server_name``/``server_port`` for ``http.server``, the
+WSGI environ for ``wsgiref``); a server bound already is left as it is. The listening socket is
+non-blocking: during an upgrade in place two processes accept on it, and a blocking
+``accept()`` whose connection the other process took would hang the loop. At a hand-over to a
+new generation (``_upgrade``), step 2 closes this process's fd only (the new one keeps the
+socket: nothing is refused, so the backlog is left to it), and step 3 lets a kept-alive
+connection send one more request, answered with ``Connection: close``, rather than closing it
+under a client that may be sending on it (``LINGER``).
+
 A client that goes away early (a balancer resetting its pooled connections) is counted and
 logged at DEBUG, never a traceback: ``handle_error`` is overridden on the server *instance*,
 and ``_inflight`` says how it is told from a handler's own failing call to a backend, which is
@@ -43,13 +55,15 @@ import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from socketserver import TCPServer
 
 from .._checks import TYPE_CHECKING
 from .._drain_delay import drain_delay_of
 from .._lifecycle import on_force_quit, report_progress
 from .._service import Context
+from .._sockets import is_listening
+from .._upgrade import LINGER, handing_over
 from ._inflight import GONE, TIMED_OUT, Request, describe_client, peer_gone
 
 monotonic = time.monotonic
@@ -89,6 +103,7 @@ class _Tracker:
         self.served: dict[Any, int] = {}  # handler -> requests answered so far
         self.upgraded: dict[Any, str] = {}  # handler -> what it became ("tunnel", ...)
         self.draining = False
+        self.linger = False  # a hand-over: kept-alive connections get one more request (with close)
         self.lifecycle: Lifecycle | None = None  # set by serve()
         self.traffic: Traffic | None = None  # set by serve()
         self.gone = 0  # clients that went away early
@@ -186,7 +201,7 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
         # Every request passes here: the base class's methods are called directly (no super()),
         # and what only matters while draining is checked after one attribute read.
         def handle_one_request(self) -> None:
-            if tracker.draining and tracker.served.get(self, 0):
+            if tracker.draining and tracker.served.get(self, 0) and not tracker.linger:
                 self.close_connection = True  # keep-alive ends: answered one, take no more
                 return
             try:
@@ -255,6 +270,10 @@ def _track(factory: Any, tracker: _Tracker) -> Any:
 class HTTPServerService:
     """Any ``socketserver.TCPServer`` (UDP and Unix servers included): ``http.server``, ``wsgiref``, your own TCP server."""
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(self, server: TCPServer, name: str | None = None) -> None:
         if not isinstance(server, TCPServer):
             raise TypeError(f"HTTPServerService takes a socketserver server, not {type(server).__name__}")
@@ -286,16 +305,51 @@ class HTTPServerService:
 
     def _widen_backlog(self) -> None:
         """socketserver listens with a backlog of 5: a burst of clients would see SYNs dropped
-        and retried seconds later. Listen again with the system's maximum (Linux adjusts it)."""
+        and retried seconds later. Listen again with the system's maximum (Linux adjusts it).
+        Not a socket that is not listening yet: ``listen()`` on an unbound TCP socket binds it
+        to a random port."""
         sock = self.server.socket
-        if sock.type == socket.SOCK_STREAM and self.server.request_queue_size < socket.SOMAXCONN:
+        if is_listening(sock) and self.server.request_queue_size < socket.SOMAXCONN:
             with contextlib.suppress(OSError):
                 sock.listen(socket.SOMAXCONN)
+
+    def _bind(self, ctx: Context) -> None:
+        """A stream server built with ``bind_and_activate=False``: bound through ``listen()``.
+
+        What ``server_bind()`` does after its bind is done here too (the socket is bound
+        already: its ``bind()`` would fail). A subclass that overrides ``server_bind()`` is told
+        that its override did not run."""
+        server = self.server
+        if server.socket.type != socket.SOCK_STREAM or not _unbound(server.socket):
+            return
+        sock = ctx.lifecycle.listen(server.server_address)
+        server.socket.close()
+        server.socket = sock
+        server.server_address = sock.getsockname()
+        if isinstance(server, HTTPServer) and sock.family != getattr(socket, "AF_UNIX", None):
+            host, port = server.server_address[:2]
+            server.server_name = socket.getfqdn(str(host))
+            server.server_port = port
+        setup_environ = getattr(server, "setup_environ", None)  # wsgiref's WSGIServer
+        if callable(setup_environ):
+            setup_environ()
+        if getattr(type(server), "server_bind", None) not in _stdlib_binds():
+            log.warning(
+                "%s: graceful bound it with graceful.listen() (bind_and_activate=False) and did not "
+                "call its own server_bind(); if that override does more than bind, bind the server "
+                "yourself with graceful.listen()",
+                self.name,
+            )
 
     # -- serve --------------------------------------------------------------------------------
 
     def serve(self, ctx: Context) -> None:
         self._ctx = ctx
+        self._bind(ctx)
+        self._widen_backlog()
+        self.server.socket.setblocking(False)  # two processes may accept on it: see the docstring
+        if sys.platform != "linux":  # elsewhere an accepted socket inherits O_NONBLOCK
+            self.server.get_request = self._accept_blocking  # type: ignore[method-assign]
         self.tracker.lifecycle = ctx.lifecycle
         self.tracker.traffic = drain_delay_of(ctx.lifecycle).traffic
         on_force_quit(ctx.lifecycle, self._drop_the_rest, name=f"drop requests of {self.name}")
@@ -317,9 +371,17 @@ class HTTPServerService:
             self._close_listener()
             self._loop_left.set()
 
+    def _accept_blocking(self) -> tuple[socket.socket, Any]:
+        request, client = self.server.socket.accept()
+        request.setblocking(True)
+        return request, client
+
     def _accept_backlog(self, selector: selectors.BaseSelector, wake_r: socket.socket) -> None:
-        """Serve the connections the kernel already accepted for us, then stop listening."""
+        """Serve the connections the kernel already accepted for us, then stop listening
+        (not at a hand-over: the new generation accepts them, and nothing is closed for it)."""
         selector.unregister(wake_r)
+        if self.tracker.linger:
+            return
         limit = 2 * int(getattr(self.server, "request_queue_size", 5))  # bounded under a stream
         while limit and selector.select(0):
             self.server._handle_request_noblock()  # type: ignore[attr-defined]
@@ -340,6 +402,7 @@ class HTTPServerService:
 
     def wrap_up(self, ctx: Context) -> None:
         drain_delay_of(ctx.lifecycle).wait_said()
+        self.tracker.linger = handing_over(ctx.lifecycle)
         self.tracker.draining = True
         self._stop.set()
         if self._wake is not None:
@@ -360,6 +423,7 @@ class HTTPServerService:
         """
         listening_closed: float | None = None
         named = self._name_long_lived()  # now: a one-thread server's loop may be what runs one
+        idle_since: dict[Any, float] = {}  # at a hand-over: since when each was seen idle
         while True:
             if listening_closed is None and self._loop_left.is_set():
                 listening_closed = time.monotonic()
@@ -370,7 +434,7 @@ class HTTPServerService:
                     self.tracker.gone,
                 )
             fresh_too = listening_closed is not None and time.monotonic() - listening_closed >= IDLE_GRACE
-            for handler in self.tracker.idle(fresh_too=fresh_too):
+            for handler in self._to_close(fresh_too, idle_since):
                 if not _has_input(handler):
                     _shut(handler)
             remaining = ctx.remaining()
@@ -383,6 +447,18 @@ class HTTPServerService:
                 return True
             if remaining is not None and remaining <= 0:
                 return False
+
+    def _to_close(self, fresh_too: bool, idle_since: dict[Any, float]) -> list[Any]:
+        """The idle connections to close now: all of them, or at a hand-over those idle for
+        ``LINGER`` s (until then a request they send is answered with ``Connection: close``)."""
+        idle = self.tracker.idle(fresh_too=fresh_too)
+        if not self.tracker.linger:
+            return idle
+        now = time.monotonic()
+        seen = {handler: idle_since.get(handler, now) for handler in idle}
+        idle_since.clear()
+        idle_since.update(seen)
+        return [handler for handler, since in seen.items() if now - since >= LINGER]
 
     def _name_long_lived(self) -> int:
         """One line for each upgraded connection the drain now waits on; how many."""
@@ -409,6 +485,28 @@ class HTTPServerService:
             log.error("%s: dropped request %s at the force-quit deadline", self.name, request.describe())
         for handler in list(self.tracker.open):
             _shut(handler)
+
+
+def _unbound(sock: socket.socket) -> bool:
+    """Not bound yet (a server built with ``bind_and_activate=False``)."""
+    if is_listening(sock):
+        return False
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return True
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return bool(name[1] == 0)
+    return not name
+
+
+def _stdlib_binds() -> tuple[object, ...]:
+    """The standard library's ``server_bind`` methods: ``_bind()`` does what they do."""
+    binds: list[object] = [TCPServer.server_bind, HTTPServer.server_bind]
+    wsgiref = sys.modules.get("wsgiref.simple_server")
+    if wsgiref is not None:
+        binds.append(wsgiref.WSGIServer.server_bind)
+    return tuple(binds)
 
 
 def adapt(obj: object) -> HTTPServerService | None:

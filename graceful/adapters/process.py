@@ -94,6 +94,10 @@ class _Child:
 class ProcessService:
     """One child process: SIGTERM at wrap-up, SIGKILL at the deadline, always reaped."""
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(self, child: Any, name: str | None = None, *, pause_signal: int | None = None) -> None:
         self._child = _Child(child)
         self._pause_signal = pause_signal

@@ -7,10 +7,22 @@ rq's cold shutdown kills the job in hand and leaves it to be marked failed, not 
 (celery #3802's lost ``acks_late`` tasks, in another library). Here the worker runs in a thread
 with its own signal handling off, and graceful drives it:
 
-* serve: ``work()``; "started" once rq has registered the worker in Redis. An idle worker
-  looks for a stop every second (its dequeue is cut into 1 s waits; ``worker_ttl`` and the
-  ``max_idle_time`` you pass keep their meaning). Jobs are timed out with rq's
-  ``TimerDeathPenalty``: SIGALRM, rq's default, only reaches the main thread.
+* serve: ``work()``; "started" once rq's bootstrap is over: the worker is registered in Redis,
+  subscribed to its command channel (``rq shutdown``, ``send_stop_job_command``) and about to
+  take jobs. Not earlier: READY sent from ``register_birth`` let a SIGTERM land while rq was
+  still subscribing. An idle worker looks for a stop every second (its dequeue is cut into 1 s
+  waits; ``worker_ttl`` and the ``max_idle_time`` you pass keep their meaning). Jobs are timed
+  out with rq's ``TimerDeathPenalty``: SIGALRM, rq's default, only reaches the main thread.
+* rq's teardown unsubscribes from that channel with a wait that has no bound under redis-py 8:
+  rq 3.0 sends UNSUBSCRIBE, then calls ``PubSubWorkerThread.stop()``, which in redis-py 8 joins
+  the pub/sub thread without a timeout (7.x only cleared its running flag). If that thread
+  handles the UNSUBSCRIBE reply before ``stop()`` clears the flag (a busy machine: 4 to 7 runs
+  in 30 with three busy loops beside it), it is no longer subscribed and waits up to rq's
+  ``sleep_time`` of 60 s for a subscription; the join waits with it, past graceful's deadline,
+  and an idle worker's SIGTERM ended in exit 70 ("job None still running"). Here the flag is
+  cleared *first*, then UNSUBSCRIBE is sent (its reply ends the thread's loop), and the join is
+  bounded (``PUBSUB_GRACE``); a thread still running after it is a daemon and closes its own
+  connection when its wait ends.
 * wrap-up (SIGTSTP or SIGTERM; also ``rq shutdown``, which sends this process SIGINT): rq's warm
   shutdown: no new job is taken, the job in hand finishes, rq deregisters the worker.
 * deadline: the job still running is taken out of rq's started-job registry (so that rq's
@@ -48,6 +60,8 @@ __all__ = ["RqService", "adapt"]
 
 IDLE_POLL = 1
 """Seconds an idle worker waits for a job before it looks for a stop (rq takes whole seconds)."""
+PUBSUB_GRACE = 1.0
+"""Seconds rq's teardown waits for its pub/sub thread to end (rq's own join bound)."""
 
 WORK_OPTIONS = (
     "burst",
@@ -73,6 +87,10 @@ class RqService:
             ``log_format``.
     """
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(self, worker: rq.SimpleWorker, *, name: str | None = None, **work_options: Any) -> None:
         _check(worker)
         unknown = sorted(set(work_options) - set(WORK_OPTIONS))
@@ -92,13 +110,13 @@ class RqService:
     def serve(self, ctx: Context) -> None:
         on_force_quit(ctx.lifecycle, self._put_back, name=f"requeue the job of {self.name}")
         worker = self.worker
-        register_birth = worker.register_birth
+        bootstrap = worker.bootstrap
 
-        def register_then_say_started() -> None:
-            register_birth()  # type: ignore[no-untyped-call]
+        def bootstrap_then_say_started(*args: Any, **kwargs: Any) -> None:
+            bootstrap(*args, **kwargs)  # registered, subscribed, "*** Listening on ..."
             ctx.started()
 
-        worker.register_birth = register_then_say_started  # type: ignore[method-assign]
+        worker.bootstrap = bootstrap_then_say_started  # type: ignore[method-assign]
         if ctx.lifecycle.is_stopping():  # a stop that came while we were starting is not lost
             self._asked.set()
             worker._stop_requested = True
@@ -189,6 +207,30 @@ def _coordinate(worker: rq.SimpleWorker, asked: threading.Event) -> None:
         raise StopRequested  # work() ends its loop, deregisters the worker, returns
 
     worker.dequeue_job_and_maintain_ttl = dequeue_until_stopped  # type: ignore[method-assign]
+    worker.unsubscribe = lambda: _unsubscribe(worker)  # type: ignore[method-assign]
+
+
+def _unsubscribe(worker: rq.SimpleWorker) -> None:
+    """rq's ``unsubscribe()``, every wait bounded: stop the pub/sub thread's loop, then UNSUBSCRIBE."""
+    thread: Any = worker.pubsub_thread  # rq types it as None: it is set in subscribe()
+    pubsub: Any = worker.pubsub
+    if thread is None or pubsub is None:
+        return
+    worker.log.info("Worker %s: unsubscribing from channel %s", worker.name, worker.pubsub_channel_name)
+    try:
+        thread.stop(timeout=0)  # redis-py >= 8: clear the running flag; a join of 0 s
+    except TypeError:  # redis-py < 8: stop() only clears the flag
+        thread.stop()
+    pubsub.unsubscribe()  # its reply wakes the thread, which now leaves its loop
+    thread.join(PUBSUB_GRACE)
+    if thread.is_alive():  # a daemon: it closes its own connection when its wait ends
+        log.warning(
+            "rq worker %s: its pub/sub thread did not stop within %g s; left to end on its own",
+            worker.name,
+            PUBSUB_GRACE,
+        )
+        return
+    pubsub.close()
 
 
 def adapt(obj: object) -> RqService | None:

@@ -28,6 +28,13 @@ its connection handling and the ASGI lifespan shutdown still run.
 * deadline: every request still under way is logged (method, path, client, age), uvicorn is
   told to force-exit and its connections are cut. A request that uvicorn's own
   ``timeout_graceful_shutdown`` cancels is logged the same way.
+* sockets: uvicorn is handed the socket ``graceful.listen()`` gives for its ``host``/``port``
+  (or ``uds``) and ``backlog`` (``Server.serve(sockets=[...])``, as gunicorn's uvicorn worker
+  does): systemd's socket, the previous generation's during an upgrade in place, or a new one.
+  A ``Config(fd=...)`` is uvicorn's own. At a hand-over to a new generation (``_upgrade``),
+  closing the listener closes this process's fd only; a kept-alive connection is not closed
+  under a client that may be sending on it: its next request is answered with ``Connection:
+  close`` (the middleware), and only the connections still idle after ``LINGER`` s are closed.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from functools import partial
 from time import monotonic
 
@@ -44,6 +52,8 @@ from .._checks import TYPE_CHECKING
 from .._drain_delay import drain_delay_of
 from .._lifecycle import on_force_quit
 from .._service import Context
+from .._sockets import describe
+from .._upgrade import LINGER, handing_over
 from ._inflight import InFlight, Request, log_ended_long_lived
 
 if TYPE_CHECKING:
@@ -230,6 +240,10 @@ class UvicornService:
     uvicorn cancel slow requests earlier (each is logged too, and the exit stays 0).
     """
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(self, server: uvicorn.Server, name: str | None = None) -> None:
         if not isinstance(server, uvicorn.Server):
             raise TypeError(
@@ -245,6 +259,7 @@ class UvicornService:
         self._done: asyncio.Event | None = None
         self._exit: asyncio.Event | None = None
         self._track: _Track | None = None
+        self._lifecycle: Any = None  # set by serve()
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
@@ -266,8 +281,9 @@ class UvicornService:
         server.startup = startup_then_say_started  # type: ignore[method-assign]
         server.main_loop = self._main_loop  # type: ignore[method-assign]
         server.shutdown = self._shutdown  # type: ignore[method-assign]
+        self._lifecycle = ctx.lifecycle
         try:
-            await self._serve_without_signal_handlers()
+            await self._serve_without_signal_handlers(self._listen(ctx))
         except SystemExit as exc:  # uvicorn's way to say its startup failed
             if isinstance(exc.__context__, OSError):  # it could not bind: run() logs that in one line
                 raise exc.__context__ from None
@@ -278,14 +294,30 @@ class UvicornService:
         finally:
             self._done.set()
 
-    async def _serve_without_signal_handlers(self) -> None:
+    def _listen(self, ctx: Context) -> list[Any] | None:
+        """The listening socket for uvicorn's ``host``/``port`` or ``uds``, through
+        ``graceful.listen()``; None for a ``Config(fd=...)``, which uvicorn opens itself."""
+        config = self.server.config
+        if config.fd is not None:
+            return None
+        if config.uds is None:
+            sock = ctx.lifecycle.listen((config.host, config.port), backlog=config.backlog)
+        else:  # as uvicorn: a socket file's mode is kept, a new one is 0o666
+            mode = os.stat(config.uds).st_mode if os.path.exists(config.uds) else 0o666
+            sock = ctx.lifecycle.listen(config.uds, backlog=config.backlog)
+            os.chmod(config.uds, mode)
+        # uvicorn logs its address only when it binds it itself
+        _uvicorn_log.info("Uvicorn running on %s://%s", "https" if config.is_ssl else "http", describe(sock))
+        return [sock]
+
+    async def _serve_without_signal_handlers(self, sockets: list[Any] | None) -> None:
         """``Server.serve()`` minus ``capture_signals()``: graceful owns the signals."""
         inner = getattr(self.server, "_serve", None)  # uvicorn >= 0.29
         if inner is not None:
-            await inner()
+            await inner(sockets=sockets)
             return
         self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
-        await self.server.serve()
+        await self.server.serve(sockets=sockets)
 
     async def _main_loop(self) -> None:
         """uvicorn's loop, woken by wrap-up instead of polling ``should_exit`` every 0.1 s."""
@@ -314,6 +346,8 @@ class UvicornService:
             listener.close()
         for sock in sockets or ():
             sock.close()
+        if self._lifecycle is not None and handing_over(self._lifecycle):
+            await self._linger()
         for connection in list(state.connections):
             connection.shutdown()
         try:
@@ -326,6 +360,15 @@ class UvicornService:
                 task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
         if not server.force_exit:
             await server.lifespan.shutdown()
+
+    async def _linger(self) -> None:
+        """At a hand-over: up to ``LINGER`` s for the kept-alive connections to end by
+        themselves (each response now says ``Connection: close``), before the rest are closed."""
+        server, state = self.server, self.server.server_state
+        loop = asyncio.get_running_loop()
+        end = loop.time() + LINGER
+        while state.connections and loop.time() < end and not server.force_exit:
+            await asyncio.sleep(_LOOK)
 
     async def _drained(self) -> None:
         """Until uvicorn has no connection, then no request task, left (or is told to force-exit)."""

@@ -73,6 +73,10 @@ class Worker:
     Counters ``done``, ``failed`` and ``requeued`` are kept for logs and tests.
     """
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(
         self,
         fetch: Callable[[float], Any],

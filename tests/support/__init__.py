@@ -9,4 +9,6 @@
 * ``asgi_app``, ``gunicorn_app``, ``gunicorn_conf``, ``celery_app``: the apps the hosts' tests
   run under a real server's command line (``tests.support.asgi_app:app``).
 * ``load_client``: the client process of the load test.
+* ``keepalive_client``, ``reaper``: the upgrade tests' kept-alive POST load, and the child
+  subreaper their generations run under (tests/test_upgrade.py).
 """

@@ -4,18 +4,21 @@ Each process of the worker writes what happens to it on stdout as ``EV <event> <
 with one ``os.write`` each (whole lines from several processes; Celery redirects
 ``sys.stdout`` into its log). The tasks wait on events, never on time: ``hold`` waits for its
 process's wrap-up (a wrap-up listener sets the event) and then for the test's release (a Redis
-list), ``stuck`` for ever (until graceful's deadline).
+list), ``stuck`` for ever (until graceful's deadline); see each task for the others. Each pool
+process says ``EV pool-process <pid>`` as it starts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+import time
 from typing import Any
 
 import celery.worker.request
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 import graceful
 import graceful.celery
@@ -56,6 +59,51 @@ def hold(key: str) -> None:
 def stuck() -> None:
     say("stuck-start")
     never.wait(60)
+
+
+@app.task(name="tests.stuck_early")  # Celery's default: acknowledged as it starts
+def stuck_early(*args: object, **kwargs: object) -> None:
+    say("stuck-early-start")
+    never.wait(60)
+
+
+@app.task(name="tests.stuck_early_kept", graceful_resend_early_acked=False)
+def stuck_early_kept(*args: object, **kwargs: object) -> None:
+    say("stuck-early-kept-start")
+    never.wait(60)
+
+
+@app.task(name="tests.linger", acks_late=True)
+def linger(key: str) -> None:
+    """Done at once; then its process lingers in ``task_postrun`` (below), before it sends the
+    result: the main process still believes it runs, as it does of any task whose result it
+    has not read yet."""
+    store.rpush(f"{key}:done", os.getpid())
+
+
+@signals.task_postrun.connect
+def _linger_after_the_end(task: Any = None, **_: object) -> None:
+    if getattr(task, "name", "") == "tests.linger":
+        say("linger-finished")
+        never.wait(60)
+
+
+@app.task(name="tests.watch_own_message", bind=True, acks_late=True)
+def watch_own_message(self: Any, key: str) -> None:
+    """Runs until its own message is back on the queue, then applies its side effect: what a
+    task put back while it still runs would do (it must be stopped first)."""
+    say("watch-start")
+    until = time.monotonic() + 60
+    while time.monotonic() < until:
+        if any(json.loads(raw)["headers"]["id"] == self.request.id for raw in store.lrange("celery", 0, -1)):
+            store.rpush(f"{key}:done-after-put-back", os.getpid())
+            return
+        time.sleep(0.001)
+
+
+@signals.worker_process_init.connect
+def _pool_process(**_: object) -> None:
+    say("pool-process")
 
 
 # "EV accepted-<task id>" once the main process has seen its pool take the task (Celery has no

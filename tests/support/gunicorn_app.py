@@ -3,7 +3,8 @@
 Each prints ``EVENT <pid> <what>`` lines on stdout (one ``os.write``, so lines from several
 workers never mix). ``/slow`` holds its request until this worker's wrap-up listener has run
 (bounded), which proves the request was in flight while the worker wrapped up. With
-``STUCK=1`` a shutdown listener never returns, for the force-quit report.
+``STUCK=1`` a shutdown listener never returns, for the force-quit report; with ``SLOW=<s>`` one
+takes that long. ``/hang`` never answers (a worker timeout: the arbiter's SIGABRT).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import graceful
 
 HOLD = 10.0  # seconds a /slow request waits at most for the wrap-up
+HANG = 60.0  # seconds a /hang request waits: past any test's gunicorn --timeout
 
 
 def say(what: str) -> None:
@@ -38,10 +40,22 @@ def stuck_flush() -> None:
     threading.Event().wait()  # never set: the listener the report must name
 
 
+def slow_close() -> None:
+    say("slow-close")
+    threading.Event().wait(float(os.environ["SLOW"]))  # never set: a listener that takes SLOW s
+
+
+def hang() -> None:
+    say("hang")
+    threading.Event().wait(HANG)  # never set: the request the arbiter times out
+
+
 graceful.add_wrap_up_listener(on_wrap_up, name="app-wrap-up")
 graceful.add_shutdown_listener(on_shutdown, name="app-shutdown")
 if os.environ.get("STUCK") == "1":
     graceful.add_shutdown_listener(stuck_flush, name="stuck-flush")
+if os.environ.get("SLOW"):
+    graceful.add_shutdown_listener(slow_close, name="slow-close")
 if os.environ.get("FAIL") == "1":
     graceful.add_shutdown_listener(lambda: 1 / 0, name="failing-close")
 say("loaded")
@@ -50,6 +64,8 @@ say("loaded")
 def app(environ: dict[str, Any], start_response: Callable[..., object]) -> Iterable[bytes]:
     """WSGI: ``/slow`` waits for the wrap-up, anything else answers at once."""
     body = b"fast\n"
+    if environ.get("PATH_INFO") == "/hang":
+        hang()
     if environ.get("PATH_INFO") == "/slow":
         say("request-start")
         body = b"done after wrap-up\n" if wrapped.wait(HOLD) else b"no wrap-up\n"

@@ -44,6 +44,10 @@ class GrpcAioService:
         name: for the log (default ``"grpc.aio"``).
     """
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(
         self,
         server: Any,

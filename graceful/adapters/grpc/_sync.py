@@ -45,6 +45,10 @@ class GrpcService:
         name: for the log (default ``"grpc"``).
     """
 
+    bounds_its_drain = True
+    """Its ``wrap_up`` bounds itself and names what it cuts: ``run()`` does not abandon it at the
+    wrap-up timeout (graceful/_service.py)."""
+
     def __init__(
         self,
         server: Any,
