@@ -76,6 +76,10 @@ log = logging.getLogger("graceful")
 
 _ACTOR_CALL = os.path.join("dramatiq", "actor.py")
 
+ACK_GRACE = 0.2
+"""Seconds the deadline waits for Dramatiq to acknowledge a message whose actor has returned
+(within the share of the force quit's last second its hooks get)."""
+
 
 def install(broker: dramatiq.Broker) -> None:
     """Add graceful to every worker process of ``broker``; see the module docstring. Idempotent.
@@ -117,6 +121,16 @@ class GracefulMiddleware(Middleware):
         if self._host is not None:
             self._host.starting(message)
 
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        if self._host is not None:
+            self._host.running.returned(message)
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if self._host is not None:
+            self._host.running.returned(message)
+
     def after_ack(self, broker: dramatiq.Broker, message: Any) -> None:
         if self._host is not None:
             self._host.running.remove(message)  # done with: acknowledged after it ran
@@ -140,29 +154,56 @@ def _in_a_dramatiq_worker_process() -> bool:
 
 
 class _Running:
-    """The messages this process's worker threads run: message id -> (message, thread, since)."""
+    """The messages this process's worker threads hold, from ``before_process_message`` until
+    they are acknowledged (or rejected): message id -> its entry."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._messages: dict[str, tuple[Any, int, float]] = {}
+        self._messages: dict[str, _Entry] = {}
 
     def add(self, message: Any) -> None:
         with self._changed:
-            self._messages[message.message_id] = (message, threading.get_ident(), time.monotonic())
+            self._messages[message.message_id] = _Entry(message, threading.get_ident(), time.monotonic())
+
+    def returned(self, message: Any) -> None:
+        """Its actor has returned (or raised): only the acknowledgement is left to do."""
+        with self._changed:
+            entry = self._messages.get(message.message_id)
+            if entry is not None:
+                entry.returned = True
 
     def remove(self, message: Any) -> None:
         with self._changed:
-            if self._messages.pop(message.message_id, None) is not None and not self._messages:
+            if self._messages.pop(message.message_id, None) is not None:
                 self._changed.notify_all()
 
-    def snapshot(self) -> list[tuple[Any, int, float]]:
+    def snapshot(self) -> list[_Entry]:
         with self._changed:
-            return sorted(self._messages.values(), key=lambda entry: entry[2])
+            return sorted(self._messages.values(), key=lambda entry: entry.since)
 
     def wait_until_none(self) -> None:
-        """Block until no message runs (no timeout: graceful's deadline bounds the wait)."""
+        """Block until no message is held (no timeout: graceful's deadline bounds the wait)."""
         with self._changed:
             self._changed.wait_for(lambda: not self._messages)
+
+    def wait_until_gone(self, ids: set[str], timeout: float) -> set[str]:
+        """Wait (at most ``timeout`` s) until none of ``ids`` is held; those still held."""
+        with self._changed:
+            self._changed.wait_for(lambda: not ids & self._messages.keys(), timeout)
+            return ids & self._messages.keys()
+
+
+class _Entry:
+    """One message held: the message, the thread running it, since when, and whether its actor
+    has returned (then only Dramatiq's acknowledgement is left)."""
+
+    __slots__ = ("message", "returned", "since", "thread_id")
+
+    def __init__(self, message: Any, thread_id: int, since: float) -> None:
+        self.message = message
+        self.thread_id = thread_id
+        self.since = since
+        self.returned = False
 
 
 class _Host:
@@ -355,7 +396,7 @@ class _Host:
 
     def _held(self) -> list[Any]:
         """Every message this process holds unacknowledged: running, prefetched, delayed, cached."""
-        held = [message for message, _, _ in self.running.snapshot()]
+        held = [entry.message for entry in self.running.snapshot()]
         held.extend(item.message for item in list(self.worker.work_queue.queue))
         for thread in list(self.worker.consumers.values()):
             held.extend(item.message for item in list(thread.delay_queue.queue))
@@ -365,23 +406,38 @@ class _Host:
     # -- the deadline ----------------------------------------------------------------------------
 
     def _report_section(self) -> list[str]:
-        running = self.running.snapshot()
+        held = self.running.snapshot()
         now = time.monotonic()
-        lines = [f"graceful: dramatiq messages still running at the deadline: {len(running)}"]
-        for message, thread_id, since in running:
+        lines = [f"graceful: dramatiq messages still running at the deadline: {len(held)}"]
+        for entry in held:
+            fate = "its actor has returned: being acknowledged" if entry.returned else "put back on its queue"
             lines.append(
-                f"  - {_describe(message)} on queue {message.queue_name!r}, thread {thread_id}, "
-                f"running for {now - since:.1f} s: put back on its queue"
+                f"  - {_describe(entry.message)} on queue {entry.message.queue_name!r}, thread "
+                f"{entry.thread_id}, running for {now - entry.since:.1f} s: {fate}"
             )
-            lines.extend(_actor_stack(thread_id))
+            if not entry.returned:
+                lines.extend(_actor_stack(entry.thread_id))
         return lines
 
     def _at_deadline(self) -> None:
-        """Put back every message held (the report named the running ones), before the exit."""
+        """Put back every message held (the report named the running ones), before the exit.
+
+        A message whose actor has already returned is not put back at once: its effect is done,
+        and Dramatiq acknowledges it within milliseconds. It is given ``ACK_GRACE`` for that,
+        and put back only if it is still not acknowledged then (else it would wait for the
+        heartbeat timeout). One that returns after it was put back runs twice: at-least-once.
+        """
         for thread in self.worker.workers:
             thread.pause()
-        held = {message.message_id: message for message in self._held()}
+        returned = {
+            entry.message.message_id: entry.message for entry in self.running.snapshot() if entry.returned
+        }
+        held = {message.message_id: message for message in self._held() if message.message_id not in returned}
         self._put_back(held.values(), "held at the force-quit deadline")
+        late = self.running.wait_until_gone(set(returned), ACK_GRACE)
+        self._put_back(
+            [returned[message_id] for message_id in late], "not acknowledged at the force-quit deadline"
+        )
 
 
 def _describe(message: Any) -> str:
