@@ -50,7 +50,7 @@ from celery.worker import state as worker_state
 from . import Lifecycle, State, get_lifecycle, readiness, systemd, use
 from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork
 from ._checks import TYPE_CHECKING
-from ._diagnostics import write_fd2
+from ._diagnostics import log_to_stderr_by_default, write_fd2
 from ._lifecycle import on_force_quit
 
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ class _Worker:
     """graceful's side of one Celery worker, made in its main process before the pool forks."""
 
     def __init__(self, controller: Any, lifecycle: Lifecycle) -> None:
+        log_to_stderr_by_default()  # Celery configures logging after worker_init: it then retires
         self.controller = controller
         self.lifecycle = lifecycle
         self.pipes = Pipes()
