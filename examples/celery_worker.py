@@ -11,10 +11,13 @@ task, in every pool (prefork children included), as soon as the worker's warm sh
 
 Run it (a Redis on localhost, or set CELERY_BROKER_URL)::
 
-    cd examples && celery -A celery_worker worker --pool prefork --concurrency 2
+    cd examples && celery -A celery_worker worker --pool prefork --concurrency 2 --loglevel INFO
     python examples/celery_worker.py enqueue demo 200      # in another terminal
     kill -TERM <the worker's main pid>                      # it stops after the item in hand
-    cd examples && celery -A celery_worker worker           # finishes the job
+    cd examples && celery -A celery_worker worker --loglevel INFO   # finishes the job
+
+``--loglevel INFO`` shows graceful's lines (wrapping up, each phase, stopped) among Celery's:
+Celery configures logging itself, at WARNING unless told otherwise, and graceful keeps to it.
 """
 
 from __future__ import annotations
