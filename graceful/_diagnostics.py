@@ -331,7 +331,7 @@ def log_to_stderr_by_default() -> bool:
     """Give the ``graceful`` logger a handler on stderr at INFO, unless logging is configured.
 
     "Configured": the ``graceful`` logger or the root logger has a handler, or ``graceful`` does
-    not propagate; then nothing is touched. Otherwise one ``StreamHandler`` on stderr with
+    not propagate; then nothing is touched (nor when there is no stderr: ``pythonw``). Otherwise one ``StreamHandler`` on stderr with
     :data:`DEFAULT_LOG_FORMAT`, and the level INFO unless the application set one. It retires
     by itself once the application configures logging (see ``_DefaultLog``). ``run()`` and the
     ASGI and Celery hosts call it when they start, before they log anything; idempotent.
@@ -340,7 +340,7 @@ def log_to_stderr_by_default() -> bool:
     logger = logging.getLogger("graceful")
     root = logging.getLogger()
     with _default_lock:
-        if logger.handlers or root.handlers or not logger.propagate:
+        if logger.handlers or root.handlers or not logger.propagate or sys.stderr is None:
             return False
         _DefaultLog(logger, set_level=logger.level == logging.NOTSET).install()
     return True
