@@ -197,29 +197,33 @@ REFUSED = {"uvicorn": 3, "hypercorn": 0, "hypercorn-w0": 1, "granian": 1}
 
 
 def refusing(server: str, port: int, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run ``server``'s CLI, which must refuse to start: it exits by itself, within a bound.
+    """Run ``server``'s CLI, which must refuse to start: it exits by itself, within 20 s.
 
     In a session of its own: if it keeps serving instead (the bug), the whole process group is
-    killed, so that a worker process (hypercorn's, granian's) cannot outlive the test holding
-    the output pipes open.
+    killed, so that no worker process (hypercorn's, granian's, uvicorn's) outlives the test.
     """
     argv = SERVERS[server][0](port)
     code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_module({argv[0]!r}, run_name='__main__', alter_sys=True)"
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
-    with subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=full_env,
         start_new_session=True,
-    ) as proc:
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate(timeout=BOUND)
-            raise AssertionError(f"{server} did not refuse to start: it kept running\n{out}\n{err}") from None
+    )
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=BOUND)
+        raise AssertionError(f"{server} did not refuse to start: it kept running\n{out}\n{err}") from None
+    finally:
+        if proc.poll() is None:  # interrupted otherwise (the test's timeout): leave nothing behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(BOUND)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -251,7 +255,7 @@ def test_a_bad_setting_makes_the_server_refuse_to_start(
     assert "inner startup" not in result.stdout  # graceful refused before the app's own startup
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_a_taken_probe_port_makes_the_server_refuse_to_start() -> None:
     """A port held by another program: the start fails, naming the port and the variable."""
     with socket.socket() as holder:
