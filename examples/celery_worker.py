@@ -16,8 +16,8 @@ Run it (a Redis on localhost, or set CELERY_BROKER_URL)::
     kill -TERM <the worker's main pid>                      # it stops after the item in hand
     cd examples && celery -A celery_worker worker --loglevel INFO   # finishes the job
 
-``--loglevel INFO`` shows graceful's lines (``wrapping up``, the phases, ``stopped``) among
-Celery's: at Celery's default, WARNING, only the problems show.
+``--loglevel INFO`` shows graceful's lines (wrapping up, each phase, stopped) among Celery's:
+Celery configures logging itself, at WARNING unless told otherwise, and graceful keeps to it.
 """
 
 from __future__ import annotations

@@ -46,11 +46,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import arq.worker
 
-from . import Lifecycle, get_lifecycle, readiness, signal_handlers, systemd
+from . import readiness, systemd
+from ._api import signal_handlers
 from ._checks import TYPE_CHECKING
+from ._current import get_lifecycle
 from ._diagnostics import coroutine_lines, forget_loop, remember_loop
 from ._lifecycle import (
     Event,
+    Lifecycle,
     add_report_section,
     on_force_quit,
     prepare,

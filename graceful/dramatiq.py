@@ -61,9 +61,18 @@ from collections import defaultdict
 import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
-from . import Lifecycle, get_lifecycle, readiness, systemd
+from . import readiness, systemd
 from ._checks import TYPE_CHECKING
-from ._lifecycle import Event, add_report_section, on_force_quit, prepare, shutdown_requested, subscribe
+from ._current import get_lifecycle
+from ._lifecycle import (
+    Event,
+    Lifecycle,
+    add_report_section,
+    on_force_quit,
+    prepare,
+    shutdown_requested,
+    subscribe,
+)
 from ._listeners import mark_own
 
 if TYPE_CHECKING:
