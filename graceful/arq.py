@@ -47,7 +47,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import arq.worker
 
 from . import readiness, systemd
-from ._api import signal_handlers
 from ._checks import TYPE_CHECKING
 from ._current import get_lifecycle
 from ._diagnostics import coroutine_lines, forget_loop, remember_loop
@@ -62,6 +61,7 @@ from ._lifecycle import (
     subscribe,
 )
 from ._listeners import mark_own
+from ._signals import signal_handlers
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -248,7 +248,7 @@ class _Run:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.loop.remove_signal_handler(signum)
         stack = contextlib.ExitStack()
-        stack.enter_context(signal_handlers(lifecycle=self.lifecycle))
+        stack.enter_context(signal_handlers(self.lifecycle))
         self._signals = stack
 
     def ready(self) -> None:
