@@ -8,8 +8,9 @@ it from anywhere with ``shutdown()``; end a worker loop on ``is_stopping()``.
 
 Beside these names (``__all__``), one module per job: ``graceful.readiness`` (probes and the
 drain delay), ``graceful.systemd``, ``graceful.testing``, ``graceful.adapters``, the hosts
-(``graceful.gunicorn``, ``graceful.asgi``, ``graceful.celery``) and ``graceful.lowlevel`` (the
-hooks integrations use). Each is loaded when first used: ``graceful.asgi.lifespan(app)`` works
+(``graceful.gunicorn``, ``graceful.asgi``, ``graceful.celery``, ``graceful.dramatiq``,
+``graceful.arq``), ``graceful.iteration`` (a job's walk that stops between two items) and
+``graceful.lowlevel`` (the hooks integrations use). Each is loaded when first used: ``graceful.asgi.lifespan(app)`` works
 after a plain ``import graceful``, which itself imports only the standard library and reads no
 environment variable.
 """
@@ -48,9 +49,12 @@ from ._service import Service as Service
 
 if TYPE_CHECKING:  # what type checkers see for the lazy modules (below)
     from . import adapters as adapters
+    from . import arq as arq
     from . import asgi as asgi
     from . import celery as celery
+    from . import dramatiq as dramatiq
     from . import gunicorn as gunicorn
+    from . import iteration as iteration
     from . import lowlevel as lowlevel
     from . import readiness as readiness
     from . import systemd as systemd
@@ -109,7 +113,19 @@ for _name in (
     globals()[_name].__module__ = "graceful"
 del _name
 
-_SUBMODULES = ("adapters", "asgi", "celery", "gunicorn", "lowlevel", "readiness", "systemd", "testing")
+_SUBMODULES = (
+    "adapters",
+    "arq",
+    "asgi",
+    "celery",
+    "dramatiq",
+    "gunicorn",
+    "iteration",
+    "lowlevel",
+    "readiness",
+    "systemd",
+    "testing",
+)
 """The modules reachable as attributes after ``import graceful``, each imported on first use.
 
 Why: the README's and the docs' ``graceful.asgi.lifespan(app)`` after a plain ``import

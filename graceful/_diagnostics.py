@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_LOG_FORMAT",
+    "coroutine_lines",
     "dump_threads",
     "emit_report",
     "flush_logging",
@@ -75,8 +76,9 @@ def _frame_lines(
     return out
 
 
-def _coroutine_lines(awaitable: object, indent: str) -> list[str]:
-    """``file:line in function`` for each coroutine in an await chain, outermost first."""
+def coroutine_lines(awaitable: object, indent: str) -> list[str]:
+    """``file:line in function`` for each coroutine in an await chain, outermost first (the
+    report's asyncio tasks; the arq host names its jobs with it)."""
     out: list[str] = []
     current: object = awaitable
     for _ in range(64):  # an await chain is short; a bound guards against odd objects
@@ -95,7 +97,7 @@ def listener_stack(listener: Listener, indent: str = "      ") -> list[str]:
     code inward (the frames of graceful's pool above it are the same in every report), then,
     for an ``async def`` one, the chain of coroutines it awaits."""
     lines = _frame_lines(sys._current_frames().get(listener.thread_id or 0), indent, inner_from=_POOL_RUN)
-    chain = _coroutine_lines(listener.awaiting(), indent)
+    chain = coroutine_lines(listener.awaiting(), indent)
     if chain:
         lines.append(f"{indent[:-2]}awaiting:")
         lines.extend(chain)
@@ -191,7 +193,7 @@ def _task_lines() -> list[str]:
         lines.append(f"asyncio tasks of {loop!r}: {len(tasks)}")
         for task in sorted(tasks, key=lambda t: t.get_name()):
             lines.append(f"  task {task.get_name()!r}: {task.get_coro()!r}")
-            lines.extend(_coroutine_lines(task.get_coro(), "      "))
+            lines.extend(coroutine_lines(task.get_coro(), "      "))
     return lines
 
 

@@ -69,7 +69,19 @@ def test_import_graceful_reads_no_environment_variable() -> None:
     assert result.stdout.split() == [str(len(bad)), "25.0"]
 
 
-LAZY = ("adapters", "asgi", "celery", "gunicorn", "lowlevel", "readiness", "systemd", "testing")
+LAZY = (
+    "adapters",
+    "arq",
+    "asgi",
+    "celery",
+    "dramatiq",
+    "gunicorn",
+    "iteration",
+    "lowlevel",
+    "readiness",
+    "systemd",
+    "testing",
+)
 """The modules reachable as attributes after a plain ``import graceful``."""
 
 
