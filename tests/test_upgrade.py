@@ -581,7 +581,7 @@ def test_a_wildcard_takes_systemds_dual_stack_socket(tmp_path: Path) -> None:
         pytest.skip("no dual-stack IPv6 here")
     code = (
         "import logging, sys, graceful; logging.basicConfig(level=logging.INFO); "
-        "s = graceful.listen(('', int(sys.argv[1]))); print(s.fileno(), s.family)"
+        "s = graceful.listen(('', int(sys.argv[1]))); print(s.fileno(), int(s.family))"
     )
     with dual:
         port = dual.getsockname()[1]
