@@ -250,7 +250,10 @@ def test_a_websocket_client_that_never_answers_the_close_holds_nothing(
     code = f"import sys; sys.argv = ['server', '{free_port()}']\n" + (
         SERVER if server == "uvicorn" else AIOHTTP_SERVER
     )
-    child, port = start(graceful_process, with_listeners(code), **WRAP_UP_CUT)
+    # a wrap-up timeout well inside every wait: held there, the test would see it in the log
+    child, port = start(
+        graceful_process, with_listeners(code), **{**WRAP_UP_CUT, "GRACEFUL_WRAP_UP_TIMEOUT": "8"}
+    )
     with silent_websocket(port, "/ws") as sock:
         child.send_signal(signal.SIGTERM)
         child.wait_for_line("shutdown listener ran")

@@ -64,8 +64,9 @@ __all__ = [
 WRAP_UP_CUT = {"GRACEFUL_FORCE_QUIT": "30", "GRACEFUL_WRAP_UP_TIMEOUT": "1"}
 """A stop whose wrap-up timeout cuts what is still running at 1 s; the deadline is far."""
 
-DEADLINE_CUT = {**WRAP_UP_CUT, "GRACEFUL_FORCE_QUIT": "3", "STUCK_SHUTDOWN": "1"}
-"""The same cut at 1 s, then a shutdown listener that never returns: the deadline comes at 3 s."""
+DEADLINE_CUT = {**WRAP_UP_CUT, "GRACEFUL_FORCE_QUIT": "5", "STUCK_SHUTDOWN": "1"}
+"""The same cut at 1 s, then a shutdown listener that never returns: the deadline comes at 5 s
+(4 s after the cut: room for a child starved of CPU on a loaded machine to reach its listener)."""
 
 LISTENERS = r"""
 import os, threading
