@@ -8,9 +8,8 @@ Why it is built this way:
 * **Opt-in**, like the rolling rig: minutes long, it runs only when named (``--only chaos``).
 * **Rows are data** (``ROWS``): a queue (how to start its worker, the program module that also
   enqueues), graceful or not, the force-quit budget, Celery's acks. A row whose graceful host
-  has not landed (``graceful.dramatiq``, ``graceful.arq``: issue #28) prints "skipped (... not
-  present)"; once the module exists the row runs, and its program already has the graceful
-  branch (``_chaos_dramatiq``, ``_chaos_arq``).
+  is not in the checkout (``graceful.dramatiq``, ``graceful.arq``: issue #28) prints "skipped
+  (... not present)".
 * **Every queue's own worker, at its defaults**, beside the same worker under graceful:
   ``rq.Worker`` / ``graceful.run(rq.SimpleWorker)``; ``celery worker --pool prefork -c 2`` with
   and without ``graceful.celery.install(app)``, with ``acks_late`` and with Celery's default

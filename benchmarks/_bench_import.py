@@ -56,13 +56,13 @@ def _code(modules: str) -> str:
     return f"import {modules}" if modules else "pass"
 
 
-def _whole(python: str, modules: str) -> float:
+def _whole(python: str, modules: str, env: dict[str, str] | None = None) -> float:
     """Wall time of one process, start to exit as seen through a pidfd.
 
     Not ``subprocess.run(timeout=...)``: with a timeout it polls with sleeps that double up to
     50 ms, which rounds every figure to ~115 ms.
     """
-    env = child_env()
+    env = env or child_env()
     start = time.perf_counter()
     proc = subprocess.Popen([python, "-c", _code(modules)], env=env)
     if not wait_exit(proc, 60.0):
@@ -73,16 +73,6 @@ def _whole(python: str, modules: str) -> float:
     if proc.returncode != 0:
         raise BenchError(f"python -c {_code(modules)!r} exited with {proc.returncode}")
     return took
-
-
-def _whole_env(python: str, modules: str, env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    proc = subprocess.Popen([python, "-c", _code(modules)], env=env)
-    if not wait_exit(proc, 60.0):
-        proc.kill()
-        proc.wait()
-        raise BenchError(f"python -c {_code(modules)!r} did not exit within 60 s")
-    return time.perf_counter() - start
 
 
 def _importtime(
@@ -166,7 +156,7 @@ def run(setup: Setup, runs: int) -> list[Row]:  # noqa: PLR0912 - one loop: the 
                         per_module.setdefault(name, []).append(value)
                     floor.append(_importtime(setup.python, FLOOR, FLOOR, floor_env)[1])
                     if before_env is not None:
-                        before["whole"].append(_whole_env(setup.python, "graceful", before_env))
+                        before["whole"].append(_whole(setup.python, "graceful", before_env))
                         before["own"].append(_importtime(setup.python, "graceful", env=before_env)[1])
             if i == 0:
                 log(f"imports: round 1 of {runs} done")

@@ -1,4 +1,4 @@
-"""Section 10: a service on one machine replaced in place under load, no balancer (issue #25).
+"""Section 11: a service on one machine replaced in place under load, no balancer (issue #25).
 
     python benchmarks/run.py --only inplace --quick   # < 90 s: 3 replacements a contender
     python benchmarks/run.py --only inplace           # 20 replacements a contender

@@ -1,4 +1,4 @@
-"""10. The probe port under a soak: hundreds of idle and slow clients held open (issue #27).
+"""12. The probe port under a soak: hundreds of idle and slow clients held open (issue #27).
 
 The probe port is reachable by whoever can reach the host. Each contender serves ``/readyz`` in
 a child process; the parent opens ``IDLE`` connections that send nothing and ``SLOW`` ones that

@@ -7,10 +7,9 @@ Plain is arq at its defaults (its SIGTERM handler cancels the jobs in hand at on
 they are retried later) but ``max_jobs = 2``, the concurrency every queue has here. The job
 sleeps with ``asyncio.sleep`` and records its side effect with the same Redis commands as the
 others (``_chaos_job``, called from a thread: they are a few ms of blocking I/O). Under
-graceful (once ``graceful.arq`` exists: issue #28) ``graceful.arq.install(WorkerSettings)``
-wraps the settings and an iterating job enqueues the rest of itself from its cursor once
-``is_stopping()``; if the host's final API differs, only ``_install`` changes. The worker says
-it is ready in ``on_startup``.
+graceful ``graceful.arq.install(WorkerSettings)`` (docs/hosts/arq.md) wraps the settings and an
+iterating job enqueues the rest of itself from its cursor once ``is_stopping()``. The worker
+says it is ready in ``on_startup``.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@
 
 Plain is Dramatiq at its defaults with its Redis broker (the CLI forks the worker process and
 forwards SIGTERM to it; the worker lets the messages in hand finish, requeues what it had
-prefetched). Under graceful (once ``graceful.dramatiq`` exists: issue #28) the app calls
-``graceful.dramatiq.install(broker)`` and an iterating job sends the rest of itself again from
-its cursor once ``is_stopping()``; if the host's final API differs, only ``_install`` changes.
+prefetched). Under graceful the app calls ``graceful.dramatiq.install(broker)``
+(docs/hosts/dramatiq.md) and an iterating job sends the rest of itself again from its cursor
+once ``is_stopping()``.
 The worker says it is ready from a middleware's ``after_worker_boot``.
 """
 

@@ -35,9 +35,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / "benchmarks" / ".peers"
 # websockets: uvicorn's WebSocket protocol and the long-lived benchmark's client; aiohttp: the
-# server graceful's aiohttp adapter drives there; gunicorn: the rolling rig's peers
-PEER_PACKAGES = ("aiomisc", "cotyledon", "uvicorn", "grpcio", "websockets", "aiohttp", "gunicorn")
-PEER_MODULES = ("aiomisc", "cotyledon", "uvicorn", "grpc", "websockets", "aiohttp", "gunicorn")
+# server graceful's aiohttp adapter drives there; gunicorn: the rolling rig's peers; celery with
+# its Redis transport (kombu's redis extra: the client and packaging): the hung-listener section.
+# Pip requirements, and the module each one provides.
+PEER_PACKAGES = (
+    "aiomisc",
+    "cotyledon",
+    "uvicorn",
+    "grpcio",
+    "websockets",
+    "aiohttp",
+    "gunicorn",
+    "celery[redis]",
+    "redis",
+)
+PEER_MODULES = (
+    "aiomisc",
+    "cotyledon",
+    "uvicorn",
+    "grpc",
+    "websockets",
+    "aiohttp",
+    "gunicorn",
+    "celery",
+    "redis",
+)
 READY_BOUND = 30.0  # seconds a child may take to start on a loaded machine
 _DROP = ("PYTHONDONTWRITEBYTECODE", "NOTIFY_SOCKET", "GRACEFUL_FORCE_QUIT", "PYTHONPATH", "PYTHONSTARTUP")
 
@@ -105,7 +127,7 @@ def peer_versions(
         "import importlib.metadata as m, json\n"
         "out = {}\n"
         f"for mod, dist in zip({tuple(modules)!r}, {tuple(dists)!r}):\n"
-        "    try: out[mod] = m.version(dist)\n"
+        "    try: out[mod] = m.version(dist.split('[')[0])\n"
         "    except m.PackageNotFoundError: pass\n"
         "print(json.dumps(out))\n"
     )

@@ -5,6 +5,7 @@
     python benchmarks/run.py --only rolling [--quick]   # rolling restarts behind HAProxy (opt-in)
     python benchmarks/run.py --only chaos [--quick]     # queue workers stopped at random (opt-in)
     python benchmarks/run.py --only inplace [--quick]   # replaced in place, no balancer (opt-in)
+    python benchmarks/run.py --only hang [--quick]      # hung listeners beside Celery and aiomisc
 
 Every figure of one run is measured on the same machine, with the same interpreter, in the same
 minutes: compare the ratios within a run, not the absolute numbers across runs or machines.
@@ -28,6 +29,7 @@ import _bench_chaos
 import _bench_drain
 import _bench_fanout
 import _bench_forcequit
+import _bench_hang
 import _bench_import
 import _bench_inplace
 import _bench_long_lived
@@ -50,6 +52,7 @@ SECTIONS: dict[str, Callable[[Setup, int], list[Row]]] = {
     "chaos": _bench_chaos.run,
     "probes": _bench_probes.run,
     "inplace": _bench_inplace.run,
+    "hang": _bench_hang.run,
 }
 OPT_IN = {
     "rolling",

@@ -16,8 +16,8 @@ Run it (a Redis on localhost, or set CELERY_BROKER_URL)::
     kill -TERM <the worker's main pid>                      # it stops after the item in hand
     cd examples && celery -A celery_worker worker --loglevel INFO   # finishes the job
 
-``--loglevel INFO`` shows graceful's lines (``wrapping up``, the phases, ``stopped``) among
-Celery's: at Celery's default, WARNING, only the problems show.
+``--loglevel INFO`` shows graceful's lines (wrapping up, each phase, stopped) among Celery's:
+Celery configures logging itself, at WARNING unless told otherwise, and graceful keeps to it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from celery.utils.log import get_task_logger
 
 import graceful
 import graceful.celery
+import graceful.iteration
 
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 ITEM_SECONDS = float(os.environ.get("ITEM_SECONDS", "0.05"))
@@ -53,15 +54,16 @@ def process_item(job: str, item: int) -> None:
 @app.task(name="process_job", acks_late=True)
 def process_job(job: str, start: int, total: int) -> str:
     """Process items ``start`` to ``total - 1`` of ``job``; at a warm shutdown, hand the rest on."""
-    for item in range(start, total):
-        # Between two items only: an item is never cut in half. (``graceful.wait_for_wrap_up()``
-        # is for code that has nothing else to do than wait for the stop.)
-        if graceful.is_stopping():
-            process_job.apply_async((job, item, total))  # the checkpoint travels with the task
-            log.info("job %s: stopping before item %d of %d: the rest is re-enqueued", job, item, total)
-            return f"checkpointed at {item}"
+    # Between two items only: an item is never cut in half (graceful.iteration looks at
+    # is_stopping() before it hands out the next one).
+    walk = graceful.iteration.iterate(range(total), cursor=start)
+    for item in walk:
         process_item(job, item)
         log.info("job %s: item %d done", job, item)
+    if walk.stopped:
+        process_job.apply_async((job, walk.cursor, total))  # the checkpoint travels with the task
+        log.info("job %s: stopping before item %d of %d: the rest is re-enqueued", job, walk.cursor, total)
+        return f"checkpointed at {walk.cursor}"
     log.info("job %s: finished", job)
     return "finished"
 

@@ -10,11 +10,13 @@ the shutdown in the log:
 A job the API accepts (202) is always done. ``run([worker, server])`` wraps up in reverse list
 order: the API first (not ready, the drain delay, stop accepting, finish the requests in
 flight), and only then the worker, whose ``ctx.wrapping_up()`` turns True at that moment (not
-``graceful.is_stopping()``, which is True for everyone at once). The worker then stops taking
-new jobs, refuses any more (a late request gets 503, never a 202 for work that would be
-lost), and finishes every job still queued: the queue lives in memory and dies with the
-process. A shutdown listener then "closes the database". A second Ctrl-C forces the exit
-(code 70).
+``graceful.is_stopping()``, which is True for everyone at once). So a late request never gets
+a 202 for work that would be lost: it is refused at the door (connection refused), since the
+API has stopped accepting before the worker stops. The worker then finishes every job still
+queued: the queue lives in memory and dies with the process. (The 503 in ``do_POST`` guards
+that order: it answers only if the worker stopped while the API still accepted, say with the
+list the other way round.) A shutdown listener then "closes the database". A second Ctrl-C
+forces the exit (code 70).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def worker(ctx: graceful.Context) -> None:
             continue
         work(job)
     with accept_lock:
-        accepting["open"] = False  # from now on the API answers 503
+        accepting["open"] = False  # the API has stopped accepting already; a 503 if it had not
     left = jobs.qsize()
     log.info("worker: no new jobs taken; finishing the %d still queued", left)
     while True:

@@ -1,4 +1,4 @@
-"""Reports a human reads when a shutdown goes wrong: the force-quit report and the SIGUSR1 dump.
+"""What a human reads: the force-quit report, the SIGUSR1 dump, and graceful's log by default.
 
 Why: uber-go/fx removed the line that named the slow hook on a stop timeout, and its users
 asked for it back; go-zero's "Still alive after ..." reads like an error and says nothing of
@@ -6,6 +6,14 @@ who is stuck. A graceful report names every unfinished listener, its phase, how 
 and *where* it is: the current stack of the thread running it (and, for an ``async def``
 listener, the chain of coroutines it is awaiting). The SIGUSR1 dump shows every thread as a
 thread dump, not as a traceback, so nobody mistakes it for a crash.
+
+graceful's log lines must be seen too. Python prints nothing below WARNING until a program
+configures logging, and a service under ``uvicorn app:app`` or the README's ``graceful.run``
+snippet never does: not one graceful line appeared ("Observable" in name only). uvicorn and
+gunicorn give their own loggers a handler when nobody configured them; ``run()`` and the hosts
+do the same for ``graceful`` (:func:`log_to_stderr_by_default`), and stand aside for good the
+moment the application configures logging, even later (Celery configures it just after its
+``worker_init``): never a line printed twice, never a level the application did not choose.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ if TYPE_CHECKING:
     from ._listeners import Listener
 
 __all__ = [
+    "DEFAULT_LOG_FORMAT",
+    "coroutine_lines",
     "dump_threads",
     "emit_report",
     "flush_logging",
@@ -33,6 +43,7 @@ __all__ = [
     "format_thread_stacks",
     "format_unfinished",
     "listener_stack",
+    "log_to_stderr_by_default",
     "write_fd2",
     "write_stderr",
 ]
@@ -65,8 +76,9 @@ def _frame_lines(
     return out
 
 
-def _coroutine_lines(awaitable: object, indent: str) -> list[str]:
-    """``file:line in function`` for each coroutine in an await chain, outermost first."""
+def coroutine_lines(awaitable: object, indent: str) -> list[str]:
+    """``file:line in function`` for each coroutine in an await chain, outermost first (the
+    report's asyncio tasks; the arq host names its jobs with it)."""
     out: list[str] = []
     current: object = awaitable
     for _ in range(64):  # an await chain is short; a bound guards against odd objects
@@ -85,7 +97,7 @@ def listener_stack(listener: Listener, indent: str = "      ") -> list[str]:
     code inward (the frames of graceful's pool above it are the same in every report), then,
     for an ``async def`` one, the chain of coroutines it awaits."""
     lines = _frame_lines(sys._current_frames().get(listener.thread_id or 0), indent, inner_from=_POOL_RUN)
-    chain = _coroutine_lines(listener.awaiting(), indent)
+    chain = coroutine_lines(listener.awaiting(), indent)
     if chain:
         lines.append(f"{indent[:-2]}awaiting:")
         lines.extend(chain)
@@ -181,7 +193,7 @@ def _task_lines() -> list[str]:
         lines.append(f"asyncio tasks of {loop!r}: {len(tasks)}")
         for task in sorted(tasks, key=lambda t: t.get_name()):
             lines.append(f"  task {task.get_name()!r}: {task.get_coro()!r}")
-            lines.extend(_coroutine_lines(task.get_coro(), "      "))
+            lines.extend(coroutine_lines(task.get_coro(), "      "))
     return lines
 
 
@@ -338,3 +350,80 @@ def flush_logging() -> int:
         except (OSError, ValueError):  # closed, or a broken pipe: nothing more to save
             pass
     return skipped
+
+
+# -- graceful's log, when nobody configured logging ------------------------------------------------
+
+DEFAULT_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+"""The format of graceful's own handler: short, like uvicorn's default (``INFO graceful: ...``);
+journald and container runtimes add the time."""
+
+_default_lock = threading.Lock()
+
+
+class _DefaultLog(logging.Filter):
+    """graceful's own stderr handler, and the filter that retires it once logging is configured.
+
+    Set on the ``graceful`` logger and on the handler. While nothing else is configured it lets
+    every record through to the handler. Once the root logger or the ``graceful`` logger has a
+    handler of the application's, it takes the handler, itself and the INFO level it set off the
+    logger, and judges the record in hand by the level the application's configuration gives:
+    from then on graceful's logger is as the application left it.
+    """
+
+    def __init__(self, logger: logging.Logger, set_level: bool) -> None:
+        super().__init__()
+        self.logger = logger
+        self.set_level = set_level
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter(DEFAULT_LOG_FORMAT))
+        self.handler.addFilter(self)
+        self.retired = False
+
+    def install(self) -> None:
+        self.logger.addHandler(self.handler)
+        self.logger.addFilter(self)
+        if self.set_level:
+            self.logger.setLevel(logging.INFO)
+
+    def configured(self) -> bool:
+        """True once the application has a handler of its own for graceful's records."""
+        return bool(logging.getLogger().handlers) or self.logger.handlers != [self.handler]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.retired:  # the handler's copy of a record the logger's filter let through
+            return False
+        if not self.configured():
+            return True
+        self.retire()
+        return record.levelno >= self.logger.getEffectiveLevel()
+
+    def retire(self) -> None:
+        with _default_lock:
+            if self.retired:
+                return
+            self.retired = True
+            # A new list, not removeHandler(): callHandlers may be iterating over the old one.
+            self.logger.handlers = [h for h in self.logger.handlers if h is not self.handler]
+            self.logger.removeFilter(self)
+            if self.set_level and self.logger.level == logging.INFO:
+                self.logger.setLevel(logging.NOTSET)
+
+
+def log_to_stderr_by_default() -> bool:
+    """Give the ``graceful`` logger a handler on stderr at INFO, unless logging is configured.
+
+    "Configured": the ``graceful`` logger or the root logger has a handler, or ``graceful`` does
+    not propagate; then nothing is touched (nor when there is no stderr: ``pythonw``). Otherwise one ``StreamHandler`` on stderr with
+    :data:`DEFAULT_LOG_FORMAT`, and the level INFO unless the application set one. It retires
+    by itself once the application configures logging (see ``_DefaultLog``). ``run()`` and the
+    ASGI and Celery hosts call it when they start, before they log anything; idempotent.
+    Returns True when it installed the handler now.
+    """
+    logger = logging.getLogger("graceful")
+    root = logging.getLogger()
+    with _default_lock:
+        if logger.handlers or root.handlers or not logger.propagate or sys.stderr is None:
+            return False
+        _DefaultLog(logger, set_level=logger.level == logging.NOTSET).install()
+    return True

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from . import _sockets, _upgrade, readiness, systemd
 from ._aio import is_awaitable, run_awaitable
 from ._checks import TYPE_CHECKING, check_seconds, is_coroutine_function
-from ._diagnostics import forget_loop, format_thread_stacks, remember_loop
+from ._diagnostics import forget_loop, format_thread_stacks, log_to_stderr_by_default, remember_loop
 from ._lifecycle import (
     Lifecycle,
     State,
@@ -100,6 +100,7 @@ def run_with(
         raise ValueError("graceful.run() needs at least one server; it got an empty list")
     services = [adapt(item) for item in items]
     settings = Settings.read()  # every GRACEFUL_* variable; a bad one raises here, naming it
+    log_to_stderr_by_default()
     if budget is not None:  # all checked: now it may change
         lifecycle.set_time_to_force_quit(budget)
     readiness.configure_from_env(lifecycle, settings)

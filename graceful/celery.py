@@ -57,7 +57,7 @@ import celery
 from celery import bootsteps, signals
 from celery.worker import state as worker_state
 
-from . import Lifecycle, State, get_lifecycle, readiness, systemd, use
+from . import readiness, systemd
 from ._celery_messages import (
     claim,
     held_requests,
@@ -69,8 +69,9 @@ from ._celery_messages import (
 )
 from ._celery_pool import Pipes, TaskRegistry, ignore_pipes_after_fork, stop_processes
 from ._checks import TYPE_CHECKING
-from ._diagnostics import write_fd2
-from ._lifecycle import budget, on_force_quit, prepare
+from ._current import get_lifecycle, use
+from ._diagnostics import log_to_stderr_by_default, write_fd2
+from ._lifecycle import Lifecycle, State, budget, on_force_quit, prepare
 from ._listeners import mark_own
 
 if TYPE_CHECKING:
@@ -173,6 +174,7 @@ class _Worker:
     """graceful's side of one Celery worker, made in its main process before the pool forks."""
 
     def __init__(self, controller: Any, lifecycle: Lifecycle, resend_early_acked: bool | None) -> None:
+        log_to_stderr_by_default()  # Celery configures logging after worker_init: it then retires
         # What can fail comes first, before anything is registered: every variable read and
         # checked (ValueError), then the probe port bound (RuntimeError).
         self.settings = readiness.configure_from_env(lifecycle)

@@ -56,11 +56,10 @@ import threading
 import time
 from types import FrameType
 
-import graceful
-from graceful import readiness
-
+from . import readiness
+from ._current import get_lifecycle, use
 from ._gunicorn_worker import WorkerWatch
-from ._lifecycle import prepare
+from ._lifecycle import Lifecycle, State, prepare
 from ._settings import ENV_FORCE_QUIT
 
 __all__ = [
@@ -238,9 +237,9 @@ def post_fork(server: object, worker: object) -> None:
     if _records is not None:
         with contextlib.suppress(OSError):
             os.close(_records[0])  # the arbiter's end
-    if graceful.state() is not graceful.State.RUNNING:
+    if get_lifecycle().state() is not State.RUNNING:
         # The arbiter started graceful itself: its threads did not survive the fork.
-        graceful.use(graceful.Lifecycle())  # its budget: set in post_worker_init, as for any worker
+        use(Lifecycle())  # its budget: set in post_worker_init, as for any worker
         log.warning(
             "graceful: the arbiter's lifecycle was already stopping; worker %d starts a fresh one "
             "(listeners registered before the fork are not carried over)",
@@ -252,7 +251,7 @@ def post_worker_init(worker: object) -> None:
     """gunicorn hook (worker, app loaded): budget, readiness, and watch for the worker stopping."""
     global _watch
     _bridge_logging(getattr(worker, "log", None))
-    lifecycle = graceful.get_lifecycle()
+    lifecycle = get_lifecycle()
     cfg = getattr(worker, "cfg", None)
     graceful_timeout = float(getattr(cfg, "graceful_timeout", 30))
     # Every GRACEFUL_* variable, checked before anything starts: a bad one is a ValueError, no boot.
@@ -303,7 +302,7 @@ def _on_begin() -> None:
 
 def _drain_wait() -> None:
     """Keep accepting for the drain delay; for ``auto``, until this worker's or a sibling's ended."""
-    lifecycle = graceful.get_lifecycle()
+    lifecycle = get_lifecycle()
     shared = _shared
     begun = time.monotonic()
     why = "its drain delay is over"
@@ -363,7 +362,7 @@ def worker_exit(server: object, worker: object) -> None:
     if _probes is not None:  # /livez answered until now
         probes, _probes = _probes, None
         probes.close()
-    status = graceful.get_lifecycle().status()
+    status = get_lifecycle().status()
     took = status.seconds_since_trigger or 0.0
     how = {"graceful": "gracefully", "failed": "with a failed listener", "forced": "forced"}[outcome]
     log.info("graceful: gunicorn worker %d stopped %s, %.3f s after its stop began", watch.pid, how, took)

@@ -9,9 +9,13 @@ lifespan protocol by hand, as a server would, for the edge cases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +29,7 @@ import graceful.asgi
 from graceful import Lifecycle, readiness
 from graceful.testing import GracefulProcess, ProcessFactory
 
-from .conftest import BOUND, Recorder
+from .conftest import BOUND, ROOT, Recorder
 from .support.web import free_port, get
 
 pytest.importorskip("hypercorn")
@@ -105,12 +109,15 @@ def probe(port: int) -> int | None:
 
 
 def refused(port: int) -> bool:
-    """True once a new connection to ``port`` is refused (the server stopped accepting)."""
+    """True once a new connection to ``port`` is refused (the server stopped accepting).
+
+    A connection that reached the accept queue just before the server closed its listening
+    socket is reset instead of refused: the same answer, one instant earlier."""
     with socket.socket() as sock:
         sock.settimeout(BOUND)
         try:
             sock.connect(("127.0.0.1", port))
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
             return True
     return False
 
@@ -191,6 +198,133 @@ def test_an_app_without_lifespan_support_still_gets_the_sequence(
     assert "inner shutdown" not in child.stdout
     assert "Application shutdown complete" in child.stderr  # uvicorn heard the answer
     assert "Traceback" not in child.stderr
+
+
+# -- a start that cannot succeed is refused, under each CLI (issue #27, 2 and 6) ------------------
+
+# How each CLI ends when the lifespan startup fails. uvicorn exits 3 (and prints the message);
+# hypercorn --workers 0 and granian exit 1. hypercorn with its worker process stops serving too,
+# but its main process exits 0: its run() overwrites the worker's code (hypercorn #269).
+REFUSED = {"uvicorn": 3, "hypercorn": 0, "hypercorn-w0": 1, "granian": 1}
+
+
+def refusing(server: str, port: int, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``server``'s CLI, which must refuse to start: it exits by itself, within 20 s.
+
+    In a session of its own: if it keeps serving instead (the bug), the whole process group is
+    killed, so that no worker process (hypercorn's, granian's, uvicorn's) outlives the test.
+    """
+    argv = SERVERS[server][0](port)
+    code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_module({argv[0]!r}, run_name='__main__', alter_sys=True)"
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=BOUND)
+        raise AssertionError(f"{server} did not refuse to start: it kept running\n{out}\n{err}") from None
+    finally:
+        if proc.poll() is None:  # interrupted otherwise (the test's timeout): leave nothing behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(BOUND)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+BAD_SETTINGS = [
+    ("uvicorn", {"GRACEFUL_PROBE_PORT": "abc"}, "GRACEFUL_PROBE_PORT='abc' is not a port number"),
+    ("uvicorn", {"GRACEFUL_PROBE_PORT": "80a"}, "GRACEFUL_PROBE_PORT='80a' is not a port number"),
+    ("uvicorn", {"GRACEFUL_TERMINATION_GRACE": "x"}, "GRACEFUL_TERMINATION_GRACE='x' is not a number"),
+    ("hypercorn", {"GRACEFUL_TIMEOUT_STOP_SEC": "5q"}, "GRACEFUL_TIMEOUT_STOP_SEC='5q' is not a time span"),
+    (
+        "hypercorn-w0",
+        {"GRACEFUL_DRAIN_DELAY": "soon", "GRACEFUL_TERMINATION_GRACE": "30"},
+        "GRACEFUL_DRAIN_DELAY='soon': set it to",
+    ),
+    ("granian", {"GRACEFUL_PROBE_PORT": "abc"}, "GRACEFUL_PROBE_PORT='abc' is not a port number"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("server", "env", "message"), BAD_SETTINGS, ids=[f"{s}-{'+'.join(e)}" for s, e, _ in BAD_SETTINGS]
+)
+def test_a_bad_setting_makes_the_server_refuse_to_start(
+    server: str, env: dict[str, str], message: str
+) -> None:
+    """The server exits by itself, printing the variable and what to set; the app never starts."""
+    result = refusing(server, free_port(), **env)
+    assert result.returncode == REFUSED[server], result.stderr
+    assert message in result.stdout + result.stderr
+    assert "inner startup" not in result.stdout  # graceful refused before the app's own startup
+
+
+@pytest.mark.timeout(60)
+def test_a_taken_probe_port_makes_the_server_refuse_to_start() -> None:
+    """A port held by another program: the start fails, naming the port and the variable."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        result = refusing(
+            "uvicorn", free_port(), GRACEFUL_PROBE_PORT=str(taken), GRACEFUL_PROBE_HOST="127.0.0.1"
+        )
+    assert result.returncode == REFUSED["uvicorn"], result.stderr
+    assert f"graceful cannot answer probes on 127.0.0.1:{taken}" in result.stderr
+    assert "GRACEFUL_PROBE_PORT" in result.stderr
+    assert "inner startup" not in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_every_worker_of_a_multi_process_server_answers_on_the_probe_port(tmp_path: Path) -> None:
+    """uvicorn --workers 2: both workers bind the probe port (SO_REUSEPORT), none is refused, and
+    graceful's lines reach stderr though only uvicorn configured logging (issue #27, 12)."""
+    port, probes = free_port(), free_port()
+    argv = ["uvicorn", "tests.support.asgi_app:app", "--port", str(port), "--workers", "2"]
+    code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_module('uvicorn', run_name='__main__', alter_sys=True)"
+    out, err = tmp_path / "out", tmp_path / "err"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRACEFUL_PROBE_PORT": str(probes)}
+    with out.open("w") as stdout, err.open("w") as stderr:  # files: the workers may outlive a failure
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=stdout, stderr=stderr, env=env, start_new_session=True
+        )
+    try:
+        wait_until(
+            lambda: err.read_text().count("lifespan startup complete: ready") == 2, "both workers ready"
+        )
+        assert err.read_text().count(f"INFO graceful: answering probes on port {probes}") == 2
+        assert probe(probes) == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: no worker left behind
+        proc.wait(BOUND)
+    assert "cannot answer probes" not in err.read_text()
+    assert out.read_text().count("shutdown listener") == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_an_app_whose_own_startup_raises_is_a_failed_start(server: str) -> None:
+    """It received lifespan.startup, then raised: not "no lifespan support" but a failed startup,
+    as the bare app under ``uvicorn --lifespan on`` (rc 3); graceful logs the traceback."""
+    result = refusing(server, free_port(), INNER="startup-raises")
+    assert result.returncode == REFUSED[server], result.stderr
+    both = result.stdout + result.stderr
+    assert "the app's lifespan startup raised RuntimeError('the database is not there')" in both
+    assert "RuntimeError: the database is not there" in result.stderr  # the traceback, graceful's log
+    assert "does not speak the lifespan protocol" not in result.stderr
+    out = result.stdout
+    assert out.index("wrap-up listener") < out.index("shutdown listener")  # the sequence ran
 
 
 # -- the protocol, driven by hand -----------------------------------------------------------------
@@ -274,6 +408,60 @@ def test_a_failed_app_startup_is_passed_on_and_still_runs_the_sequence(lc: Lifec
     assert events == ["app startup", "shutdown listener"]
     assert not readiness.is_ready(lc)
     assert lc.state() is graceful.State.STOPPED
+
+
+def test_a_bad_setting_answers_startup_failed_before_the_app_starts(
+    lc: Lifecycle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message names the variable; the app's startup never runs; the lifecycle runs on."""
+    monkeypatch.setenv("GRACEFUL_PROBE_PORT", "abc")
+    events: list[str] = []
+
+    async def main() -> None:
+        server = Server(graceful.asgi.lifespan(lifespan_app(events), lifecycle=lc))
+        answer = await server.ask("startup")
+        assert answer["type"] == "lifespan.startup.failed"
+        assert answer["message"].startswith("graceful: GRACEFUL_PROBE_PORT='abc' is not a port number")
+        await server.task
+
+    run(main())
+    assert events == []
+    assert lc.state() is graceful.State.RUNNING
+    assert not readiness.is_ready(lc)
+
+
+def test_raising_after_receiving_startup_is_a_failed_startup(lc: Lifecycle) -> None:
+    """Raising before receiving anything is "no lifespan support"; after ``lifespan.startup``,
+    a failed startup: startup.failed with the exception, and the sequence runs."""
+
+    async def raises_at_once(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("http only")
+
+    async def raises_in_startup(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        raise ConnectionError("no database")
+
+    answers: list[dict[str, Any]] = []
+    other = Lifecycle(force_quit=BOUND, exit=Recorder())
+
+    async def main() -> None:
+        unsupported = Server(graceful.asgi.lifespan(raises_at_once, lifecycle=lc))
+        answers.append(await unsupported.ask("startup"))
+        failed = Server(graceful.asgi.lifespan(raises_in_startup, lifecycle=other))
+        answers.append(await failed.ask("startup"))
+        await failed.task
+
+    run(main())
+    assert answers == [
+        {"type": "lifespan.startup.complete"},
+        {
+            "type": "lifespan.startup.failed",
+            "message": "the app's lifespan startup raised ConnectionError('no database')",
+        },
+    ]
+    assert readiness.is_ready(lc)
+    assert other.state() is graceful.State.STOPPED
+    assert not readiness.is_ready(other)
 
 
 def test_a_failed_listener_or_app_shutdown_answers_shutdown_failed(lc: Lifecycle) -> None:

@@ -36,4 +36,7 @@ def test_with_auto_and_probes_nobody_asks_every_worker_stops_gracefully(gunicorn
     err = result.stderr
     assert "2 worker(s) stopped: 2 gracefully, 0 with a failed listener, 0 forced" in err, err
     assert err.count("drain delay auto:10: at most 1.4 s, to end 1 s before the wrap-up timeout") == 2
-    assert err.count("of drain delay: its drain delay is over") == 2, err
+    # Both reach auto's maximum at the same moment: one may see its sibling's end first.
+    ended = err.count("of drain delay: its drain delay is over")
+    assert ended >= 1, err
+    assert ended + err.count("of drain delay: a sibling worker's auto drain delay ended") == 2, err

@@ -69,13 +69,55 @@ def test_import_graceful_reads_no_environment_variable() -> None:
     assert result.stdout.split() == [str(len(bad)), "25.0"]
 
 
+LAZY = (
+    "adapters",
+    "arq",
+    "asgi",
+    "celery",
+    "dramatiq",
+    "gunicorn",
+    "iteration",
+    "lowlevel",
+    "readiness",
+    "systemd",
+    "testing",
+)
+"""The modules reachable as attributes after a plain ``import graceful``."""
+
+
 def test_public_face_is_exactly_all() -> None:
-    # Public submodules (graceful.systemd, graceful.pytest_plugin, ...) show up once imported.
+    # Public submodules (graceful.systemd, graceful.pytest_plugin, ...) show up once imported,
+    # and the lazy ones once used: modules, never among __all__'s objects.
+    for name in LAZY:
+        assert isinstance(getattr(graceful, name), types.ModuleType), name
     public = {
         name
         for name in dir(graceful)
         if not name.startswith("_") and not isinstance(getattr(graceful, name), types.ModuleType)
     }
     assert public == set(graceful.__all__)
+    assert not set(LAZY) & set(graceful.__all__)
     assert graceful.Lifecycle.__module__ == "graceful"
     assert graceful.Waiter.__module__ == "graceful"
+
+
+def test_the_hosts_and_integrations_are_attributes_after_a_plain_import() -> None:
+    """``graceful.asgi.lifespan(app)`` after only ``import graceful`` (the docs' snippets): each
+    module is imported on first use, not by ``import graceful``; an unknown name still fails."""
+    code = (
+        "import sys, graceful\n"
+        f"lazy = {LAZY!r}\n"
+        "print(sorted(n for n in lazy if f'graceful.{n}' in sys.modules))\n"
+        "app = graceful.asgi.lifespan(lambda scope, receive, send: None)\n"
+        "print(type(app).__name__, [getattr(graceful, n).__name__ for n in lazy])\n"
+        "try:\n"
+        "    graceful.asgii\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    before, modules, unknown = result.stdout.splitlines()
+    assert before == "[]"
+    assert modules == f"GracefulLifespan {[f'graceful.{n}' for n in LAZY]!r}"
+    assert unknown == "module 'graceful' has no attribute 'asgii'"

@@ -2,7 +2,8 @@
 
 Each line it prints is one ``os.write`` (atomic: workers and listener threads print at once).
 Environment: ``INNER`` = ``lifespan`` (default: the inner app has a lifespan of its own),
-``raises`` (it raises on the lifespan scope) or ``silent`` (it returns without answering);
+``raises`` (it raises on the lifespan scope), ``silent`` (it returns without answering) or
+``startup-raises`` (it receives ``lifespan.startup``, then raises: a failed startup);
 ``STUCK=1`` adds a shutdown listener that never returns; ``RELEASE_FILE``: ``/slow`` answers once
 that file exists (the test creates it: worker processes have no stdin to read a line from).
 """
@@ -41,6 +42,9 @@ async def inner(scope: Any, receive: Any, send: Any) -> None:
             raise RuntimeError("this app knows nothing of lifespan")
         if mode == "silent":
             return
+        if mode == "startup-raises":
+            await receive()
+            raise RuntimeError("the database is not there")
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
