@@ -24,9 +24,9 @@ its connection handling and the ASGI lifespan shutdown still run.
   that has sent a body with ``more_body`` and announced no ``Content-Length``) is ended with a
   last empty chunk, so its client sees a clean end of stream, and its app receives
   ``http.disconnect``. An app that is not waiting on ``receive()`` then would never hear it (a
-  raw stream that only sends, Starlette's ``StreamingResponse`` under ASGI 2.4, a ticker: issue
-  #27, item 8, held the process to the deadline): its task is cancelled, as aiohttp does, and
-  the middleware takes the cancellation as the end. What the app sends after that is dropped.
+  raw stream or a WebSocket that only sends: issue #27, item 8, held the process to the
+  deadline; Starlette's streams listen, uvicorn's HTTP being ASGI 2.3): its task is cancelled,
+  as aiohttp does, and the middleware takes the cancellation as the end. What the app sends after that is dropped.
   A response of announced length (a download) is not ended early, which would truncate it: it
   drains like any request. Both counts are logged with the drain.
 * wrap-up timeout: each request still running is logged (method, path, client, age) and cut
@@ -131,9 +131,8 @@ class _LongLived:
         """End it the protocol's way: a WebSocket's close frame (1001), a stream's last chunk.
 
         An app waiting on ``receive()`` hears the disconnect and returns by itself. One that is
-        not (it only sends: a raw ASGI stream that never reads, Starlette's ``StreamingResponse``
-        under ASGI 2.4, a ticker) would never hear it: its task is cancelled, the way aiohttp
-        tells a handler to stop, and the middleware takes that cancellation as its end (its
+        not (it only sends: a raw ASGI stream that never reads, a WebSocket ticker) would never
+        hear it: its task is cancelled, the way aiohttp tells a handler to stop, and the middleware takes that cancellation as its end (its
         ``finally`` blocks run; what it sends then goes nowhere).
         """
         self.is_ended = True
