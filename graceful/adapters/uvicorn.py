@@ -209,8 +209,14 @@ class _LongLived:
 
         async def tracked() -> Any:
             nonlocal body_read
-            if not body_read:  # the request body comes at once: no race needed
-                message = await receive()
+            if not body_read:
+                # The request body: no race needed, uvicorn's own receive() says http.disconnect
+                # once the last chunk is sent. Waiting here is listening all the same.
+                self.listening += 1
+                try:
+                    message = await receive()
+                finally:
+                    self.listening -= 1
                 body_read = message["type"] != "http.request" or not message.get("more_body")
                 return message
             if self.is_ended:
