@@ -7,8 +7,9 @@ print(list(c.unary_stream('/demo.Ticker/Ticks')(b'20')))"
 
 and press Ctrl-C in the server's terminal during the stream: the health service turns
 NOT_SERVING, new RPCs are refused, the stream in flight sends all its ticks, and the process
-exits 0. With ``GRACEFUL_FORCE_QUIT=1`` the stream outlives the budget: the log names it
-(``dropped request RPC /demo.Ticker/Ticks ...``) and the exit code is 70.
+exits 0. With ``GRACEFUL_FORCE_QUIT=1`` the stream outlives the wrap-up timeout (0.8 s of that
+budget): the log names it (``dropped request RPC /demo.Ticker/Ticks ... at the wrap-up
+timeout``), its client gets UNAVAILABLE, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # interceptor(): graceful names each RPC still running at the force-quit deadline.
+    # interceptor(): graceful names each RPC it cuts (at the wrap-up timeout, or the deadline).
     server = grpc.server(futures.ThreadPoolExecutor(16), interceptors=[interceptor()])
     handlers = {
         "Ticks": grpc.unary_stream_rpc_method_handler(ticks),

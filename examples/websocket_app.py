@@ -4,7 +4,7 @@ Run it (``pip install uvicorn websockets``), then open a WebSocket to ``ws://loc
 (``python -m websockets ws://localhost:8003/ws``) and ``curl -N localhost:8003/events`` in two
 other terminals, and press Ctrl-C here: the WebSocket client is closed with code 1001 (Going
 Away: reconnect, to another instance), the event stream ends cleanly, and the process exits 0
-at once, instead of waiting for the deadline and cutting both.
+at once, instead of waiting for a timeout and cutting both.
 
 The app is plain ASGI and knows nothing of graceful but one line: the stream stops on
 ``http.disconnect`` (its client left, or graceful ended it) and, to say goodbye first, on

@@ -501,6 +501,7 @@ class Lifecycle:
         self._stopped = Moment()
         self._forced: str | None = None
         self._report_sections: list[Callable[[], list[str]]] = []
+        self._kept_armed: list[str] = []  # keep_deadline_armed(): what may still hold the exit
         self._progress = 0
         self._driver: threading.Thread | None = None
         self._driver_waiting = False  # lowlevel.prepare() started the sequence's thread ahead
@@ -756,8 +757,10 @@ class Lifecycle:
         ]
         with self._sequence_lock:
             # An abandoned listener still running may keep the process alive: the deadline stays
-            # armed for it, and its report names it again (a thread cannot be stopped).
-            late = self._timer.passed() if left else self._timer.disarm_unless_passed()
+            # armed for it, and its report names it again (a thread cannot be stopped). So it
+            # does for what an adapter cut at the wrap-up timeout (keep_deadline_armed()).
+            kept = list(self._kept_armed)
+            late = self._timer.passed() if left or kept else self._timer.disarm_unless_passed()
         if left and not late:
             remaining = self._timer.remaining() or 0.0
             log.info(
@@ -765,6 +768,12 @@ class Lifecycle:
                 len(left),
                 ", ".join(repr(item.name) for item in left),
                 remaining,
+            )
+        if kept and not late:
+            log.info(
+                "%s: the force-quit deadline stays armed, %.3f s left",
+                "; ".join(kept),
+                self._timer.remaining() or 0.0,
             )
         if late:  # the deadline came first: the force quit owns the end (a no-op if it began)
             self.force_quit_now(f"the force-quit deadline of {self._timer.budget:g} s passed")
@@ -1045,6 +1054,20 @@ def record_failure(lifecycle: Lifecycle, what: str) -> None:
     """Note that ``what`` (a server the caller runs, say) failed: the exit code becomes 1."""
     with lifecycle._sequence_lock:
         lifecycle._phases.failures.append(what)
+
+
+def keep_deadline_armed(lifecycle: Lifecycle, why: str) -> None:
+    """Keep the force-quit deadline armed once the sequence is over, because of ``why``.
+
+    For an adapter that cut requests at the wrap-up timeout: their code may go on in a thread
+    that nothing can stop (a handler thread, an executor's), and a pool joins such threads at
+    the exit (``asyncio.run()``, ``concurrent.futures`` at interpreter exit), so the process
+    could outlive the sequence for ever. With the deadline armed, a process still alive then is
+    forced (exit 70, the report), as with an abandoned listener's thread; one that exits first
+    is not affected. Call it before the sequence ends (from a wrap-up step, say).
+    """
+    with lifecycle._sequence_lock:
+        lifecycle._kept_armed.append(why)
 
 
 def report_progress(lifecycle: Lifecycle) -> None:

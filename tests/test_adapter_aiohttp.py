@@ -16,8 +16,9 @@ from .conftest import BOUND, ROOT
 from .support.preamble import PREAMBLE
 from .support.web import (
     assert_refused_fast,
-    check_a_stuck_request_is_named_at_the_deadline,
+    check_a_stuck_request_is_cut_at_the_wrap_up_timeout,
     check_serving_during_the_drain_delay,
+    check_the_deadline_names_a_request_still_running,
     check_the_example_drains,
     closed_by_server,
     free_port,
@@ -32,8 +33,8 @@ web = pytest.importorskip("aiohttp.web")
 import graceful.adapters.aiohttp  # noqa: E402 - after the skip: it imports aiohttp
 from graceful.adapters.aiohttp import AiohttpService  # noqa: E402
 
-# /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; on_shutdown
-# and on_cleanup print. AIOHTTP_GRACE sets shutdown_timeout=; AIOHTTP_RUNNER=1 passes an
+# /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; /stubborn/<n> does
+# the same but catches the first cancellation and waits on; on_shutdown and on_cleanup print. AIOHTTP_GRACE sets shutdown_timeout=; AIOHTTP_RUNNER=1 passes an
 # AppRunner instead of the Application.
 SERVER = (
     PREAMBLE
@@ -52,6 +53,15 @@ async def answer(request):
         await asyncio.get_running_loop().run_in_executor(None, release.wait)
     return web.Response(text=request.path)
 
+async def stubborn(request):
+    say(f"in {request.match_info['name']}")
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, release.wait)
+    except asyncio.CancelledError:
+        say("cancelled, and going on")
+        await asyncio.get_running_loop().run_in_executor(None, release.wait)
+    return web.Response(text=request.path)
+
 async def on_shutdown(app):
     print("on_shutdown", flush=True)
 
@@ -59,7 +69,8 @@ async def on_cleanup(app):
     print("on_cleanup", flush=True)
 
 app = web.Application()
-app.add_routes([web.get("/slow/{name}", answer), web.get("/{tail:.*}", answer)])
+app.add_routes([web.get("/slow/{name}", answer), web.get("/stubborn/{name}", stubborn)])
+app.add_routes([web.get("/{tail:.*}", answer)])
 app.on_shutdown.append(on_shutdown)
 app.on_cleanup.append(on_cleanup)
 port = int(sys.argv[1])
@@ -104,10 +115,32 @@ def test_sigterm_with_50_requests_in_flight_answers_all_and_runs_the_hooks(
 
 
 @pytest.mark.timeout(60)
-def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(
+def test_a_request_stuck_at_the_wrap_up_timeout_is_named_answered_503_and_the_listeners_run(
     graceful_process: ProcessFactory,
 ) -> None:
-    check_a_stuck_request_is_named_at_the_deadline(graceful_process, server_code())
+    """The wrap-up timeout (1 s of a 30 s budget), not the deadline, ends the drain: the request
+    is named and answered 503, on_cleanup and the shutdown and flush listeners run, exit 1."""
+    child, future = check_a_stuck_request_is_cut_at_the_wrap_up_timeout(
+        graceful_process, server_code(), AIOHTTP_GRACE="60"
+    )
+    status, body, connection = future.result(0)
+    assert (status, connection) == (503, "close")
+    assert body == "Service Unavailable: the server stopped before this request was answered\n"
+    assert child.stdout.index("on_cleanup") < child.stdout.index("shutdown listener ran")
+    assert (  # said at start: aiohttp's longer timeout never applies
+        "aiohttp's shutdown_timeout (60 s) ends after graceful's wrap-up timeout (1 s): graceful's governs"
+        in child.stderr
+    )
+    assert "cancelled while draining" not in child.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_handler_that_outlives_its_cut_is_named_again_at_the_deadline(
+    graceful_process: ProcessFactory,
+) -> None:
+    """A handler that catches the cut's cancellation, and a stuck shutdown listener: exit 70 at
+    the deadline, and the force-quit hook names the request again."""
+    check_the_deadline_names_a_request_still_running(graceful_process, server_code(), "/stubborn/one")
 
 
 @pytest.mark.timeout(60)
@@ -124,6 +157,10 @@ def test_shutdown_timeout_cancels_and_names_the_request(graceful_process: Proces
     child.wait_for_line("on_cleanup")
     assert child.wait().returncode == 0
     assert "cancelled while draining" in child.stderr
+    assert (  # said at start: aiohttp's shorter timeout governs
+        "aiohttp's shutdown_timeout (0.3 s) ends before graceful's wrap-up timeout (20 s): aiohttp's governs"
+        in child.stderr
+    )
 
 
 @pytest.mark.timeout(60)

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from graceful import Lifecycle
+from graceful import Lifecycle, State
 from graceful.adapters import adapt
 from graceful.adapters.http import HTTPServerService
 from graceful.testing import ProcessFactory
 
-from .conftest import BOUND
+from .conftest import BOUND, Recorder
 from .support.preamble import PREAMBLE
 from .support.web import (
-    check_a_stuck_request_is_named_at_the_deadline,
+    check_a_stuck_request_is_cut_at_the_wrap_up_timeout,
     check_serving_during_the_drain_delay,
+    check_the_deadline_names_a_request_still_running,
     get,
     in_flight,
     refused_within,
@@ -109,10 +111,28 @@ def test_sigterm_with_50_requests_in_flight_answers_all_of_them(
 
 
 @pytest.mark.timeout(60)
-def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(
+@pytest.mark.parametrize("code", [SERVER, WSGI_SERVER], ids=["http.server", "wsgiref"])
+def test_a_request_stuck_at_the_wrap_up_timeout_is_abandoned_named_and_the_listeners_run(
+    graceful_process: ProcessFactory, code: str
+) -> None:
+    """The wrap-up timeout (1 s of a 30 s budget), not the deadline, ends the drain: the request
+    is named, the shutdown and flush listeners run, exit code 1. Its handler thread cannot be
+    stopped: it runs on, and its client sees the connection closed when the process exits."""
+    child, future = check_a_stuck_request_is_cut_at_the_wrap_up_timeout(
+        graceful_process, code, release=False, cut="abandoned"
+    )
+    with pytest.raises(http.client.RemoteDisconnected):
+        future.result(0)  # no response: closed at the exit
+    assert "a handler thread cannot be stopped: the 1 abandoned above run on" in child.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_request_still_running_at_the_deadline_is_named_again_and_cut(
     graceful_process: ProcessFactory,
 ) -> None:
-    check_a_stuck_request_is_named_at_the_deadline(graceful_process, SERVER)
+    """A stuck handler and a stuck shutdown listener: abandoned at the wrap-up timeout, named
+    again at the deadline and its connection shut down there (the client sees it), exit 70."""
+    check_the_deadline_names_a_request_still_running(graceful_process, SERVER, "/slow/one", cut="abandoned")
 
 
 @pytest.mark.timeout(60)
@@ -201,9 +221,12 @@ def test_a_partial_handler_is_tracked_and_a_user_shutdown_stops_everything(fresh
 
 
 @pytest.mark.timeout(30)
-def test_in_process_a_stuck_request_is_logged_by_name_at_the_deadline(
-    fresh: Lifecycle, caplog: pytest.LogCaptureFixture
+def test_in_process_a_stuck_request_is_named_at_the_wrap_up_timeout_and_the_deadline_stays_armed(
+    fresh: Lifecycle, exits: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """run() returns 1 at the wrap-up timeout; the abandoned handler still runs, so the deadline
+    stays armed: a process still alive then is forced, and the request named again."""
+    caplog.set_level(logging.INFO, "graceful")
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     import graceful
@@ -226,19 +249,29 @@ def test_in_process_a_stuck_request_is_logged_by_name_at_the_deadline(
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=BOUND)
             conn.request("POST", "/upload")
             conn.getresponse()
-        release.set()
 
     def stop_once_stuck() -> None:
         assert entered.wait(BOUND)
-        fresh.set_time_to_force_quit(0.3)
+        fresh.set_wrap_up_timeout(0.3)
+        fresh.set_time_to_force_quit(2.0)  # run() returns long before: room for a loaded machine
         fresh.shutdown("test", wait=False)
 
     caller = threading.Thread(target=client)
     caller.start()
-    assert graceful.run([server, stop_once_stuck]) == 70
+    try:
+        assert graceful.run([server, stop_once_stuck]) == 1
+        assert fresh.state() is State.STOPPED
+        assert "abandoned request POST /upload from 127.0.0.1 (running " in caplog.text
+        assert (
+            "1 request(s) abandoned at the wrap-up timeout: the force-quit deadline stays armed"
+            in caplog.text
+        )
+        assert exits.called.wait(BOUND)  # the process is still alive at the deadline
+    finally:
+        release.set()  # the abandoned handler returns: its client sees the connection closed
     caller.join(BOUND)
+    assert exits.codes == [70]
     assert "dropped request POST /upload from 127.0.0.1 (running " in caplog.text
-    assert "1 request(s) still running when the budget ran out" in caplog.text
 
 
 def test_the_adapter_takes_only_socketserver_servers() -> None:

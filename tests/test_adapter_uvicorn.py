@@ -13,9 +13,11 @@ from graceful.testing import ProcessFactory
 from .conftest import BOUND, ROOT
 from .support.preamble import PREAMBLE
 from .support.web import (
+    WRAP_UP_CUT,
     assert_refused_fast,
-    check_a_stuck_request_is_named_at_the_deadline,
+    check_a_stuck_request_is_cut_at_the_wrap_up_timeout,
     check_serving_during_the_drain_delay,
+    check_the_deadline_names_a_request_still_running,
     check_the_example_drains,
     closed_by_server,
     free_port,
@@ -24,14 +26,16 @@ from .support.web import (
     in_flight,
     run_on_a_taken_port,
     start,
+    with_listeners,
 )
 
 uvicorn = pytest.importorskip("uvicorn")
 import graceful.adapters.uvicorn  # noqa: E402 - after the skip: it imports uvicorn
 from graceful.adapters.uvicorn import UvicornService  # noqa: E402
 
-# /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; the lifespan
-# prints its startup and shutdown. UVICORN_GRACE sets uvicorn's timeout_graceful_shutdown.
+# /slow/<n> prints "in <n>" and answers once the test writes a line to stdin; /stubborn/<n> does
+# the same but catches the first cancellation and waits on; the lifespan prints its startup and
+# shutdown. UVICORN_GRACE sets uvicorn's timeout_graceful_shutdown.
 SERVER = (
     PREAMBLE
     + r"""
@@ -56,6 +60,13 @@ async def app(scope, receive, send):
         sys.stdout.write(f"in {path[6:]}\n")
         sys.stdout.flush()
         await asyncio.get_running_loop().run_in_executor(None, release.wait)
+    if path.startswith("/stubborn/"):
+        say(f"in {path[10:]}")
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        except asyncio.CancelledError:
+            say("cancelled, and going on")
+            await asyncio.get_running_loop().run_in_executor(None, release.wait)
     body = path.encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -100,10 +111,53 @@ def test_sigterm_with_50_requests_in_flight_answers_all_and_runs_the_lifespan_sh
 
 
 @pytest.mark.timeout(60)
-def test_a_request_that_outlives_the_budget_is_named_and_the_exit_is_70(
+def test_a_request_stuck_at_the_wrap_up_timeout_is_named_answered_503_and_the_listeners_run(
     graceful_process: ProcessFactory,
 ) -> None:
-    check_a_stuck_request_is_named_at_the_deadline(graceful_process, server_code())
+    """The wrap-up timeout (1 s of a 30 s budget), not the deadline, ends the drain: the request
+    is named and answered 503, the lifespan, shutdown and flush listeners run, exit code 1."""
+    child, future = check_a_stuck_request_is_cut_at_the_wrap_up_timeout(
+        graceful_process, server_code(), UVICORN_GRACE="60"
+    )
+    status, body, connection = future.result(0)
+    assert (status, connection) == (503, "close")
+    assert body == "Service Unavailable: the server stopped before this request was answered\n"
+    assert "lifespan shutdown" in child.stdout  # uvicorn's own last step still ran
+    # uvicorn's longer timeout never applied, and it was said at start
+    assert (
+        "uvicorn's timeout_graceful_shutdown (60 s) ends after graceful's wrap-up timeout (1 s): "
+        "graceful's governs" in child.stderr
+    )
+    assert "timeout graceful shutdown exceeded" not in child.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_drain_under_way_in_a_pause_is_bounded_once_a_shutdown_comes(
+    graceful_process: ProcessFactory,
+) -> None:
+    """SIGTSTP: no wrap-up timeout, the stuck request is waited for; SIGTERM starts the count,
+    and the wrap-up timeout cuts it (named, 503), exit 1."""
+    child, port = start(graceful_process, with_listeners(server_code()), **WRAP_UP_CUT)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(get, port, "/slow/stuck")
+        child.wait_for_line("in stuck")
+        child.send_signal(signal.SIGTSTP)
+        child.wait_for_output("stopped accepting", stream="stderr")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_line("shutdown listener ran")
+        assert future.result(BOUND)[0] == 503
+    child.send_line("release")
+    assert child.wait().returncode == 1
+    assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_handler_that_outlives_its_cut_is_named_again_at_the_deadline(
+    graceful_process: ProcessFactory,
+) -> None:
+    """A handler that catches the cut's cancellation, and a stuck shutdown listener: exit 70 at
+    the deadline, and the force-quit hook names the request again."""
+    check_the_deadline_names_a_request_still_running(graceful_process, server_code(), "/stubborn/one")
 
 
 @pytest.mark.timeout(60)
@@ -121,6 +175,10 @@ def test_uvicorns_own_graceful_timeout_cancels_and_names_the_request(
     child.wait_for_line("lifespan shutdown")
     assert child.wait().returncode == 0
     assert "cancelled while draining" in child.stderr
+    assert (  # said at start: uvicorn's shorter timeout governs
+        "uvicorn's timeout_graceful_shutdown (0.3 s) ends before graceful's wrap-up timeout (20 s): "
+        "uvicorn's governs" in child.stderr
+    )
 
 
 @pytest.mark.timeout(60)

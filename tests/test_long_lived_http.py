@@ -16,7 +16,7 @@ from graceful.testing import ProcessFactory
 
 from .conftest import BOUND
 from .support.preamble import PREAMBLE
-from .support.web import start
+from .support.web import DEADLINE_CUT, WRAP_UP_CUT, start, with_listeners
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 from websockets.exceptions import ConnectionClosed  # noqa: E402 - after the skip
@@ -105,11 +105,14 @@ def test_an_upgraded_connection_is_named_and_waited_for_until_its_handler_ends_i
 
 
 @pytest.mark.timeout(60)
-def test_upgraded_connections_and_tunnels_the_deadline_cuts_are_named_twice(
-    graceful_process: ProcessFactory,
+@pytest.mark.parametrize("env", [WRAP_UP_CUT, DEADLINE_CUT], ids=["wrap-up-timeout", "deadline"])
+def test_upgraded_connections_and_tunnels_still_open_are_named_at_each_step(
+    graceful_process: ProcessFactory, env: dict[str, str]
 ) -> None:
-    """1 s budget: a stuck WebSocket and a CONNECT tunnel are named at the drain's start and at the cut."""
-    child, port = start(graceful_process, SERVER, GRACEFUL_FORCE_QUIT="1")
+    """A stuck WebSocket and a CONNECT tunnel: named when the drain starts, abandoned at the
+    wrap-up timeout (exit 1, the shutdown listener runs); with a stuck shutdown listener, named
+    again and cut at the deadline (exit 70). The clients see the connection end either way."""
+    child, port = start(graceful_process, with_listeners(SERVER), **env)
     with (
         websockets_client.connect(f"ws://127.0.0.1:{port}/stuck", open_timeout=BOUND) as ws,
         socket.create_connection(("127.0.0.1", port), timeout=BOUND) as tunnel,
@@ -120,17 +123,21 @@ def test_upgraded_connections_and_tunnels_the_deadline_cuts_are_named_twice(
         child.wait_for_line("ws open /stuck")
         child.wait_for_line("tunnel open")
         child.send_signal(signal.SIGTERM)
+        child.wait_for_line("shutdown listener ran")
         with pytest.raises(ConnectionClosed) as closed:
-            drain(ws)  # cut at the deadline, not left hanging
-        assert tunnel.recv(1024) == b""  # shut down at the deadline
-    assert closed.value.rcvd is None  # a cut, no close frame: what the log lines are for
-    assert child.wait().returncode == 70
+            drain(ws)  # at the exit, or cut at the deadline: not left hanging
+        assert tunnel.recv(1024) == b""
+    assert closed.value.rcvd is None  # no close frame: what the log lines are for
+    deadline = "STUCK_SHUTDOWN" in env
+    assert child.wait().returncode == (70 if deadline else 1)
     err = child.stderr
     for what in (
         "upgraded connection (websocket) GET /stuck from 127.0.0.1 (running ",
         "tunnel CONNECT db.internal:5432 from 127.0.0.1 (running ",
     ):
-        assert f"waiting on {what}" in err
-        assert f"cut {what}" in err
-        assert err.index(f"waiting on {what}") < err.index(f"cut {what}")
-    assert "dropped request" not in err  # each named once at the cut, as what it is
+        steps = [f"waiting on {what}", f"abandoned {what}"] + ([f"cut {what}"] if deadline else [])
+        assert [err.index(step) for step in steps] == sorted(err.index(step) for step in steps), err
+        assert (f"cut {what}" in err) is deadline
+    assert err.count(") at the wrap-up timeout") == 2  # each named once there
+    assert "dropped request" not in err  # each named as what it is
+    assert "Traceback" not in err

@@ -1,8 +1,16 @@
 """The requests a web adapter is answering, so that none is dropped without a log line naming it.
 
-Why: at the force-quit deadline a server's connections are cut; the operator must learn which
-requests were lost (method, path, client, how long each had run), not only how many. Every
-web adapter records each request here when it starts and removes it when it ends.
+Why: at the wrap-up timeout (and, for what is still there, at the force-quit deadline) a
+server's requests are cut; the operator must learn which requests were lost (method, path,
+client, how long each had run), not only how many. Every web adapter records each request here
+when it starts and removes it when it ends.
+
+The wrap-up timeout (contract section 10) ends the wrap-up phase; ``run()``'s own steps are not
+abandoned there by the core, so each web adapter bounds its drain by it
+(``Context.wrap_up_remaining()``), names what it cuts (``log_dropped(AT_WRAP_UP)``) and marks the
+lifecycle failed (``cut_at_wrap_up``): exit code 1, and the shutdown phase starts; the deadline
+stays armed for a process that the code of a cut request, still running in a thread, would hold. A stuck
+request would otherwise hold every shutdown listener until the deadline (exit 70).
 
 A client that went away early is told apart from a real error here too. Behind a load balancer
 clients leave all the time (the balancer resets its pooled keep-alive connections, a health
@@ -23,26 +31,39 @@ import time
 
 from .._checks import TYPE_CHECKING
 from .._drain_delay import drain_delay_of
-from .._lifecycle import report_progress
+from .._lifecycle import keep_deadline_armed, record_failure, report_progress
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from typing import Any
 
     from .._drain_delay import Traffic
     from .._lifecycle import Lifecycle
+    from .._service import Context
 
 __all__ = [
+    "AT_WRAP_UP",
     "GONE",
+    "PAUSED_LOOK",
     "TIMED_OUT",
     "InFlight",
     "Request",
+    "cut_at_wrap_up",
     "describe_client",
     "log_ended_long_lived",
     "peer_gone",
+    "uncancel",
+    "wait_within_wrap_up",
 ]
 
 log = logging.getLogger("graceful")
+
+AT_WRAP_UP = "at the wrap-up timeout"
+"""How the log lines say when a request was cut: at the wrap-up timeout, not the deadline."""
+
+PAUSED_LOOK = 0.5
+"""Seconds between looks at the wrap-up timeout while there is none (a pause): a shutdown asked
+for during the pause starts it, and the drain under way is bounded from then on."""
 
 
 class Request:
@@ -108,6 +129,10 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._requests)
 
+    def under_way(self) -> list[object]:
+        """The keys of the requests under way (a copy)."""
+        return list(self._requests)
+
     def cut_at_deadline(self, loop: Any, cut: Callable[[], object]) -> None:
         """At the deadline (a helper thread): name every dropped request, then run ``cut`` on
         ``loop``, the asyncio loop that owns the connections (skipped once it has closed)."""
@@ -116,12 +141,52 @@ class InFlight:
             with contextlib.suppress(RuntimeError):  # the loop closed in between
                 loop.call_soon_threadsafe(cut)
 
-    def log_dropped(self, why: str = "at the force-quit deadline") -> int:
-        """Log one line per request still under way; returns how many."""
-        requests = self.requests()
+    def log_dropped(
+        self, why: str = "at the force-quit deadline", keys: Iterable[object] | None = None
+    ) -> int:
+        """Log one line per request still under way (or per one of ``keys`` still under way);
+        returns how many."""
+        if keys is None:
+            requests = self.requests()
+        else:
+            found = [self._requests.get(key) for key in keys]
+            requests = [item if isinstance(item, Request) else item() for item in found if item is not None]
         for request in requests:
             log.error("%s: dropped request %s %s", self.server_name, request.describe(), why)
         return len(requests)
+
+
+def cut_at_wrap_up(lifecycle: Lifecycle, server_name: str, what: str) -> None:
+    """``what`` (say "2 request(s) cut") of the server was cut at the wrap-up timeout: the
+    lifecycle is marked failed (exit code 1), and the force-quit deadline stays armed once the
+    sequence is over, since the code of what was cut may go on in a thread that holds the exit."""
+    happened = f"server {server_name!r}: {what} {AT_WRAP_UP}"
+    record_failure(lifecycle, happened)
+    keep_deadline_armed(lifecycle, happened)
+
+
+async def wait_within_wrap_up(ctx: Context, future: Any) -> bool:
+    """Wait for ``future`` (an asyncio task or future, not cancelled here) until the wrap-up
+    timeout; True once it is done, False when the wrap-up timeout came first.
+
+    In a pause there is no timeout: it waits on, looking every ``PAUSED_LOOK`` s whether a
+    shutdown has started one.
+    """
+    import asyncio  # not at import: the stdlib adapter imports this module too
+
+    while True:
+        left = ctx.wrap_up_remaining()
+        done, _ = await asyncio.wait({future}, timeout=PAUSED_LOOK if left is None else left)
+        if done:
+            return True
+        if left is not None:
+            return False
+
+
+def uncancel(task: Any) -> int:
+    """Undo one ``cancel()`` of ``task``; how many remain (Python 3.10 keeps no count: 0)."""
+    undo = getattr(task, "uncancel", None)
+    return int(undo()) if undo is not None else 0
 
 
 def log_ended_long_lived(name: str, websockets: int, streams: int) -> None:

@@ -14,13 +14,19 @@ with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
 * wrap-up: the drain delay (still serving); every site stops (the listening socket closes, a
   new connection is refused at once); then ``AppRunner.cleanup()``: idle keep-alive
   connections close, ``on_shutdown`` runs, requests in flight finish (their responses say
-  ``Connection: close``), ``on_cleanup`` runs. Wrap-up waits for it within the budget; aiohttp's
-  own per-connection ``shutdown_timeout`` is off unless ``shutdown_timeout=`` is given, so one
-  deadline (graceful's) decides, and a pause (SIGTSTP) has none.
+  ``Connection: close``), ``on_cleanup`` runs. Wrap-up waits for the requests until graceful's
+  wrap-up timeout; aiohttp's own per-connection ``shutdown_timeout`` is off unless
+  ``shutdown_timeout=`` is given (one that differs from the wrap-up timeout is said at start:
+  the shorter governs), and a pause (SIGTSTP) has no timeout.
+* wrap-up timeout: each request still running is logged (method, path, client, age) and its
+  handler's task is cancelled: one whose response was not prepared yet is answered 503
+  (``Connection: close``), one under way has its connection closed (its client sees the body
+  cut short). The lifecycle is marked failed (exit code 1) and the cleanup goes on
+  (``on_cleanup`` runs), so the shutdown phase starts.
 * long-lived connections: at wrap-up, once the sites have stopped and before the cleanup
-  (which would wait for them until the deadline), each open ``WebSocketResponse`` is closed with
+  (which would wait for them), each open ``WebSocketResponse`` is closed with
   code 1001 (Going Away: its client reconnects elsewhere; a handler in ``async for msg in ws``
-  leaves its loop) and each streaming response still being written (prepared, its handler not
+  leaves its loop; the client's answer is waited for until the wrap-up timeout at most) and each streaming response still being written (prepared, its handler not
   returned, no ``Content-Length``: a download of announced length is left to finish) is told to
   end: its handler's task is cancelled (asyncio's way to tell a coroutine to stop, as aiohttp's
   own ``handler_cancellation`` does when a client leaves: its ``finally`` and ``except
@@ -30,7 +36,8 @@ with aiohttp's own cleanup: ``on_shutdown`` and ``on_cleanup`` still run.
   end on their own first. A WebSocket handler's send after the close fails with
   ``ConnectionResetError``: the wrapper drops it. Both counts are logged with the drain.
 * deadline: each request still under way is logged (method, path, client, age) and its
-  connection is closed. A request that ``shutdown_timeout=`` cancels is logged the same way.
+  connection is closed: what a cut handler that goes on anyway, or a hung ``on_cleanup``, left
+  there. A request that ``shutdown_timeout=`` cancels is logged the same way.
 * sockets: the site is a ``SockSite`` on the socket ``graceful.listen()`` gives (systemd's, the
   previous generation's during an upgrade in place, or a new one); with no ``host``, one on
   ``0.0.0.0`` and one on ``::`` (as ``TCPSite`` binds every interface), on the same port.
@@ -56,7 +63,15 @@ from .._drain_delay import drain_delay_of
 from .._lifecycle import on_force_quit
 from .._service import Context
 from .._upgrade import LINGER, handing_over
-from ._inflight import InFlight, Request, log_ended_long_lived
+from ._inflight import (
+    AT_WRAP_UP,
+    InFlight,
+    Request,
+    cut_at_wrap_up,
+    log_ended_long_lived,
+    uncancel,
+    wait_within_wrap_up,
+)
 
 if TYPE_CHECKING:
     from typing import Any
@@ -115,7 +130,7 @@ class AiohttpService:
         port: the port; None reads the ``PORT`` environment variable, else 8080. 0 picks a
             free port (``service.port`` says which once started).
         shutdown_timeout: seconds aiohttp gives each request at wrap-up before cancelling it;
-            None (the default): graceful's force-quit deadline alone bounds the drain.
+            None (the default): graceful's wrap-up timeout alone bounds the drain.
         name: the name in graceful's logs and report.
         site_options: passed to ``web.TCPSite`` (``reuse_port=True``, ``backlog=``,
             ``ssl_context=``...).
@@ -170,6 +185,7 @@ class AiohttpService:
         self._long_lived: dict[object, _LongLived] = {}  # by the handler's task
         self._prepare_done: asyncio.Future[None] | None = None
         self._handler: Any = None  # the runner's own request handler, wrapped by _track
+        self._cut_tasks: set[object] = set()  # the handlers' tasks cancelled at the wrap-up timeout
         self.runner.app.on_response_prepare.append(self._prepared)
 
     def _prepared(self, request: web.Request, response: web.StreamResponse) -> asyncio.Future[None]:
@@ -207,7 +223,11 @@ class AiohttpService:
             raise
         except asyncio.CancelledError:
             entry = self._long_lived.get(task)
-            if entry is not None and entry.ended and entry.response is not None and _uncancel(task) == 0:
+            if task in self._cut_tasks and uncancel(task) == 0:  # cut at the wrap-up timeout
+                if entry is None or entry.response is None or not entry.response.prepared:
+                    return _unavailable()
+                raise  # a response under way: aiohttp closes the connection, the body cut short
+            if entry is not None and entry.ended and entry.response is not None and uncancel(task) == 0:
                 with contextlib.suppress(ConnectionError):  # the client left meanwhile
                     await entry.response.write_eof()  # the final chunk: a clean end of stream
                 return entry.response
@@ -228,6 +248,7 @@ class AiohttpService:
         self._prepare_done = self._loop.create_future()
         self._prepare_done.set_result(None)
         on_force_quit(ctx.lifecycle, self._forced, name=f"cut requests still running on {self.name}")
+        self._say_which_timeout_governs(ctx)
         await self.runner.setup()
         server = self.runner.server
         assert server is not None  # setup() made it
@@ -241,6 +262,37 @@ class AiohttpService:
             self.port = addresses[0][1]
         ctx.started()
         await self._done.wait()
+
+    def _say_which_timeout_governs(self, ctx: Context) -> None:
+        """One WARNING at start when ``shutdown_timeout=`` differs from graceful's wrap-up
+        timeout: both cut the requests still running, the first wins.
+
+        aiohttp counts from its own shutdown, which starts once a fixed drain delay is over.
+        """
+        grace = self.shutdown_timeout
+        if grace is None:
+            return
+        wrap_up = ctx.lifecycle.wrap_up_timeout
+        delay = drain_delay_of(ctx.lifecycle).setting
+        after = 0.0 if delay.auto else delay.seconds
+        since = f" (counted after the {after:g} s drain delay)" if after else ""
+        how = "GRACEFUL_WRAP_UP_TIMEOUT or graceful.set_wrap_up_timeout()"
+        if after + grace < wrap_up:
+            log.warning(
+                "%s: aiohttp's shutdown_timeout (%g s%s) ends before graceful's wrap-up timeout "
+                "(%g s): aiohttp's governs, it cancels the requests still running first (each "
+                "named, exit code 0). To let graceful's decide (each named, exit code 1), leave "
+                "shutdown_timeout= out; to keep aiohttp's, set %s to %g",
+                self.name, grace, since, wrap_up, how, after + grace,
+            )  # fmt: skip
+        elif after + grace > wrap_up:
+            log.warning(
+                "%s: aiohttp's shutdown_timeout (%g s%s) ends after graceful's wrap-up timeout "
+                "(%g s): graceful's governs, it cuts the requests still running first, so "
+                "aiohttp's never applies. Leave shutdown_timeout= out, or give the drain longer "
+                "with %s (below the force-quit budget)",
+                self.name, grace, since, wrap_up, how,
+            )  # fmt: skip
 
     def _sites(self, ctx: Context) -> list[web.BaseSite]:
         """A ``SockSite`` on each socket ``graceful.listen()`` gives (see the module docstring)."""
@@ -279,15 +331,19 @@ class AiohttpService:
         self._draining = True
         for site in list(self.runner.sites):
             await site.stop()  # the listening socket closes: new connections are refused
-        websockets, streams = await self._end_long_lived(ctx.remaining())
+        websockets, streams = await self._end_long_lived(ctx.wrap_up_remaining())
         log_ended_long_lived(self.name, websockets, streams)
         log.info("%s: stopped accepting; draining %d request(s)", self.name, len(self.in_flight))
         if handing_over(ctx.lifecycle):
             await self._linger()
-        # aiohttp's per-connection timeout (None: wait as long as graceful's deadline allows).
+        # aiohttp's per-connection timeout (None: wait until graceful's wrap-up timeout).
         self.runner._shutdown_timeout = self.shutdown_timeout  # type: ignore[assignment]
         cleanup = asyncio.ensure_future(self.runner.cleanup())  # on_shutdown, drain, on_cleanup
-        done, _ = await asyncio.wait({cleanup}, timeout=ctx.remaining())
+        done = await wait_within_wrap_up(ctx, cleanup)
+        if not done:
+            self._cut_at_wrap_up(ctx)
+            # the rest of the cleanup (on_cleanup) is the app's own, not a request: the deadline bounds it
+            done = bool((await asyncio.wait({cleanup}, timeout=ctx.remaining()))[0])
         if not done:
             log.warning(
                 "%s: %d request(s) still running when the budget ran out", self.name, len(self.in_flight)
@@ -295,6 +351,20 @@ class AiohttpService:
         self._done.set()
         if done:
             cleanup.result()  # an on_shutdown/on_cleanup handler that raised fails the sequence
+
+    def _cut_at_wrap_up(self, ctx: Context) -> None:
+        """The wrap-up timeout has come: name each request still running and cancel its handler
+        (``_track`` answers 503 if no response was prepared yet; aiohttp closes the connection of
+        one under way), so that the cleanup goes on and the shutdown phase starts (the lifecycle
+        is marked failed: exit code 1)."""
+        running = self.in_flight.under_way()
+        count = self.in_flight.log_dropped(AT_WRAP_UP, running)
+        if count:
+            cut_at_wrap_up(ctx.lifecycle, self.name, f"{count} request(s) cut")
+        for task in running:
+            if isinstance(task, asyncio.Task) and not task.done():
+                self._cut_tasks.add(task)
+                task.cancel("graceful: cut at the wrap-up timeout")
 
     async def _end_long_lived(self, budget: float | None) -> tuple[int, int]:
         """Close each open WebSocket with 1001 and end each stream; (WebSockets, streams) ended.
@@ -338,10 +408,15 @@ class AiohttpService:
             connection.force_close()
 
 
-def _uncancel(task: asyncio.Task[Any] | None) -> int:
-    """Undo one ``cancel()`` of ``task``; how many remain (Python 3.10 keeps no count: 0)."""
-    uncancel = getattr(task, "uncancel", None)
-    return int(uncancel()) if uncancel is not None else 0
+UNAVAILABLE = "Service Unavailable: the server stopped before this request was answered\n"
+"""The body of the 503 a request cut at the wrap-up timeout gets, when no response was prepared."""
+
+
+def _unavailable() -> web.Response:
+    """The answer to a request cut at the wrap-up timeout before its response was prepared."""
+    response = web.Response(status=503, text=UNAVAILABLE)
+    response.force_close()  # Connection: close
+    return response
 
 
 def adapt(obj: object) -> AiohttpService | None:

@@ -11,8 +11,17 @@ itself, and drains in the order every graceful web adapter follows:
    listening socket closes, so a new connection is refused at once instead of hanging;
 3. idle keep-alive connections are closed; a request in flight finishes and its response says
    ``Connection: close``; a connection accepted but silent for ``IDLE_GRACE`` s is closed;
-4. at the force-quit deadline each request still running is logged (method, path, client, how
-   long it had run) and its connection is shut down.
+4. at the wrap-up timeout each request still running is logged (method, path, client, how long
+   it had run), every idle connection is closed, the lifecycle is marked failed (exit code 1)
+   and the drain returns, so the shutdown phase starts. A thread cannot be stopped: each handler
+   still running is *abandoned*, left to finish or to end with the process. Its socket is left
+   open under it (shut, it would only turn the handler's next write into an error and a
+   traceback): a handler that finishes during the shutdown phase still answers, and otherwise
+   its client sees the connection closed, with no response or a short one, when the process
+   exits. Handler threads are made daemons (``daemon_threads``), so one of them never holds the
+   exit, and ``server_close()`` does not wait for them;
+5. at the force-quit deadline, if the process is still there (a stuck shutdown listener), each
+   request still running is logged again and its connection is shut down.
 
 Upgraded and hijacked connections (a handler that answered ``101 Switching Protocols``, a
 WebSocket written by hand, or a ``CONNECT`` tunnel) never end by themselves, and a standard
@@ -20,8 +29,9 @@ library server does not know their protocol: it cannot send a WebSocket its 1001
 as the uvicorn and aiohttp adapters do, and cutting the socket would be a reset, not a
 goodbye. So the adapter names each one in the drain log when the drain starts (what it is,
 method, path, client, how long it has been open), keeps waiting for its handler under the
-budget (a handler ends it the protocol's way once ``graceful.is_stopping()`` is true), counts
-those that ended, and names each again if the deadline cuts it. Nothing is waited on silently.
+wrap-up timeout (a handler ends it the protocol's way once ``graceful.is_stopping()`` is true),
+counts those that ended, and names each again when the wrap-up timeout abandons it (and once
+more if the deadline cuts it). Nothing is waited on silently.
 
 A pause (SIGTSTP) does the same without a deadline. A handler that calls ``server.shutdown()``
 asks graceful for a shutdown instead (``serve_forever()`` is not what runs the loop here).
@@ -56,7 +66,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from socketserver import TCPServer
+from socketserver import TCPServer, ThreadingMixIn
 
 from .._checks import TYPE_CHECKING
 from .._drain_delay import drain_delay_of
@@ -64,7 +74,7 @@ from .._lifecycle import on_force_quit, report_progress
 from .._service import Context
 from .._sockets import is_listening
 from .._upgrade import LINGER, handing_over
-from ._inflight import GONE, TIMED_OUT, Request, describe_client, peer_gone
+from ._inflight import AT_WRAP_UP, GONE, TIMED_OUT, Request, cut_at_wrap_up, describe_client, peer_gone
 
 monotonic = time.monotonic
 
@@ -283,6 +293,10 @@ class HTTPServerService:
         self.tracker.name = self.name
         server.RequestHandlerClass = _track(server.RequestHandlerClass, self.tracker)
         self._report_error: Callable[[Any, Any], None] = server.handle_error  # the user's, if overridden
+        if isinstance(server, ThreadingMixIn):
+            # A handler abandoned at the wrap-up timeout must not hold the exit, nor server_close()
+            # (which joins the threads that are not daemons): the drain has waited for the others.
+            server.daemon_threads = True
         server.handle_error = self._handle_error  # type: ignore[method-assign]  # this instance only
         self._widen_backlog()
         self._wake: tuple[socket.socket, socket.socket] | None = None  # made by serve()
@@ -409,17 +423,37 @@ class HTTPServerService:
             with contextlib.suppress(OSError):  # closed already: the loop has left
                 self._wake[1].send(b"\0")
         if not self._drain(ctx):
-            if not self._loop_left.is_set():
-                log.warning("%s: the accept loop did not stop within the budget", self.name)
-            left = self.tracker.in_flight()
-            log.warning("%s: %d request(s) still running when the budget ran out", self.name, len(left))
+            self._abandon_at_wrap_up(ctx)
+
+    def _abandon_at_wrap_up(self, ctx: Context) -> None:
+        """The wrap-up timeout has come: name each request (and upgraded connection) still
+        running, close the idle connections, mark the lifecycle failed and return (the module
+        docstring says why the handlers' threads and sockets are left as they are)."""
+        if not self._loop_left.is_set():  # a one-thread server: its loop is the stuck handler
+            log.warning("%s: the accept loop did not stop by the wrap-up timeout", self.name)
+        for what, request in self.tracker.long_lived():
+            log.error("%s: abandoned %s %s %s", self.name, what, request.describe(), AT_WRAP_UP)
+        requests = self.tracker.in_flight(upgraded_too=False)
+        for request in requests:
+            log.error("%s: abandoned request %s %s", self.name, request.describe(), AT_WRAP_UP)
+        count = len(self.tracker.in_flight())
+        if count:
+            log.warning(
+                "%s: a handler thread cannot be stopped: the %d abandoned above run on, and end "
+                "with the process (their clients then see the connection closed)",
+                self.name,
+                count,
+            )
+            cut_at_wrap_up(ctx.lifecycle, self.name, f"{count} request(s) abandoned")
+        for handler in self.tracker.idle(fresh_too=True):
+            _shut(handler)
 
     def _drain(self, ctx: Context) -> bool:
         """Until the accept loop has left and every connection is closed, close the idle ones.
 
         Idle connections are closed while the loop is still leaving too: a single-threaded
         server's loop is itself busy with a keep-alive connection until that one closes.
-        True once drained; False when the budget ran out.
+        True once drained; False at the wrap-up timeout.
         """
         listening_closed: float | None = None
         named = self._name_long_lived()  # now: a one-thread server's loop may be what runs one
@@ -437,7 +471,7 @@ class HTTPServerService:
             for handler in self._to_close(fresh_too, idle_since):
                 if not _has_input(handler):
                     _shut(handler)
-            remaining = ctx.remaining()
+            remaining = ctx.wrap_up_remaining()  # None in a pause: no bound (read each turn)
             step = 0.05 if remaining is None else min(0.05, max(remaining, 0.0))
             if listening_closed is None:
                 self._loop_left.wait(step)
@@ -466,7 +500,7 @@ class HTTPServerService:
         for what, request in long_lived:
             log.warning(
                 "%s: waiting on %s %s: graceful cannot end a protocol it does not know; its handler "
-                "ends it (graceful.is_stopping()), or the deadline cuts it",
+                "ends it (graceful.is_stopping()), or the wrap-up timeout abandons it",
                 self.name,
                 what,
                 request.describe(),

@@ -14,19 +14,28 @@ its connection handling and the ASGI lifespan shutdown still run.
   once (a new connection is refused now, not on uvicorn's next tick), ``should_exit`` is set
   and uvicorn's main loop is woken: uvicorn closes idle keep-alive connections, closes the
   others once their response is sent (the middleware adds ``Connection: close``), waits for
-  them and runs the lifespan shutdown. Wrap-up waits for all of it within the budget. uvicorn's
-  own shutdown sleeps 0.1 s and then polls its connections every 0.1 s; graceful runs the same
-  steps looking every 5 ms, so the drain ends within 5 ms of the last response, not ~0.2 s.
+  them and runs the lifespan shutdown. Wrap-up waits for the requests until graceful's wrap-up
+  timeout. uvicorn's own shutdown sleeps 0.1 s and then polls its connections every 0.1 s;
+  graceful runs the same steps looking every 5 ms, so the drain ends within 5 ms of the last
+  response, not ~0.2 s.
 * long-lived connections: at wrap-up, before uvicorn's own shutdown (which would close them
   with 1012), each accepted WebSocket gets a close frame with code 1001 (Going Away: its client
   reconnects elsewhere) and its app a ``websocket.disconnect``; each streaming response (one
   that has sent a body with ``more_body`` and announced no ``Content-Length``) is ended with a
   last empty chunk, so its client sees a clean end of stream, and its app receives
-  ``http.disconnect``. What the app sends after that is dropped. A response of announced length
-  (a download) is not ended early, which would truncate it: it drains like any request. Both
-  counts are logged with the drain.
-* deadline: every request still under way is logged (method, path, client, age), uvicorn is
-  told to force-exit and its connections are cut. A request that uvicorn's own
+  ``http.disconnect``. An app that is not waiting on ``receive()`` then would never hear it (a
+  raw stream or a WebSocket that only sends: issue #27, item 8, held the process to the
+  deadline; Starlette's streams listen, uvicorn's HTTP being ASGI 2.3): its task is cancelled,
+  as aiohttp does, and the middleware takes the cancellation as the end. What the app sends after that is dropped.
+  A response of announced length (a download) is not ended early, which would truncate it: it
+  drains like any request. Both counts are logged with the drain.
+* wrap-up timeout: each request still running is logged (method, path, client, age) and cut
+  as uvicorn's own ``timeout_graceful_shutdown`` would (its task cancelled): answered 503 if its
+  response had not started, its connection aborted if it had (the client sees it short). The
+  lifecycle is marked failed (exit code 1), uvicorn's lifespan shutdown still runs, and the
+  shutdown phase starts. A ``timeout_graceful_shutdown`` that differs is said at start.
+* deadline: every request still under way (a handler that went on after its cut) is logged,
+  uvicorn is told to force-exit and its connections are cut. A request that uvicorn's own
   ``timeout_graceful_shutdown`` cancels is logged the same way.
 * sockets: uvicorn is handed the socket ``graceful.listen()`` gives for its ``host``/``port``
   (or ``uds``) and ``backlog`` (``Server.serve(sockets=[...])``, as gunicorn's uvicorn worker
@@ -54,7 +63,15 @@ from .._lifecycle import on_force_quit
 from .._service import Context
 from .._sockets import describe
 from .._upgrade import LINGER, handing_over
-from ._inflight import InFlight, Request, log_ended_long_lived
+from ._inflight import (
+    AT_WRAP_UP,
+    InFlight,
+    Request,
+    cut_at_wrap_up,
+    log_ended_long_lived,
+    uncancel,
+    wait_within_wrap_up,
+)
 
 if TYPE_CHECKING:
     from typing import Any
@@ -62,24 +79,43 @@ if TYPE_CHECKING:
 log = logging.getLogger("graceful")
 _uvicorn_log = logging.getLogger("uvicorn.error")  # where uvicorn's own shutdown lines go
 _LOOK = 0.005  # s: how often the drain looks at uvicorn's connections (uvicorn: 0.1 s)
+CUT_WAIT = 0.5
+"""Seconds the cut at the wrap-up timeout waits for the cancelled request tasks to end."""
 
 __all__ = ["UvicornService", "adapt"]
 
 
 class _LongLived:
-    """One WebSocket or streaming response, and how to end it the way its protocol wants.
+    """One HTTP request or WebSocket, and how to end it the way its protocol wants.
 
     Every HTTP request gets one, so it is cheap until it matters: the future that wakes a
     pending ``receive()`` is made only when the app waits on ``receive()`` past the body.
     """
 
-    __slots__ = ("_ended", "headers", "is_ended", "kind", "open", "send")
+    __slots__ = (
+        "_ended",
+        "cancels",
+        "cut",
+        "headers",
+        "is_ended",
+        "kind",
+        "listening",
+        "open",
+        "send",
+        "started",
+        "task",
+    )
 
-    def __init__(self, kind: str, send: Any) -> None:
+    def __init__(self, kind: str, send: Any, task: asyncio.Task[Any] | None) -> None:
         self.kind = kind  # "websocket" or "http"
         self.send = send  # the server's send: not the app's wrapped one
+        self.task = task  # the task that runs the app for this request (uvicorn: one a request)
         self.open = False  # accepted WebSocket, or a response body under way
+        self.started = False  # the response's start (status, headers) was sent
         self.is_ended = False  # ended at wrap-up
+        self.cut = False  # cut at the wrap-up timeout
+        self.cancels = 0  # how many times the adapter cancelled its task (ended, cut)
+        self.listening = 0  # receive() calls pending past the body: the app hears a disconnect
         self.headers: Any = ()  # the response's, read only if it streams: a download is not ended
         self._ended: asyncio.Future[None] | None = None
 
@@ -92,13 +128,58 @@ class _LongLived:
         return self._ended
 
     async def end(self) -> None:
+        """End it the protocol's way: a WebSocket's close frame (1001), a stream's last chunk.
+
+        An app waiting on ``receive()`` hears the disconnect and returns by itself. One that is
+        not (it only sends: a raw ASGI stream that never reads, a WebSocket ticker) would never
+        hear it: its task is cancelled, the way aiohttp tells a handler to stop, and the middleware takes that cancellation as its end (its
+        ``finally`` blocks run; what it sends then goes nowhere).
+        """
         self.is_ended = True
+        hears = self.listening > 0  # now: once woken, the app may stop listening to end itself
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)  # the app's pending receive() hears the disconnect
-        if self.kind == "websocket":
-            await self.send({"type": "websocket.close", "code": 1001, "reason": "server going away"})
-        else:
-            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            if self.kind == "websocket":
+                await self.send({"type": "websocket.close", "code": 1001, "reason": "server going away"})
+            else:
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if not hears:
+                self.cancel()
+
+    def cancel(self, why: str = "graceful: the connection was ended") -> asyncio.Task[Any] | None:
+        """Cancel the app's task; the task, or None if it is over. The middleware counts the
+        cancellations that are the adapter's, to tell them from uvicorn's and asyncio's own."""
+        task = self.task
+        if task is None or task.done():
+            return None
+        self.cancels += 1
+        task.cancel(why)
+        return task
+
+    def ours(self) -> bool:
+        """In the app's ``except CancelledError``: the cancellation was the adapter's alone
+        (each of its ``cancel()`` undone; any other left, it is not ours to swallow)."""
+        if not self.cancels:
+            return False
+        left = 0
+        for _ in range(self.cancels):
+            left = uncancel(self.task)
+        return left == 0
+
+    def cut_now(self) -> asyncio.Task[Any] | None:
+        """At the wrap-up timeout: stop it whatever it is doing; its task, if still running.
+
+        A response under way is cut (its connection aborted first, so that uvicorn takes the
+        app's end as a client gone); one not started yet is answered 503 by the middleware.
+        """
+        self.cut = self.is_ended = True  # what the app sends from now on goes nowhere
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+        if self.started:
+            self.abort()
+        return self.cancel("graceful: cut at the wrap-up timeout")
 
     def tracked_send(self, track: _Track) -> Any:
         """The WebSocket's send: an accepted one is long-lived until it closes."""
@@ -128,21 +209,39 @@ class _LongLived:
 
         async def tracked() -> Any:
             nonlocal body_read
-            if not body_read:  # the request body comes at once: no race needed
-                message = await receive()
+            if not body_read:
+                # The request body: no race needed, uvicorn's own receive() says http.disconnect
+                # once the last chunk is sent. Waiting here is listening all the same.
+                self.listening += 1
+                try:
+                    message = await receive()
+                finally:
+                    self.listening -= 1
                 body_read = message["type"] != "http.request" or not message.get("more_body")
                 return message
             if self.is_ended:
                 return self.gone()
             pending = asyncio.ensure_future(receive())
+            self.listening += 1
             try:
                 await asyncio.wait({pending, self.ended()}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                self.listening -= 1
                 if not pending.done():
                     pending.cancel()
             return pending.result() if pending.done() and not pending.cancelled() else self.gone()
 
         return tracked
+
+    def abort(self) -> None:
+        """Close the connection at once (a response under way is cut: its client sees it short).
+
+        The transport is uvicorn's cycle's (``send`` is its bound method); the connection lost
+        first, uvicorn takes the app's return as a client gone, with no error line.
+        """
+        transport = getattr(getattr(self.send, "__self__", None), "transport", None)
+        if transport is not None:
+            transport.abort()
 
 
 def _sized(headers: Any) -> bool:
@@ -173,36 +272,56 @@ class _Track:
         self.draining = draining
         self.long_lived: set[_LongLived] = set()
 
-    async def end_long_lived(self) -> tuple[int, int]:
-        """Close each open WebSocket with 1001 and end each stream; (WebSockets, streams) ended."""
+    async def end_long_lived(self, ctx: Context) -> tuple[int, int]:
+        """Close each open WebSocket with 1001 and end each stream, all at once; (WebSockets,
+        streams) ended.
+
+        Waited for until the wrap-up timeout at most: a WebSocket close that waits for its
+        client's answer (uvicorn's ``websockets`` legacy protocol does) holds no longer, and
+        uvicorn's shutdown closes such connections next anyway.
+        """
         ending = [item for item in self.long_lived if item.open and not item.is_ended]
         self.long_lived.clear()
-        for item in ending:
-            try:
-                await item.end()
-            except Exception as exc:  # noqa: BLE001 - a client already gone is no failure
-                log.debug("%s: ending a %s: %r", self.in_flight.server_name, item.kind, exc)
+        if ending:
+            together = asyncio.gather(*(self._end(item) for item in ending))
+            await wait_within_wrap_up(ctx, together)
         websockets = sum(item.kind == "websocket" for item in ending)
         return websockets, len(ending) - websockets
 
+    async def _end(self, item: _LongLived) -> None:
+        try:
+            await item.end()
+        except Exception as exc:  # noqa: BLE001 - a client already gone is no failure
+            log.debug("%s: ending a %s: %r", self.in_flight.server_name, item.kind, exc)
+
+    def cut(self) -> list[asyncio.Task[Any]]:
+        """At the wrap-up timeout: cut every request still under way; the tasks cancelled."""
+        cut = (stream.cut_now() for stream in self.in_flight.under_way() if isinstance(stream, _LongLived))
+        return [task for task in cut if task is not None]
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
-            socket = _LongLived("websocket", send)
-            await self.app(scope, socket.tracked_receive(receive), socket.tracked_send(self))
+            socket = _LongLived("websocket", send, asyncio.current_task())
+            try:
+                await self.app(scope, socket.tracked_receive(receive), socket.tracked_send(self))
+            except asyncio.CancelledError:
+                if not socket.ours():  # closed with 1001 at wrap-up, and it was not listening
+                    raise
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        stream = _LongLived("http", send)
+        stream = _LongLived("http", send, asyncio.current_task())
         in_flight, draining, long_lived = self.in_flight, self.draining, self.long_lived
         request = partial(_request, scope, monotonic())  # a Request only when one is logged
         in_flight.add(stream, request)
 
         def tracked_send(message: Any) -> Any:  # returns the server's send, awaited by the app
             if stream.is_ended:
-                return _nothing()  # ended at wrap-up: the app's later messages go nowhere
+                return _nothing()  # ended at wrap-up (or cut): the app's later messages go nowhere
             kind = message["type"]
             if kind == "http.response.start":
+                stream.started = True
                 stream.headers = message.get("headers", ())
                 if draining.is_set():
                     headers = list(stream.headers)
@@ -221,6 +340,10 @@ class _Track:
         try:
             await self.app(scope, stream.tracked_receive(receive), tracked_send)
         except asyncio.CancelledError:
+            if stream.ours():  # ended at wrap-up (its last chunk is sent), or cut
+                if stream.cut and not stream.started:
+                    await _unavailable(send)
+                return
             if draining.is_set():  # uvicorn's own timeout_graceful_shutdown cancelled it
                 log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
                     "%s: dropped request %s (cancelled while draining)",
@@ -232,12 +355,32 @@ class _Track:
             in_flight.discard(stream)
 
 
+UNAVAILABLE = b"Service Unavailable: the server stopped before this request was answered\n"
+"""The body of the 503 a request cut at the wrap-up timeout gets, when no response had started."""
+
+
+async def _unavailable(send: Any) -> None:
+    """Answer 503 (``Connection: close``): the request was cut before its response started."""
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(UNAVAILABLE)).encode()),
+        (b"connection", b"close"),
+    ]
+    try:
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": UNAVAILABLE})
+    except Exception as exc:  # noqa: BLE001 - the client went away meanwhile: nothing to answer
+        log.debug("answering 503 to a request cut at the wrap-up timeout: %r", exc)
+
+
 class UvicornService:
     """A ``uvicorn.Server``: uvicorn's own graceful exit, driven by graceful.
 
-    Leave uvicorn's ``timeout_graceful_shutdown`` unset to let graceful's force-quit deadline
-    bound the drain (each request still running then is logged, exit code 70); set it to make
-    uvicorn cancel slow requests earlier (each is logged too, and the exit stays 0).
+    Leave uvicorn's ``timeout_graceful_shutdown`` unset to let graceful's wrap-up timeout bound
+    the drain (each request still running then is named and cut, exit code 1); set it shorter
+    to make uvicorn cancel slow requests earlier (each is named too, and the exit stays 0). A
+    value that differs from the wrap-up timeout is said at start (one WARNING): the shorter one
+    governs.
     """
 
     bounds_its_drain = True
@@ -260,12 +403,14 @@ class UvicornService:
         self._exit: asyncio.Event | None = None
         self._track: _Track | None = None
         self._lifecycle: Any = None  # set by serve()
+        self._cutting = False  # cut at the wrap-up timeout: the drain waits for no request task
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
         self.in_flight.lifecycle = ctx.lifecycle
         self._draining, self._done, self._exit = asyncio.Event(), asyncio.Event(), asyncio.Event()
         on_force_quit(ctx.lifecycle, self._forced, name=f"cut requests still running on {self.name}")
+        self._say_which_timeout_governs(ctx)
         server, config = self.server, self.server.config
         if not config.loaded:
             config.load()
@@ -293,6 +438,37 @@ class UvicornService:
             ) from None
         finally:
             self._done.set()
+
+    def _say_which_timeout_governs(self, ctx: Context) -> None:
+        """One WARNING at start when uvicorn's ``timeout_graceful_shutdown`` is set and differs
+        from graceful's wrap-up timeout: both cut the requests still running, the first wins.
+
+        uvicorn counts from its own shutdown, which starts once a fixed drain delay is over.
+        """
+        grace = self.server.config.timeout_graceful_shutdown
+        if grace is None:
+            return
+        wrap_up = ctx.lifecycle.wrap_up_timeout
+        delay = drain_delay_of(ctx.lifecycle).setting
+        after = 0.0 if delay.auto else delay.seconds
+        since = f" (counted after the {after:g} s drain delay)" if after else ""
+        how = "GRACEFUL_WRAP_UP_TIMEOUT or graceful.set_wrap_up_timeout()"
+        if after + grace < wrap_up:
+            log.warning(
+                "%s: uvicorn's timeout_graceful_shutdown (%g s%s) ends before graceful's wrap-up "
+                "timeout (%g s): uvicorn's governs, it cancels the requests still running first "
+                "(each named, exit code 0). To let graceful's decide (each named, exit code 1), "
+                "leave timeout_graceful_shutdown unset; to keep uvicorn's, set %s to %g",
+                self.name, grace, since, wrap_up, how, after + grace,
+            )  # fmt: skip
+        elif after + grace > wrap_up:
+            log.warning(
+                "%s: uvicorn's timeout_graceful_shutdown (%g s%s) ends after graceful's wrap-up "
+                "timeout (%g s): graceful's governs, it cuts the requests still running first, "
+                "so uvicorn's never applies. Leave timeout_graceful_shutdown unset, or give the "
+                "drain longer with %s (below the force-quit budget)",
+                self.name, grace, since, wrap_up, how,
+            )  # fmt: skip
 
     def _listen(self, ctx: Context) -> list[Any] | None:
         """The listening socket for uvicorn's ``host``/``port`` or ``uds``, through
@@ -371,11 +547,15 @@ class UvicornService:
             await asyncio.sleep(_LOOK)
 
     async def _drained(self) -> None:
-        """Until uvicorn has no connection, then no request task, left (or is told to force-exit)."""
+        """Until uvicorn has no connection, then no request task, left (or is told to force-exit).
+
+        Once the wrap-up timeout has cut the requests, a task that ignores its cancellation is
+        not waited for (it was named; the deadline names it again if it is still there)."""
         server, state = self.server, self.server.server_state
-        for pending in (state.connections, state.tasks):
-            while pending and not server.force_exit:
-                await asyncio.sleep(_LOOK)
+        while state.connections and not server.force_exit:
+            await asyncio.sleep(_LOOK)
+        while state.tasks and not server.force_exit and not self._cutting:
+            await asyncio.sleep(_LOOK)
         for listener in server.servers:
             await listener.wait_closed()
 
@@ -387,18 +567,49 @@ class UvicornService:
         for listener in getattr(self.server, "servers", ()):
             listener.close()  # refuse new connections now, not at uvicorn's next tick
         if self._track is not None:  # before uvicorn's own shutdown would close them with 1012
-            websockets, streams = await self._track.end_long_lived()
+            websockets, streams = await self._track.end_long_lived(ctx)
             log_ended_long_lived(self.name, websockets, streams)
         self.server.should_exit = True
         if self._exit is not None:
             self._exit.set()
         log.info("%s: stopped accepting; draining %d request(s)", self.name, len(self.in_flight))
+        done = asyncio.ensure_future(self._done.wait())
         try:
-            await asyncio.wait_for(self._done.wait(), ctx.remaining())
-        except asyncio.TimeoutError:
-            log.warning(
-                "%s: %d request(s) still running when the budget ran out", self.name, len(self.in_flight)
-            )
+            if await wait_within_wrap_up(ctx, done):
+                return
+            await self._cut_at_wrap_up(ctx)
+            # uvicorn's own last steps (the lifespan shutdown): the app's cleanup, not a request
+            finished, _ = await asyncio.wait({done}, timeout=ctx.remaining())
+            if not finished:
+                log.warning(
+                    "%s: %d request(s) still running when the budget ran out", self.name, len(self.in_flight)
+                )
+        finally:
+            done.cancel()
+
+    async def _cut_at_wrap_up(self, ctx: Context) -> None:
+        """The wrap-up timeout has come: name each request still running and cut it, so that
+        the shutdown phase starts (the lifecycle is marked failed: exit code 1).
+
+        As uvicorn's own ``timeout_graceful_shutdown`` does, each request's task is cancelled:
+        one whose response had not started is answered 503 (``Connection: close``), one under
+        way has its connection aborted (its client sees the response cut short). Then what is
+        still open (a response its client does not read, a WebSocket close nobody answers) is
+        closed. uvicorn's lifespan shutdown still runs.
+        """
+        count = self.in_flight.log_dropped(AT_WRAP_UP)
+        if count:
+            cut_at_wrap_up(ctx.lifecycle, self.name, f"{count} request(s) cut")
+        self._cutting = True
+        tasks = self._track.cut() if self._track is not None else []
+        if tasks:  # one loop turn each, unless one catches the cancellation and goes on
+            remaining = ctx.remaining()
+            await asyncio.wait(tasks, timeout=CUT_WAIT if remaining is None else min(CUT_WAIT, remaining))
+        left = [c for c in list(self.server.server_state.connections) if getattr(c, "transport", None)]
+        for connection in left:
+            connection.transport.abort()
+        if left:
+            log.warning("%s: closed %d connection(s) still open %s", self.name, len(left), AT_WRAP_UP)
 
     async def close(self, ctx: Context) -> None:
         return None

@@ -16,11 +16,18 @@ a line to the child's stdin (``tests/support/preamble.py``). Every wait is bound
 * ``idle_connection(port)`` / ``closed_by_server(conn)``: a keep-alive connection left idle
   after one response, and a bounded wait for the server to close it.
 * ``free_port()``: a port that was free a moment ago.
+* ``with_listeners(code)``: the server program with a shutdown listener that prints "shutdown
+  listener ran" (and, with ``STUCK_SHUTDOWN=1`` in its environment, then never returns, so the
+  process meets its deadline) and a flush listener that prints "flush listener ran".
+* ``WRAP_UP_CUT``: the environment of a stop whose wrap-up timeout (1 s) cuts what is still
+  running, long before the deadline (30 s): every wait in the test stays bounded by ``BOUND``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import re
 import signal
 import socket
 import time
@@ -35,9 +42,12 @@ from graceful.testing import GracefulProcess, ProcessFactory
 from ..conftest import BOUND
 
 __all__ = [
+    "DEADLINE_CUT",
+    "WRAP_UP_CUT",
     "assert_refused_fast",
-    "check_a_stuck_request_is_named_at_the_deadline",
+    "check_a_stuck_request_is_cut_at_the_wrap_up_timeout",
     "check_serving_during_the_drain_delay",
+    "check_the_deadline_names_a_request_still_running",
     "check_the_example_drains",
     "closed_by_server",
     "free_port",
@@ -48,7 +58,34 @@ __all__ = [
     "run_on_a_taken_port",
     "start",
     "start_script",
+    "with_listeners",
 ]
+
+WRAP_UP_CUT = {"GRACEFUL_FORCE_QUIT": "30", "GRACEFUL_WRAP_UP_TIMEOUT": "1"}
+"""A stop whose wrap-up timeout cuts what is still running at 1 s; the deadline is far."""
+
+DEADLINE_CUT = {**WRAP_UP_CUT, "GRACEFUL_FORCE_QUIT": "5", "STUCK_SHUTDOWN": "1"}
+"""The same cut at 1 s, then a shutdown listener that never returns: the deadline comes at 5 s
+(4 s after the cut: room for a child starved of CPU on a loaded machine to reach its listener)."""
+
+LISTENERS = r"""
+import os, threading
+import graceful
+
+def _close_the_pool():
+    say("shutdown listener ran")  # say() comes from the PREAMBLE, defined by the time it runs
+    if os.environ.get("STUCK_SHUTDOWN"):
+        threading.Event().wait()
+
+graceful.add_shutdown_listener(_close_the_pool, name="close the pool")
+graceful.add_flush_listener(lambda: say("flush listener ran"), name="flush the metrics")
+"""
+
+
+def with_listeners(code: str) -> str:
+    """``code`` (a server program that calls ``graceful.run()`` after the PREAMBLE) with the
+    shutdown and flush listeners of ``LISTENERS`` registered first."""
+    return LISTENERS + code
 
 
 def start(graceful_process: ProcessFactory, code: str, **env: str) -> tuple[GracefulProcess, int]:
@@ -167,17 +204,70 @@ def free_port() -> int:
 # -- scenarios every web adapter must pass (each test module passes its server's code) ----------
 
 
-def check_a_stuck_request_is_named_at_the_deadline(graceful_process: ProcessFactory, code: str) -> None:
-    """A request that outlives a 1 s budget: the client is cut, exit 70, the log names it."""
-    child, port = start(graceful_process, code, GRACEFUL_FORCE_QUIT="1")
-    with ThreadPoolExecutor(1) as pool:
+def check_a_stuck_request_is_cut_at_the_wrap_up_timeout(
+    graceful_process: ProcessFactory, code: str, *, release: bool = True, cut: str = "dropped", **env: str
+) -> tuple[GracefulProcess, Future[tuple[int, str, str | None]]]:
+    """A request still running at the wrap-up timeout (1 s of a 30 s budget): named with how long
+    it ran, the shutdown and flush listeners run, exit code 1 (not the deadline's 70).
+
+    ``code`` is a server program of ``with_listeners``. Returns the child (exited) and the
+    client's request, done (what the client saw is the caller's to check). ``release``: the test
+    lets the stuck handler go once the shutdown listener has run (a thread the cut could not
+    stop would otherwise hold the exit: the deadline, kept armed, would end it with 70). ``cut``:
+    how the log line says it ("dropped"; the standard library's threads are "abandoned"). ``env``:
+    more of the child's environment.
+    """
+    child, port = start(graceful_process, with_listeners(code), **WRAP_UP_CUT, **env)
+    pool = ThreadPoolExecutor(1)
+    try:
         future = pool.submit(get, port, "/slow/stuck")
         child.wait_for_line("in stuck")
         child.send_signal(signal.SIGTERM)
-        with pytest.raises((http.client.HTTPException, OSError)):
-            future.result(BOUND)  # cut at the deadline, not left hanging
+        child.wait_for_line("shutdown listener ran")
+        child.wait_for_line("flush listener ran")
+        if release:
+            child.send_line("release")
+        assert child.wait().returncode == 1
+        with contextlib.suppress(http.client.HTTPException, ConnectionError):
+            future.result(BOUND)  # answered or cut by now (the process is gone): not left hanging
+    finally:
+        pool.shutdown(wait=False)
+    assert re.search(
+        cut + r" request GET /slow/stuck from 127\.0\.0\.1 \(running [\d.]+ s\) at the wrap-up timeout",
+        child.stderr,
+    ), child.stderr
+    assert "force quit" not in child.stderr
+    assert "Traceback" not in child.stderr
+    return child, future
+
+
+def check_the_deadline_names_a_request_still_running(
+    graceful_process: ProcessFactory, code: str, path: str, *, cut: str = "dropped"
+) -> str:
+    """A request the wrap-up timeout could not end (its handler goes on) and a shutdown listener
+    that never returns: at the deadline the force-quit hook names the request again, exit 70.
+
+    ``code`` is a server program of ``with_listeners``; the handler at ``path`` prints "in
+    <name>" and outlives its cut. ``cut``: as for the check above. Returns the child's stderr.
+    """
+    child, port = start(graceful_process, with_listeners(code), **DEADLINE_CUT)
+    pool = ThreadPoolExecutor(1)
+    try:
+        future = pool.submit(get, port, path)
+        child.wait_for_line("in ")
+        child.send_signal(signal.SIGTERM)
+        child.wait_for_line("shutdown listener ran")
         assert child.wait().returncode == 70
-    assert "dropped request GET /slow/stuck from 127.0.0.1 (running " in child.stderr
+        with pytest.raises((http.client.HTTPException, OSError)):
+            future.result(BOUND)  # cut, not left hanging
+    finally:
+        pool.shutdown(wait=False)
+    err = child.stderr
+    named = f" request GET {path} from 127.0.0.1 (running "
+    assert re.search(re.escape(cut + named) + r"[\d.]+ s\) at the wrap-up timeout", err), err
+    assert re.search(re.escape("dropped" + named) + r"[\d.]+ s\) at the force-quit deadline", err), err
+    assert "shutdown listener 'close the pool'" in err.split("graceful: force quit:", 1)[1]
+    return err
 
 
 def check_serving_during_the_drain_delay(graceful_process: ProcessFactory, code: str) -> None:

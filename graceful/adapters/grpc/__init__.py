@@ -15,11 +15,14 @@ to send traffic, so it must say NOT_SERVING before the port closes; and a client
   readiness); the drain delay (still serving, already not-serving to probes). In a pause that
   is all: the server keeps serving RPCs that still come, and the shutdown that follows stops it.
   At shutdown: the health ``Watch`` streams end (after their NOT_SERVING), then
-  ``stop(grace=remaining budget + GRACE_MARGIN)``, *waited for*: new RPCs are refused, RPCs in
-  flight, unary and streaming, complete.
-* deadline: each RPC still running is logged (method, peer, age) when the server has this
-  module's interceptor (gRPC offers no other way to see them; without it a sync server's count
-  is logged), then ``stop(0)`` cancels them.
+  ``stop(grace=remaining budget + GRACE_MARGIN)``, *waited for* until graceful's wrap-up
+  timeout: new RPCs are refused, RPCs in flight, unary and streaming, complete.
+* wrap-up timeout: each RPC still running is logged (method, peer, age) when the server has
+  this module's interceptor (gRPC offers no other way to see them; without it a sync server's
+  count is logged), then ``stop(0)`` cancels them (their clients get UNAVAILABLE); the lifecycle
+  is marked failed (exit code 1) and the shutdown phase starts. A handler's thread cannot be
+  stopped: it runs on, and the deadline stays armed for it.
+* deadline: the same for what is still there (a handler that went on), then ``stop(0)``.
 
 The package: ``_tracking`` (the interceptors that see the RPCs under way), ``_health`` (the
 health service at the stop), ``_sync`` (``grpc.Server``) and ``_aio`` (``grpc.aio.Server``).

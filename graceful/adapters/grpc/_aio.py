@@ -20,7 +20,7 @@ from ..._drain_delay import drain_delay_of
 from ..._lifecycle import on_force_quit
 from ..._service import Context
 from ._health import check_health, end_sync_watches, not_serving
-from ._tracking import CUT_WAIT, GRACE_MARGIN, AioRpcInterceptor, log_dropped
+from ._tracking import CUT_WAIT, GRACE_MARGIN, AioRpcInterceptor, cut_rpcs_at_wrap_up, log_dropped
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -135,12 +135,21 @@ class GrpcAioService:
         self._stopped = True
         remaining = ctx.remaining()
         budget = 0.0 if remaining is None else remaining
-        stopping = asyncio.ensure_future(
+        wrap_up = ctx.wrap_up_remaining()
+        stopping = asyncio.ensure_future(  # grpc's own cancel never comes first
             self._on_server_loop(self._stop_on_server_loop(budget + GRACE_MARGIN))
         )
-        done, _ = await asyncio.wait({stopping}, timeout=budget)
-        if not done:
-            log.warning("%s: RPCs still running when the budget ran out", self.name)
+        done, _ = await asyncio.wait({stopping}, timeout=budget if wrap_up is None else min(wrap_up, budget))
+        if done:
+            return
+        cut_rpcs_at_wrap_up(ctx.lifecycle, self.name, self.interceptor, None)
+        # A shorter grace stops it sooner: each RPC is cancelled now (on the server's loop).
+        cutting = asyncio.ensure_future(self._on_server_loop(self.server.stop(0)))
+        done, _ = await asyncio.wait({stopping, cutting}, timeout=min(CUT_WAIT, ctx.remaining() or 0.0))
+        if cutting in done and not cutting.cancelled() and cutting.exception() is not None:
+            log.debug("%s: stop(0): %r", self.name, cutting.exception())
+        if stopping not in done:
+            log.warning("%s: RPCs still running after stop(0)", self.name)
 
     async def _stop_on_server_loop(self, grace: float) -> None:
         if self.interceptor is not None:

@@ -19,7 +19,7 @@ from ..._drain_delay import drain_delay_of
 from ..._lifecycle import on_force_quit
 from ..._service import Context
 from ._health import check_health, end_sync_watches, found_health, not_serving
-from ._tracking import CUT_WAIT, GRACE_MARGIN, RpcInterceptor, log_dropped
+from ._tracking import CUT_WAIT, GRACE_MARGIN, RpcInterceptor, cut_rpcs_at_wrap_up, log_dropped
 
 if TYPE_CHECKING:
     from typing import Any
@@ -106,10 +106,15 @@ class GrpcService:
             end_sync_watches(self.health)
         remaining = ctx.remaining()
         budget = 0.0 if remaining is None else remaining
-        done = self.server.stop(budget + GRACE_MARGIN)
+        wrap_up = ctx.wrap_up_remaining()
+        done = self.server.stop(budget + GRACE_MARGIN)  # grpc's own cancel never comes first
         log.info("%s: stopped accepting; waiting for the RPCs in flight", self.name)
-        if not done.wait(budget):
-            log.warning("%s: RPCs still running when the budget ran out", self.name)
+        if done.wait(budget if wrap_up is None else min(wrap_up, budget)):
+            return
+        cut_rpcs_at_wrap_up(ctx.lifecycle, self.name, self.interceptor, self._active())
+        self.server.stop(0)  # a shorter grace stops it sooner: each RPC is cancelled now
+        if not done.wait(min(CUT_WAIT, max(0.0, (ctx.remaining() or 0.0)))):
+            log.warning("%s: RPCs still running after stop(0)", self.name)
 
     def _active(self) -> int | None:
         states = getattr(getattr(self.server, "_state", None), "rpc_states", None)

@@ -16,17 +16,20 @@ import grpc
 import grpc.aio
 
 from ..._checks import TYPE_CHECKING
-from .._inflight import InFlight, Request
+from .._inflight import AT_WRAP_UP, InFlight, Request, cut_at_wrap_up
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
     from typing import Any
 
+    from ..._lifecycle import Lifecycle
+
 log = logging.getLogger("graceful")
 
 GRACE_MARGIN = 1.0
-"""Seconds grpc's own grace outlasts graceful's deadline: the deadline comes first, so the RPCs
-still running are named in the log before ``stop(0)`` cancels them."""
+"""Seconds grpc's own grace outlasts graceful's deadline: graceful's wrap-up timeout (or, in the
+end, the deadline) comes first, so the RPCs still running are named in the log before
+``stop(0)`` cancels them."""
 
 CUT_WAIT = 0.5
 """Seconds the force-quit hook waits for ``stop(0)`` to send the cancellations out."""
@@ -185,21 +188,37 @@ def aio_interceptor() -> AioRpcInterceptor:
     return AioRpcInterceptor()
 
 
-def log_dropped(name: str, tracking: _Tracking | None, active: int | None) -> None:
-    """At the deadline: name each RPC still running, or say how many (``active``) or that some may be."""
+def log_dropped(
+    name: str, tracking: _Tracking | None, active: int | None, why: str = "at the force-quit deadline"
+) -> int | None:
+    """Name each RPC still running, or say how many (``active``) or that some may be; ``why``
+    says when. Returns how many were named or counted, None when that is unknown."""
     if tracking is not None:
         tracking.in_flight.server_name = name
-        tracking.in_flight.log_dropped()
-    elif active:
+        return tracking.in_flight.log_dropped(why)
+    if active:
         log.error(
-            "%s: %d RPC(s) still running are cancelled at the force-quit deadline "
+            "%s: %d RPC(s) still running are cancelled %s "
             "(create the server with graceful.adapters.grpc.interceptor() to have each named)",
             name,
             active,
+            why,
         )
-    elif active is None:
+        return active
+    if active is None:
         log.error(
-            "%s: RPCs still running, if any, are cancelled at the force-quit deadline "
+            "%s: RPCs still running, if any, are cancelled %s "
             "(add graceful.adapters.grpc.aio_interceptor() to have each named)",
             name,
+            why,
         )
+    return active
+
+
+def cut_rpcs_at_wrap_up(
+    lifecycle: Lifecycle, name: str, tracking: _Tracking | None, active: int | None
+) -> None:
+    """The stop has not finished by the wrap-up timeout: name the RPCs it waits for and mark the
+    lifecycle failed (exit code 1). The caller then cancels them (``stop(0)``)."""
+    count = log_dropped(name, tracking, active, AT_WRAP_UP)
+    cut_at_wrap_up(lifecycle, name, f"{count} RPC(s) cut" if count else "the RPCs still running cut")
