@@ -348,7 +348,6 @@ def stop_processes(pids: Iterable[int], timeout: float) -> list[int]:
         try:
             fds[pid] = os.pidfd_open(pid)
         except ProcessLookupError:
-            # Gone already.
             continue
         except (AttributeError, OSError):
             with contextlib.suppress(ProcessLookupError):
