@@ -47,7 +47,8 @@ from ._listeners import Waiter as Waiter
 from ._service import Context as Context
 from ._service import Service as Service
 
-if TYPE_CHECKING:  # what type checkers see for the lazy modules (below)
+# What type checkers see for the lazy modules (below).
+if TYPE_CHECKING:
     from . import adapters as adapters
     from . import arq as arq
     from . import asgi as asgi
@@ -133,7 +134,8 @@ graceful`` was an AttributeError, and importing every host up front would cost `
 graceful`` its lightness (and import Celery). Not in ``__all__``, which names the objects of the
 public face. Type checkers see them through the ``TYPE_CHECKING`` imports above."""
 
-if not TYPE_CHECKING:  # hidden from type checkers, which would accept any attribute through it
+# Hidden from type checkers, which would accept any attribute through it.
+if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> object:
         if name in _SUBMODULES:

@@ -78,7 +78,8 @@ def run_awaitable(
             )
         future = asyncio.run_coroutine_threadsafe(main(), loop)
         if on_start is not None:
-            on_start(future.cancel)  # concurrent.futures' cancel cancels the task on its loop
+            # concurrent.futures' cancel cancels the task on its loop.
+            on_start(future.cancel)
         return future.result()
 
     async def cancellable() -> object:
@@ -86,7 +87,8 @@ def run_awaitable(
         own = asyncio.get_running_loop()
 
         def cancel() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to cancel
+            # The loop has closed: nothing left to cancel.
+            with contextlib.suppress(RuntimeError):
                 own.call_soon_threadsafe(task.cancel)
 
         if on_start is not None:
@@ -103,7 +105,8 @@ def _set_true(future: asyncio.Future[bool]) -> None:
 
 def set_true_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[bool]) -> None:
     """From any thread: resolve ``future`` with True on ``loop`` (once; a closed loop is fine)."""
-    with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits the future any more
+    # The loop closed: nobody awaits the future any more.
+    with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(_set_true, future)
 
 
@@ -123,7 +126,8 @@ async def wait_async(
     future: asyncio.Future[bool] = loop.create_future()
     cancel = on_set(lambda: set_true_soon(loop, future))
     try:
-        if is_set():  # it happened between the check and the arrangement
+        # Set between the caller's check and this arrangement.
+        if is_set():
             return True
         return await future
     finally:
@@ -137,7 +141,8 @@ class Moment:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._lock = threading.Lock()
-        self._wakes: list[Callable[[], None]] | None = []  # None once set: taken
+        self._wakes: list[Callable[[], None]] | None = []
+        """The wake-ups waiting for ``set()``; None once set (``set()`` has taken them)."""
 
     def set(self) -> None:
         with self._lock:
@@ -163,5 +168,6 @@ class Moment:
             if wakes is not None:
                 wakes.append(wake)
                 return lambda: wakes.remove(wake) if wake in wakes else None
-        wake()  # already set
+        # Already set: wake at once.
+        wake()
         return lambda: None

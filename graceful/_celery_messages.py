@@ -84,14 +84,16 @@ def keep_received(request: Any) -> None:
     channel = request.message.channel
     for task_id, held in list(_received.items()):
         done = held.acknowledged and held not in worker_state.active_requests
-        if done or held.message.channel is not channel:  # another channel: a reconnect redelivers it
+        # Another channel: a reconnect redelivers it.
+        if done or held.message.channel is not channel:
             del _received[task_id]
     _received[str(request.id)] = request
 
 
 def held_requests() -> list[Any]:
     """Every request this worker holds (running or prefetched), each once, in a stable order."""
-    for _ in range(10):  # the main thread may change the sets while we copy them
+    # The main thread may change the sets while we copy them.
+    for _ in range(10):
         try:
             held = [*worker_state.active_requests, *worker_state.reserved_requests, *list(_received.values())]
             break
@@ -218,7 +220,8 @@ def _acknowledge(request: Any) -> Fate:
     try:
         if not message.acknowledged:
             message.ack()
-    except Exception:  # the others must still be settled
+    except Exception:
+        # The others must still be settled.
         log.exception("celery task %s[%s] could not be acknowledged", request.name, request.id)
     return Fate.ACKNOWLEDGED
 
@@ -295,16 +298,20 @@ def take_back_in_flight(channels: Iterable[Any]) -> list[str]:
     for channel in {id(c): c for c in channels if c is not None}.values():
         connection = getattr(channel, "_in_poll", None)
         if not connection or not callable(getattr(connection, "can_read", None)):
-            continue  # not the Redis transport, or nothing in flight
+            # Not the Redis transport, or nothing in flight.
+            continue
         try:
             if not connection.can_read(timeout=IN_FLIGHT_GRACE):
-                continue  # still blocked on queues nothing was put back on
+                # Still blocked on queues nothing was put back on.
+                continue
             reply = connection.read_response()
             if not reply:
-                continue  # it timed out empty
+                # It timed out empty.
+                continue
             key, item = reply
             with channel.conn_or_acquire() as client:
-                client.rpush(key, item)  # its place: the end BRPOP takes from
+                # Its place: the end BRPOP takes from.
+                client.rpush(key, item)
         except Exception:
             log.exception("graceful: could not take back the message the worker's connection was fetching")
             continue

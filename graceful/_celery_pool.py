@@ -85,7 +85,8 @@ class TaskRegistry:
         """Take the lock for good, as the process is about to be killed: from now on no task
         here is recorded as started or finished (their threads block in ``task_prerun`` and
         ``task_postrun``). Returns what runs and what finished, exact as of now."""
-        self._lock.acquire()  # never released: the process ends with it held
+        # Never released: the process ends with it held.
+        self._lock.acquire()
         return dict(self._running), list(self._finished)
 
     def snapshot(self, *, blocking: bool = True) -> dict[str, tuple[str, int]]:
@@ -178,9 +179,11 @@ class Pipes:
         self.stop_r, self.stop_w = os.pipe()
         self.ack_r, self.ack_w = os.pipe()
         self.handoff_r, self.handoff_w = os.pipe()
-        os.set_blocking(self.handoff_w, False)  # a handler must never block on a full pipe
+        # A handler must never block on a full pipe.
+        os.set_blocking(self.handoff_w, False)
         os.set_blocking(self.ack_w, False)
-        self._acks = Answers()  # what the children wrote on ``ack`` (read by the parent only)
+        self._acks = Answers()
+        """What the children wrote on ``ack`` (read by the parent only)."""
 
     # -- in the parent ----------------------------------------------------------------------------
 
@@ -202,7 +205,8 @@ class Pipes:
                 break
             chunk = os.read(self.ack_r, 65536)
             done += chunk.count(b" STACKS\n")
-            self._acks.feed(chunk)  # a deadline's answers may follow: keep what came with them
+            # A deadline's answers may follow: keep what came with them.
+            self._acks.feed(chunk)
         return done
 
     def collect_answers(self, expected: Iterable[int], timeout: float) -> Answers:
@@ -221,7 +225,8 @@ class Pipes:
             if ready:
                 answers.feed(os.read(self.ack_r, 65536))
         os.set_blocking(self.ack_r, False)
-        with contextlib.suppress(OSError):  # what else is there already (BlockingIOError: none)
+        # Read what else is there already (BlockingIOError: none).
+        with contextlib.suppress(OSError):
             while chunk := os.read(self.ack_r, 65536):
                 answers.feed(chunk)
         return answers
@@ -276,7 +281,8 @@ class Pipes:
             ready, _, _ = select.select(sorted(waiting), [], [])
             for fd in ready:
                 if os.read(fd, 64):
-                    continue  # nobody writes these pipes; only their end of file means something
+                    # Nobody writes these pipes; only their end of file means something.
+                    continue
                 waiting.discard(fd)
                 try:
                     if fd == self.tell_r:
@@ -285,7 +291,8 @@ class Pipes:
                         self._dump(registry.dump(where))
                     else:
                         self._answer_and_die(registry, where)
-                except Exception:  # the watcher must keep watching the other pipes
+                except Exception:
+                    # The watcher must keep watching the other pipes.
                     log.exception("graceful: the Celery pool process watcher failed")
 
     def _dump(self, text: str) -> None:
@@ -312,7 +319,8 @@ class Pipes:
                 batch += line
             self._say(batch)
         finally:
-            os.kill(pid, signal.SIGKILL)  # nothing of this process runs after its answer
+            # Nothing of this process runs after its answer.
+            os.kill(pid, signal.SIGKILL)
 
     def _say(self, text: str) -> None:
         """One write of whole lines to ``ack`` (non-blocking: wait, bounded, while it is full)."""
@@ -340,7 +348,7 @@ def stop_processes(pids: Iterable[int], timeout: float) -> list[int]:
         try:
             fds[pid] = os.pidfd_open(pid)
         except ProcessLookupError:
-            continue  # gone already
+            continue
         except (AttributeError, OSError):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

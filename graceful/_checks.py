@@ -67,10 +67,12 @@ def check_seconds(value: object, what: str, *, zero: bool = False, example: str 
         raise TypeError(f"{what} takes a number of seconds, such as {example}, not {value!r}")
     try:
         seconds = float(value)
-    except OverflowError:  # an int too large for a float
+    except OverflowError:
+        # An int too large for a float.
         seconds = float("inf")
     low = "0 or more" if zero else "greater than 0"
-    if not (seconds >= 0 if zero else seconds > 0) or not seconds <= MAX_SECONDS:  # NaN fails both
+    # NaN fails both comparisons.
+    if not (seconds >= 0 if zero else seconds > 0) or not seconds <= MAX_SECONDS:
         raise ValueError(
             f"{what} takes a finite number of seconds {low} and at most {MAX_SECONDS:.0f}, "
             f"such as {example}, not {value!r}"
@@ -159,11 +161,13 @@ def _required_arguments(fn: object, code: object) -> int:
         kw_defaults = len(getattr(func, "__kwdefaults__", None) or {})
         return max(0, positional - defaults - bound) + (kw_only - kw_defaults)
     try:
-        import inspect  # rare: a class, a partial, a callable object, a builtin
+        # Rare: a class, a partial, a callable object, a builtin.
+        import inspect
 
         inspect.signature(fn).bind()  # type: ignore[arg-type]
     except TypeError:
         return 1
-    except ValueError:  # no signature to read (some builtins): give it the benefit of the doubt
+    except ValueError:
+        # No signature to read (some builtins): give it the benefit of the doubt.
         return 0
     return 0

@@ -19,7 +19,8 @@ from ._lifecycle import Lifecycle
 
 __all__ = ["get_lifecycle", "is_stopping", "or_default", "use"]
 
-_current = Lifecycle()  # rebound by use(); read at each call
+_current = Lifecycle()
+"""The default lifecycle: rebound by ``use()``, read at each call."""
 
 
 def is_stopping() -> bool:

@@ -160,7 +160,8 @@ class _Timers:
                 timer = heapq.heappop(self._heap)
             try:
                 timer.fn()
-            except Exception:  # one timer's failure must not stop the others
+            except Exception:
+                # One timer's failure must not stop the others.
                 log.exception("graceful: timer %r failed", timer.name)
 
     def _after_fork(self) -> None:
@@ -177,7 +178,8 @@ class MonotonicClock:
     """The real clock: ``time.monotonic()``, and timers on one shared thread (``prepare()``
     starts it ahead of need)."""
 
-    monotonic = staticmethod(time.monotonic)  # the C function itself: hot paths call it as is
+    monotonic = staticmethod(time.monotonic)
+    """``time.monotonic`` itself, the C function: hot paths call it as is."""
 
     @staticmethod
     def call_at(when: float, fn: Callable[[], None], *, name: str) -> TimerHandle:
@@ -296,7 +298,8 @@ class ForceQuitTimer:
         self.budget = budget
         self.armed_at: float | None = None
         self._handle: TimerHandle | None = None
-        self._generation = 0  # which schedule is the current one: a cancelled one must not fire
+        self._generation = 0
+        """Which schedule is the current one: a cancelled one must not fire."""
 
     @property
     def deadline(self) -> float | None:
@@ -436,7 +439,8 @@ def _bounded(fn: Callable[[], object], until: float, name: str) -> None:
     thread = threading.Thread(target=fn, name=name, daemon=True)
     try:
         thread.start()
-    except RuntimeError:  # at the thread limit: skip it, the exit must still come
+    except RuntimeError:
+        # At the thread limit: skip it, the exit must still come.
         write_fd2(f"graceful: no thread for {name} (thread limit): skipped\n")
         return
     thread.join(max(0.005, until - time.monotonic()))

@@ -81,7 +81,8 @@ def coroutine_lines(awaitable: object, indent: str) -> list[str]:
     report's asyncio tasks; the arq host names its jobs with it)."""
     out: list[str] = []
     current: object = awaitable
-    for _ in range(64):  # an await chain is short; a bound guards against odd objects
+    # An await chain is short; a bound guards against odd objects.
+    for _ in range(64):
         frame = getattr(current, "cr_frame", None) or getattr(current, "gi_frame", None)
         if frame is None:
             break
@@ -236,7 +237,8 @@ def write_fd2(text: str) -> bool:
     past any redirect of ``sys.stderr`` (Celery sends it to logging). False if fd 2 is unusable."""
     data = text.encode("utf-8", "replace")
     try:
-        while data:  # os.write may write part of it to a pipe
+        # os.write may write part of it to a pipe.
+        while data:
             data = data[os.write(2, data) :]
     except OSError:
         return False
@@ -248,7 +250,8 @@ def write_stderr(text: str) -> None:
     process's own (fd 2); to the replacement stream otherwise (a test's capture, say)."""
     stream = sys.stderr
     own = stream is None or stream is sys.__stderr__
-    if own and (write_fd2(text) or stream is None):  # fd 2 unusable: fall back to the stream, if any
+    # Done unless fd 2 is unusable: then fall back to the stream, if any.
+    if own and (write_fd2(text) or stream is None):
         return
     try:
         stream.write(text)
@@ -309,7 +312,8 @@ def emit_report(report: str, timeout: float = LOG_GRACE) -> threading.Event:
 def _start_daemon(target: Callable[[], object], name: str) -> bool:
     try:
         threading.Thread(target=target, name=name, daemon=True).start()
-    except RuntimeError:  # "can't start new thread": at the process's thread limit
+    except RuntimeError:
+        # "can't start new thread": at the process's thread limit.
         return False
     return True
 
@@ -347,7 +351,8 @@ def flush_logging() -> int:
         try:
             if stream is not None:
                 stream.flush()
-        except (OSError, ValueError):  # closed, or a broken pipe: nothing more to save
+        except (OSError, ValueError):
+            # Closed, or a broken pipe: nothing more to save.
             pass
     return skipped
 
@@ -391,7 +396,8 @@ class _DefaultLog(logging.Filter):
         return bool(logging.getLogger().handlers) or self.logger.handlers != [self.handler]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.retired:  # the handler's copy of a record the logger's filter let through
+        if self.retired:
+            # The handler's copy of a record the logger's filter let through.
             return False
         if not self.configured():
             return True

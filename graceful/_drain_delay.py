@@ -83,13 +83,16 @@ class DrainDelay:
         self._lifecycle = lifecycle
         self._clock = clock_of(lifecycle)
         self._lock = threading.Lock()
-        self._setting: DrainDelaySetting | None = None  # None until first read: the environment then
+        self._setting: DrainDelaySetting | None = None
+        """The setting; None until first read (from the environment, then)."""
         self.ready = False
         """Marked by ``run()`` (or a host) once every server accepts work; readiness itself is
         ``ready and not lifecycle.is_stopping()``."""
         self.traffic = Traffic(self._clock.monotonic)
-        self._probes = 0  # probe servers answering for this lifecycle
-        self._refused_at: float | None = None  # the first /readyz answered 503 in a wrap-up
+        self._probes = 0
+        """Probe servers answering for this lifecycle."""
+        self._refused_at: float | None = None
+        """When a /readyz was first answered 503 in a wrap-up."""
         self._wakers: set[Callable[[], None]] = set()
         self.ended_why: str | None = None
         """Why an ``auto`` delay ended (for the log), None until it has."""
@@ -128,7 +131,8 @@ class DrainDelay:
         """A probe was answered 503 (not ready): once in a wrap-up, the balancer has been told."""
         started = triggered_at(self._lifecycle)
         if started is None:
-            return  # not ready yet at start-up, not a wrap-up
+            # Not ready yet at start-up, not a wrap-up.
+            return
         with self._lock:
             if self._refused_at is None:
                 self._refused_at = max(self._clock.monotonic(), started)
@@ -167,7 +171,8 @@ class DrainDelay:
             probes, refused_at = self._probes, self._refused_at
         last = self.traffic.last
         if probes and refused_at is None:
-            return end - now  # no balancer has been told yet: a probe answered 503 wakes the waiter
+            # No balancer has been told yet: a probe answered 503 wakes the waiter.
+            return end - now
         quiet_from = max(t for t in (started, refused_at, last) if t is not None)
         due = quiet_from + AUTO_QUIET
         if now >= due:
@@ -180,7 +185,8 @@ class DrainDelay:
     def wait(self) -> float:
         """Block until the delay is over; the seconds waited (0 if it was over already)."""
         changed = threading.Condition(threading.Lock())
-        woken = [False]  # a wake between a look at left() and the wait is not lost
+        # A wake between a look at left() and the wait is not lost.
+        woken = [False]
 
         def wake() -> None:
             with changed:
@@ -206,13 +212,15 @@ class DrainDelay:
 
     async def wait_async(self) -> float:
         """``wait()`` on an event loop: it sleeps on the loop, no thread held."""
-        import asyncio  # only servers that already run a loop call this
+        # Imported here: only servers that already run a loop call this.
+        import asyncio
 
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
 
         def wake() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            # The loop has closed: nobody waits any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(woken.set)
 
         begun = self._clock.monotonic()

@@ -80,7 +80,8 @@ __all__ = ["POLL", "QUICK_GRACE", "WorkerWatch"]
 
 log = logging.getLogger("graceful")
 
-POLL = 0.1  # seconds between two looks at worker.alive / uvicorn's should_exit (uvicorn's own tick)
+POLL = 0.1
+"""Seconds between two looks at ``worker.alive`` / uvicorn's ``should_exit`` (uvicorn's own tick)."""
 QUICK_GRACE = 1.0
 """Seconds a serving worker's sequence gets on gunicorn's quick shutdown (at most the budget)."""
 CUT_BACKSTOP = 5.0
@@ -113,8 +114,10 @@ class WorkerWatch:
         self._hold_term = hold_term
         self._drain_wait = drain_wait
         self._on_begin = on_begin
-        self._held = False  # a TERM is being held back from gunicorn's handler
-        self._unheard = False  # a TERM came while SIGTERM's previous handler was SIG_DFL
+        self._held = False
+        """A TERM is being held back from gunicorn's handler."""
+        self._unheard = False
+        """A TERM came while SIGTERM's previous handler was SIG_DFL."""
         self._released = False
         self._drain_started = False
         self.lifecycle = lifecycle
@@ -123,12 +126,17 @@ class WorkerWatch:
         self.timeout = float(getattr(getattr(worker, "cfg", None), "timeout", 0) or 0)
         self.loop_ended = threading.Event()
         self.outcome = "graceful"
-        self._cut_at: float | None = None  # when a quick shutdown's grace ends (the lifecycle's clock)
+        self._cut_at: float | None = None
+        """When a quick shutdown's grace ends (on the lifecycle's clock)."""
         self._cut_why = ""
-        self._cutting = False  # force_quit_now was called: the report is out or on its way
-        self._guarded: dict[int, _Handler] = {}  # gunicorn's handlers whose SystemExit is absorbed
-        self._caught: tuple[str, traceback.StackSummary] | None = None  # main thread, at the handler
-        self._read, self._write = os.pipe()  # non-inheritable: a fork+exec from the app gets neither
+        self._cutting = False
+        """``force_quit_now`` was called: the report is out or on its way."""
+        self._guarded: dict[int, _Handler] = {}
+        """gunicorn's handlers whose SystemExit is absorbed."""
+        self._caught: tuple[str, traceback.StackSummary] | None = None
+        """The main thread's stack at gunicorn's SIGABRT/SIGQUIT handler: (the signal's name, the stack)."""
+        # Non-inheritable: a fork+exec from the app gets neither end.
+        self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._prev_wakeup = -1
@@ -144,7 +152,8 @@ class WorkerWatch:
         self._prev_wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         self._prev_term = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_term)
-        signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn: a TERM must not break a request's I/O
+        # As gunicorn does: a TERM must not break a request's I/O.
+        signal.siginterrupt(signal.SIGTERM, False)
         self.lifecycle.add_wrap_up_listener(
             mark_own(self._requests_in_flight), name="gunicorn: requests in flight"
         )
@@ -162,22 +171,27 @@ class WorkerWatch:
         # handler. SIG_DFL is not chained: under uvicorn that is what its re-raise would hit.
         first_hold = (
             not self._held
-            and callable(self._prev_term)  # gunicorn's handler to pass it on to (uvicorn's: SIG_DFL)
-            and getattr(self.worker, "alive", True) is not False  # not stopping already (max_requests)
+            # gunicorn's handler to pass it on to (uvicorn's: SIG_DFL).
+            and callable(self._prev_term)
+            # Not stopping already (max_requests).
+            and getattr(self.worker, "alive", True) is not False
             and self._hold_term is not None
             and self._drain_wait is not None
             and self._hold_term()
         )
         if first_hold:
-            self._held = True  # before the write: the watcher starts the delay, then releases
+            # Before the write: the watcher starts the delay, then releases.
+            self._held = True
         with contextlib.suppress(OSError):
             os.write(self._write, _TERM)
         if self._held and not self._released:
-            return  # held (a second TERM while draining too): released after the delay
+            # Held (a second TERM while draining too): released after the delay.
+            return
         previous = self._prev_term
         if callable(previous):
             previous(sig, frame)
-        else:  # SIG_DFL: the uvicorn worker before its server serves; the watcher re-sends it
+        else:
+            # SIG_DFL: the uvicorn worker before its server serves; the watcher re-sends it.
             self._unheard = True
 
     def release(self) -> None:
@@ -187,7 +201,8 @@ class WorkerWatch:
         self._released = True
         previous = self._prev_term
         if callable(previous):
-            previous(signal.SIGTERM, None)  # gunicorn's: a store (and a wakeup for gthread)
+            # gunicorn's: a store (and a wakeup for gthread).
+            previous(signal.SIGTERM, None)
         if self._prev_wakeup >= 0:
             with contextlib.suppress(OSError):
                 os.write(self._prev_wakeup, _TERM)
@@ -196,7 +211,8 @@ class WorkerWatch:
         try:
             if self._drain_wait is not None:
                 self._drain_wait()
-        except Exception:  # never keep the worker accepting past a failed wait
+        except Exception:
+            # Never keep the worker accepting past a failed wait.
             log.exception("graceful: the drain delay failed; the worker stops accepting now")
         finally:
             self.release()
@@ -208,7 +224,8 @@ class WorkerWatch:
         while not self._stopping:
             try:
                 ready, _, _ = select.select([self._read], [], [], self._next_look())
-            except (OSError, ValueError):  # closed under us at exit
+            except (OSError, ValueError):
+                # Closed under us at exit.
                 return
             if ready:
                 self._react(self._drain())
@@ -233,7 +250,8 @@ class WorkerWatch:
         """Act on the signals the pipe said came (watcher thread, or ``finish`` on the main one)."""
         if signal.SIGTERM in seen:
             self._begin("SIGTERM")
-            self._start_drain()  # here, not in _begin: the C-level wakeup byte comes first
+            # Here, not in _begin: the C-level wakeup byte comes first.
+            self._start_drain()
         if signal.SIGABRT in seen:
             self._cut_now(
                 f"gunicorn worker timeout (SIGABRT): worker {self.pid} gave the arbiter no sign of "
@@ -246,7 +264,8 @@ class WorkerWatch:
 
     def _quick(self, name: str) -> None:
         """gunicorn's quick shutdown: now if the stop was under way, else after a short grace."""
-        if self._cut_at is not None:  # this quick shutdown's grace runs already (a second byte)
+        if self._cut_at is not None:
+            # This quick shutdown's grace runs already (a second byte).
             return
         if self.lifecycle.is_stopping():
             self._cut_now(
@@ -294,13 +313,15 @@ class WorkerWatch:
         while True:
             try:
                 data = os.read(self._read, 512)
-            except OSError:  # BlockingIOError: nothing more for now; EBADF: closed at exit
+            except OSError:
+                # BlockingIOError: nothing more for now; EBADF: closed at exit.
                 return seen
             if not data:
                 return seen
             seen.update(data)
             if self._prev_wakeup >= 0:
-                with contextlib.suppress(OSError):  # full or closed: the loop is awake already
+                # Full or closed: the loop is awake already.
+                with contextlib.suppress(OSError):
                     os.write(self._prev_wakeup, data)
 
     def _stopping_without_signal(self) -> str | None:
@@ -313,7 +334,8 @@ class WorkerWatch:
         return None
 
     def _begin(self, why: str) -> None:
-        if self._begun:  # a TERM's byte and its wakeup byte may be read apart: begin once
+        if self._begun:
+            # A TERM's byte and its wakeup byte may be read apart: begin once.
             return
         self._begun = True
         self.lifecycle.shutdown(f"gunicorn worker {self.pid}: {why}", wait=False)
@@ -336,10 +358,13 @@ class WorkerWatch:
         """The loop has ended: release the wrap-up phase, run the rest, restore; the outcome."""
         self._absorb_quick_exits()
         self.loop_ended.set()
-        self.release()  # the loop ended anyway (a quick shutdown): nothing to hold any more
+        # The loop ended anyway (a quick shutdown): nothing to hold any more.
+        self.release()
         lifecycle = self.lifecycle
-        self._react(self._drain())  # an idle worker may get here before the watcher looked
-        if self._cutting:  # the force quit owns the end: it exits the process, bounded
+        # An idle worker may get here before the watcher looked.
+        self._react(self._drain())
+        if self._cutting:
+            # The force quit owns the end: it exits the process, bounded.
             lifecycle.wait_for_shutdown(CUT_BACKSTOP)
         else:
             lifecycle.shutdown(f"gunicorn worker {self.pid}: exiting", wait=False)
@@ -373,11 +398,13 @@ class WorkerWatch:
         self._stopping = True
         if self._thread is not None:
             with contextlib.suppress(OSError):
-                os.write(self._write, b"\0")  # wake the watcher now rather than at its next look
+                # Wake the watcher now rather than at its next look.
+                os.write(self._write, b"\0")
             self._thread.join(1.0)
         if threading.current_thread() is threading.main_thread():
             current = signal.set_wakeup_fd(self._prev_wakeup)
-            if current != self._write:  # someone else's (asyncio's): leave theirs in place
+            if current != self._write:
+                # Someone else's (asyncio's): leave theirs in place.
                 signal.set_wakeup_fd(current)
             if signal.getsignal(signal.SIGTERM) == self._on_term:
                 signal.signal(signal.SIGTERM, self._prev_term)
@@ -401,7 +428,8 @@ class WorkerWatch:
         """In graceful's report: where the worker's main thread (the worker loop) is, or was when
         gunicorn's SIGABRT/SIGQUIT handler ran (it unwinds the request right after)."""
         title = f"graceful: gunicorn worker {self.pid}: main thread (the worker loop) at force quit:"
-        now = format_thread_stacks([threading.main_thread()], title)  # first: then a catch is older
+        # Taken first: a stack caught at the handler is then the older one.
+        now = format_thread_stacks([threading.main_thread()], title)
         caught = self._caught
         if caught is None:
             return now
@@ -430,11 +458,13 @@ def _close_kept_alive(worker: object, pid: int) -> None:
     if "force" not in getattr(getattr(murder, "__code__", None), "co_varnames", ()):
         return
 
-    def close() -> None:  # on the worker's loop
+    def close() -> None:
+        """Runs on the worker's loop."""
         count = len(kept)
         murder(force=True)
         if count:
             log.info("graceful: gunicorn worker %d closed %d idle keep-alive connection(s)", pid, count)
 
-    with contextlib.suppress(OSError, ValueError):  # the loop has closed its queue: nothing left
+    # The loop has closed its queue: nothing left.
+    with contextlib.suppress(OSError, ValueError):
         defer(close)

@@ -97,7 +97,8 @@ class Frozen:
     """
 
     __slots__: tuple[str, ...] = ()
-    _fields: tuple[str, ...] = ()  # the order of the constructor's arguments
+    _fields: tuple[str, ...] = ()
+    """The order of the constructor's arguments."""
 
     def __init__(self, *values: object) -> None:
         for name, value in zip(self._fields, values, strict=True):
@@ -214,14 +215,16 @@ class Pool:
         for _ in range(count):
             self._names += 1
             if not _start_daemon(self._work, f"graceful-listener-{self._names}"):
-                return  # at the thread limit: the workers there are take the jobs in turn
+                # At the thread limit: the workers already there take the jobs in turn.
+                return
             self._workers += 1
 
     def _work(self) -> None:
         ran = 0
         while True:
             with self._lock:
-                self._finished += ran  # under the lock: several workers write it
+                # Under the lock: several workers write it.
+                self._finished += ran
                 ran = 1
                 while not self._jobs:
                     self._idle += 1
@@ -256,7 +259,8 @@ def _start_daemon(target: Callable[[], None], name: str) -> bool:
     """Start a daemon thread; False (not an exception) when the process cannot have one more."""
     try:
         threading.Thread(target=target, name=name, daemon=True).start()
-    except RuntimeError:  # "can't start new thread"
+    except RuntimeError:
+        # "can't start new thread": at the process's thread limit.
         return False
     return True
 
@@ -265,7 +269,8 @@ pool = Pool()
 """The one pool of the process: every lifecycle's listeners share it."""
 
 _local = threading.local()
-_event_lock = threading.Lock()  # guards the lazy creation of each listener's Event
+_event_lock = threading.Lock()
+"""Guards the lazy creation of each listener's Event."""
 
 
 def current_listener() -> Listener | None:
@@ -360,7 +365,8 @@ class Listener:
         self.fn: Callable[[], object] | None = fn
         self.name = name
         self.phase = phase
-        self.own = getattr(fn, OWN, False) is True  # one of graceful's own (run()'s steps)
+        self.own = getattr(fn, OWN, False) is True
+        """One of graceful's own (``run()``'s steps)."""
         self.bounded = getattr(fn, BOUNDED, False) is True
         """It bounds its own wait (``mark_own``): the wrap-up timeout does not abandon it."""
         self.state = ListenerState.PENDING
@@ -376,13 +382,16 @@ class Listener:
         self._default_loop = loops
         self.on_finish = on_finish
         self.on_start = on_start
-        self._now = now  # the lifecycle clock's monotonic()
+        self._now = now
+        """The lifecycle clock's ``monotonic()``."""
         self._done = False
-        self._event: threading.Event | None = None  # made on first wait: 10,000 listeners register fast
+        self._event: threading.Event | None = None
+        """Made on first wait, so that 10,000 listeners register fast."""
         self._callbacks: list[Callable[[], None]] = []
         self._awaiting: object = None
         self._cancel: Callable[[], object] | None = None
-        self._claimed = False  # its end was claimed: by its own return, or by abandonment
+        self._claimed = False
+        """Its end was claimed: by its own return, or by abandonment."""
 
     # -- running -----------------------------------------------------------------------------
 
@@ -392,7 +401,8 @@ class Listener:
         One abandoned before a thread took it up (the wrap-up timeout passed while it waited
         for one) does not run at all.
         """
-        fn, self.fn = self.fn, None  # a finished listener keeps no reference to its callable
+        # A finished listener keeps no reference to its callable.
+        fn, self.fn = self.fn, None
         with _event_lock:
             if self._claimed:
                 return
@@ -400,7 +410,8 @@ class Listener:
             self.started = self._now()
             self.state = ListenerState.RUNNING
         if self.on_start is not None:
-            self.on_start(self)  # its timeout counts from now: the sequence learns when it ends
+            # Its timeout counts from now: the sequence learns when it ends.
+            self.on_start(self)
         _local.listener = self
         error: BaseException | None = None
         try:
@@ -409,7 +420,8 @@ class Listener:
             if is_awaitable(result):
                 self._awaiting = result
                 run_awaitable(result, self._loop(), on_start=self._set_cancel)
-        except BaseException as exc:  # isolate the listener (even SystemExit), keep its error
+        except BaseException as exc:
+            # Isolate the listener (even SystemExit), keep its error.
             error = exc
             if self.abandoned_at is None:
                 log.exception("%s listener %r failed", self.phase, self.name)
@@ -502,7 +514,8 @@ class Listener:
         with _event_lock:
             if self._event is None:
                 self._event = threading.Event()
-                if self.done():  # finished between the check above and the lock
+                if self.done():
+                    # Finished between the check above and the lock.
                     self._event.set()
             event = self._event
         return event.wait(timeout)
@@ -587,7 +600,8 @@ class Waiter:
     async def _wait_async(self) -> bool:
         def on_done(wake: Callable[[], None]) -> Callable[[], None]:
             self._listener.add_done_callback(wake)
-            return lambda: None  # the wake-up is harmless once the future is gone
+            # The wake-up is harmless once the future is gone.
+            return lambda: None
 
         return await wait_async(self._listener.done, on_done)
 
@@ -622,7 +636,8 @@ def mark_own(fn: Callable[[], object], *, bounded: bool = True) -> Callable[[], 
     try:
         setattr(fn, OWN, True)
         setattr(fn, BOUNDED, bounded)
-    except AttributeError:  # a bound method takes no attribute: mark a function that calls it
+    except AttributeError:
+        # A bound method takes no attribute: mark a function that calls it.
         method = fn
 
         def own() -> object:

@@ -148,7 +148,8 @@ class ProbeServer:
         """The port answering (the one chosen when 0 was asked for)."""
         self._connections: collections.OrderedDict[int, _Connection] = collections.OrderedDict()
         self._selector = selectors.DefaultSelector()
-        self._wake = socket.socketpair()  # close() wakes the loop at once: no poll interval
+        self._wake = socket.socketpair()
+        """``close()`` wakes the loop through it at once: no poll interval."""
         for end in self._wake:
             end.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
@@ -166,7 +167,8 @@ class ProbeServer:
         self._thread = threading.Thread(target=self._serve, name="graceful-probes", daemon=True)
         try:
             self._thread.start()
-        except RuntimeError as exc:  # "can't start new thread": the process is at its limit
+        except RuntimeError as exc:
+            # "can't start new thread": the process is at its limit.
             self._selector.close()
             for sock in (self._listener, *self._wake):
                 sock.close()
@@ -175,7 +177,8 @@ class ProbeServer:
                 f"them ({exc}). The process is at its thread limit (a container's pids limit, "
                 f"RLIMIT_NPROC): raise it, or find what holds its threads"
             ) from exc
-        self._delay.probes_served(+1)  # an auto drain delay waits for a 503 answered to a probe
+        # An auto drain delay waits for a 503 answered to a probe.
+        self._delay.probes_served(+1)
 
     def _bind(self, host: str, port: int, *, reuse_port: bool) -> socket.socket:
         """A listening, non-blocking socket on ``host:port``, of the family ``host`` names."""
@@ -190,13 +193,17 @@ class ProbeServer:
         family, kind, proto, _, address = found[0]
         sock = socket.socket(family, kind, proto)
         try:
-            if reuse_port:  # several processes answer on one port (gunicorn's workers)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAITs may linger
+            if reuse_port:
+                # Several processes answer on one port (gunicorn's workers); SO_REUSEADDR: TIME_WAITs
+                # may linger.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(address)
                 sock.listen(self.BACKLOG)
-            else:  # systemd's socket or the previous generation's (an upgrade in place), else bound
-                sock.close()  # here, with SO_REUSEADDR; remembered, so that an upgrade passes it on
+            else:
+                # systemd's socket or the previous generation's (an upgrade in place), else one bound
+                # with SO_REUSEADDR; remembered, so that an upgrade passes it on.
+                sock.close()
                 sock = self._lifecycle.listen((str(address[0]), int(address[1])), backlog=self.BACKLOG)
             sock.setblocking(False)
         except OSError as exc:
@@ -214,7 +221,8 @@ class ProbeServer:
 
     def close(self) -> None:
         """Stop answering: the port refuses connections from now on. Idempotent."""
-        with self._close_lock:  # gunicorn may close it from its watcher thread and its main one
+        # gunicorn may close it from its watcher thread and its main one.
+        with self._close_lock:
             if self._closed:
                 return
             self._closed = True
@@ -223,7 +231,8 @@ class ProbeServer:
             self._wake[1].send(b"x")
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
-        self._listener.close()  # the thread closed every connection on its way out
+        # The thread closed every connection on its way out.
+        self._listener.close()
         for end in self._wake:
             end.close()
 
@@ -253,7 +262,8 @@ class ProbeServer:
                             self._write(key.data)
                         else:
                             self._read(key.data)
-                    except Exception:  # graceful's own bug: one connection lost, never the thread
+                    except Exception:
+                        # graceful's own bug: one connection lost, never the thread.
                         log.exception("probes: unexpected error; the probe port keeps answering")
                         if isinstance(key.data, _Connection):
                             self._drop(key.data)
@@ -288,13 +298,15 @@ class ProbeServer:
             self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
 
     def _accept(self) -> None:
-        for _ in range(64):  # then a turn for the connections already open
+        # A few at a time, then a turn for the connections already open.
+        for _ in range(64):
             try:
                 sock, peer = self._listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _PEER_ERRORS:  # that connection failed before it was accepted
+                if exc.errno in _PEER_ERRORS:
+                    # That connection failed before it was accepted.
                     continue
                 self._cannot_accept(exc)
                 if self._paused_until is not None:
@@ -348,7 +360,8 @@ class ProbeServer:
         except OSError as exc:
             self._went_away(connection, exc)
             return
-        if not chunk:  # closed before a whole request: nothing was asked, nothing to say
+        if not chunk:
+            # Closed before a whole request: nothing was asked, nothing to say.
             self._drop(connection)
             return
         received = connection.received
@@ -373,19 +386,23 @@ class ProbeServer:
         if method not in (b"GET", b"HEAD"):
             self._answer(connection, 405, "graceful probes: GET or HEAD\n", version, allow=True)
             return
-        if target.startswith((b"http://", b"https://")):  # absolute-form: the path after the authority
+        if target.startswith((b"http://", b"https://")):
+            # Absolute-form: the path after the authority.
             target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
         path = target.split(b"?", 1)[0]
         body = method == b"GET"
         if path == b"/readyz":
-            ok = self._delay.ready and not self._lifecycle.is_stopping()  # readiness.is_ready()
+            # What readiness.is_ready() says.
+            ok = self._delay.ready and not self._lifecycle.is_stopping()
             if not ok:
-                self._delay.probe_refused()  # in a wrap-up: the balancer has been told
+                # In a wrap-up: the balancer has been told.
+                self._delay.probe_refused()
             self._answer(
                 connection, 200 if ok else 503, "ready\n" if ok else "not ready\n", version, body=body
             )
         elif path == b"/livez":
-            ok = self._lifecycle.state() is not State.STOPPED  # readiness.is_live()
+            # What readiness.is_live() says.
+            ok = self._lifecycle.state() is not State.STOPPED
             self._answer(connection, 200 if ok else 503, "live\n" if ok else "stopped\n", version, body=body)
         else:
             self._answer(connection, 404, "graceful probes: /readyz and /livez\n", version, body=body)
@@ -434,7 +451,8 @@ class ProbeServer:
         sock = connection.sock
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
-            for _ in range(16):  # what it sent past its request, if any: a few reads, no more
+            # What it sent past its request, if any: a few reads, no more.
+            for _ in range(16):
                 if not sock.recv(4096):
                     break
         self._drop(connection)

@@ -75,7 +75,8 @@ def run_with(
     budget, the signal handlers and the lifecycle as they were.
     """
     listener = current_listener()
-    if listener is not None:  # it would block the sequence that is running this listener
+    # Called from a listener, run() would block the sequence that is running it.
+    if listener is not None:
         raise RuntimeError(
             f"graceful.run() was called from inside the listener {listener.name!r}: a listener "
             "runs during the shutdown sequence and must return, and run() would block until "
@@ -99,14 +100,19 @@ def run_with(
     if not items:
         raise ValueError("graceful.run() needs at least one server; it got an empty list")
     services = [adapt(item) for item in items]
-    settings = Settings.read()  # every GRACEFUL_* variable; a bad one raises here, naming it
+    # Every GRACEFUL_* variable; a bad one raises here, naming it.
+    settings = Settings.read()
     log_to_stderr_by_default()
-    if budget is not None:  # all checked: now it may change
+    # All checked: from here on, state may change.
+    if budget is not None:
         lifecycle.set_time_to_force_quit(budget)
     readiness.configure_from_env(lifecycle, settings)
-    prepare(lifecycle)  # the deadline's and the sequence's threads, ahead of need (a thread limit)
-    _sockets.inherited()  # systemd's or the previous generation's: out of the environment now
-    cwd = os.getcwd()  # where an upgrade starts the next generation
+    # Start the deadline's and the sequence's threads ahead of need (a thread limit).
+    prepare(lifecycle)
+    # Take systemd's or the previous generation's sockets out of the environment now.
+    _sockets.inherited()
+    # Where an upgrade starts the next generation.
+    cwd = os.getcwd()
     runner = _Runner(lifecycle, services)
     guard = signal_handlers(lifecycle) if handle_signals else contextlib.nullcontext()
     with guard as router:
@@ -125,7 +131,8 @@ def run_with(
                 lifecycle, timeout=settings.upgrade_timeout, cwd=cwd, before_handover=before_handover
             )
             router.upgrade = runner.upgrader.request
-        if os.environ.get("NOTIFY_SOCKET"):  # under systemd (or graceful_process)
+        if os.environ.get("NOTIFY_SOCKET"):
+            # Under systemd (or graceful_process).
             notifier = systemd.SystemdNotifier(lifecycle, router)
         try:
             probes = readiness.serve_probes_from_env(lifecycle, settings)
@@ -158,8 +165,10 @@ class _Runner:
         self._ready = 0
         self._error: BaseException | None = None
         self._waiters: list[Waiter] = []
-        self._halves: dict[Context, int] = {}  # see _stopped_half
-        self.upgrader: _upgrade.Upgrader | None = None  # SIGUSR2, when run() routes the signals
+        self._halves: dict[Context, int] = {}
+        """Per server, how many of the two halves of "stopped" happened (see ``_stopped_half``)."""
+        self.upgrader: _upgrade.Upgrader | None = None
+        """The upgrade in place (SIGUSR2), when ``run()`` routes the signals."""
         # Held while a server is marked as entered and while a wrap-up step reads that mark:
         # a server that enters after its wrap-up step has looked would never be stopped.
         self._entering = threading.Lock()
@@ -184,7 +193,8 @@ class _Runner:
                     break
                 self._start_thread(service, ctx)
         self._block()
-        for waiter in self._waiters:  # registered after STOPPED (a race with shutdown()): run at once
+        # Registered after STOPPED (a race with shutdown()): run at once.
+        for waiter in self._waiters:
             waiter.wait(budget_of(self.lifecycle))
         self._reraise()
 
@@ -244,7 +254,8 @@ class _Runner:
                 self._step(service, ctx, previous, wrap_up=False), name=f"close {service.name}"
             )
         if previous is not None:
-            self._waiters.append(previous)  # the last of each chain finishes after all the others
+            # The last of each chain finishes after all the others.
+            self._waiters.append(previous)
 
     def _step(self, service: Service, ctx: Context, after: Waiter | None, *, wrap_up: bool) -> Any:
         method = service.wrap_up if wrap_up else service.close
@@ -255,15 +266,18 @@ class _Runner:
             with self._entering:
                 entered = ctx.entered
             if wrap_up:
-                ctx.wrap_up_began()  # this service's turn: ctx.wrapping_up() turns True
-            if wrap_up and not entered:  # startup was interrupted before serve() ran
+                # This service's turn: ctx.wrapping_up() turns True.
+                ctx.wrap_up_began()
+            if wrap_up and not entered:
+                # Startup was interrupted before serve() ran.
                 log.info("server %r never started serving: nothing to wrap up", ctx.name)
                 return
             result = method(ctx)
             if is_awaitable(result):
                 self._await_on_loop(result)
             if wrap_up:
-                self._stopped_half(ctx)  # drained: "stopped" once serve() has returned too
+                # Drained: "stopped" once serve() has returned too.
+                self._stopped_half(ctx)
 
         # A wrap-up step waits on the service's drain: one of graceful's adapters bounds it and
         # names what it cuts (bounds_its_drain); a user's own Service or callable is abandoned at
@@ -286,13 +300,16 @@ class _Runner:
             self._ready += 1
             all_up = self._ready == len(self.services)
         log.info("server %r started", ctx.name)
-        if all_up:  # ready first, then say so: a probe sent on reading the line finds it ready
+        if all_up:
+            # Ready first, then say so: a probe sent on reading the line finds it ready.
             readiness.set_ready(self.lifecycle)
             _sockets.report_unclaimed()
-            if self.upgrader is not None:  # before READY=1: a SIGUSR2 sent on reading it is taken
+            if self.upgrader is not None:
+                # Before READY=1: a SIGUSR2 sent on reading it is taken.
                 self.upgrader.serving = True
             ready = ["READY=1", f"STATUS=serving ({len(self.services)} server(s))"]
-            if not _upgrade.successor_ready(ready):  # a new generation also says MAINPID=
+            # A new generation also says MAINPID=.
+            if not _upgrade.successor_ready(ready):
                 systemd.notify(*ready)
             log.info("all %d server(s) started: ready", len(self.services))
 
@@ -321,7 +338,8 @@ class _Runner:
     def _serve_sync(self, service: Service, ctx: Context) -> None:
         if not self._enter(ctx):
             return
-        serving_as(service.name)  # waiting for STOPPED in here would deadlock: _lifecycle refuses it
+        # Waiting for STOPPED in here would deadlock: _lifecycle refuses it.
+        serving_as(service.name)
         try:
             service.serve(ctx)
         except BaseException as exc:  # noqa: BLE001 - a crashed server must stop the others, not vanish
@@ -351,7 +369,8 @@ class _Runner:
         if isinstance(exc, KeyboardInterrupt):
             log.info("server %r was interrupted: shutting down", service.name)
             self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
-        elif isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:  # a known cause: one line
+        elif isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            # A known cause: one line.
             log.error(
                 "server %r could not start: %s: stopping everything", service.name, _address_in_use(exc)
             )
@@ -361,7 +380,8 @@ class _Runner:
             log.error("server %r crashed: stopping everything", service.name, exc_info=exc)
             record_failure(self.lifecycle, f"server {service.name!r}")
             self.lifecycle.shutdown(f"server {service.name!r} crashed", wait=False)
-        elif self.lifecycle.force_quit_report is not None:  # the force quit owns the end: claim nothing
+        elif self.lifecycle.force_quit_report is not None:
+            # The force quit owns the end: claim nothing.
             log.info("server %r ended at the force quit", service.name)
         elif self.lifecycle.is_stopping():
             self._stopped_half(ctx)
@@ -380,11 +400,13 @@ class _Runner:
                 # to the wakeup fd instead: this race is not theirs.)
                 if self.lifecycle.wait_for_shutdown(BLOCK_SLICE):
                     return
-            except KeyboardInterrupt:  # only without our SIGINT handler (handle_signals=False)
+            except KeyboardInterrupt:
+                # Only without our SIGINT handler (handle_signals=False).
                 try:
                     if self._interrupted():
                         return
-                except KeyboardInterrupt:  # the next Ctrl-C came while handling this one
+                except KeyboardInterrupt:
+                    # The next Ctrl-C came while handling this one.
                     self.lifecycle.force_quit_now("KeyboardInterrupt again while shutting down")
                     return
 
@@ -395,7 +417,8 @@ class _Runner:
             try:
                 await self.lifecycle.wait_for_shutdown_async()
                 return
-            except asyncio.CancelledError:  # asyncio.run's own Ctrl-C handling (handle_signals=False)
+            except asyncio.CancelledError:
+                # asyncio.run's own Ctrl-C handling (handle_signals=False).
                 if self._interrupted():
                     return
 
@@ -412,13 +435,16 @@ class _Runner:
         """If starting raises, trigger the sequence; ``_reraise()`` raises it once it has run."""
         try:
             yield
-        except KeyboardInterrupt:  # Ctrl-C while starting, without our SIGINT handler
+        except KeyboardInterrupt:
+            # Ctrl-C while starting, without our SIGINT handler.
             try:
                 self.lifecycle.shutdown("KeyboardInterrupt", wait=False)
                 log.info("interrupted while starting: shutting down")
-            except KeyboardInterrupt:  # the next Ctrl-C came while handling this one
+            except KeyboardInterrupt:
+                # The next Ctrl-C came while handling this one.
                 self.lifecycle.force_quit_now("KeyboardInterrupt again while starting")
-        except BaseException as exc:  # kept, and raised again after the sequence
+        except BaseException as exc:
+            # Kept, and raised again after the sequence.
             log.exception("graceful.run() failed: running the shutdown sequence anyway")
             record_failure(self.lifecycle, "graceful.run()")
             self.lifecycle.shutdown("graceful.run() failed", wait=False)
@@ -433,7 +459,8 @@ class _Runner:
         return format_thread_stacks(self.threads, "Server threads still running:")
 
     def _report_leftovers(self) -> None:
-        deadline = time.monotonic() + 1.0  # one second for all of them, not one each
+        # One second for all of them, not one each.
+        deadline = time.monotonic() + 1.0
         for thread in self.threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if thread.is_alive():

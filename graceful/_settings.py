@@ -236,7 +236,8 @@ def parse_timespan(raw: str, name: str) -> float | None:
             pos += 1
     if pos == 0:
         raise ValueError(f"{name}={raw!r} is empty: unset it, or set it to seconds (e.g. 90)")
-    return total if total > 0 else None  # TimeoutStopSec=0 turns the timeout off
+    # TimeoutStopSec=0 turns the timeout off.
+    return total if total > 0 else None
 
 
 def _kubernetes_grace(environ: Mapping[str, str] | None) -> float | None:
@@ -247,7 +248,8 @@ def _kubernetes_grace(environ: Mapping[str, str] | None) -> float | None:
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not 0 <= value < float("inf"):  # NaN fails it too
+    # NaN fails it too.
+    if not 0 <= value < float("inf"):
         raise ValueError(
             f"{ENV_TERMINATION_GRACE}={raw!r} is not a number of seconds: set it to the pod's "
             f"terminationGracePeriodSeconds, e.g. 30"

@@ -106,7 +106,8 @@ class _Offload:
         while current is not None:
             try:
                 current()
-            except BaseException:  # a job must never end the helper silently
+            except BaseException:
+                # A job must never end the helper silently.
                 log.exception("graceful: %s failed", self._name)
             with self._lock:
                 current, self._pending = self._pending, None
@@ -142,7 +143,8 @@ class Router:
         self.answered = 0.0
         """When the coordinator last answered a ``ping()`` (monotonic); the systemd watchdog
         pings only while it answers."""
-        self._ping: Callable[[], object] = self.answer  # without a coordinator: answer at once
+        self._ping: Callable[[], object] = self.answer
+        """What ``ping()`` calls (see ``route_pings_to``); without a coordinator, ``answer`` at once."""
         self.upgrade: Callable[[], object] | None = None
         """What SIGUSR2 calls: ``run()`` sets its upgrade in place (it must return at once);
         None elsewhere, where SIGUSR2 is logged and ignored."""
@@ -164,7 +166,8 @@ class Router:
         name = _name(signum)
         try:
             self._route(signum, name)
-        except BaseException:  # the coordinator must survive anything a listener does
+        except BaseException:
+            # The coordinator must survive anything a listener does.
             log.exception("graceful: handling %s failed", name)
 
     def _route(self, signum: int, name: str) -> None:  # noqa: PLR0911, PLR0912 - one branch per table row
@@ -255,7 +258,8 @@ class _Installation:
         router.route_pings_to(self._send_ping)
 
     def _send_ping(self) -> None:
-        with contextlib.suppress(OSError):  # a full or closed pipe: no answer, as for a stuck coordinator
+        # A full or closed pipe: no answer, as for a stuck coordinator.
+        with contextlib.suppress(OSError):
             os.write(self.write_fd, bytes([PING]))
 
     def handler(self, signum: int, frame: FrameType | None) -> None:
@@ -277,13 +281,15 @@ class _Installation:
             except OSError:  # pragma: no cover - the pipe was closed under us
                 return
             for signum in data:
-                if signum == 0:  # our own stop byte
+                if signum == 0:
+                    # Our own stop byte.
                     return
                 if signum == PING:
                     self.router.answer()
                     continue
-                if signum in self.signals:  # others' handlers write here too: theirs to handle
-                    self.router.dispatch(signum)  # never raises
+                # Others' handlers write here too: theirs to handle. dispatch() never raises.
+                if signum in self.signals:
+                    self.router.dispatch(signum)
 
     def install(self) -> None:
         _active.append(self)
@@ -306,7 +312,8 @@ class _Installation:
             self._restore()
         if self in _active:
             _active.remove(self)
-        with contextlib.suppress(OSError):  # a full pipe: the coordinator is far behind anyway
+        # A full pipe: the coordinator is far behind anyway.
+        with contextlib.suppress(OSError):
             os.write(self.write_fd, b"\0")
         if self.coordinator.ident is not None:
             self.coordinator.join(timeout=5)

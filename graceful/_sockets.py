@@ -444,10 +444,12 @@ def _bind(wanted: _Wanted, backlog: int) -> socket.socket:
                 os.unlink(wanted.path)
                 sock.bind(wanted.path)
         else:
-            if os.name != "nt":  # Windows' SO_REUSEADDR lets another process steal the port
+            # Windows' SO_REUSEADDR lets another process steal the port.
+            if os.name != "nt":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if wanted.family == socket.AF_INET6 and wanted.wildcard:  # [::] serves IPv4 too
-                with contextlib.suppress(OSError, AttributeError):  # a platform without dual stack
+            # [::] serves IPv4 too, where the platform has a dual stack.
+            if wanted.family == socket.AF_INET6 and wanted.wildcard:
+                with contextlib.suppress(OSError, AttributeError):
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((socket.inet_ntop(wanted.family, wanted.packed), wanted.port))
         sock.listen(backlog)

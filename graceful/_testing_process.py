@@ -31,7 +31,8 @@ from ._checks import check_seconds
 
 __all__ = ["GracefulProcess", "NotReadyError", "ProcessFactory", "ProcessResult"]
 
-BOUND = 10.0  # seconds: waits for something that should happen at once (pipes closing, exit)
+BOUND = 10.0
+"""Seconds: the bound on waits for what should happen at once (pipes closing, exit)."""
 
 Stream = Literal["stdout", "stderr"]
 T = TypeVar("T")
@@ -79,7 +80,8 @@ class _Pipe:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
-        if not self._thread.is_alive():  # else a grandchild holds the pipe open: keep what we have
+        # If the thread still reads, a grandchild holds the pipe open: keep what we have.
+        if not self._thread.is_alive():
             self._stream.close()
 
     def next_line(self, text: str, start: int) -> tuple[str | None, int]:
@@ -104,7 +106,8 @@ class GracefulProcess:
 
     def __init__(self, argv: list[str], env: dict[str, str], what: str, notify: bool, stdin: bool) -> None:
         self.args = argv
-        self._dir = tempfile.mkdtemp(prefix="graceful-")  # short: AF_UNIX paths max ~100 bytes
+        # Short: AF_UNIX paths max ~100 bytes.
+        self._dir = tempfile.mkdtemp(prefix="graceful-")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._wake_r, self._wake_w = os.pipe()
         self._changed = threading.Condition()
@@ -114,7 +117,8 @@ class GracefulProcess:
         self._result: ProcessResult | None = None
         try:
             self._sock.bind(os.path.join(self._dir, "notify"))
-            if notify:  # else the caller's env names the peer (wait_ready=False)
+            # Without notify, the caller's env names the peer (wait_ready=False).
+            if notify:
                 env = {**env, "NOTIFY_SOCKET": self._sock.getsockname()}
             self._proc = subprocess.Popen(
                 argv,
@@ -180,7 +184,8 @@ class GracefulProcess:
             while True:
                 try:
                     self._received(self._sock.recv(65536))
-                except OSError:  # BlockingIOError: drained
+                except OSError:
+                    # BlockingIOError: drained.
                     return
 
     # -- waiting ------------------------------------------------------------------------------
@@ -191,7 +196,8 @@ class GracefulProcess:
         if self._is_ready():
             return
         if self._exited:
-            self._stop_listening()  # READY=1 may have been sent just before the exit
+            # READY=1 may have been sent just before the exit.
+            self._stop_listening()
             if self._is_ready():
                 return
             result = self._collect()
@@ -251,7 +257,8 @@ class GracefulProcess:
         (pipe,) = self._pipes(stream, both=False)
         scan = pipe.read_to
 
-        def next_line() -> str | None:  # with self._changed held: the text does not grow meanwhile
+        def next_line() -> str | None:
+            """Called with ``self._changed`` held: the text does not grow meanwhile."""
             nonlocal scan
             line, scan = pipe.next_line(text, scan)
             if line is not None:
@@ -281,7 +288,8 @@ class GracefulProcess:
         with self._changed:
             self._changed.wait_for(done, timeout)
         if not box and self._exited:
-            self._collect()  # the pipes may still hold what it wrote just before it exited
+            # The pipes may still hold what it wrote just before it exited.
+            self._collect()
             with self._changed:
                 done()
         if box:
@@ -299,7 +307,8 @@ class GracefulProcess:
             self._close_stdin()
             self._stop_listening()
             code = self._proc.returncode
-            assert code is not None  # the reaper has seen the exit
+            # The reaper has seen the exit.
+            assert code is not None
             with self._changed:
                 self._result = ProcessResult(code, self._out.text, self._err.text, list(self._lines))
         return self._result
@@ -327,13 +336,15 @@ class GracefulProcess:
         try:
             stdin.write(line.encode("utf-8") + b"\n")
             stdin.flush()
-        except (BrokenPipeError, ValueError):  # it closed its stdin (or exited); we closed ours
+        except (BrokenPipeError, ValueError):
+            # It closed its stdin (or exited); we closed ours.
             return False
         return True
 
     def _close_stdin(self) -> None:
         if self._proc.stdin is not None:
-            with contextlib.suppress(OSError):  # a dead child's pipe: broken on the final flush
+            # A dead child's pipe: broken on the final flush.
+            with contextlib.suppress(OSError):
                 self._proc.stdin.close()
 
     def kill(self) -> bool:

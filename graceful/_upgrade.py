@@ -126,7 +126,8 @@ def _monotonic_usec() -> int:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    with contextlib.suppress(OSError):  # stderr gone: nothing to tell
+    # stderr gone: nothing to tell.
+    with contextlib.suppress(OSError):
         while data:
             data = data[os.write(fd, data) :]
 
@@ -201,11 +202,14 @@ class _Attempt:
         self.upgrader = upgrader
         self.lifecycle = upgrader.lifecycle
         self.proc: subprocess.Popen[bytes] | None = None
-        self.spawned = threading.Event()  # set once the start succeeded or failed
-        self.aborted = False  # this generation began to stop first: the guard stops the new one
+        self.spawned = threading.Event()
+        """Set once the start succeeded or failed."""
+        self.aborted = False
+        """This generation began to stop first: the guard stops the new one."""
         self.tail: _Tail | None = None
         self.guard: Waiter | None = None
-        self._wake_r, self._wake_w = socket.socketpair()  # closed, a late write fails: no fd reuse
+        # Sockets, not a pipe: once closed, a late write fails rather than reach a reused fd.
+        self._wake_r, self._wake_w = socket.socketpair()
         self._ready_r = -1
 
     # -- the steps ------------------------------------------------------------------------------
@@ -282,17 +286,20 @@ class _Attempt:
             stderr = os.open(os.devnull, os.O_WRONLY)
         argv = [sys.executable, *sys.orig_argv[1:]]
         env = dict(os.environ)
-        for name in SYSTEMD_VARIABLES:  # systemd's, for this pid only: the new one has its own pid
+        # systemd's, for this pid only: the new one has its own pid.
+        for name in SYSTEMD_VARIABLES:
             env.pop(name, None)
         if env.get("WATCHDOG_PID") == str(os.getpid()):
-            del env["WATCHDOG_PID"]  # unset: "this process", the new one
+            # Unset means "this process": the new one.
+            del env["WATCHDOG_PID"]
         listening = ",".join(str(fd) for fd in fds)
         env[ENV_UPGRADE] = (
             f"from={os.getpid()} listen={listening} ready={ready_w} stderr={stderr} capture={capture_r}"
         )
         try:
             proc = subprocess.Popen(
-                argv if sys.executable else [""],  # empty (embedded): Popen's error says so
+                # Empty (embedded): Popen's error says so.
+                argv if sys.executable else [""],
                 cwd=self.upgrader.cwd,
                 env=env,
                 pass_fds=(*fds, ready_w, stderr, capture_r),
@@ -357,7 +364,8 @@ class _Attempt:
     def _failed(self, outcome: str) -> None:
         proc = self.proc
         assert proc is not None
-        if outcome == "stopping":  # the guard stops it, and this generation waits for that
+        if outcome == "stopping":
+            # The guard stops it, and this generation waits for that.
             return
         why = (
             f"was not ready within {self.upgrader.timeout:g} s (GRACEFUL_UPGRADE_TIMEOUT)"
@@ -370,7 +378,8 @@ class _Attempt:
         tail = self.tail.text() if self.tail is not None else ""
         if self.guard is not None:
             self.guard.remove()
-        self.upgrader.release(self)  # before the line: a SIGUSR2 sent on reading it is taken
+        # Before the line: a SIGUSR2 sent on reading it is taken.
+        self.upgrader.release(self)
         log.error(
             "upgrade failed: the next generation (pid %d) %s (%s). This generation (pid %d) keeps "
             "serving; SIGUSR2 tries again.%s",
@@ -405,9 +414,11 @@ class _Attempt:
         SIGTERM) before the hand-over, so the new one is stopped too, and waited for."""
         with self.upgrader.lock:
             if self.upgrader.handed_over_to is not None:
-                return  # the hand-over's own wrap-up
+                # The hand-over's own wrap-up.
+                return
             self.aborted = True
-        with contextlib.suppress(OSError):  # closed: the attempt is over already
+        # Closed: the attempt is over already.
+        with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         self.spawned.wait(BOUND)
         proc = self.proc
@@ -496,7 +507,8 @@ class Upgrader:
     def _upgrade(self, attempt: _Attempt) -> None:
         try:
             attempt.run()
-        except BaseException:  # an upgrade must never end this generation
+        except BaseException:
+            # An upgrade must never end this generation.
             log.exception("upgrade failed: this generation keeps serving")
         finally:
             self.release(attempt)
@@ -536,7 +548,8 @@ def successor_ready(messages: list[str]) -> bool:
     if handover is None:
         return False
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed or odd stream: its bytes are its own
+        # A closed or odd stream: its bytes are its own.
+        with contextlib.suppress(Exception):
             if stream is not None:
                 stream.flush()
     os.dup2(handover.stderr, 2)

@@ -96,7 +96,8 @@ def install(settings: Any) -> None:
     if isinstance(settings, dict):
         space = settings
     elif isinstance(settings, type):
-        space = vars(settings)  # arq reads the class's own __dict__, not inherited attributes
+        # arq reads the class's own __dict__, not inherited attributes.
+        space = vars(settings)
     else:
         raise TypeError(
             f"graceful.arq.install() takes arq's WorkerSettings (a class or a dict), not {type(settings).__name__}"
@@ -285,7 +286,8 @@ class _Run:
             self._ended = True
         main = self.worker.main_task
         if main is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: main() ended already
+            # The loop has closed: main() ended already.
+            with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(main.cancel)
 
     async def finish(self) -> int:
@@ -301,13 +303,15 @@ class _Run:
         if self.notifier is not None:
             self.notifier.close()
         if self.probes is not None:
-            self.probes.close()  # only now: /livez answers until the very end
+            # Only now: /livez answers until the very end.
+            self.probes.close()
         return lc.exit_code
 
     # -- the deadline ----------------------------------------------------------------------------
 
     def _running(self) -> list[tuple[str, asyncio.Task[Any]]]:
-        for _ in range(10):  # the loop's thread may change the dict while we copy it
+        # The loop's thread may change the dict while we copy it.
+        for _ in range(10):
             try:
                 return sorted(
                     ((job_id, task) for job_id, task in self.worker.job_tasks.items() if not task.done()),

@@ -92,7 +92,8 @@ class _InnerLifespan:
         except Exception as exc:  # noqa: BLE001 - kept, and re-raised as a failed listener at shutdown
             self.error = exc
         finally:
-            self._answers.put_nowait(None)  # "no answer is coming": the app has returned
+            # "No answer is coming": the app has returned.
+            self._answers.put_nowait(None)
 
     async def _receive(self) -> Message:
         message = await self._to_app.get()
@@ -117,7 +118,8 @@ class _InnerLifespan:
         if answer is None:
             if self.error is not None:
                 raise RuntimeError(f"the app's lifespan shutdown raised {self.error!r}") from self.error
-            return  # it returned: nothing more to shut down
+            # It returned: nothing more to shut down.
+            return
         if answer.get("type") != "lifespan.shutdown.complete":
             raise RuntimeError(f"the app's lifespan shutdown failed: {answer.get('message') or answer}")
 
@@ -154,7 +156,8 @@ class GracefulLifespan:
         log_to_stderr_by_default()
         lc = self.lifecycle
         message = await receive()
-        if message["type"] != "lifespan.startup":  # the protocol starts with startup; be lenient
+        if message["type"] != "lifespan.startup":
+            # The protocol starts with startup; be lenient.
             log.warning("graceful.asgi: lifespan began with %r, not lifespan.startup", message["type"])
         try:
             probes = self._configure(lc)
@@ -190,7 +193,8 @@ class GracefulLifespan:
         checked, the budget and the drain delay set, the probe port bound (``/readyz`` answers
         503 until ready). Raises, before the inner app starts, whatever makes a start impossible.
         """
-        settings = Settings.read()  # a bad variable raises here, before anything changes
+        # A bad variable raises here, before anything changes.
+        settings = Settings.read()
         if self.force_quit is not None:
             lc.set_time_to_force_quit(self.force_quit)
         configure_from_env(lc, settings)
@@ -201,7 +205,8 @@ class GracefulLifespan:
         answer = await inner.ask("startup")
         if answer is None:
             inner.supported = False
-            if inner.error is not None and inner.received:  # it took the startup, then raised
+            if inner.error is not None and inner.received:
+                # It took the startup, then raised.
                 log.error("graceful.asgi: the app's lifespan startup raised", exc_info=inner.error)
                 return f"the app's lifespan startup raised {inner.error!r}"
             why = "returned without answering" if inner.error is None else f"raised {inner.error!r}"
@@ -209,7 +214,8 @@ class GracefulLifespan:
             return None
         if answer.get("type") == "lifespan.startup.complete":
             return None
-        inner.supported = False  # it answered its own startup; it expects no shutdown now
+        # It answered its own startup; it expects no shutdown now.
+        inner.supported = False
         return str(answer.get("message") or f"the app answered {answer.get('type')!r}")
 
     def _mark_ready(self, lc: Lifecycle) -> list[Any]:
@@ -248,7 +254,8 @@ can, and the others fail to start: run one process there)."""
 
 def _refusal(exc: Exception) -> str:
     """The ``lifespan.startup.failed`` message for what ``_configure`` raised; the servers print it."""
-    if not isinstance(exc, (ValueError, RuntimeError)):  # not one of graceful's own start errors
+    if not isinstance(exc, (ValueError, RuntimeError)):
+        # Not one of graceful's own start errors.
         log.error("graceful.asgi: lifespan startup failed", exc_info=exc)
     text = str(exc) or repr(exc)
     return text if text.startswith("graceful") else f"graceful: {text}"

@@ -88,8 +88,10 @@ KILL_GRACE = 0.5
 
 _installed: weakref.WeakKeyDictionary[celery.Celery, bool | None] = weakref.WeakKeyDictionary()
 """Each app installed on, with its ``resend_early_acked``."""
-_tasks = TaskRegistry()  # what this process runs (task_prerun/postrun): the stacks in a report
-_worker: _Worker | None = None  # the worker of this process (made at worker_init; copied by forks)
+_tasks = TaskRegistry()
+"""What this process runs (task_prerun/postrun): the stacks in a report."""
+_worker: _Worker | None = None
+"""The worker of this process (made at worker_init; copied by forks)."""
 
 
 def install(app: celery.Celery, *, resend_early_acked: bool | None = None) -> None:
@@ -174,12 +176,14 @@ class _Worker:
     """graceful's side of one Celery worker, made in its main process before the pool forks."""
 
     def __init__(self, controller: Any, lifecycle: Lifecycle, resend_early_acked: bool | None) -> None:
-        log_to_stderr_by_default()  # Celery configures logging after worker_init: it then retires
+        # Celery configures logging after worker_init: this default then retires.
+        log_to_stderr_by_default()
         # What can fail comes first, before anything is registered: every variable read and
         # checked (ValueError), then the probe port bound (RuntimeError).
         self.settings = readiness.configure_from_env(lifecycle)
         self.probes = readiness.serve_probes_from_env(lifecycle, self.settings)
-        prepare(lifecycle)  # the deadline's and the sequence's threads, ahead of need
+        # Start the deadline's and the sequence's threads ahead of need.
+        prepare(lifecycle)
         _check_soft_shutdown(controller, lifecycle)
         self.resend_early_acked = bool(
             self.settings.celery_resend if resend_early_acked is None else resend_early_acked
@@ -189,7 +193,8 @@ class _Worker:
         self.lifecycle = lifecycle
         self.pipes = Pipes()
         ignore_pipes_after_fork(self.pipes)
-        self.drained = threading.Event()  # set at worker_shutdown: the pool has no task left
+        self.drained = threading.Event()
+        """Set at worker_shutdown: the pool has no task left."""
         self._finished = False
         self.cold = False
         """Celery's cold shutdown began (SIGQUIT, a second Ctrl-C): Celery ends the worker, and
@@ -214,7 +219,8 @@ class _Worker:
     def _stop_consuming(self) -> None:
         """Wrap-up: make sure Celery stops, tell the pool, wait until no task is left."""
         if not self.is_main():
-            return  # a pool process's copy of the listener: its tasks are its parent's business
+            # A pool process's copy of the listener: its tasks are its parent's business.
+            return
         if not self.cold and worker_state.should_stop is None and worker_state.should_terminate is None:
             # graceful was stopped by something other than Celery's signals: start Celery's
             # warm shutdown (its loop looks at this flag between two events).
@@ -235,11 +241,13 @@ class _Worker:
         lc.shutdown("celery cold shutdown" if self.cold else "celery worker stopped", wait=False)
         lc.wait_for_shutdown()
         if lc.exit_code and not getattr(self.controller, "exitcode", 0):
-            self.controller.exitcode = lc.exit_code  # what ``celery worker`` exits with
+            # The controller's exitcode is what ``celery worker`` exits with.
+            self.controller.exitcode = lc.exit_code
         if self.notifier is not None:
             self.notifier.close()
         if self.probes is not None:
-            self.probes.close()  # only now: /livez answers until the very end
+            # Only now: /livez answers until the very end.
+            self.probes.close()
 
     # -- Celery's cold shutdown, in the main process --------------------------------------------
 
@@ -314,7 +322,8 @@ class _Worker:
         me = os.getpid()
         processes = (_pool_processes(self.controller) | {h.pid for h in held if h.pid is not None}) - {me}
         answers = self.pipes.collect_answers(processes, STACKS_GRACE)
-        mine, done_here = _tasks.freeze()  # the threads and solo pools run tasks in this process
+        # This process's own: the threads and solo pools run tasks here.
+        mine, done_here = _tasks.freeze()
         here = _tasks.dump("the main process", mine)
         if here:
             write_fd2(here)
@@ -421,7 +430,8 @@ def _on_worker_shutting_down(sig: str = "?", how: str = "?", **_: object) -> Non
     if worker is None:
         return
     if how == "Cold" and worker.is_main():
-        worker.report_cold()  # Celery 5.4; 5.5+ has written it already (see report_cold)
+        # For Celery 5.4; 5.5+ has written it already (see report_cold).
+        worker.report_cold()
     worker.pipes.hand_off(f"{how.lower()} shutdown ({sig})".encode())
 
 
@@ -434,10 +444,13 @@ def _on_worker_shutdown(**_: object) -> None:
 def _on_worker_process_init(**_: object) -> None:
     worker = _worker
     if worker is None or worker.is_main():
-        return  # the solo pool sends it in the main process
-    os.environ.pop("NOTIFY_SOCKET", None)  # systemd listens to the main process only
+        # The solo pool sends worker_process_init in the main process.
+        return
+    # systemd listens to the main process only.
+    os.environ.pop("NOTIFY_SOCKET", None)
     if worker.notifier is not None:
-        worker.notifier.close()  # the parent's, copied by the fork: it must not speak for this one
+        # The parent's, copied by the fork: it must not speak for this one.
+        worker.notifier.close()
     if get_lifecycle().state() is not State.RUNNING:
         # Forked while the parent was stopping: a fresh lifecycle (the watcher wraps it up at once).
         use(Lifecycle(get_lifecycle().status().force_quit))

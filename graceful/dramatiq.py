@@ -142,11 +142,13 @@ class GracefulMiddleware(Middleware):
 
     def after_ack(self, broker: dramatiq.Broker, message: Any) -> None:
         if self._host is not None:
-            self._host.running.remove(message)  # done with: acknowledged after it ran
+            # Done with: acknowledged after it ran.
+            self._host.running.remove(message)
 
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         if self._host is not None:
-            self._host.running.remove(message)  # done with: dead-lettered
+            # Done with: dead-lettered.
+            self._host.running.remove(message)
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self._host is not None:
@@ -310,14 +312,16 @@ class _Host:
         self._stop_taking(shutdown=True)
         self.running.wait_until_none()
         try:
-            type(self.worker).stop(self.worker, timeout=0)  # the threads have nothing left to do
+            # The threads have nothing left to do.
+            type(self.worker).stop(self.worker, timeout=0)
         except Exception:
             log.exception("graceful: Dramatiq's worker stop failed")
         finally:
             self.finish()
             self._exit_code = self.lifecycle.exit_code
             self._exited.set()
-            signal.pthread_kill(self._main, signal.SIGTERM)  # see _exit_now
+            # See _exit_now.
+            signal.pthread_kill(self._main, signal.SIGTERM)
 
     def _tell_dramatiq(self) -> None:
         """Dramatiq's own handler, once: its main loop then calls ``worker.stop()`` (ours) within
@@ -361,7 +365,8 @@ class _Host:
         if self.notifier is not None:
             self.notifier.close()
         if self.probes is not None:
-            self.probes.close()  # only now: /livez answers until the very end
+            # Only now: /livez answers until the very end.
+            self.probes.close()
 
     # -- putting messages back -------------------------------------------------------------------
 
@@ -374,7 +379,8 @@ class _Host:
         for queue_name, held in by_queue.items():
             try:
                 self.worker.consumers[queue_name].requeue_messages(held)
-            except Exception:  # the other queues must still be put back
+            except Exception:
+                # The other queues must still be put back.
                 log.exception(
                     "dramatiq: %d message(s) of queue %r could not be put back (%s): %s",
                     len(held),
@@ -493,8 +499,10 @@ class _SignalHandOff:
     def _handler(self, signum: int, frame: object) -> None:
         code = self._exit_now()
         if code is not None:
-            raise SystemExit(code)  # the stop is over: the main thread ends the process
-        with contextlib.suppress(OSError):  # a full pipe drops a repeat: the stop is under way
+            # The stop is over: the main thread ends the process.
+            raise SystemExit(code)
+        # A full pipe drops a repeat: the stop is under way.
+        with contextlib.suppress(OSError):
             os.write(self._write, bytes([signum]))
 
     def _relay(self) -> None:
@@ -510,7 +518,8 @@ class _SignalHandOff:
                 count += 1
                 try:
                     self._on_signal(signum, count)
-                except Exception:  # the next signal must still be acted on
+                except Exception:
+                    # The next signal must still be acted on.
                     log.exception("graceful: the dramatiq worker process could not act on a signal")
 
 
@@ -533,7 +542,8 @@ class _Heartbeat:
     def start_for(cls, broker: dramatiq.Broker) -> _Heartbeat | None:
         try:
             from dramatiq.brokers.redis import RedisBroker
-        except ImportError:  # no redis client: no Redis broker either
+        except ImportError:
+            # No redis client: no Redis broker either.
             return None
         if not isinstance(broker, RedisBroker):
             return None

@@ -82,17 +82,25 @@ BOOTED = "booted"
 """A worker's first record: it runs graceful; without an outcome after it, it was killed."""
 COUNTED = (*OUTCOMES, "killed", "never booted")
 
-_watch: WorkerWatch | None = None  # this worker's, set in post_worker_init (never in the arbiter)
-_records: tuple[int, int] | None = None  # workers -> arbiter pipe: "pid booted", then "pid outcome"
+_watch: WorkerWatch | None = None
+"""This worker's, set in ``post_worker_init`` (never in the arbiter)."""
+_records: tuple[int, int] | None = None
+"""The workers -> arbiter pipe: "pid booted", then "pid outcome"."""
 _arbiter_pid: int | None = None
-_last_record: dict[int, str] = {}  # arbiter side: a live worker's pid -> its last record
-_counts: dict[str, int] = dict.fromkeys(COUNTED, 0)  # arbiter side: the workers stopped, by outcome
-# Shared by the arbiter and its workers (anonymous, MAP_SHARED: survives the fork), one byte each:
-_STOPPING, _TOLD, _WATCHED = 0, 1, 2  # the arbiter got TERM; a worker's drain ended; when_ready ran
+_last_record: dict[int, str] = {}
+"""Arbiter side: a live worker's pid -> its last record."""
+_counts: dict[str, int] = dict.fromkeys(COUNTED, 0)
+"""Arbiter side: the workers stopped, by outcome."""
+_STOPPING, _TOLD, _WATCHED = 0, 1, 2
 _shared: mmap.mmap | None = None
-_probes: readiness.ProbeServer | None = None  # this worker's
-_traffic: readiness.Traffic | None = None  # this worker's, for pre_request
-DRAIN_POLL = 0.02  # seconds between two looks, while draining, at whether a sibling's delay ended
+"""Shared by the arbiter and its workers (anonymous, MAP_SHARED: survives the fork), one byte each:
+``_STOPPING`` the arbiter got TERM; ``_TOLD`` a worker's drain ended; ``_WATCHED`` when_ready ran."""
+_probes: readiness.ProbeServer | None = None
+"""This worker's probe server."""
+_traffic: readiness.Traffic | None = None
+"""This worker's, for ``pre_request``."""
+DRAIN_POLL = 0.02
+"""Seconds between two looks, while draining, at whether a sibling's delay ended."""
 
 
 def budget_for(graceful_timeout: float) -> float:
@@ -157,7 +165,8 @@ def _drain_records() -> None:
     while True:
         try:
             chunk = os.read(_records[0], 4096)
-        except OSError:  # BlockingIOError: nothing more for now
+        except OSError:
+            # BlockingIOError: nothing more for now.
             break
         if not chunk:
             break
@@ -236,10 +245,12 @@ def post_fork(server: object, worker: object) -> None:
     """gunicorn hook (new worker, before it loads the app): keep or replace the forked lifecycle."""
     if _records is not None:
         with contextlib.suppress(OSError):
-            os.close(_records[0])  # the arbiter's end
+            # Close the arbiter's end.
+            os.close(_records[0])
     if get_lifecycle().state() is not State.RUNNING:
         # The arbiter started graceful itself: its threads did not survive the fork.
-        use(Lifecycle())  # its budget: set in post_worker_init, as for any worker
+        # Its budget: set in post_worker_init, as for any worker.
+        use(Lifecycle())
         log.warning(
             "graceful: the arbiter's lifecycle was already stopping; worker %d starts a fresh one "
             "(listeners registered before the fork are not carried over)",
@@ -265,7 +276,8 @@ def post_worker_init(worker: object) -> None:
             env,
             graceful_timeout,
         )
-    prepare(lifecycle)  # the deadline's and the sequence's threads, ahead of need
+    # Start the deadline's and the sequence's threads ahead of need.
+    prepare(lifecycle)
     drain = readiness.drain_delay(lifecycle) > 0
     _watch = WorkerWatch(
         worker,
@@ -310,7 +322,8 @@ def _drain_wait() -> None:
         # Without when_ready a reload's TERM is held too: a flag it left must not end a later delay.
         readiness.wait_drain_delay(lifecycle)
     else:
-        pause = threading.Event()  # never set: a bounded wait between two looks
+        # Never set: a bounded wait between two looks.
+        pause = threading.Event()
         while (left := readiness.drain_delay_left(lifecycle)) > 0:
             if shared[_TOLD]:
                 why = "a sibling worker's auto drain delay ended"
@@ -359,7 +372,8 @@ def worker_exit(server: object, worker: object) -> None:
     outcome = watch.finish()
     _report(outcome)
     global _probes
-    if _probes is not None:  # /livez answered until now
+    # Closed only now: /livez answered until the very end.
+    if _probes is not None:
         probes, _probes = _probes, None
         probes.close()
     status = get_lifecycle().status()
@@ -371,5 +385,6 @@ def worker_exit(server: object, worker: object) -> None:
 def _report(outcome: str) -> None:
     if _records is None or _watch is None:
         return
-    with contextlib.suppress(OSError):  # the arbiter is gone, or the pipe is full: only the summary loses
+    # The arbiter is gone, or the pipe is full: only the summary loses.
+    with contextlib.suppress(OSError):
         os.write(_records[1], f"{_watch.pid} {outcome}\n".encode("ascii"))

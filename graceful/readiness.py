@@ -66,7 +66,8 @@ __all__ = [
 
 log = logging.getLogger("graceful")
 
-ProbeServer.__module__ = __name__  # its public home: help() and the API reference say so
+# Its public home: help() and the API reference say so.
+ProbeServer.__module__ = __name__
 
 
 def _lc(lifecycle: Lifecycle | None) -> Lifecycle:

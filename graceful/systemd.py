@@ -144,12 +144,16 @@ class SystemdNotifier:
         self.router = router
         self.watchdog = watchdog_interval()
         """Seconds between two ``WATCHDOG=1``, or None (no watchdog asked for)."""
-        self._lock = threading.Lock()  # one transition's messages at a time, in order
+        self._lock = threading.Lock()
+        """One transition's messages at a time, in order."""
         self._stopping_sent = False
         self._stop = threading.Event()
-        self._draining = threading.Event()  # set once a shutdown runs: progress checks
-        self._seen = (0, 0)  # (listeners finished, reports) at the last progress check
-        self._stuck = False  # the coordinator has not answered the watchdog's last ask
+        self._draining = threading.Event()
+        """Set once a shutdown runs: the watchdog then checks progress."""
+        self._seen = (0, 0)
+        """(listeners finished, reports) at the last progress check."""
+        self._stuck = False
+        """The coordinator has not answered the watchdog's last ask."""
         self._unobserve = subscribe(lifecycle, self._on_event)
         self._thread = threading.Thread(target=self._tick, name="graceful-systemd", daemon=True)
         self._thread.start()
@@ -200,7 +204,8 @@ class SystemdNotifier:
         self._stopping_sent = True
         notify("STOPPING=1", f"STATUS=wrapping up ({reason})")
         self._seen = (self._finished(), progress(self.lifecycle))
-        self._extend()  # the start of the shutdown counts as progress
+        # The start of the shutdown counts as progress.
+        self._extend()
         self._draining.set()
 
     # -- the thread: watchdog pings and progress checks ---------------------------------------

@@ -141,7 +141,8 @@ class LifecycleHarness:
         lc = self.lifecycle
         deadline = time.monotonic() + self.teardown_timeout
         if lc.state() is State.RUNNING:
-            return []  # never triggered: no thread was started, nothing to finish
+            # Never triggered: no thread was started, nothing to finish.
+            return []
         lc.shutdown("graceful_lifecycle teardown", wait=False)
         stopped = lc.wait_for_shutdown(self.teardown_timeout)
         # A listener added after STOPPED runs on its own: wait for it too, within the bound.

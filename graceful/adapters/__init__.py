@@ -68,7 +68,8 @@ def _known(obj: object) -> Service | None:
         except ModuleNotFoundError as exc:
             if exc.name != module_name:
                 raise
-            continue  # that adapter has not landed (yet): fall back to the generic shapes
+            # That adapter has not landed (yet): fall back to the generic shapes.
+            continue
         service: Service | None = module.adapt(obj)
         if service is not None:
             return service
@@ -82,7 +83,8 @@ def _for_callable(obj: object) -> Service:
     if not is_coroutine_function(obj) and not is_generator_function(obj) and takes_context(obj):  # type: ignore[arg-type]
         return CallableService(obj, with_context=True)  # type: ignore[arg-type]
     fn = check_listener(obj, "graceful.run")
-    if is_coroutine_function(fn):  # an async def, not called yet
+    if is_coroutine_function(fn):
+        # An async def, not called yet.
         return CoroutineFunctionService(fn)  # type: ignore[arg-type]
     return CallableService(fn, with_context=False)
 

@@ -56,7 +56,8 @@ class SocketServerService:
         self.server.serve_forever()
 
     def wrap_up(self, ctx: Context) -> None:
-        self.server.shutdown()  # returns once serve_forever() has left its loop
+        # Returns once serve_forever() has left its loop.
+        self.server.shutdown()
         close = getattr(self.server, "server_close", None)
         if close is not None:
             close()
@@ -103,7 +104,8 @@ def takes_context(fn: Callable[..., object]) -> bool:
 
     try:
         parameters = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # a builtin without a signature: called with none
+    except (TypeError, ValueError):
+        # A builtin without a signature: called with none.
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     required = [p for p in parameters if p.default is p.empty and p.kind in positional]
@@ -164,7 +166,8 @@ class CoroutineService:
             await self._task
         except asyncio.CancelledError:
             if not self._task.cancelled():
-                raise  # we were cancelled from outside, not the task by wrap-up
+                # We were cancelled from outside, not the task by wrap-up.
+                raise
 
     def _awaitable(self) -> Awaitable[object]:
         return self.awaitable

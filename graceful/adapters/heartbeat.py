@@ -68,7 +68,8 @@ class Registration:
         self._info = {"name": name, "host": host, "pid": pid, "started": time.time()}
         self._state = "running"
         self._stop = threading.Event()
-        self._lock = threading.Lock()  # a heartbeat never writes the key back after its removal
+        self._lock = threading.Lock()
+        """Held by the writes and the removal: a heartbeat never writes the key back after its removal."""
         self._removed = False
         self._failing = False
         self._beating: threading.Thread | None = None
@@ -85,7 +86,8 @@ class Registration:
         while not self._stop.wait(every):
             try:
                 self._write()
-            except Exception as exc:  # a Redis blip must not end the heartbeat
+            except Exception as exc:
+                # A Redis blip must not end the heartbeat.
                 if not self._failing:
                     log.exception("%s: heartbeat failed; retrying every %.1f s", self.name, every)
                 else:
@@ -112,7 +114,8 @@ class Registration:
         self._state = "draining" if ctx.shutting_down() else "paused"
         try:
             self._write()
-        except Exception:  # the state is for people looking; the drain must not wait on it
+        except Exception:
+            # The state is for people looking; the drain must not wait on it.
             log.warning("%s: could not mark %s %s", self.name, self.key, self._state, exc_info=True)
 
     def close(self, ctx: Context) -> None:

@@ -73,7 +73,8 @@ class _Child:
 
     def leads_group(self) -> bool:
         """True if the child leads its own process group (``start_new_session=True``)."""
-        if self.pid is None or not hasattr(os, "getpgid"):  # Windows has no process groups
+        # Windows has no process groups.
+        if self.pid is None or not hasattr(os, "getpgid"):
             return False
         try:
             return os.getpgid(self.pid) == self.pid
@@ -82,11 +83,14 @@ class _Child:
 
     def send(self, sig: int) -> None:
         if self.returncode() is None and self.pid is not None:
-            with contextlib.suppress(ProcessLookupError):  # exited between the check and the kill
-                if self.leads_group():  # the whole tree it started, grandchildren included
+            # Exited between the check and the kill.
+            with contextlib.suppress(ProcessLookupError):
+                if self.leads_group():
+                    # The whole tree it started, grandchildren included.
                     os.killpg(self.pid, sig)
                 elif self.is_popen:
-                    self.child.send_signal(sig)  # Popen guards against a reaped, reused pid
+                    # Popen guards against a reaped, reused pid.
+                    self.child.send_signal(sig)
                 else:
                     os.kill(self.pid, sig)
 
@@ -115,7 +119,8 @@ class ProcessService:
 
     def serve(self, ctx: Context) -> None:
         on_force_quit(ctx.lifecycle, self._kill, name=f"kill {self.name}")
-        if ctx.lifecycle.is_stopping():  # a stop that came while we were starting is not lost
+        # A stop that came while we were starting is not lost.
+        if ctx.lifecycle.is_stopping():
             self._by_us.set()
             self._pause_or_terminate(ctx)
         ctx.started()
@@ -141,7 +146,8 @@ class ProcessService:
 
     def close(self, ctx: Context) -> None:
         if self._child.returncode() is None:
-            self._terminate()  # after a pause, the SIGTERM comes now
+            # After a pause, the SIGTERM comes now.
+            self._terminate()
             # Until it exits or the deadline's hook kills it: a kill is always a forced exit.
             self._child.wait(None)
 
@@ -149,14 +155,16 @@ class ProcessService:
         if self._child.returncode() is None:
             log.warning("%s did not stop in time: sending SIGKILL", self._child.describe())
             self._child.send(signal.SIGKILL)
-        self._child.wait(5.0)  # reap: no zombie left behind
+        # Reap: no zombie left behind.
+        self._child.wait(5.0)
 
 
 def adapt(obj: object) -> ProcessService | None:
     """The service for a ``subprocess.Popen`` or a ``multiprocessing.Process``; else None."""
     if isinstance(obj, subprocess.Popen):
         return ProcessService(obj)
-    process_module = sys.modules.get("multiprocessing.process")  # imported if obj is one
+    # Already imported if obj is one: nothing is imported here.
+    process_module = sys.modules.get("multiprocessing.process")
     if process_module is not None and isinstance(obj, process_module.BaseProcess):
         return ProcessService(obj)
     return None

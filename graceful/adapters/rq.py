@@ -104,7 +104,8 @@ class RqService:
         self.worker = worker
         self.name = name or f"rq {worker.name}"
         self.work_options = work_options
-        self._asked = threading.Event()  # wrap-up asked rq to stop (else work() returning is a crash)
+        self._asked = threading.Event()
+        """Wrap-up asked rq to stop (else ``work()`` returning is a crash)."""
         _coordinate(worker, self._asked)
 
     def serve(self, ctx: Context) -> None:
@@ -113,11 +114,13 @@ class RqService:
         bootstrap = worker.bootstrap
 
         def bootstrap_then_say_started(*args: Any, **kwargs: Any) -> None:
-            bootstrap(*args, **kwargs)  # registered, subscribed, "*** Listening on ..."
+            # It registers, subscribes and logs "*** Listening on ...".
+            bootstrap(*args, **kwargs)
             ctx.started()
 
         worker.bootstrap = bootstrap_then_say_started  # type: ignore[method-assign]
-        if ctx.lifecycle.is_stopping():  # a stop that came while we were starting is not lost
+        # A stop that came while we were starting is not lost.
+        if ctx.lifecycle.is_stopping():
             self._asked.set()
             worker._stop_requested = True
         worker.work(**self.work_options)
@@ -149,7 +152,8 @@ class RqService:
         job = worker.get_current_job()
         if job is not None:
             with worker.connection.pipeline() as pipeline:
-                if execution is not None:  # out of StartedJobRegistry: rq will not fail it later
+                # Out of StartedJobRegistry: rq will not fail it later.
+                if execution is not None:
                     worker.cleanup_execution(job, pipeline, execution)
                 pipeline.execute()
             queue = worker.queue_class(
@@ -191,7 +195,8 @@ def _coordinate(worker: rq.SimpleWorker, asked: threading.Event) -> None:
 
     def dequeue_until_stopped(timeout: int | None, max_idle_time: int | None = None) -> Any:
         """rq's dequeue, cut into ``IDLE_POLL`` waits so that an idle worker sees a stop."""
-        if timeout is None:  # burst mode: rq does not block
+        # Burst mode: rq does not block.
+        if timeout is None:
             return dequeue(timeout, max_idle_time)
         idle_since = time.monotonic()
         while not asked.is_set():
@@ -199,12 +204,15 @@ def _coordinate(worker: rq.SimpleWorker, asked: threading.Event) -> None:
             if max_idle_time is not None:
                 left = max_idle_time - (time.monotonic() - idle_since)
                 if left <= 0:
-                    return None  # work() logs "idle for N seconds, quitting"
+                    # work() logs "idle for N seconds, quitting".
+                    return None
                 wait = max(1, min(wait, math.ceil(left)))
-            result = dequeue(min(timeout, wait), wait)  # rq returns None after ``wait`` idle seconds
+            # rq returns None after ``wait`` idle seconds.
+            result = dequeue(min(timeout, wait), wait)
             if result is not None:
                 return result
-        raise StopRequested  # work() ends its loop, deregisters the worker, returns
+        # work() ends its loop, deregisters the worker, returns.
+        raise StopRequested
 
     worker.dequeue_job_and_maintain_ttl = dequeue_until_stopped  # type: ignore[method-assign]
     worker.unsubscribe = lambda: _unsubscribe(worker)  # type: ignore[method-assign]
@@ -212,18 +220,23 @@ def _coordinate(worker: rq.SimpleWorker, asked: threading.Event) -> None:
 
 def _unsubscribe(worker: rq.SimpleWorker) -> None:
     """rq's ``unsubscribe()``, every wait bounded: stop the pub/sub thread's loop, then UNSUBSCRIBE."""
-    thread: Any = worker.pubsub_thread  # rq types it as None: it is set in subscribe()
+    # Any: rq types it as None, but it is set in subscribe().
+    thread: Any = worker.pubsub_thread
     pubsub: Any = worker.pubsub
     if thread is None or pubsub is None:
         return
     worker.log.info("Worker %s: unsubscribing from channel %s", worker.name, worker.pubsub_channel_name)
     try:
-        thread.stop(timeout=0)  # redis-py >= 8: clear the running flag; a join of 0 s
-    except TypeError:  # redis-py < 8: stop() only clears the flag
+        # redis-py >= 8: clear the running flag; a join of 0 s.
+        thread.stop(timeout=0)
+    except TypeError:
+        # redis-py < 8: stop() only clears the flag.
         thread.stop()
-    pubsub.unsubscribe()  # its reply wakes the thread, which now leaves its loop
+    # Its reply wakes the thread, which now leaves its loop.
+    pubsub.unsubscribe()
     thread.join(PUBSUB_GRACE)
-    if thread.is_alive():  # a daemon: it closes its own connection when its wait ends
+    if thread.is_alive():
+        # A daemon: it closes its own connection when its wait ends.
         log.warning(
             "rq worker %s: its pub/sub thread did not stop within %g s; left to end on its own",
             worker.name,

@@ -114,7 +114,8 @@ class ExecutorService:
                 item = queue.get_nowait()
                 if item is not None and item.future.cancel():
                     cancelled += 1
-        queue.put(None)  # the wake-up that shutdown() had queued for the workers
+        # Put back the wake-up that shutdown() had queued for the workers.
+        queue.put(None)
         return cancelled
 
 

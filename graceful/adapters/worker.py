@@ -99,7 +99,8 @@ class Worker:
         self.concurrency, self.name, self.poll = concurrency, name, float(poll)
         self.done = self.failed = self.requeued = 0
         self._lock = threading.Lock()
-        self._running: dict[int, tuple[Any, float]] = {}  # consumer -> (job in hand, since)
+        self._running: dict[int, tuple[Any, float]] = {}
+        """Per consumer: the job in hand, and since when."""
         self._stop = threading.Event()
         self._error: BaseException | None = None
 
@@ -107,7 +108,8 @@ class Worker:
 
     def serve(self, ctx: Context) -> None:
         on_force_quit(ctx.lifecycle, self._requeue_running, name=f"requeue the jobs of {self.name}")
-        if ctx.lifecycle.is_stopping():  # a stop that came while we were starting is not lost
+        # A stop that came while we were starting is not lost.
+        if ctx.lifecycle.is_stopping():
             self._stop.set()
         consumers = [
             threading.Thread(target=self._consume, args=(i, ctx), name=f"{self.name}-{i}", daemon=True)
@@ -157,7 +159,8 @@ class Worker:
                 started = not self._stop.is_set()
                 if started:
                     self._running[index] = (job, time.monotonic())
-            if not started:  # fetched as wrap-up began: it never started, put it back
+            if not started:
+                # Fetched as wrap-up began: it never started, put it back.
                 self._put_back(job, job, "fetched as the worker was stopping")
                 return
             try:
@@ -166,14 +169,16 @@ class Worker:
                 with self._lock:
                     self._running.pop(index, None)
                 if self._stop.is_set():
-                    report_progress(ctx.lifecycle)  # the drain moves: systemd gives more time
+                    # The drain moves: systemd gives more time.
+                    report_progress(ctx.lifecycle)
 
     def _handle(self, job: Any) -> None:
         try:
             self.handle(job)
         except Requeue as asked:
             self._put_back(job, job if asked.job is _SAME else asked.job, "asked to be requeued")
-        except Exception:  # one failing job must not stop the consumer
+        except Exception:
+            # One failing job must not stop the consumer.
             log.exception("%s: job %s failed", self.name, self.describe(job))
             self._count("failed")
         else:
@@ -222,7 +227,8 @@ class Worker:
             age = now - since
             try:
                 self.requeue(job)
-            except Exception:  # the next one must still be tried
+            except Exception:
+                # The next one must still be tried.
                 log.exception(
                     "%s: job %s still running at the force-quit deadline (for %.1f s) and requeue() "
                     "failed: it is lost unless the queue redelivers it",
