@@ -79,6 +79,18 @@ def _signals_left_as_found() -> Iterator[None]:
     assert now == wakeup, f"signal wakeup fd left behind: {now} (was {wakeup})"
 
 
+@pytest.fixture
+def python_ctrl_c() -> None:
+    """Python's own Ctrl-C handler for the test (KeyboardInterrupt in the main thread).
+
+    A process started in the background by a shell without job control (``cmd &`` in a
+    script) begins with SIGINT ignored, and Python then installs no handler for it: a test of
+    what a Ctrl-C does would fail for a reason outside graceful. ``_signals_left_as_found`` puts
+    the state back afterwards.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class Recorder:
     """An ``exit`` for a Lifecycle that records the code instead of exiting."""
 

@@ -93,8 +93,13 @@ def test_interrupted_rig_leaves_no_process(tmp_path: Path, signum: int) -> None:
     """Ctrl-C (SIGINT) or SIGTERM to the rig mid-run kills HAProxy, hey and every instance."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("COVERAGE_")}
     env["TMPDIR"] = str(tmp_path)
+    # As from a terminal: a suite started in the background by a shell without job control
+    # passes SIGINT down ignored, and Python keeps it ignored (the rig would never see Ctrl-C).
+    launch = "import os, runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    launch += "sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(sys.argv[0]); "
+    launch += "runpy.run_path(sys.argv[0], run_name='__main__')"
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--only", "rolling", "--quick"],
+        [sys.executable, "-c", launch, str(ROOT / "benchmarks" / "run.py"), "--only", "rolling", "--quick"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

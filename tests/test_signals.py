@@ -211,6 +211,7 @@ def test_deadline_gives_exit_code_70(graceful_process: ProcessFactory) -> None:
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.usefixtures("python_ctrl_c")
 def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
     fresh: Lifecycle, exits: Recorder
 ) -> None:
@@ -276,6 +277,7 @@ def test_keyboard_interrupt_in_main_without_our_handlers_shuts_down_then_forces(
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.usefixtures("python_ctrl_c")
 def test_a_ctrl_c_pending_while_the_main_thread_is_blocked_is_not_lost(
     fresh: Lifecycle,
 ) -> None:
