@@ -42,11 +42,10 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from ._diagnostics import write_fd2
+from ._diagnostics import frame_lines, write_fd2
 
 log = logging.getLogger("graceful")
 
@@ -117,13 +116,7 @@ class TaskRegistry:
         frame = None if entry is None else sys._current_frames().get(entry[1])
         if frame is None:
             return []
-        frames = traceback.extract_stack(frame)
-        inner = [i for i, summary in enumerate(frames) if summary.filename.endswith(_TRACER)]
-        cut = inner[-1] + 1 if inner and inner[-1] + 1 < len(frames) else 0
-        lines = [f"{indent}({cut} outer frames of Celery's pool and tracer)"] if cut else []
-        for text in traceback.format_list(frames[cut:]):
-            lines.extend(indent + line for line in text.rstrip().split("\n"))
-        return lines
+        return frame_lines(frame, indent, inner_from=(_TRACER, None), outer="Celery's pool and tracer")
 
     def dump(self, where: str, running: dict[str, tuple[str, int]] | None = None) -> str:
         """Each running task with its stack, as the force-quit report prints it."""

@@ -42,6 +42,7 @@ __all__ = [
     "format_sections",
     "format_thread_stacks",
     "format_unfinished",
+    "frame_lines",
     "listener_stack",
     "log_to_stderr_by_default",
     "write_fd2",
@@ -58,19 +59,31 @@ _POOL_RUN = (os.path.join("graceful", "_listeners.py"), "run")
 """Where graceful's pool calls a listener: the frames up to it are graceful's, not the user's."""
 
 
-def _frame_lines(
-    frame: FrameType | None, indent: str, inner_from: tuple[str, str] | None = None
+def frame_lines(
+    frame: FrameType | None,
+    indent: str,
+    inner_from: tuple[str, str | None] | None = None,
+    outer: str | None = None,
 ) -> list[str]:
+    """A thread's stack as the report prints it, innermost last.
+
+    ``inner_from`` (a file's path ending, and a function name or None for any): only the frames
+    after the last call in that file, the user's own code, are printed; the ones above it are
+    the same in every report (graceful's pool, Celery's tracer, Dramatiq's actor call). With
+    ``outer``, one line first says how many were left out and whose they are.
+    """
     if frame is None:
         return [f"{indent}(no Python frame: the thread has finished or is outside Python)"]
     frames: list[traceback.FrameSummary] = list(traceback.extract_stack(frame))
-    if inner_from is not None:
-        calls = [
-            i for i, f in enumerate(frames) if f.filename.endswith(inner_from[0]) and f.name == inner_from[1]
-        ]
-        if calls and calls[-1] + 1 < len(frames):
-            frames = frames[calls[-1] + 1 :]
     out: list[str] = []
+    if inner_from is not None:
+        path, name = inner_from
+        calls = [i for i, f in enumerate(frames) if f.filename.endswith(path) and name in (None, f.name)]
+        if calls and calls[-1] + 1 < len(frames):
+            cut = calls[-1] + 1
+            frames = frames[cut:]
+            if outer:
+                out.append(f"{indent}({cut} outer frames of {outer})")
     for entry in traceback.format_list(frames):
         out.extend(indent + line for line in entry.rstrip("\n").split("\n"))
     return out
@@ -97,7 +110,7 @@ def listener_stack(listener: Listener, indent: str = "      ") -> list[str]:
     """Where ``listener`` is now: the stack of the thread running it from the listener's own
     code inward (the frames of graceful's pool above it are the same in every report), then,
     for an ``async def`` one, the chain of coroutines it awaits."""
-    lines = _frame_lines(sys._current_frames().get(listener.thread_id or 0), indent, inner_from=_POOL_RUN)
+    lines = frame_lines(sys._current_frames().get(listener.thread_id or 0), indent, inner_from=_POOL_RUN)
     chain = coroutine_lines(listener.awaiting(), indent)
     if chain:
         lines.append(f"{indent[:-2]}awaiting:")
@@ -177,7 +190,7 @@ def format_thread_stacks(threads: Iterable[threading.Thread], title: str) -> lis
         if not out:
             out.append(title)
         out.append(f'  Thread "{thread.name}" id {thread.ident}:')
-        out.extend(_frame_lines(frames.get(thread.ident or 0), "    "))
+        out.extend(frame_lines(frames.get(thread.ident or 0), "    "))
     return out
 
 
@@ -223,7 +236,7 @@ def dump_threads(status_text: str) -> str:
     for thread in threading.enumerate():
         daemon = " daemon" if thread.daemon else ""
         lines.append(f'Thread "{thread.name}" id {thread.ident}{daemon}:')
-        lines.extend(_frame_lines(frames.get(thread.ident or 0), "    "))
+        lines.extend(frame_lines(frames.get(thread.ident or 0), "    "))
     lines.extend(_task_lines())
     lines.append("graceful: end of thread dump")
     return "\n".join(lines) + "\n"

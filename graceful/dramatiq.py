@@ -64,6 +64,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 from . import readiness, systemd
 from ._checks import TYPE_CHECKING
 from ._current import get_lifecycle
+from ._diagnostics import frame_lines
 from ._lifecycle import (
     Event,
     Lifecycle,
@@ -466,13 +467,7 @@ def _actor_stack(thread_id: int, indent: str = "      ") -> list[str]:
     frame = sys._current_frames().get(thread_id)
     if frame is None:
         return [f"{indent}(its thread has finished)"]
-    frames = traceback.extract_stack(frame)
-    inner = [i for i, summary in enumerate(frames) if summary.filename.endswith(_ACTOR_CALL)]
-    cut = inner[-1] + 1 if inner and inner[-1] + 1 < len(frames) else 0
-    lines = [f"{indent}({cut} outer frames of Dramatiq's worker thread)"] if cut else []
-    for text in traceback.format_list(frames[cut:]):
-        lines.extend(indent + line for line in text.rstrip().split("\n"))
-    return lines
+    return frame_lines(frame, indent, inner_from=(_ACTOR_CALL, None), outer="Dramatiq's worker thread")
 
 
 class _SignalHandOff:
