@@ -239,7 +239,8 @@ class Observers:
         for fn in subscribers:
             try:
                 fn(event, detail)
-            except Exception:  # an integration must never break the sequence
+            except Exception:
+                # An integration must never break the sequence.
                 log.exception("graceful subscriber %r failed on %s", fn, event.value)
 
 
@@ -250,7 +251,8 @@ class _Registry:
     __slots__ = ("listeners", "outstanding", "started")
 
     def __init__(self) -> None:
-        self.listeners: dict[Listener, None] = {}  # insertion-ordered; O(1) removal
+        self.listeners: dict[Listener, None] = {}
+        """The phase's listeners in registration order: a dict, insertion-ordered, O(1) removal."""
         self.started = False
         self.outstanding = 0
 
@@ -325,7 +327,8 @@ class Phases:
             if listener.error is not None:
                 abandoned = " (abandoned)" if listener.state is ListenerState.ABANDONED else ""
                 self.failures.append(f"{listener.phase} listener {listener.name!r}{abandoned}")
-            if registry.outstanding == 0:  # only then can the sequence move on
+            if registry.outstanding == 0:
+                # Only then can the sequence move on.
                 self._changed.notify_all()
 
     def started(self, listener: Listener) -> None:
@@ -425,7 +428,8 @@ class Reloads:
                 result = handle()
                 if is_awaitable(result):
                     run_awaitable(result)
-            except BaseException:  # a reload listener must never end the thread that runs it
+            except BaseException:
+                # A reload listener must never end the thread that runs it.
                 log.exception("reload listener %r failed", handle.name)
         self._observers.emit(Event.RELOADED, reason)
         return len(handles)
@@ -480,19 +484,23 @@ class Lifecycle:
             if wrap_up_timeout is None
             else _check_wrap_up_timeout(wrap_up_timeout, budget, "Lifecycle(wrap_up_timeout=...)")
         )
-        self._budget_chosen = force_quit is not None  # else the environment may still choose it
+        self._budget_chosen = force_quit is not None
+        """A budget was given or read; until then ``GRACEFUL_FORCE_QUIT`` may still choose it."""
         self._time: Clock = check_clock(clock) or MonotonicClock()
         self._action = ForceQuitAction(exit)
-        self._daemon = False  # lowlevel.set_daemon(): the sequence's thread a daemon
+        self._daemon = False
+        """The sequence's thread is a daemon (``lowlevel.set_daemon()``)."""
         self._sequence_lock = threading.Condition(threading.Lock())
         self._state = State.RUNNING
         self.stopping = False
         """True from the moment wrap-up starts. Read-only: written by the lifecycle only, under
         its lock; a plain attribute so that ``graceful.is_stopping()`` is one attribute read."""
         self._wrap_up_started = Moment()
-        self._announced = threading.Event()  # "wrapping up" is logged: the sequence may log now
+        self._announced = threading.Event()
+        """Set once "wrapping up" is logged: the sequence may log now."""
         self._reason: str | None = None
-        self._triggers: list[str] = []  # each trigger's reason, in order, for the final log line
+        self._triggers: list[str] = []
+        """Each trigger's reason, in order, for the final log line."""
         self._triggered_at: float | None = None
         self._shutdown_requested = False
         self._phases = Phases(self._sequence_lock)
@@ -501,13 +509,16 @@ class Lifecycle:
         self._stopped = Moment()
         self._forced: str | None = None
         self._report_sections: list[Callable[[], list[str]]] = []
-        self._kept_armed: list[str] = []  # keep_deadline_armed(): what may still hold the exit
+        self._kept_armed: list[str] = []
+        """What may still hold the exit (``keep_deadline_armed()``): the deadline stays armed."""
         self._progress = 0
         self._driver: threading.Thread | None = None
-        self._driver_waiting = False  # lowlevel.prepare() started the sequence's thread ahead
+        self._driver_waiting = False
+        """``lowlevel.prepare()`` started the sequence's thread ahead."""
         self._timer = ForceQuitTimer(self._time, budget, self._deadline_passed)
         self._listener_loops = DefaultLoop()
-        self._listen_sockets: list[socket.socket] = []  # what listen() gave: an upgrade passes them down
+        self._listen_sockets: list[socket.socket] = []
+        """What ``listen()`` gave: an upgrade passes them down."""
 
     # -- registries ---------------------------------------------------------------------------
 
@@ -610,7 +621,8 @@ class Lifecycle:
             TypeError, ValueError: a bad address or backlog, before anything is bound.
             OSError: the address cannot be bound (in use, say); the message names it.
         """
-        from ._sockets import listen  # loaded on first use: ``import graceful`` stays light
+        # Loaded on first use: ``import graceful`` stays light.
+        from ._sockets import listen
 
         sock = listen(address, backlog=backlog)
         with self._sequence_lock:
@@ -672,7 +684,8 @@ class Lifecycle:
                     notes.append(f"shutdown requested ({reason}): continuing after the wrap-up phase")
                 self._sequence_lock.notify_all()
             driver = self._driver_to_start() if start else None
-        try:  # whatever happens here (a Ctrl-C in the main thread), the sequence is not held
+        # Whatever happens here (a Ctrl-C in the main thread), the sequence is not held.
+        try:
             if start:
                 self._wrap_up_started.set()
             if arm:
@@ -684,7 +697,8 @@ class Lifecycle:
                 log.info("%s", note)
         finally:
             if start:
-                self._announced.set()  # the sequence's own lines come after this one
+                # The sequence's own lines come after this one.
+                self._announced.set()
         if start:
             self._observers.emit(Event.WRAPPING_UP, reason)
         if arm:
@@ -710,7 +724,8 @@ class Lifecycle:
         if self._budget_chosen:
             return
         self._budget_chosen = True
-        from ._settings import read_budget, read_wrap_up_timeout  # read when the deadline starts
+        # Read when the deadline starts.
+        from ._settings import read_budget, read_wrap_up_timeout
 
         try:
             seconds = read_budget()
@@ -775,7 +790,8 @@ class Lifecycle:
                 "; ".join(kept),
                 self._timer.remaining() or 0.0,
             )
-        if late:  # the deadline came first: the force quit owns the end (a no-op if it began)
+        if late:
+            # The deadline came first: the force quit owns the end (a no-op if it began).
             self.force_quit_now(f"the force-quit deadline of {self._timer.budget:g} s passed")
         self._finish()
 
@@ -789,8 +805,10 @@ class Lifecycle:
             detail = f"{took:.3f} s after {' then '.join(self._triggers)}"
             note = self._set_state(State.STOPPED, detail)
             forced = self._forced is not None
-        if not forced:  # after a force quit nothing may claim a clean stop
-            log.info("%s", note)  # before waking the waiters, so the log reads in order
+        if not forced:
+            # After a force quit nothing may claim a clean stop. Logged before waking the
+            # waiters, so that the log reads in order.
+            log.info("%s", note)
             self._observers.emit(Event.STOPPED, detail)
         self._stopped.set()
 
@@ -802,10 +820,13 @@ class Lifecycle:
         if note is not None:
             log.info("%s", note)
         self._await(lambda: not self._phases.outstanding(phase), (phase,))
-        self._announced.wait()  # its listeners ran first (act first); its lines follow the trigger's
+        # Its listeners ran first (act first); its lines follow the trigger's.
+        self._announced.wait()
         if phase is Phase.FLUSH and not count:
-            return  # most programs have none: no line for a phase that did nothing
-        theirs = f", {own} of them graceful's own (the servers')" if own else ""  # a reader counts theirs
+            # Most programs have none: no line for a phase that did nothing.
+            return
+        # So that a reader counts theirs.
+        theirs = f", {own} of them graceful's own (the servers')" if own else ""
         log.info(
             "%s phase done: %d listener(s)%s in %.3f s", phase, count, theirs, self._time.monotonic() - t0
         )
@@ -822,7 +843,8 @@ class Lifecycle:
                 if not expired:
                     self._time.wait_until(self._sequence_lock, until)
                     continue
-            for listener, why in expired:  # outside the lock: abandoning takes it to count down
+            # Outside the lock: abandoning takes it to count down.
+            for listener, why in expired:
                 self._abandon(listener, now, why)
 
     def _expired(
@@ -838,7 +860,8 @@ class Lifecycle:
             why = "" if due is None else f"its timeout of {listener.timeout} s passed"
             if (
                 listener.phase is Phase.WRAP_UP
-                and not listener.bounded  # graceful's own drains bound themselves (mark_own)
+                # graceful's own drains bound themselves (mark_own).
+                and not listener.bounded
                 and wrap_up_end is not None
                 and (due is None or wrap_up_end < due)
             ):
@@ -858,7 +881,8 @@ class Lifecycle:
 
     def _abandon(self, listener: Listener, now: float, why: str) -> None:
         if not listener.abandon(now, why):
-            return  # it finished meanwhile
+            # It finished meanwhile.
+            return
         took = 0.0 if listener.started is None else now - listener.started
         stack = listener_stack(listener) if listener.started is not None else ["      (it never started)"]
         log.error(
@@ -895,7 +919,8 @@ class Lifecycle:
         checked = _check_wrap_up_timeout(seconds, self._timer.budget, "set_wrap_up_timeout()")
         with self._sequence_lock:
             self._wrap_up_timeout = checked
-            self._sequence_lock.notify_all()  # the sequence looks at the new bound
+            # The sequence looks at the new bound.
+            self._sequence_lock.notify_all()
 
     # -- force quit ---------------------------------------------------------------------------
 
@@ -916,7 +941,8 @@ class Lifecycle:
         self._timer.set_budget(budget)
         self._budget_chosen = True
         with self._sequence_lock:
-            self._sequence_lock.notify_all()  # a default wrap-up timeout moved with it
+            # A default wrap-up timeout moved with it.
+            self._sequence_lock.notify_all()
 
     def _deadline_passed(self) -> None:
         self.force_quit_now(f"the force-quit deadline of {self._timer.budget:g} s passed")
@@ -933,14 +959,16 @@ class Lifecycle:
             TypeError: ``why`` is not a str.
         """
         why = check_reason(why, "force_quit_now()")
-        listeners = self._phases.listeners()  # takes the lock itself
+        # Before the lock: this takes it itself.
+        listeners = self._phases.listeners()
         with self._sequence_lock:
             if self._forced is not None:
                 return
             now = self._time.monotonic()
             since = None if self._triggered_at is None else now - self._triggered_at
             report = format_report(why, since, self._triggers, FORCED_EXIT_CODE, listeners, now)
-            self._forced = report  # claimed: only this call goes on
+            # Claimed: only this call goes on.
+            self._forced = report
         report = self._forced = "\n".join([report, *format_sections(list(self._report_sections))])
         self._action.execute(
             report, lambda: self._observers.emit(Event.FORCED, why), self._flush_at_force_quit
@@ -978,7 +1006,8 @@ class Lifecycle:
         """Block until STOPPED; True if it got there within ``timeout``. ``RuntimeError`` from a
         server's thread under ``run()``, which would wait for itself: ``wait_for_wrap_up()``."""
         limit = check_timeout(timeout, "wait_for_shutdown()")
-        if limit != 0:  # 0 only looks: harmless anywhere
+        # A timeout of 0 only looks: harmless anywhere.
+        if limit != 0:
             refuse_in_server("wait_for_shutdown()")
         return self._stopped.wait(limit)
 

@@ -120,8 +120,10 @@ def test_upgraded_connections_and_tunnels_still_open_are_named_at_each_step(
         assert ws.recv(BOUND) == "hello"
         tunnel.sendall(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
         assert tunnel.recv(1024).startswith(b"HTTP/1.1 200 ")
-        child.wait_for_line("ws open /stuck")
-        child.wait_for_line("tunnel open")
+        # Two handler threads say these, in either order: each is looked for in the whole
+        # output so far (wait_for_line would look only past the line it found last).
+        child.wait_for_output("ws open /stuck", stream="stdout")
+        child.wait_for_output("tunnel open", stream="stdout")
         child.send_signal(signal.SIGTERM)
         child.wait_for_line("shutdown listener ran")
         with pytest.raises(ConnectionClosed) as closed:

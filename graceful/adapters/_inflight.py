@@ -75,7 +75,8 @@ class Request:
         self.method = method
         self.path = path
         self.client = client
-        self.started = time.monotonic() if started is None else started  # on time.monotonic's scale
+        self.started = time.monotonic() if started is None else started
+        """When it began, on ``time.monotonic()``'s scale."""
 
     def describe(self) -> str:
         return (
@@ -111,16 +112,19 @@ class InFlight:
         self._requests[key] = request
         traffic = self._traffic
         if traffic is not None:
-            traffic.last = traffic.now()  # what an auto drain delay watches (arrived(), inline)
+            # What an auto drain delay watches (arrived(), inline).
+            traffic.last = traffic.now()
 
     def discard(self, key: object) -> None:
         ended = self._requests.pop(key, None)
         lifecycle = self._lifecycle
         if ended is not None and lifecycle is not None and lifecycle.stopping:
-            report_progress(lifecycle)  # the drain moves: systemd gives more time
+            # The drain moves: systemd gives more time.
+            report_progress(lifecycle)
 
     def requests(self) -> list[Request]:
-        items = list(self._requests.values())  # one C call: a consistent copy
+        # One C call: a consistent copy.
+        items = list(self._requests.values())
         return [item if isinstance(item, Request) else item() for item in items]
 
     def __contains__(self, key: object) -> bool:
@@ -138,7 +142,8 @@ class InFlight:
         ``loop``, the asyncio loop that owns the connections (skipped once it has closed)."""
         self.log_dropped()
         if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed in between
+            # RuntimeError: the loop closed in between.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(cut)
 
     def log_dropped(
@@ -172,7 +177,8 @@ async def wait_within_wrap_up(ctx: Context, future: Any) -> bool:
     In a pause there is no timeout: it waits on, looking every ``PAUSED_LOOK`` s whether a
     shutdown has started one.
     """
-    import asyncio  # not at import: the stdlib adapter imports this module too
+    # Not at import: the stdlib adapter imports this module too.
+    import asyncio
 
     while True:
         left = ctx.wrap_up_remaining()
@@ -203,9 +209,12 @@ def log_ended_long_lived(name: str, websockets: int, streams: int) -> None:
 # write after it closed (EPIPE), an abort (Windows). ConnectionRefusedError, the fourth
 # ConnectionError, only comes from connect(): the user's handler calling a backend.
 GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux: struct tcp_info, state first
-TCP_CLOSE = 7  # tcpi_state of a connection reset while our end is still open
-TIMED_OUT = "Request timed out: %r"  # BaseHTTPRequestHandler's line (3.6 to 3.13 alike)
+TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+"""The socket option for Linux's ``struct tcp_info`` (the state first); None elsewhere."""
+TCP_CLOSE = 7
+"""The ``tcpi_state`` of a connection reset while our end is still open."""
+TIMED_OUT = "Request timed out: %r"
+"""``BaseHTTPRequestHandler``'s line for a request that timed out (3.6 to 3.13 alike)."""
 
 
 def describe_client(address: object) -> str:
@@ -224,12 +233,14 @@ def peer_gone(sock: object) -> bool:
     consuming anything or blocking.
     """
     if not isinstance(sock, socket.socket):
-        return False  # a datagram server's (data, socket): no connection to lose
+        # A datagram server's (data, socket): no connection to lose.
+        return False
     try:
         tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         if tcp and TCP_INFO is not None and sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_CLOSE:
             return True
-        if hasattr(select, "poll"):  # no FD_SETSIZE limit: a busy server has fds over 1024
+        # poll() has no FD_SETSIZE limit: a busy server has fds over 1024.
+        if hasattr(select, "poll"):
             poller = select.poll()
             poller.register(sock, select.POLLIN)
             readable = bool(poller.poll(0))
@@ -238,5 +249,6 @@ def peer_gone(sock: object) -> bool:
         return readable and not socket.socket.recv(sock, 1, socket.MSG_PEEK)
     except GONE:
         return True
-    except (OSError, ValueError):  # closed already, or not a stream: cannot tell, so not gone
+    except (OSError, ValueError):
+        # Closed already, or not a stream: cannot tell, so not gone.
         return False

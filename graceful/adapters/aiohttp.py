@@ -92,10 +92,12 @@ class _LongLived:
     __slots__ = ("closing", "ended", "response", "task")
 
     def __init__(self, task: asyncio.Task[Any], response: web.StreamResponse) -> None:
-        self.task = task  # the task that runs the handler (aiohttp: one a request)
+        self.task = task
+        """The task that runs the handler (aiohttp: one a request)."""
         self.response: web.StreamResponse | None = response
         self.ended = False
-        self.closing: asyncio.Future[bool] | None = None  # our 1001 close of a WebSocket
+        self.closing: asyncio.Future[bool] | None = None
+        """Our 1001 close of a WebSocket, once under way."""
 
     @property
     def kind(self) -> str | None:
@@ -182,10 +184,13 @@ class AiohttpService:
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
-        self._long_lived: dict[object, _LongLived] = {}  # by the handler's task
+        self._long_lived: dict[object, _LongLived] = {}
+        """The responses the running handlers prepared, by the handler's task."""
         self._prepare_done: asyncio.Future[None] | None = None
-        self._handler: Any = None  # the runner's own request handler, wrapped by _track
-        self._cut_tasks: set[object] = set()  # the handlers' tasks cancelled at the wrap-up timeout
+        self._handler: Any = None
+        """The runner's own request handler, wrapped by ``_track``."""
+        self._cut_tasks: set[object] = set()
+        """The handlers' tasks cancelled at the wrap-up timeout."""
         self.runner.app.on_response_prepare.append(self._prepared)
 
     def _prepared(self, request: web.Request, response: web.StreamResponse) -> asyncio.Future[None]:
@@ -198,40 +203,50 @@ class AiohttpService:
         task = current_task()
         if task in self.in_flight and task not in self._long_lived:
             self._long_lived[task] = _LongLived(task, response)  # type: ignore[arg-type]
-        assert self._prepare_done is not None  # made by serve(), before any request
+        # Made by serve(), before any request.
+        assert self._prepare_done is not None
         return self._prepare_done
 
     async def _track(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every request, around the app's own handling (its middlewares included)."""
         handler = self._handler
-        assert handler is not None  # set by serve(), before the site listens
+        # Set by serve(), before the site listens.
+        assert handler is not None
         task: asyncio.Task[Any] = current_task()  # type: ignore[assignment]
-        tracked = partial(_tracked, request, time.monotonic())  # a Request only when one is logged
+        # A Request only when one is logged.
+        tracked = partial(_tracked, request, time.monotonic())
         self.in_flight.add(task, tracked)
         try:
             response: web.StreamResponse = await handler(request)
             entry = self._long_lived.get(task)
-            if entry is not None and entry.closing is not None:  # aiohttp 3.9 would close with 1000
-                await asyncio.wait({entry.closing})  # on return: ours first
+            # On return aiohttp 3.9 would close with 1000: our 1001 close goes first.
+            if entry is not None and entry.closing is not None:
+                await asyncio.wait({entry.closing})
             if self._draining and not response.prepared:
-                response.force_close()  # answered with Connection: close
+                # Answered with Connection: close.
+                response.force_close()
             return response
         except ConnectionResetError:
             entry = self._long_lived.get(task)
-            if entry is not None and entry.ended and entry.response is not None:  # a send after our
-                return entry.response  # 1001 close
+            # A send after our 1001 close.
+            if entry is not None and entry.ended and entry.response is not None:
+                return entry.response
             raise
         except asyncio.CancelledError:
             entry = self._long_lived.get(task)
-            if task in self._cut_tasks and uncancel(task) == 0:  # cut at the wrap-up timeout
+            # Cut at the wrap-up timeout.
+            if task in self._cut_tasks and uncancel(task) == 0:
                 if entry is None or entry.response is None or not entry.response.prepared:
                     return _unavailable()
-                raise  # a response under way: aiohttp closes the connection, the body cut short
+                # A response under way: aiohttp closes the connection, the body cut short.
+                raise
             if entry is not None and entry.ended and entry.response is not None and uncancel(task) == 0:
-                with contextlib.suppress(ConnectionError):  # the client left meanwhile
-                    await entry.response.write_eof()  # the final chunk: a clean end of stream
+                # The final chunk: a clean end of stream, unless the client left meanwhile.
+                with contextlib.suppress(ConnectionError):
+                    await entry.response.write_eof()
                 return entry.response
-            if self._draining:  # shutdown_timeout= cancelled it
+            if self._draining:
+                # shutdown_timeout= cancelled it.
                 log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
                     "%s: dropped request %s (cancelled while draining)", self.name, tracked().describe()
                 )
@@ -251,9 +266,11 @@ class AiohttpService:
         self._say_which_timeout_governs(ctx)
         await self.runner.setup()
         server = self.runner.server
-        assert server is not None  # setup() made it
+        # setup() made it.
+        assert server is not None
         self._handler = server.request_handler
-        server.request_handler = self._track  # connections take it when they open: before start()
+        # Connections take it when they open: before start().
+        server.request_handler = self._track
         for site in self._sites(ctx):
             await site.start()
             log.info("%s: listening on %s", self.name, site.name)
@@ -299,7 +316,8 @@ class AiohttpService:
         options = dict(self.site_options)
         if options.get("reuse_port") is not None or options.get("reuse_address") is not None:
             return [web.TCPSite(self.runner, self.host, self.port, **options)]
-        backlog = options.pop("backlog", 128)  # TCPSite's default
+        # 128: TCPSite's default.
+        backlog = options.pop("backlog", 128)
         if self.host:
             return [
                 web.SockSite(
@@ -310,7 +328,8 @@ class AiohttpService:
         sites: list[web.BaseSite] = [web.SockSite(self.runner, first, **options)]
         try:
             second = ctx.lifecycle.listen(("::", first.getsockname()[1]), backlog=backlog)
-        except OSError as exc:  # no IPv6 here
+        except OSError as exc:
+            # No IPv6 here.
             log.debug("%s: not listening on IPv6 (%s)", self.name, exc)
         else:
             sites.append(web.SockSite(self.runner, second, **options))
@@ -327,10 +346,12 @@ class AiohttpService:
     async def wrap_up(self, ctx: Context) -> None:
         if self._done is None or self._done.is_set():
             return
-        await drain_delay_of(ctx.lifecycle).wait_said_async()  # not-ready, still serving
+        # The drain delay: not-ready to probes, still serving.
+        await drain_delay_of(ctx.lifecycle).wait_said_async()
         self._draining = True
         for site in list(self.runner.sites):
-            await site.stop()  # the listening socket closes: new connections are refused
+            # The listening socket closes: new connections are refused.
+            await site.stop()
         websockets, streams = await self._end_long_lived(ctx.wrap_up_remaining())
         log_ended_long_lived(self.name, websockets, streams)
         log.info("%s: stopped accepting; draining %d request(s)", self.name, len(self.in_flight))
@@ -338,7 +359,8 @@ class AiohttpService:
             await self._linger()
         # aiohttp's per-connection timeout (None: wait until graceful's wrap-up timeout).
         self.runner._shutdown_timeout = self.shutdown_timeout  # type: ignore[assignment]
-        cleanup = asyncio.ensure_future(self.runner.cleanup())  # on_shutdown, drain, on_cleanup
+        # on_shutdown, the drain, on_cleanup.
+        cleanup = asyncio.ensure_future(self.runner.cleanup())
         done = await wait_within_wrap_up(ctx, cleanup)
         if not done:
             self._cut_at_wrap_up(ctx)
@@ -350,7 +372,8 @@ class AiohttpService:
             )
         self._done.set()
         if done:
-            cleanup.result()  # an on_shutdown/on_cleanup handler that raised fails the sequence
+            # An on_shutdown/on_cleanup handler that raised fails the sequence.
+            cleanup.result()
 
     def _cut_at_wrap_up(self, ctx: Context) -> None:
         """The wrap-up timeout has come: name each request still running and cancel its handler
@@ -413,9 +436,10 @@ UNAVAILABLE = "Service Unavailable: the server stopped before this request was a
 
 
 def _unavailable() -> web.Response:
-    """The answer to a request cut at the wrap-up timeout before its response was prepared."""
+    """The answer (``Connection: close``) to a request cut at the wrap-up timeout before its
+    response was prepared."""
     response = web.Response(status=503, text=UNAVAILABLE)
-    response.force_close()  # Connection: close
+    response.force_close()
     return response
 
 

@@ -109,15 +109,23 @@ class _Tracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self.open: dict[Any, float | None] = {}  # handler -> when its current request began
-        self.served: dict[Any, int] = {}  # handler -> requests answered so far
-        self.upgraded: dict[Any, str] = {}  # handler -> what it became ("tunnel", ...)
+        self.open: dict[Any, float | None] = {}
+        """Handler -> when its current request began (None between requests)."""
+        self.served: dict[Any, int] = {}
+        """Handler -> requests answered so far."""
+        self.upgraded: dict[Any, str] = {}
+        """Handler -> what it became (``"tunnel"``, ...)."""
         self.draining = False
-        self.linger = False  # a hand-over: kept-alive connections get one more request (with close)
-        self.lifecycle: Lifecycle | None = None  # set by serve()
-        self.traffic: Traffic | None = None  # set by serve()
-        self.gone = 0  # clients that went away early
-        self.name = ""  # the service's, for the log lines (set by HTTPServerService)
+        self.linger = False
+        """A hand-over: kept-alive connections get one more request (with ``Connection: close``)."""
+        self.lifecycle: Lifecycle | None = None
+        """Set by ``serve()``."""
+        self.traffic: Traffic | None = None
+        """Set by ``serve()``."""
+        self.gone = 0
+        """Clients that went away early."""
+        self.name = ""
+        """The service's, for the log lines (set by ``HTTPServerService``)."""
 
     def client_gone(self, client: object, why: str) -> None:
         """Count a client that closed or reset early; one DEBUG line, never a traceback."""
@@ -203,7 +211,8 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
                 tracker.closed(self)
 
     if not issubclass(base, BaseHTTPRequestHandler):
-        return Tracked  # a plain socketserver handler: connections only
+        # A plain socketserver handler: connections only.
+        return Tracked
     http_base: type[BaseHTTPRequestHandler] = base
     opened, served, upgraded = tracker.open, tracker.served, tracker.upgraded
 
@@ -212,31 +221,38 @@ def _tracked_handler(base: type, tracker: _Tracker) -> type:
         # and what only matters while draining is checked after one attribute read.
         def handle_one_request(self) -> None:
             if tracker.draining and tracker.served.get(self, 0) and not tracker.linger:
-                self.close_connection = True  # keep-alive ends: answered one, take no more
+                # Keep-alive ends: answered one, take no more.
+                self.close_connection = True
                 return
             try:
                 http_base.handle_one_request(self)
             finally:
-                if opened.get(self) is not None:  # a request was under way, and is answered
+                # A request was under way, and is answered.
+                if opened.get(self) is not None:
                     opened[self] = None
                     served[self] += 1
                     lifecycle = tracker.lifecycle
                     if lifecycle is not None and lifecycle.stopping:
-                        report_progress(lifecycle)  # the drain moves: systemd gives more time
-                    if self in upgraded:  # the upgraded protocol has ended with its handler
+                        # The drain moves: systemd gives more time.
+                        report_progress(lifecycle)
+                    # The upgraded protocol has ended with its handler.
+                    if self in upgraded:
                         tracker.upgrade(self, None)
 
         def parse_request(self) -> bool:
             ok: bool = http_base.parse_request(self)
             if ok:
-                opened[self] = monotonic()  # a request is under way
+                # A request is under way.
+                opened[self] = monotonic()
                 traffic = tracker.traffic
                 if traffic is not None:
-                    traffic.last = traffic.now()  # what an auto drain delay watches (arrived(), inline)
+                    # What an auto drain delay watches (arrived(), inline).
+                    traffic.last = traffic.now()
             return ok
 
         def send_response_only(self, code: int, message: str | None = None) -> None:
-            if code == 101:  # Switching Protocols: the handler speaks another protocol now
+            # 101 Switching Protocols: the handler speaks another protocol now.
+            if code == 101:
                 protocol = self.headers.get("Upgrade")
                 tracker.upgrade(
                     self, f"upgraded connection ({protocol})" if protocol else "upgraded connection"
@@ -292,14 +308,16 @@ class HTTPServerService:
         self.tracker = _Tracker()
         self.tracker.name = self.name
         server.RequestHandlerClass = _track(server.RequestHandlerClass, self.tracker)
-        self._report_error: Callable[[Any, Any], None] = server.handle_error  # the user's, if overridden
+        self._report_error: Callable[[Any, Any], None] = server.handle_error
+        """The server's own ``handle_error``: the user's, if overridden."""
         if isinstance(server, ThreadingMixIn):
             # A handler abandoned at the wrap-up timeout must not hold the exit, nor server_close()
             # (which joins the threads that are not daemons): the drain has waited for the others.
             server.daemon_threads = True
         server.handle_error = self._handle_error  # type: ignore[method-assign]  # this instance only
         self._widen_backlog()
-        self._wake: tuple[socket.socket, socket.socket] | None = None  # made by serve()
+        self._wake: tuple[socket.socket, socket.socket] | None = None
+        """The socket pair that wakes the accept loop at wrap-up; made by ``serve()``."""
         self._stop = threading.Event()
         self._loop_left = threading.Event()
         self._ctx: Context | None = None
@@ -344,7 +362,8 @@ class HTTPServerService:
             host, port = server.server_address[:2]
             server.server_name = socket.getfqdn(str(host))
             server.server_port = port
-        setup_environ = getattr(server, "setup_environ", None)  # wsgiref's WSGIServer
+        # wsgiref's WSGIServer has one.
+        setup_environ = getattr(server, "setup_environ", None)
         if callable(setup_environ):
             setup_environ()
         if getattr(type(server), "server_bind", None) not in _stdlib_binds():
@@ -361,8 +380,10 @@ class HTTPServerService:
         self._ctx = ctx
         self._bind(ctx)
         self._widen_backlog()
-        self.server.socket.setblocking(False)  # two processes may accept on it: see the docstring
-        if sys.platform != "linux":  # elsewhere an accepted socket inherits O_NONBLOCK
+        # Two processes may accept on it: see the docstring.
+        self.server.socket.setblocking(False)
+        # Elsewhere than on Linux an accepted socket inherits O_NONBLOCK.
+        if sys.platform != "linux":
             self.server.get_request = self._accept_blocking  # type: ignore[method-assign]
         self.tracker.lifecycle = ctx.lifecycle
         self.tracker.traffic = drain_delay_of(ctx.lifecycle).traffic
@@ -396,7 +417,8 @@ class HTTPServerService:
         selector.unregister(wake_r)
         if self.tracker.linger:
             return
-        limit = 2 * int(getattr(self.server, "request_queue_size", 5))  # bounded under a stream
+        # Bounded under a stream of new connections.
+        limit = 2 * int(getattr(self.server, "request_queue_size", 5))
         while limit and selector.select(0):
             self.server._handle_request_noblock()  # type: ignore[attr-defined]
             limit -= 1
@@ -420,7 +442,8 @@ class HTTPServerService:
         self.tracker.draining = True
         self._stop.set()
         if self._wake is not None:
-            with contextlib.suppress(OSError):  # closed already: the loop has left
+            # Closed already: the loop has left.
+            with contextlib.suppress(OSError):
                 self._wake[1].send(b"\0")
         if not self._drain(ctx):
             self._abandon_at_wrap_up(ctx)
@@ -429,7 +452,8 @@ class HTTPServerService:
         """The wrap-up timeout has come: name each request (and upgraded connection) still
         running, close the idle connections, mark the lifecycle failed and return (the module
         docstring says why the handlers' threads and sockets are left as they are)."""
-        if not self._loop_left.is_set():  # a one-thread server: its loop is the stuck handler
+        if not self._loop_left.is_set():
+            # A one-thread server: its loop is the stuck handler.
             log.warning("%s: the accept loop did not stop by the wrap-up timeout", self.name)
         for what, request in self.tracker.long_lived():
             log.error("%s: abandoned %s %s %s", self.name, what, request.describe(), AT_WRAP_UP)
@@ -456,8 +480,10 @@ class HTTPServerService:
         True once drained; False at the wrap-up timeout.
         """
         listening_closed: float | None = None
-        named = self._name_long_lived()  # now: a one-thread server's loop may be what runs one
-        idle_since: dict[Any, float] = {}  # at a hand-over: since when each was seen idle
+        # Now, not once the loop has left: a one-thread server's loop may be what runs one.
+        named = self._name_long_lived()
+        # At a hand-over: since when each was seen idle.
+        idle_since: dict[Any, float] = {}
         while True:
             if listening_closed is None and self._loop_left.is_set():
                 listening_closed = time.monotonic()
@@ -471,7 +497,8 @@ class HTTPServerService:
             for handler in self._to_close(fresh_too, idle_since):
                 if not _has_input(handler):
                     _shut(handler)
-            remaining = ctx.wrap_up_remaining()  # None in a pause: no bound (read each turn)
+            # None in a pause: no bound (read each turn).
+            remaining = ctx.wrap_up_remaining()
             step = 0.05 if remaining is None else min(0.05, max(remaining, 0.0))
             if listening_closed is None:
                 self._loop_left.wait(step)
@@ -515,7 +542,8 @@ class HTTPServerService:
         long_lived = self.tracker.long_lived()
         for what, request in long_lived:
             log.error("%s: cut %s %s at the force-quit deadline", self.name, what, request.describe())
-        for request in self.tracker.in_flight(upgraded_too=False):  # those named once, as what they are
+        # The upgraded ones are named once, above, as what they are.
+        for request in self.tracker.in_flight(upgraded_too=False):
             log.error("%s: dropped request %s at the force-quit deadline", self.name, request.describe())
         for handler in list(self.tracker.open):
             _shut(handler)

@@ -77,8 +77,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 log = logging.getLogger("graceful")
-_uvicorn_log = logging.getLogger("uvicorn.error")  # where uvicorn's own shutdown lines go
-_LOOK = 0.005  # s: how often the drain looks at uvicorn's connections (uvicorn: 0.1 s)
+_uvicorn_log = logging.getLogger("uvicorn.error")
+"""uvicorn's logger: where the adapter writes uvicorn's own shutdown lines."""
+_LOOK = 0.005
+"""Seconds between two looks of the drain at uvicorn's connections (uvicorn: 0.1 s)."""
 CUT_WAIT = 0.5
 """Seconds the cut at the wrap-up timeout waits for the cancelled request tasks to end."""
 
@@ -107,16 +109,26 @@ class _LongLived:
     )
 
     def __init__(self, kind: str, send: Any, task: asyncio.Task[Any] | None) -> None:
-        self.kind = kind  # "websocket" or "http"
-        self.send = send  # the server's send: not the app's wrapped one
-        self.task = task  # the task that runs the app for this request (uvicorn: one a request)
-        self.open = False  # accepted WebSocket, or a response body under way
-        self.started = False  # the response's start (status, headers) was sent
-        self.is_ended = False  # ended at wrap-up
-        self.cut = False  # cut at the wrap-up timeout
-        self.cancels = 0  # how many times the adapter cancelled its task (ended, cut)
-        self.listening = 0  # receive() calls pending past the body: the app hears a disconnect
-        self.headers: Any = ()  # the response's, read only if it streams: a download is not ended
+        self.kind = kind
+        """``"websocket"`` or ``"http"``."""
+        self.send = send
+        """The server's send, not the app's wrapped one."""
+        self.task = task
+        """The task that runs the app for this request (uvicorn: one a request)."""
+        self.open = False
+        """An accepted WebSocket, or a response body under way."""
+        self.started = False
+        """The response's start (status, headers) was sent."""
+        self.is_ended = False
+        """Ended at wrap-up."""
+        self.cut = False
+        """Cut at the wrap-up timeout."""
+        self.cancels = 0
+        """How many times the adapter cancelled its task (ended, cut)."""
+        self.listening = 0
+        """``receive()`` calls pending past the body: the app hears a disconnect."""
+        self.headers: Any = ()
+        """The response's, read only if it streams: a download is not ended."""
         self._ended: asyncio.Future[None] | None = None
 
     def ended(self) -> asyncio.Future[None]:
@@ -136,9 +148,11 @@ class _LongLived:
         ``finally`` blocks run; what it sends then goes nowhere).
         """
         self.is_ended = True
-        hears = self.listening > 0  # now: once woken, the app may stop listening to end itself
+        # Read now: once woken, the app may stop listening to end itself.
+        hears = self.listening > 0
         if self._ended is not None and not self._ended.done():
-            self._ended.set_result(None)  # the app's pending receive() hears the disconnect
+            # The app's pending receive() hears the disconnect.
+            self._ended.set_result(None)
         try:
             if self.kind == "websocket":
                 await self.send({"type": "websocket.close", "code": 1001, "reason": "server going away"})
@@ -174,7 +188,8 @@ class _LongLived:
         A response under way is cut (its connection aborted first, so that uvicorn takes the
         app's end as a client gone); one not started yet is answered 503 by the middleware.
         """
-        self.cut = self.is_ended = True  # what the app sends from now on goes nowhere
+        # What the app sends from now on goes nowhere.
+        self.cut = self.is_ended = True
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
         if self.started:
@@ -186,7 +201,8 @@ class _LongLived:
 
         async def send(message: Any) -> None:
             if self.is_ended:
-                return  # ended at wrap-up: the app's later messages go nowhere
+                # Ended at wrap-up: the app's later messages go nowhere.
+                return
             kind = message["type"]
             if kind == "websocket.accept":
                 self.open = True
@@ -305,7 +321,8 @@ class _Track:
             try:
                 await self.app(scope, socket.tracked_receive(receive), socket.tracked_send(self))
             except asyncio.CancelledError:
-                if not socket.ours():  # closed with 1001 at wrap-up, and it was not listening
+                # Ours if it was closed with 1001 at wrap-up while it was not listening.
+                if not socket.ours():
                     raise
             return
         if scope["type"] != "http":
@@ -313,12 +330,15 @@ class _Track:
             return
         stream = _LongLived("http", send, asyncio.current_task())
         in_flight, draining, long_lived = self.in_flight, self.draining, self.long_lived
-        request = partial(_request, scope, monotonic())  # a Request only when one is logged
+        # A Request only when one is logged.
+        request = partial(_request, scope, monotonic())
         in_flight.add(stream, request)
 
-        def tracked_send(message: Any) -> Any:  # returns the server's send, awaited by the app
+        def tracked_send(message: Any) -> Any:
+            """Returns the server's send, awaited by the app."""
             if stream.is_ended:
-                return _nothing()  # ended at wrap-up (or cut): the app's later messages go nowhere
+                # Ended at wrap-up (or cut): the app's later messages go nowhere.
+                return _nothing()
             kind = message["type"]
             if kind == "http.response.start":
                 stream.started = True
@@ -329,7 +349,8 @@ class _Track:
                         message = {**message, "headers": [*headers, (b"connection", b"close")]}
             elif kind == "http.response.body":
                 if message.get("more_body"):
-                    if not stream.open and not _sized(stream.headers):  # a download is not ended early
+                    # A download is not ended early.
+                    if not stream.open and not _sized(stream.headers):
                         stream.open = True
                         long_lived.add(stream)
                 elif stream.open:
@@ -340,11 +361,13 @@ class _Track:
         try:
             await self.app(scope, stream.tracked_receive(receive), tracked_send)
         except asyncio.CancelledError:
-            if stream.ours():  # ended at wrap-up (its last chunk is sent), or cut
+            # Ended at wrap-up (its last chunk is sent), or cut.
+            if stream.ours():
                 if stream.cut and not stream.started:
                     await _unavailable(send)
                 return
-            if draining.is_set():  # uvicorn's own timeout_graceful_shutdown cancelled it
+            if draining.is_set():
+                # uvicorn's own timeout_graceful_shutdown cancelled it.
                 log.error(  # noqa: TRY400 - a cancellation: its traceback says nothing useful
                     "%s: dropped request %s (cancelled while draining)",
                     in_flight.server_name,
@@ -402,8 +425,10 @@ class UvicornService:
         self._done: asyncio.Event | None = None
         self._exit: asyncio.Event | None = None
         self._track: _Track | None = None
-        self._lifecycle: Any = None  # set by serve()
-        self._cutting = False  # cut at the wrap-up timeout: the drain waits for no request task
+        self._lifecycle: Any = None
+        """Set by ``serve()``."""
+        self._cutting = False
+        """Cut at the wrap-up timeout: the drain waits for no request task."""
 
     async def serve(self, ctx: Context) -> None:
         self._loop = asyncio.get_running_loop()
@@ -429,8 +454,10 @@ class UvicornService:
         self._lifecycle = ctx.lifecycle
         try:
             await self._serve_without_signal_handlers(self._listen(ctx))
-        except SystemExit as exc:  # uvicorn's way to say its startup failed
-            if isinstance(exc.__context__, OSError):  # it could not bind: run() logs that in one line
+        except SystemExit as exc:
+            # uvicorn's way to say its startup failed. After an OSError, it could not bind:
+            # run() logs that in one line.
+            if isinstance(exc.__context__, OSError):
                 raise exc.__context__ from None
             raise RuntimeError(
                 f"{self.name} could not start (uvicorn exited with {exc.code}): the lifespan "
@@ -478,7 +505,8 @@ class UvicornService:
             return None
         if config.uds is None:
             sock = ctx.lifecycle.listen((config.host, config.port), backlog=config.backlog)
-        else:  # as uvicorn: a socket file's mode is kept, a new one is 0o666
+        else:
+            # As uvicorn: a socket file's mode is kept, a new one is 0o666.
             mode = os.stat(config.uds).st_mode if os.path.exists(config.uds) else 0o666
             sock = ctx.lifecycle.listen(config.uds, backlog=config.backlog)
             os.chmod(config.uds, mode)
@@ -488,7 +516,8 @@ class UvicornService:
 
     async def _serve_without_signal_handlers(self, sockets: list[Any] | None) -> None:
         """``Server.serve()`` minus ``capture_signals()``: graceful owns the signals."""
-        inner = getattr(self.server, "_serve", None)  # uvicorn >= 0.29
+        # uvicorn >= 0.29 has it; before, capture_signals is replaced below.
+        inner = getattr(self.server, "_serve", None)
         if inner is not None:
             await inner(sockets=sockets)
             return
@@ -499,7 +528,8 @@ class UvicornService:
         """uvicorn's loop, woken by wrap-up instead of polling ``should_exit`` every 0.1 s."""
         assert self._exit is not None
         counter = 0
-        while not await self.server.on_tick(counter):  # on_tick(0 mod 10): the once-a-second work
+        # on_tick(0 mod 10): the once-a-second work, at each turn.
+        while not await self.server.on_tick(counter):
             counter = (counter + 10) % 864000
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._exit.wait(), 1.0)
@@ -562,11 +592,14 @@ class UvicornService:
     async def wrap_up(self, ctx: Context) -> None:
         if self._done is None or self._draining is None or self._done.is_set():
             return
-        await drain_delay_of(ctx.lifecycle).wait_said_async()  # not-ready, still serving
+        # The drain delay: not-ready to probes, still serving.
+        await drain_delay_of(ctx.lifecycle).wait_said_async()
         self._draining.set()
         for listener in getattr(self.server, "servers", ()):
-            listener.close()  # refuse new connections now, not at uvicorn's next tick
-        if self._track is not None:  # before uvicorn's own shutdown would close them with 1012
+            # Refuse new connections now, not at uvicorn's next tick.
+            listener.close()
+        # Before uvicorn's own shutdown would close them with 1012.
+        if self._track is not None:
             websockets, streams = await self._track.end_long_lived(ctx)
             log_ended_long_lived(self.name, websockets, streams)
         self.server.should_exit = True
@@ -602,7 +635,8 @@ class UvicornService:
             cut_at_wrap_up(ctx.lifecycle, self.name, f"{count} request(s) cut")
         self._cutting = True
         tasks = self._track.cut() if self._track is not None else []
-        if tasks:  # one loop turn each, unless one catches the cancellation and goes on
+        if tasks:
+            # One loop turn each, unless one catches the cancellation and goes on.
             remaining = ctx.remaining()
             await asyncio.wait(tasks, timeout=CUT_WAIT if remaining is None else min(CUT_WAIT, remaining))
         left = [c for c in list(self.server.server_state.connections) if getattr(c, "transport", None)]
@@ -619,7 +653,8 @@ class UvicornService:
         self.in_flight.cut_at_deadline(self._loop, self._cut)
 
     def _cut(self) -> None:
-        self.server.force_exit = True  # uvicorn stops waiting and skips the lifespan shutdown
+        # uvicorn stops waiting and skips the lifespan shutdown.
+        self.server.force_exit = True
         for connection in list(self.server.server_state.connections):
             transport = getattr(connection, "transport", None)
             if transport is not None:

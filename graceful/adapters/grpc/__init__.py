@@ -26,6 +26,8 @@ to send traffic, so it must say NOT_SERVING before the port closes; and a client
 
 The package: ``_tracking`` (the interceptors that see the RPCs under way), ``_health`` (the
 health service at the stop), ``_sync`` (``grpc.Server``) and ``_aio`` (``grpc.aio.Server``).
+The module's settings, ``CUT_WAIT`` and ``GRACE_MARGIN``, are still importable from here, as
+before the split.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import grpc.aio
 
 from ._aio import GrpcAioService
 from ._sync import GrpcService
-from ._tracking import CUT_WAIT as CUT_WAIT  # the module's settings, as before the split
+from ._tracking import CUT_WAIT as CUT_WAIT
 from ._tracking import GRACE_MARGIN as GRACE_MARGIN
 from ._tracking import AioRpcInterceptor, RpcInterceptor, aio_interceptor, interceptor
 

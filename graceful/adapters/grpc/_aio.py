@@ -109,9 +109,8 @@ class GrpcAioService:
         if self.health is not None:
             await self._on_server_loop(self._health_not_serving())
             log.info("%s: health service NOT_SERVING", self.name)
-        await drain_delay_of(
-            ctx.lifecycle
-        ).wait_said_async()  # on this loop: no thread, woken by a probe's 503
+        # On this loop: no thread, woken by a probe's 503.
+        await drain_delay_of(ctx.lifecycle).wait_said_async()
         if ctx.remaining() is None:
             log.info("%s: paused; still serving the RPCs that come until shutdown", self.name)
             return
@@ -136,7 +135,8 @@ class GrpcAioService:
         remaining = ctx.remaining()
         budget = 0.0 if remaining is None else remaining
         wrap_up = ctx.wrap_up_remaining()
-        stopping = asyncio.ensure_future(  # grpc's own cancel never comes first
+        # A grace past the budget: grpc's own cancel never comes first.
+        stopping = asyncio.ensure_future(
             self._on_server_loop(self._stop_on_server_loop(budget + GRACE_MARGIN))
         )
         done, _ = await asyncio.wait({stopping}, timeout=budget if wrap_up is None else min(wrap_up, budget))
@@ -155,9 +155,11 @@ class GrpcAioService:
         if self.interceptor is not None:
             self.interceptor.end_health_watches()
         if self.health is not None:
-            end_sync_watches(self.health)  # a sync servicer on a grpc.aio server
+            # A sync servicer on a grpc.aio server.
+            end_sync_watches(self.health)
         stopping = asyncio.ensure_future(self.server.stop(grace))
-        await asyncio.sleep(0)  # the stop runs to its first wait: no new RPC is taken from here on
+        # The stop runs to its first wait: no new RPC is taken from here on.
+        await asyncio.sleep(0)
         log.info("%s: stopped accepting; waiting for the RPCs in flight", self.name)
         await stopping
 
@@ -180,11 +182,13 @@ class GrpcAioService:
             # run_awaitable does when that loop is not running).
             try:
                 stopping = asyncio.run_coroutine_threadsafe(server.stop(0), loop)
-            except RuntimeError:  # the loop closed in between
+            except RuntimeError:
+                # The loop closed in between.
                 return
             try:
                 stopping.result(CUT_WAIT)
-            except Exception:  # the exit comes next, whatever happened
+            except Exception:
+                # The exit comes next, whatever happened.
                 log.debug("%s: stop(0) did not finish before the exit", self.name, exc_info=True)
 
 
@@ -212,7 +216,8 @@ async def _in_thread(fn: Callable[..., object], *args: object) -> None:
             fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+        # RuntimeError: the loop closed meanwhile, nobody waits.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(finish, error)
 
     threading.Thread(target=work, name="graceful-grpc-wait", daemon=True).start()

@@ -58,8 +58,10 @@ def end_sync_watches(health: Any) -> None:
         ending = [callback for group in callbacks.values() for callback in group]
     for callback in ending:
         try:
-            callback(None)  # None ends the stream with status OK
-        except Exception:  # a watcher already gone
+            # None ends the stream with status OK.
+            callback(None)
+        except Exception:
+            # A watcher already gone.
             log.debug("ending a health Watch stream failed", exc_info=True)
 
 

@@ -81,7 +81,8 @@ class GrpcService:
             self.interceptor.in_flight.lifecycle = ctx.lifecycle
         self.server.start()
         ctx.started()
-        self.server.wait_for_termination()  # no timeout: it returns only once stopped
+        # No timeout: it returns only once stopped.
+        self.server.wait_for_termination()
 
     def wrap_up(self, ctx: Context) -> None:
         if self.health is not None:
@@ -94,7 +95,8 @@ class GrpcService:
         self._stop(ctx)
 
     def close(self, ctx: Context) -> None:
-        if ctx.entered:  # after a pause the stop comes now; otherwise it is done already
+        # After a pause the stop comes now; otherwise it is done already.
+        if ctx.entered:
             self._stop(ctx)
 
     def _stop(self, ctx: Context) -> None:
@@ -107,12 +109,14 @@ class GrpcService:
         remaining = ctx.remaining()
         budget = 0.0 if remaining is None else remaining
         wrap_up = ctx.wrap_up_remaining()
-        done = self.server.stop(budget + GRACE_MARGIN)  # grpc's own cancel never comes first
+        # A grace past the budget: grpc's own cancel never comes first.
+        done = self.server.stop(budget + GRACE_MARGIN)
         log.info("%s: stopped accepting; waiting for the RPCs in flight", self.name)
         if done.wait(budget if wrap_up is None else min(wrap_up, budget)):
             return
         cut_rpcs_at_wrap_up(ctx.lifecycle, self.name, self.interceptor, self._active())
-        self.server.stop(0)  # a shorter grace stops it sooner: each RPC is cancelled now
+        # A shorter grace stops it sooner: each RPC is cancelled now.
+        self.server.stop(0)
         if not done.wait(min(CUT_WAIT, max(0.0, (ctx.remaining() or 0.0)))):
             log.warning("%s: RPCs still running after stop(0)", self.name)
 

@@ -62,7 +62,8 @@ class _Tracking:
             return handler
         behaviour = getattr(handler, kind)
         if getattr(behaviour, "experimental_non_blocking", False):
-            return handler  # answers through a callback after returning (the sync health Watch)
+            # It answers through a callback after returning (the sync health Watch).
+            return handler
         if inspect.isasyncgenfunction(behaviour):
             tracked = self._async_stream(behaviour, method)
         elif inspect.iscoroutinefunction(behaviour):
