@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AT_WRAP_UP",
+    "CUT_WAIT",
     "GONE",
     "PAUSED_LOOK",
     "TIMED_OUT",
@@ -60,6 +61,11 @@ log = logging.getLogger("graceful")
 
 AT_WRAP_UP = "at the wrap-up timeout"
 """How the log lines say when a request was cut: at the wrap-up timeout, not the deadline."""
+
+CUT_WAIT = 0.5
+"""Seconds a cut at the wrap-up timeout waits for the cancelled request tasks to end (one loop
+turn each, unless a handler catches the cancellation and goes on: then the shutdown phase
+starts all the same, and the deadline bounds that handler)."""
 
 PAUSED_LOOK = 0.5
 """Seconds between looks at the wrap-up timeout while there is none (a pause): a shutdown asked

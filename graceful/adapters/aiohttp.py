@@ -65,6 +65,7 @@ from .._service import Context
 from .._upgrade import LINGER, handing_over
 from ._inflight import (
     AT_WRAP_UP,
+    CUT_WAIT,
     InFlight,
     Request,
     cut_at_wrap_up,
@@ -190,6 +191,8 @@ class AiohttpService:
         self._handler: Any = None
         """The runner's own request handler, wrapped by ``_track``."""
         self._cut_tasks: set[object] = set()
+        self._cleanup: asyncio.Future[None] | None = None
+        """The runner's cleanup, when a cut handler holds it past the wrap-up: close() waits."""
         """The handlers' tasks cancelled at the wrap-up timeout."""
         self.runner.app.on_response_prepare.append(self._prepared)
 
@@ -361,19 +364,19 @@ class AiohttpService:
         self.runner._shutdown_timeout = self.shutdown_timeout  # type: ignore[assignment]
         # on_shutdown, the drain, on_cleanup.
         cleanup = asyncio.ensure_future(self.runner.cleanup())
-        done = await wait_within_wrap_up(ctx, cleanup)
-        if not done:
+        if not await wait_within_wrap_up(ctx, cleanup):
             self._cut_at_wrap_up(ctx)
-            # the rest of the cleanup (on_cleanup) is the app's own, not a request: the deadline bounds it
-            done = bool((await asyncio.wait({cleanup}, timeout=ctx.remaining()))[0])
-        if not done:
-            log.warning(
-                "%s: %d request(s) still running when the budget ran out", self.name, len(self.in_flight)
-            )
+            remaining = ctx.remaining()
+            wait = CUT_WAIT if remaining is None else min(CUT_WAIT, remaining)
+            if not (await asyncio.wait({cleanup}, timeout=wait))[0]:
+                # A handler caught the cut's cancellation and goes on, and aiohttp's cleanup waits
+                # for it: the rest of the cleanup goes on in close(), in the shutdown phase, so
+                # that the shutdown listeners are not held; the deadline bounds it.
+                self._cleanup = cleanup
+                return
         self._done.set()
-        if done:
-            # An on_shutdown/on_cleanup handler that raised fails the sequence.
-            cleanup.result()
+        # An on_shutdown/on_cleanup handler that raised fails the sequence.
+        cleanup.result()
 
     def _cut_at_wrap_up(self, ctx: Context) -> None:
         """The wrap-up timeout has come: name each request still running and cancel its handler
@@ -419,7 +422,17 @@ class AiohttpService:
         return len(closing), streams
 
     async def close(self, ctx: Context) -> None:
-        return None
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is None or self._done is None:
+            return
+        done = bool((await asyncio.wait({cleanup}, timeout=ctx.remaining()))[0])
+        if not done:
+            log.warning(
+                "%s: %d request(s) still running when the budget ran out", self.name, len(self.in_flight)
+            )
+        self._done.set()
+        if done:
+            cleanup.result()
 
     def _forced(self) -> None:
         """At the deadline (a helper thread): name every dropped request, then cut them."""

@@ -65,6 +65,7 @@ from .._sockets import describe
 from .._upgrade import LINGER, handing_over
 from ._inflight import (
     AT_WRAP_UP,
+    CUT_WAIT,
     InFlight,
     Request,
     cut_at_wrap_up,
@@ -81,8 +82,6 @@ _uvicorn_log = logging.getLogger("uvicorn.error")
 """uvicorn's logger: where the adapter writes uvicorn's own shutdown lines."""
 _LOOK = 0.005
 """Seconds between two looks of the drain at uvicorn's connections (uvicorn: 0.1 s)."""
-CUT_WAIT = 0.5
-"""Seconds the cut at the wrap-up timeout waits for the cancelled request tasks to end."""
 
 __all__ = ["UvicornService", "adapt"]
 
