@@ -53,6 +53,7 @@ __all__ = [
     "describe_client",
     "log_ended_long_lived",
     "peer_gone",
+    "say_which_timeout_governs",
     "uncancel",
     "wait_within_wrap_up",
 ]
@@ -258,3 +259,36 @@ def peer_gone(sock: object) -> bool:
     except (OSError, ValueError):
         # Closed already, or not a stream: cannot tell, so not gone.
         return False
+
+
+def say_which_timeout_governs(
+    lifecycle: Lifecycle, name: str, option: str, grace: float | None, leave_out: str
+) -> None:
+    """One WARNING at start when a server's own drain timeout (``option``, e.g. "uvicorn's
+    timeout_graceful_shutdown", ``grace`` seconds) differs from graceful's wrap-up timeout:
+    both cut the requests still running, the first wins. ``leave_out`` says how to unset it.
+
+    The server counts from its own shutdown, which starts once a fixed drain delay is over.
+    """
+    if grace is None:
+        return
+    server = option.split("'", 1)[0]
+    wrap_up = lifecycle.wrap_up_timeout
+    delay = drain_delay_of(lifecycle).setting
+    after = 0.0 if delay.auto else delay.seconds
+    since = f" (counted after the {after:g} s drain delay)" if after else ""
+    how = "GRACEFUL_WRAP_UP_TIMEOUT or graceful.set_wrap_up_timeout()"
+    if after + grace < wrap_up:
+        log.warning(
+            "%s: %s (%g s%s) ends before graceful's wrap-up timeout (%g s): %s's governs, it "
+            "cancels the requests still running first (each named, exit code 0). To let graceful's "
+            "decide (each named, exit code 1), %s; to keep %s's, set %s to %g",
+            name, option, grace, since, wrap_up, server, leave_out, server, how, after + grace,
+        )  # fmt: skip
+    elif after + grace > wrap_up:
+        log.warning(
+            "%s: %s (%g s%s) ends after graceful's wrap-up timeout (%g s): graceful's governs, it "
+            "cuts the requests still running first, so %s's never applies. %s, or give the drain "
+            "longer with %s (below the force-quit budget)",
+            name, option, grace, since, wrap_up, server, leave_out[:1].upper() + leave_out[1:], how,
+        )  # fmt: skip

@@ -70,6 +70,7 @@ from ._inflight import (
     Request,
     cut_at_wrap_up,
     log_ended_long_lived,
+    say_which_timeout_governs,
     uncancel,
     wait_within_wrap_up,
 )
@@ -266,7 +267,13 @@ class AiohttpService:
         self._prepare_done = self._loop.create_future()
         self._prepare_done.set_result(None)
         on_force_quit(ctx.lifecycle, self._forced, name=f"cut requests still running on {self.name}")
-        self._say_which_timeout_governs(ctx)
+        say_which_timeout_governs(
+            ctx.lifecycle,
+            self.name,
+            "aiohttp's shutdown_timeout",
+            self.shutdown_timeout,
+            "leave shutdown_timeout= out",
+        )
         await self.runner.setup()
         server = self.runner.server
         # setup() made it.
@@ -282,37 +289,6 @@ class AiohttpService:
             self.port = addresses[0][1]
         ctx.started()
         await self._done.wait()
-
-    def _say_which_timeout_governs(self, ctx: Context) -> None:
-        """One WARNING at start when ``shutdown_timeout=`` differs from graceful's wrap-up
-        timeout: both cut the requests still running, the first wins.
-
-        aiohttp counts from its own shutdown, which starts once a fixed drain delay is over.
-        """
-        grace = self.shutdown_timeout
-        if grace is None:
-            return
-        wrap_up = ctx.lifecycle.wrap_up_timeout
-        delay = drain_delay_of(ctx.lifecycle).setting
-        after = 0.0 if delay.auto else delay.seconds
-        since = f" (counted after the {after:g} s drain delay)" if after else ""
-        how = "GRACEFUL_WRAP_UP_TIMEOUT or graceful.set_wrap_up_timeout()"
-        if after + grace < wrap_up:
-            log.warning(
-                "%s: aiohttp's shutdown_timeout (%g s%s) ends before graceful's wrap-up timeout "
-                "(%g s): aiohttp's governs, it cancels the requests still running first (each "
-                "named, exit code 0). To let graceful's decide (each named, exit code 1), leave "
-                "shutdown_timeout= out; to keep aiohttp's, set %s to %g",
-                self.name, grace, since, wrap_up, how, after + grace,
-            )  # fmt: skip
-        elif after + grace > wrap_up:
-            log.warning(
-                "%s: aiohttp's shutdown_timeout (%g s%s) ends after graceful's wrap-up timeout "
-                "(%g s): graceful's governs, it cuts the requests still running first, so "
-                "aiohttp's never applies. Leave shutdown_timeout= out, or give the drain longer "
-                "with %s (below the force-quit budget)",
-                self.name, grace, since, wrap_up, how,
-            )  # fmt: skip
 
     def _sites(self, ctx: Context) -> list[web.BaseSite]:
         """A ``SockSite`` on each socket ``graceful.listen()`` gives (see the module docstring)."""

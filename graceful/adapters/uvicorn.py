@@ -70,6 +70,7 @@ from ._inflight import (
     Request,
     cut_at_wrap_up,
     log_ended_long_lived,
+    say_which_timeout_governs,
     uncancel,
     wait_within_wrap_up,
 )
@@ -434,7 +435,13 @@ class UvicornService:
         self.in_flight.lifecycle = ctx.lifecycle
         self._draining, self._done, self._exit = asyncio.Event(), asyncio.Event(), asyncio.Event()
         on_force_quit(ctx.lifecycle, self._forced, name=f"cut requests still running on {self.name}")
-        self._say_which_timeout_governs(ctx)
+        say_which_timeout_governs(
+            ctx.lifecycle,
+            self.name,
+            "uvicorn's timeout_graceful_shutdown",
+            self.server.config.timeout_graceful_shutdown,
+            "leave timeout_graceful_shutdown unset",
+        )
         server, config = self.server, self.server.config
         if not config.loaded:
             config.load()
@@ -464,37 +471,6 @@ class UvicornService:
             ) from None
         finally:
             self._done.set()
-
-    def _say_which_timeout_governs(self, ctx: Context) -> None:
-        """One WARNING at start when uvicorn's ``timeout_graceful_shutdown`` is set and differs
-        from graceful's wrap-up timeout: both cut the requests still running, the first wins.
-
-        uvicorn counts from its own shutdown, which starts once a fixed drain delay is over.
-        """
-        grace = self.server.config.timeout_graceful_shutdown
-        if grace is None:
-            return
-        wrap_up = ctx.lifecycle.wrap_up_timeout
-        delay = drain_delay_of(ctx.lifecycle).setting
-        after = 0.0 if delay.auto else delay.seconds
-        since = f" (counted after the {after:g} s drain delay)" if after else ""
-        how = "GRACEFUL_WRAP_UP_TIMEOUT or graceful.set_wrap_up_timeout()"
-        if after + grace < wrap_up:
-            log.warning(
-                "%s: uvicorn's timeout_graceful_shutdown (%g s%s) ends before graceful's wrap-up "
-                "timeout (%g s): uvicorn's governs, it cancels the requests still running first "
-                "(each named, exit code 0). To let graceful's decide (each named, exit code 1), "
-                "leave timeout_graceful_shutdown unset; to keep uvicorn's, set %s to %g",
-                self.name, grace, since, wrap_up, how, after + grace,
-            )  # fmt: skip
-        elif after + grace > wrap_up:
-            log.warning(
-                "%s: uvicorn's timeout_graceful_shutdown (%g s%s) ends after graceful's wrap-up "
-                "timeout (%g s): graceful's governs, it cuts the requests still running first, "
-                "so uvicorn's never applies. Leave timeout_graceful_shutdown unset, or give the "
-                "drain longer with %s (below the force-quit budget)",
-                self.name, grace, since, wrap_up, how,
-            )  # fmt: skip
 
     def _listen(self, ctx: Context) -> list[Any] | None:
         """The listening socket for uvicorn's ``host``/``port`` or ``uds``, through
