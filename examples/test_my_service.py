@@ -34,7 +34,7 @@ def test_sigterm_flushes_the_outbox(graceful_lifecycle: LifecycleHarness) -> Non
 
     assert graceful_lifecycle.wait_for_shutdown(timeout=5)
     assert sent == ["order-1"]
-    assert graceful_lifecycle.forced is None
+    assert graceful_lifecycle.force_quit_report is None
 
 
 def test_a_stuck_broker_is_named_in_the_force_quit_report(graceful_lifecycle: LifecycleHarness) -> None:
@@ -52,8 +52,8 @@ def test_a_stuck_broker_is_named_in_the_force_quit_report(graceful_lifecycle: Li
     assert sending.wait(timeout=5)
     graceful_lifecycle.clock.advance(25)  # the force-quit budget passes, at once
 
-    assert graceful_lifecycle.forced is not None
-    assert "'flush-outbox'" in graceful_lifecycle.forced
+    assert graceful_lifecycle.force_quit_report is not None
+    assert "'flush-outbox'" in graceful_lifecycle.force_quit_report
     assert graceful_lifecycle.exit_codes == [70]  # recorded: nothing exited
     broker_back.set()  # let the listener finish: the fixture fails a test that leaves one running
 

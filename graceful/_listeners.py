@@ -311,7 +311,7 @@ class DefaultLoop:
     """Where a lifecycle's ``async def`` listeners run when none was running at registration.
 
     One per lifecycle, shared by its listeners; ``loop`` is None (a fresh loop for each) unless
-    ``run()`` has put the loop it drives here (``Lifecycle.listener_loop.loop``).
+    ``run()`` has put the loop it drives here (``lowlevel.set_listener_loop()``).
     """
 
     __slots__ = ("loop",)

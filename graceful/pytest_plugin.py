@@ -34,7 +34,7 @@ def graceful_lifecycle() -> Iterator[LifecycleHarness]:
 
     Module-level ``graceful.*`` calls land on it. It has a fake clock
     (``graceful_lifecycle.clock.advance(25)`` fires the force quit) and an exit that records
-    instead of exiting (``.forced`` is the report, ``.exit_codes`` the codes).
+    instead of exiting (``.force_quit_report`` is the report, ``.exit_codes`` the codes).
     ``.send_signal(signal.SIGTERM)`` acts through graceful's signal table without touching
     process-wide handlers. At teardown the sequence is finished, the previous default is put
     back, and listeners still running are named (the test errors at teardown).

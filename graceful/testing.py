@@ -206,7 +206,7 @@ class LifecycleHarness:
         )
 
     @property
-    def forced(self) -> str | None:
+    def force_quit_report(self) -> str | None:
         """The force-quit report (it names each unfinished listener), or None if not forced."""
         return self.lifecycle.force_quit_report
 

@@ -64,7 +64,7 @@ def assert_fresh_world(harness):
     assert status.listeners == ()
     assert status.force_quit == 25
     assert not graceful.is_stopping()
-    assert harness.forced is None
+    assert harness.force_quit_report is None
     assert harness.exit_codes == []
     assert harness.clock.monotonic() == 0
 
@@ -93,7 +93,7 @@ def test_triggers_and_walks_away(graceful_lifecycle):
 def test_one_sigint_does_not_force(graceful_lifecycle):
     assert_fresh_world(graceful_lifecycle)
     graceful_lifecycle.send_signal(signal.SIGINT)
-    assert graceful_lifecycle.forced is None
+    assert graceful_lifecycle.force_quit_report is None
 
 def test_forced(graceful_lifecycle):
     assert_fresh_world(graceful_lifecycle)

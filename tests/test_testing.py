@@ -69,7 +69,7 @@ def test_module_level_calls_land_on_the_fixture_lifecycle(graceful_lifecycle: Li
     status = graceful_lifecycle.lifecycle.status()
     assert [item.name for item in status.listeners] == ["flush"]
     assert status.force_quit == 3
-    assert graceful_lifecycle.forced is None
+    assert graceful_lifecycle.force_quit_report is None
     assert isinstance(graceful_lifecycle.clock, CoreFakeClock)
     assert FakeClock is CoreFakeClock
 
@@ -97,10 +97,10 @@ def test_sigterm_again_is_ignored_and_sigint_after_it_forces(graceful_lifecycle:
     graceful.add_wrap_up_listener(lambda: release.wait(BOUND), name="drain")
     graceful_lifecycle.send_signal(signal.SIGTERM)
     graceful_lifecycle.send_signal(signal.SIGTERM)
-    assert graceful_lifecycle.forced is None
+    assert graceful_lifecycle.force_quit_report is None
     graceful_lifecycle.send_signal(signal.SIGINT)
-    assert graceful_lifecycle.forced is not None
-    assert "SIGINT again" in graceful_lifecycle.forced
+    assert graceful_lifecycle.force_quit_report is not None
+    assert "SIGINT again" in graceful_lifecycle.force_quit_report
     assert graceful_lifecycle.exit_codes == [70]
     release.set()
     assert graceful_lifecycle.wait_for_shutdown(BOUND)
@@ -121,10 +121,10 @@ def test_clock_advance_fires_the_force_quit_and_the_report_names_the_stuck_liste
     graceful_lifecycle.send_signal(signal.SIGTERM)
     assert started.wait(BOUND)
     graceful_lifecycle.clock.advance(24.9)
-    assert graceful_lifecycle.forced is None
+    assert graceful_lifecycle.force_quit_report is None
     graceful_lifecycle.clock.advance(0.1)
-    assert graceful_lifecycle.forced is not None
-    assert "'drain-requests'" in graceful_lifecycle.forced
+    assert graceful_lifecycle.force_quit_report is not None
+    assert "'drain-requests'" in graceful_lifecycle.force_quit_report
     assert graceful_lifecycle.exit_codes == [70]
     release.set()
     assert graceful_lifecycle.wait_for_shutdown(BOUND)
@@ -177,8 +177,8 @@ def test_sighup_runs_reload_listeners_off_the_test_thread_like_a_real_signal(
 def test_sigquit_forces_at_once(graceful_lifecycle: LifecycleHarness) -> None:
     """SIGQUIT: report and exit 70, recorded."""
     graceful_lifecycle.send_signal(signal.SIGQUIT)
-    assert graceful_lifecycle.forced is not None
-    assert "SIGQUIT received" in graceful_lifecycle.forced
+    assert graceful_lifecycle.force_quit_report is not None
+    assert "SIGQUIT received" in graceful_lifecycle.force_quit_report
     assert graceful_lifecycle.exit_codes == [70]
 
 
